@@ -1,3 +1,32 @@
-"""apo-merge: exact, streaming APO extrapolation ``cur + alpha * (cur - prev)`` of Hugging Face checkpoints."""
+"""apo-merge: exact, streaming APO extrapolation ``cur + alpha * (cur - prev)`` of Hugging Face checkpoints.
+
+Heavy modules (torch) load lazily so that the CLI starts reading while they import.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = ["extrapolate", "extrapolate_state_dict", "extrapolate_tensors_", "MergeError", "__version__"]
+
+_LAZY = {
+    "extrapolate": "apo_merge.api",
+    "MergeError": "apo_merge.errors",
+    "extrapolate_state_dict": "apo_merge.memory",
+    "extrapolate_tensors_": "apo_merge.memory",
+}
+
+if TYPE_CHECKING:
+    from apo_merge.api import extrapolate
+    from apo_merge.errors import MergeError
+    from apo_merge.memory import extrapolate_state_dict, extrapolate_tensors_
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'apo_merge' has no attribute {name!r}")
