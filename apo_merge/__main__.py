@@ -1,0 +1,3 @@
+from apo_merge.cli import main
+
+main()

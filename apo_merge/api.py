@@ -1,0 +1,161 @@
+"""The Python API: ``extrapolate(prev, cur, alpha, output)`` -> the output folder. The CLI calls the same code."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apo_merge import card, sources
+from apo_merge.checkpoint import Checkpoint, is_inside, open_checkpoint
+from apo_merge.errors import MergeError, usage_error
+from apo_merge.output import StagedFolder, check_replaceable
+from apo_merge.plan import MergePlan, OnMissing, OutDtype, make_plan
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".onnx",
+                   ".npz", ".ot")
+
+
+@dataclass
+class MergeReport:
+    """What a merge did (the CLI prints it as the summary line)."""
+
+    output: Path
+    device: str
+    n_tensors: int
+    n_extrapolated: int
+    bytes_written: int
+    seconds: float
+    sha256: dict[str, str]
+    new_nonfinite: int = 0
+    copied_cur_only: list[str] = field(default_factory=list)
+    ignored_prev_only: list[str] = field(default_factory=list)
+    copied_files: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+
+def default_output(cur: sources.Source, alpha: float) -> Path:
+    """``<CUR name>-apo<alpha>`` beside CUR (in the working folder when CUR came from the Hub)."""
+    name = f"{(cur.hub_id or cur.path.resolve().name).split('/')[-1]}-apo{alpha:g}"
+    return Path(name) if cur.hub_id else cur.path.resolve().parent / name
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise usage_error(f"--device {device!r} is not one of auto, cpu, cuda")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        if device == "auto":
+            return "cpu"
+        raise usage_error("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return "cuda" if device == "auto" else device
+
+
+def _check_output(out: Path, inputs: list[sources.Source], overwrite: bool) -> None:
+    for src in inputs:
+        if is_inside(out, src.path):
+            raise usage_error(f"output {out} is inside input {src.label}; choose an -o outside both inputs")
+        if is_inside(src.path, out):
+            raise usage_error(f"input {src.label} is inside output {out}; choose another -o")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise usage_error(f"{out}: already exists; pass --overwrite to replace it or choose another -o")
+        check_replaceable(out)
+    if not out.parent.is_dir():
+        raise usage_error(f"{out.parent}: no such folder for the output; create it or choose another -o")
+
+
+def _copy_side_files(cur: Checkpoint, trusted_root: Path, dest: Path) -> tuple[list[str], list[str]]:
+    """Copy CUR's top-level non-weight files (config, tokenizer, chat template, ...) into ``dest``."""
+    copied, skipped = [], []
+    weights = cur.weight_file_names
+    for entry in sorted(cur.root.iterdir()):
+        name = entry.name
+        if name.startswith(".") or name == "README.md":
+            continue
+        if (name in weights or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json")
+                or not entry.is_file()):
+            skipped.append(name + ("/" if entry.is_dir() else ""))
+            continue
+        if not is_inside(entry, trusted_root):
+            raise MergeError(f"{entry}: is a symlink leading outside the checkpoint folder (refused); "
+                             "copy the real file into the folder")
+        shutil.copyfile(entry, dest / name)
+        copied.append(name)
+    return copied, [s for s in skipped if s not in weights]
+
+
+def run_merge(prev: str | os.PathLike, cur: str | os.PathLike, alpha: float, output: str | os.PathLike | None = None,
+              *, device: str = "auto", dtype: OutDtype = "keep", max_shard_size: int | str | None = None,
+              overwrite: bool = False, on_missing: OnMissing = "error", strict: bool = False,
+              progress: Callable[[int], None] | None = None,
+              on_plan: Callable[[MergePlan], None] | None = None) -> MergeReport:
+    """Merge and return a report; see ``extrapolate`` for the arguments."""
+    t0 = time.perf_counter()
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise usage_error(f"--alpha {alpha!r} is not a finite number; use e.g. --alpha 0.3")
+    alpha = float(alpha)
+    src_prev, src_cur = sources.resolve(prev), sources.resolve(cur)
+    out = Path(output).expanduser() if output is not None else default_output(src_cur, alpha)
+    _check_output(out, [src_prev, src_cur], overwrite)
+    dev = resolve_device(device)
+
+    ckpt_prev = open_checkpoint(src_prev.path, src_prev.label, src_prev.trusted_root)
+    ckpt_cur = open_checkpoint(src_cur.path, src_cur.label, src_cur.trusted_root)
+    from apo_merge import __version__
+
+    meta = {"apo_merge_version": __version__, "apo_alpha": repr(alpha), "apo_prev": src_prev.label,
+            "apo_cur": src_cur.label}
+    plan = make_plan(ckpt_prev, ckpt_cur, alpha, dtype=dtype, max_shard_size=max_shard_size,
+                     on_missing=on_missing, metadata=meta)
+    if on_plan:
+        on_plan(plan)
+
+    from apo_merge.engine import execute
+
+    staged = StagedFolder(out, overwrite)
+    with staged as tmp:
+        stats = execute(plan, tmp, device=dev, progress=progress)
+        if strict and stats.new_nonfinite:
+            raise MergeError(f"{stats.new_nonfinite} output values are inf or NaN although both inputs were "
+                             "finite (--strict); lower --alpha or use --dtype fp32")
+        if plan.index is not None:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(plan.index, indent=2) + "\n")
+        copied, skipped = _copy_side_files(ckpt_cur, src_cur.trusted_root, tmp)
+        info = card.CardInfo(
+            alpha=alpha, prev=src_prev.label, cur=src_cur.label, dtype=dtype,
+            files={f.name: (f.size, stats.sha256[f.name]) for f in plan.files},
+            base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id])
+        (tmp / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
+        staged.commit()
+    return MergeReport(output=out, device=dev, n_tensors=plan.n_tensors, n_extrapolated=plan.n_extrapolated,
+                       bytes_written=stats.bytes_written, seconds=time.perf_counter() - t0, sha256=stats.sha256,
+                       new_nonfinite=stats.new_nonfinite, copied_cur_only=plan.copied_cur_only,
+                       ignored_prev_only=plan.ignored_prev_only, copied_files=copied, skipped_files=skipped)
+
+
+def extrapolate(prev: str | os.PathLike, cur: str | os.PathLike, alpha: float,
+                output: str | os.PathLike | None = None, **options) -> Path:
+    """Write ``cur + alpha * (cur - prev)`` for two checkpoints and return the output folder.
+
+    ``prev`` and ``cur`` are checkpoint folders (one model.safetensors, or shards with an index). Options:
+    ``device`` ("auto" | "cpu" | "cuda"), ``dtype`` ("keep" | "bf16" | "fp16" | "fp32"), ``max_shard_size``
+    (e.g. "5GB": re-shard in HF naming; default keeps CUR's layout), ``overwrite``, ``on_missing``
+    ("error" | "copy"), ``strict`` (inf/NaN from finite inputs is an error), ``progress`` (called with bytes).
+
+    >>> extrapolate("runs/round-1", "runs/round-2", 0.3, "runs/round-2-apo")  # doctest: +SKIP
+    PosixPath('runs/round-2-apo')
+    """
+    return run_merge(prev, cur, alpha, output, **options).output

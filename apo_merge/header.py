@@ -1,0 +1,147 @@
+"""A hardened reader of safetensors headers: every way a header can lie becomes a MergeError naming the file.
+
+Layout: 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the data buffer. Tensor byte ranges
+are relative to the data buffer and must tile it exactly (no holes, no overlap, no trailing bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from apo_merge.errors import MergeError
+
+MAX_HEADER_BYTES = 100_000_000  # the reference implementation's cap
+
+ITEMSIZE: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry: byte range ``[begin, end)`` relative to the file's data buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """A validated safetensors file: ``data_start`` is the absolute offset of the data buffer."""
+
+    path: Path
+    size: int
+    data_start: int
+    tensors: dict[str, TensorInfo]  # in byte order
+    metadata: dict[str, str]
+
+
+def read_header(path: Path) -> FileHeader:
+    """Read and validate the header of the safetensors file at ``path`` (data bytes are not read)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise MergeError(f"{path}: {size} bytes is too short for a safetensors file (truncated or not "
+                                 "safetensors); re-save or re-download it")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise MergeError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit "
+                                 "(corrupt or not safetensors)")
+            if n > size - 8:
+                raise MergeError(f"{path}: header length {n} runs past the end of the {size}-byte file "
+                                 "(truncated or not safetensors); re-save or re-download it")
+            raw = f.read(n)
+    except OSError as e:
+        raise MergeError(f"{path}: cannot read ({e.strerror or e})") from None
+    tensors, metadata = parse_header(raw, size - 8 - n, str(path))
+    return FileHeader(path=path, size=size, data_start=8 + n, tensors=tensors, metadata=metadata)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_header(raw: bytes, data_size: int, label: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate header bytes against a data buffer of ``data_size`` bytes; return tensors (in byte order)."""
+
+    def bad(why: str) -> MergeError:
+        return MergeError(f"{label}: invalid safetensors header: {why}; re-save or re-download the file")
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad("not UTF-8") from None
+    if not text.lstrip().startswith("{"):
+        raise bad("not a JSON object")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except ValueError as e:
+        raise bad(f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise bad("not a JSON object")
+
+    metadata = obj.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ must map strings to strings")
+
+    tensors: list[TensorInfo] = []
+    for name, entry in obj.items():
+        if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+            raise bad(f"entry {name!r} must have exactly the keys dtype, shape, data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has an invalid shape {shape!r} (want non-negative integers)")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+        if info.numel * ITEMSIZE[dtype] != info.nbytes:
+            raise bad(f"tensor {name!r}: shape {list(shape)} x {dtype} is {info.numel * ITEMSIZE[dtype]} bytes "
+                      f"but its byte range holds {info.nbytes}")
+        tensors.append(info)
+
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    pos = 0
+    for t in tensors:
+        if t.begin != pos:
+            raise bad(f"tensor {t.name!r} starts at byte {t.begin}, expected {pos} "
+                      f"({'overlap' if t.begin < pos else 'hole'} in the data buffer)")
+        pos = t.end
+    if pos != data_size:
+        raise bad(f"tensors cover {pos} bytes but the data buffer holds {data_size} "
+                  f"({'truncated file' if pos > data_size else 'trailing bytes'})")
+    return {t.name: t for t in tensors}, metadata
