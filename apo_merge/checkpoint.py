@@ -105,7 +105,7 @@ def _open_sharded(root: Path, label: str, trusted: Path) -> Checkpoint:
         raise MergeError(f"{index_path}: has no weight_map object; re-save the checkpoint")
 
     shard_names: list[str] = []
-    for name, shard in weight_map.items():
+    for shard in weight_map.values():
         _safe_member(root, shard, trusted, "shard")
         if shard not in shard_names:
             shard_names.append(shard)
