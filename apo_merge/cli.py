@@ -87,7 +87,10 @@ def merge(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                        help="Show the version and exit.")] = False,
 ) -> None:
+    from apo_merge.engine import prefetch_checkpoints
     from apo_merge.errors import MergeError
+
+    prefetch_checkpoints(prev, cur)  # the disk streams the inputs in while torch loads
 
     def on_term(signum, frame):
         raise _Terminated()

@@ -1,0 +1,222 @@
+"""The engine's performance paths: parallel workers with in-order writes, writeback windows, prefetch, lazy torch."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import apo_merge
+import apo_merge.engine as engine
+from apo_kernels import extrapolate_ as kernel_extrapolate_
+from apo_merge.errors import MergeError
+from tests.checkpoints import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def pair(tmp_path: Path):
+    def build(dtype=torch.bfloat16, prev_dtype=None, **cfg):
+        prev = make_checkpoint(tmp_path / "prev", seed=0, dtype=prev_dtype or dtype, **cfg)
+        cur = make_checkpoint(tmp_path / "cur", seed=1, dtype=dtype, **cfg)
+        return prev, cur
+
+    return build
+
+
+def weights(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.glob("*.safetensors"))}
+
+
+def test_cli_and_engine_start_without_torch():
+    """The CLI starts prefetching before torch loads: its modules must not import torch themselves."""
+    code = ("import sys, apo_merge.cli, apo_merge.engine, apo_merge.api\n"
+            "assert 'torch' not in sys.modules, 'torch imported at start-up'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_workers_finishing_out_of_order_still_write_in_order(pair, tmp_path, monkeypatch):
+    prev, cur = pair(prev_dtype=torch.float32)
+    reference = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "reference")
+
+    monkeypatch.setattr(engine, "MAX_CPU_WORKERS", 3)
+    monkeypatch.setattr(engine, "CHUNK_ELEMS", 96)
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    calls = []
+
+    def slow_first(out, prev, cur, alpha):  # the first chunk finishes last among its neighbours
+        calls.append(None)
+        if len(calls) == 1:
+            time.sleep(0.3)
+        return kernel_extrapolate_(out, prev, cur, alpha)
+
+    arrivals: list[int] = []
+
+    class Recording(queue.Queue):
+        def put(self, item, *args, **kwargs):
+            if item is not None:
+                arrivals.append(item.seq)
+            super().put(item, *args, **kwargs)
+
+    init = engine._Pipeline.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.to_write = Recording()
+
+    monkeypatch.setattr(engine, "extrapolate_", slow_first)
+    monkeypatch.setattr(engine._Pipeline, "__init__", recording_init)
+    report = apo_merge.api.run_merge(prev, cur, 0.3, tmp_path / "parallel")
+    assert arrivals != sorted(arrivals), "the chunks should have reached the writer out of order"
+    assert weights(report.output) == weights(reference)
+    for name, data in weights(report.output).items():
+        assert report.sha256[name] == hashlib.sha256(data).hexdigest()
+
+
+def test_writeback_windows_and_plain_fallback(pair, tmp_path, monkeypatch):
+    prev, cur = pair()
+    reference = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "reference")
+    real = engine._SYNC_FILE_RANGE
+    if real is None:
+        pytest.skip("no sync_file_range on this platform")
+    flags: list[int] = []
+
+    def recording(fd, offset, nbytes, flag):
+        flags.append(flag)
+        return real(fd, offset, nbytes, flag)
+
+    monkeypatch.setattr(engine, "WRITEBACK_BYTES", 4096)
+    monkeypatch.setattr(engine, "_SYNC_FILE_RANGE", recording)
+    windows = apo_merge.api.run_merge(prev, cur, 0.3, tmp_path / "windows")
+    assert engine._SFR_WRITE in flags and engine._SFR_WAIT_BEFORE | engine._SFR_WRITE | engine._SFR_WAIT_AFTER in flags
+    monkeypatch.setattr(engine, "_SYNC_FILE_RANGE", None)
+    plain = apo_merge.api.run_merge(prev, cur, 0.3, tmp_path / "plain")
+    assert weights(windows.output) == weights(plain.output) == weights(reference)
+    assert windows.sha256 == plain.sha256
+
+
+def _record_fadvise(monkeypatch) -> list[tuple[str, int, int]]:
+    calls: list[tuple[str, int, int]] = []
+    real = os.posix_fadvise
+
+    def recording(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            calls.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset, length))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(engine.os, "posix_fadvise", recording)
+    return calls
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_prefetch_covers_inputs_side_by_side_and_stays_within_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "PREFETCH_STEP", 1000)
+    small, big1, big2 = tmp_path / "small", tmp_path / "big1", tmp_path / "big2"
+    small.write_bytes(b"s" * 4000)
+    big1.write_bytes(b"b" * 5000)
+    big2.write_bytes(b"c" * 3500)
+    calls = _record_fadvise(monkeypatch)
+    engine._prefetch([[small], [big1, big2]], budget=1 << 30)
+    covered = {name: sum(n for f, _, n in calls if f == name) for name in ("small", "big1", "big2")}
+    assert covered == {"small": 4000, "big1": 5000, "big2": 3500}
+    # Side by side: the small stream (4 pieces) is spread over the big one (9 pieces), not read first or last.
+    order = [f for f, _, _ in calls]
+    assert order[0] in ("small", "big1") and order.index("big2") < max(i for i, f in enumerate(order) if f == "small")
+    assert not engine._prefetching
+
+    calls.clear()
+    monkeypatch.setattr(engine, "_PREFETCH_PATIENCE_S", 0.05)
+    engine._prefetch([[big1]], budget=0)  # nobody reads: it issues one piece, waits, then gives up
+    assert len(calls) == 1
+
+
+def test_prefetch_checkpoints_ignores_what_is_not_a_checkpoint(pair, tmp_path, monkeypatch):
+    prev, _ = pair()
+    calls = _record_fadvise(monkeypatch)
+    engine.prefetch_checkpoints(tmp_path / "missing", tmp_path, prev)
+    deadline = time.monotonic() + 30
+    while any(t.name.startswith("apo-prefetch") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert {f for f, _, _ in calls} == {p.name for p in prev.glob("*.safetensors")}
+
+
+def test_failure_in_one_worker_stops_every_stage(pair, tmp_path, monkeypatch):
+    prev, cur = pair()
+    monkeypatch.setattr(engine, "MAX_CPU_WORKERS", 2)
+    monkeypatch.setattr(engine, "CHUNK_ELEMS", 64)
+    calls = []
+
+    def failing(out, prev, cur, alpha):
+        calls.append(None)
+        if len(calls) == 5:
+            raise RuntimeError("kernel failed")
+        return kernel_extrapolate_(out, prev, cur, alpha)
+
+    monkeypatch.setattr(engine, "extrapolate_", failing)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cur", "prev"]
+    assert not [t for t in threading.enumerate() if t.name.startswith(("apo-read", "apo-write", "apo-compute"))]
+
+
+def test_new_nonfinite_counts_overflow_of_finite_inputs_only():
+    big = torch.full((4,), 3e38, dtype=torch.bfloat16)  # finite, but its fp32 sum overflows
+    assert engine._new_nonfinite(torch, big, big, big) == 0
+    out = torch.tensor([1.0, float("inf"), float("nan"), float("inf")])
+    prev = torch.tensor([0.0, 0.0, float("nan"), 1.0])
+    cur = torch.tensor([1.0, 2.0, 1.0, float("inf")])
+    assert engine._new_nonfinite(torch, out, prev, cur) == 1
+
+
+def test_overflow_reported_and_strict(tmp_path):
+    for name, value in (("prev", -60000.0), ("cur", 60000.0)):
+        (tmp_path / name).mkdir()
+        tensors = {"w": torch.full((3000,), value, dtype=torch.float16), "b": torch.ones(7, dtype=torch.float16)}
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+    report = apo_merge.api.run_merge(tmp_path / "prev", tmp_path / "cur", 0.3, tmp_path / "out")
+    assert report.new_nonfinite == 3000
+    with pytest.raises(MergeError, match="inf or NaN"):
+        apo_merge.api.run_merge(tmp_path / "prev", tmp_path / "cur", 0.3, tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_cpu_merge_restores_torch_threads(pair, tmp_path):
+    prev, cur = pair()
+    before = torch.get_num_threads()
+    apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "out", device="cpu")
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.gpu
+def test_cuda_pipeline_chunks_mixed_dtypes_copies_and_overflow(pair, tmp_path, monkeypatch):
+    prev, cur = pair(prev_dtype=torch.float32)
+    extra = cur / "model.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(extra)
+    tensors["extra.weight"] = torch.arange(1001, dtype=torch.bfloat16)
+    save_file(tensors, extra, metadata={"format": "pt"})
+    monkeypatch.setattr(engine, "GPU_CHUNK_ELEMS", 1000)  # odd tails, many chunks, both device buffer sets
+    monkeypatch.setattr(engine, "COPY_CHUNK_BYTES", 600)
+    monkeypatch.setattr(engine, "GPU_SLOTS", 2)
+    cpu = apo_merge.api.run_merge(prev, cur, 0.3, tmp_path / "cpu", device="cpu", on_missing="copy")
+    gpu = apo_merge.api.run_merge(prev, cur, 0.3, tmp_path / "gpu", device="cuda", on_missing="copy")
+    assert weights(gpu.output) == weights(cpu.output)
+    assert gpu.sha256 == cpu.sha256
+
+    for name, value in (("p16", -60000.0), ("c16", 60000.0)):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.full((2500,), value, dtype=torch.float16)}, tmp_path / name / "model.safetensors",
+                  metadata={"format": "pt"})
+    report = apo_merge.api.run_merge(tmp_path / "p16", tmp_path / "c16", 0.3, tmp_path / "o16", device="cuda")
+    assert report.new_nonfinite == 2500
