@@ -1,4 +1,4 @@
-"""Stream a MergePlan's bytes through the kernel: read -> compute -> write, overlapped on threads.
+"""Stream a MergePlan's bytes through the kernel: read -> compute -> write -> hash, overlapped on threads.
 
 - prefetch: a daemon thread asks the kernel to read the inputs ahead (POSIX_FADV_WILLNEED, PREV and CUR side by
   side, in read order), starting before torch is imported, so the disk streams while the process starts. It
@@ -8,9 +8,10 @@
 - compute: on the CPU, worker threads with one torch thread each (OpenMP threads spinning next to the I/O
   threads cost more than they give on small machines); on a GPU, one CUDA stream with double-buffered device
   memory and an event per chunk that the writer waits on, so the compute thread never synchronises.
-- write: chunks in order (workers may finish out of order), pwrite, SHA-256, and writeback started every
-  WRITEBACK_BYTES with sync_file_range, with the pages behind it dropped once on disk: the final fsync has little
+- write: chunks in order (workers may finish out of order) with pwrite, and writeback started every
+  WRITEBACK_BYTES with sync_file_range, the pages behind it dropped once on disk: the final fsync has little
   left to do and the page cache does not fill with dirty output.
+- hash: SHA-256 of each output file (for the model card), in order, beside the writes.
 
 torch loads lazily, so that ``prefetch_checkpoints`` can start before it.
 """
@@ -43,7 +44,7 @@ COPY_CHUNK_BYTES = 1 << 22  # per task of a tensor copied unchanged
 WRITEBACK_BYTES = 1 << 26  # start writeback of the output every this many bytes
 PREFETCH_STEP = 4 << 20  # one WILLNEED reads at most the device's readahead size (often 4-8 MiB)
 MAX_CPU_WORKERS = 4
-GPU_SLOTS = 4
+GPU_SLOTS = 5
 
 # The kernel, imported with torch when the first merge starts (tests may swap it).
 extrapolate_: Callable[..., Any] | None = None
@@ -167,11 +168,10 @@ _SYNC_FILE_RANGE = _sync_file_range()
 
 
 class _OutWriter:
-    """One output file written front to back: pwrite, hash, and keep writeback moving behind the writes."""
+    """One output file written front to back, with writeback kept moving behind the writes."""
 
     def __init__(self, path: Path, f: OutFile) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self.hasher = hashlib.sha256()
         self.end = self.started = self.dropped = 0  # written / handed to writeback / on disk and dropped
         try:
             try:  # reserve the space now: a full disk fails here, before hours of work
@@ -188,7 +188,6 @@ class _OutWriter:
         written = 0
         while written < len(data):
             written += os.pwrite(self.fd, data[written:], offset + written)
-        self.hasher.update(data)
         self.end = offset + len(data)
         if _SYNC_FILE_RANGE is not None and self.end - self.started >= WRITEBACK_BYTES:
             # Start writing the new window, then wait for the previous one and drop its pages: the disk always
@@ -201,11 +200,10 @@ class _OutWriter:
                 self.dropped = self.started
             self.started = self.end
 
-    def finish(self) -> str:
+    def finish(self) -> None:
         os.fsync(self.fd)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.close()
-        return self.hasher.hexdigest()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -265,6 +263,12 @@ def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
     _read_bytes += got  # a hint for the prefetcher: races between readers only blur it
 
 
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    import torch
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _nbytes(task: _Task) -> tuple[int, int, int]:
     """Bytes of the chunk's (out, prev, cur)."""
     piece = task.piece
@@ -295,6 +299,8 @@ class _Pipeline:
         self.free: queue.Queue[_Slot] = queue.Queue()
         self.to_compute: queue.Queue[_Task | None] = queue.Queue()
         self.to_write: queue.Queue[_Task | None] = queue.Queue()
+        # (file name, bytes to hash or None at the end of the file, slot to free after hashing)
+        self.to_hash: queue.Queue[tuple[str, memoryview | None, _Slot | None] | None] = queue.Queue()
         self.fds: dict[Path, int] = {}
         self.stats = EngineStats(0.0, 0)
         widest = max([ITEMSIZE[p.dtype] for f in plan.files for p in f.pieces]
@@ -302,8 +308,9 @@ class _Pipeline:
                      + [1])
         self.slot_bytes = max(self.chunk_elems * widest, COPY_CHUNK_BYTES)
         # Enough slots for every stage to hold one while the reader fills the next.
-        for _ in range(GPU_SLOTS if self.gpu else self.workers + 3):
-            self.free.put(_Slot(self.slot_bytes, pinned=self.gpu))
+        with _on(device):  # pinned for this device's context
+            for _ in range(GPU_SLOTS if self.gpu else self.workers + 4):
+                self.free.put(_Slot(self.slot_bytes, pinned=self.gpu))
 
     # -- stages -------------------------------------------------------------------------------------------
     def _fd(self, path: Path) -> int:
@@ -411,13 +418,14 @@ class _Pipeline:
                         index = task.out_index
                         f = self.plan.files[index]
                         current = _OutWriter(self.out_dir / f.name, f)
+                        self.to_hash.put((f.name, memoryview(f.header), None))
                         self._advance(len(f.header))
                     if task.ready is not None:
                         task.ready.synchronize()
                     size = 1 if task.copy else ITEMSIZE[task.piece.dtype]
                     data = task.slot.views["out"][:task.count * size]
                     current.write(data, task.piece.offset + task.begin * size)
-                    self.free.put(task.slot)
+                    self.to_hash.put((self.plan.files[index].name, data, task.slot))
                     self._advance(len(data))
             if current is not None:
                 self._finish(current, index)
@@ -425,6 +433,21 @@ class _Pipeline:
         finally:
             if current is not None:
                 current.close()
+            self.to_hash.put(None)
+
+    def _hash(self) -> None:
+        # Its own stage: SHA-256 runs at about the disk's write speed, so in the writer's thread it would halve it.
+        name, hasher = None, None
+        while (item := self._get(self.to_hash)) is not None:
+            file_name, data, slot = item
+            if file_name != name:
+                name, hasher = file_name, hashlib.sha256()
+            if data is None:
+                self.stats.sha256[name] = hasher.hexdigest()
+            else:
+                hasher.update(data)
+            if slot is not None:
+                self.free.put(slot)
 
     def _advance(self, n: int) -> None:
         self.stats.bytes_written += n
@@ -432,7 +455,8 @@ class _Pipeline:
             self.progress(n)
 
     def _finish(self, writer: _OutWriter, index: int) -> None:
-        self.stats.sha256[self.plan.files[index].name] = writer.finish()
+        writer.finish()
+        self.to_hash.put((self.plan.files[index].name, None, None))
 
     # -- driver -------------------------------------------------------------------------------------------
     def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
@@ -453,7 +477,8 @@ class _Pipeline:
         t0 = time.perf_counter()
         compute = self._compute_cuda if self.gpu else self._compute_cpu
         threads = [threading.Thread(target=self._guard(self._read), name="apo-read", daemon=True),
-                   threading.Thread(target=self._guard(self._write), name="apo-write", daemon=True)]
+                   threading.Thread(target=self._guard(self._write), name="apo-write", daemon=True),
+                   threading.Thread(target=self._guard(self._hash), name="apo-hash", daemon=True)]
         threads += [threading.Thread(target=self._guard(compute), name=f"apo-compute-{i}", daemon=True)
                     for i in range(self.workers - 1)]
         for t in threads:
