@@ -6,8 +6,9 @@
 - read: pread into a small ring of reusable buffers (pinned when the GPU computes): anonymous memory does not
   grow with checkpoint size and no input page is mapped.
 - compute: on the CPU, worker threads with one torch thread each (OpenMP threads spinning next to the I/O
-  threads cost more than they give on small machines); on a GPU, one CUDA stream with double-buffered device
-  memory and an event per chunk that the writer waits on, so the compute thread never synchronises.
+  threads cost more than they give on small machines); on a GPU, pinned slots, two CUDA streams with their
+  own device buffers (copies of one chunk overlap the kernel of the other) and an event per chunk that the
+  writer waits on, so the compute thread never synchronises.
 - write: chunks in order (workers may finish out of order) with pwrite, and writeback started every
   WRITEBACK_BYTES with sync_file_range, the pages behind it dropped once on disk: the final fsync has little
   left to do and the page cache does not fill with dirty output.
@@ -368,35 +369,38 @@ class _Pipeline:
         import torch
 
         alpha = self.plan.alpha
-        stream = torch.cuda.Stream(self.device)
-        # Two sets of device buffers: chunk k+1 is copied in while chunk k computes and copies out. All of it is
-        # ordered on one stream; the writer waits on each chunk's event, so this thread never synchronises.
+        # Chunks alternate between two streams, each with its own device buffers: chunk k+1 is copied in while
+        # chunk k computes and copies out, and chunk k+2 reuses chunk k's buffers in stream order. The writer
+        # waits on each chunk's event, so this thread never synchronises.
+        streams = [torch.cuda.Stream(self.device) for _ in range(2)]
         dev = [[torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(3)]
-               for _ in range(2)]
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        found = None
+               for _ in streams]
+        found = [torch.zeros((), dtype=torch.int64, device=self.device) for _ in streams]
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream(self.device))
         k = 0
         try:
-            with torch.cuda.device(self.device), torch.cuda.stream(stream):
-                found = torch.zeros((), dtype=torch.int64, device=self.device)
+            with _on(self.device):
                 while (task := self._get(self.to_compute)) is not None:
                     if not task.copy:
-                        slot, (d_out, d_prev, d_cur) = task.slot, dev[k % 2]
+                        slot, (d_out, d_prev, d_cur), i = task.slot, dev[k % 2], k % 2
                         k += 1
                         ob, pb, cb = _nbytes(task)
-                        d_cur[:cb].copy_(slot.cur[:cb], non_blocking=True)
-                        d_prev[:pb].copy_(slot.prev[:pb], non_blocking=True)
-                        out, prev, cur = _operands(task, d_out, d_prev, d_cur)
-                        extrapolate_(out, prev, cur, alpha)
-                        found += (torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)).sum()
-                        slot.out[:ob].copy_(d_out[:ob], non_blocking=True)
-                        task.ready = torch.cuda.Event()
-                        task.ready.record(stream)
+                        with torch.cuda.stream(streams[i]):
+                            d_cur[:cb].copy_(slot.cur[:cb], non_blocking=True)
+                            d_prev[:pb].copy_(slot.prev[:pb], non_blocking=True)
+                            out, prev, cur = _operands(task, d_out, d_prev, d_cur)
+                            extrapolate_(out, prev, cur, alpha)
+                            found[i] += (torch.isfinite(out).logical_not_() & torch.isfinite(prev)
+                                         & torch.isfinite(cur)).sum()
+                            slot.out[:ob].copy_(d_out[:ob], non_blocking=True)
+                            task.ready = torch.cuda.Event()
+                            task.ready.record(streams[i])
                     self.to_write.put(task)
         finally:
-            stream.synchronize()
-            if found is not None:
-                self.stats.new_nonfinite += int(found)
+            for s in streams:
+                s.synchronize()
+            self.stats.new_nonfinite += sum(int(f) for f in found)
             self.to_write.put(None)
 
     def _write(self) -> None:
