@@ -181,12 +181,14 @@ def weight_files(folder: Path) -> list[Path]:
 
 # -- workers (each runs as its own process, so that its start-up is timed) ----------------------------------------
 def _worker_floor(prev: Path, cur: Path, out: Path) -> None:
+    t0 = time.perf_counter()
     buf = memoryview(bytearray(16 << 20))
     for path in weight_files(prev) + weight_files(cur):
         fd = os.open(path, os.O_RDONLY)
         while os.readv(fd, [buf]):
             pass
         os.close(fd)
+    t1 = time.perf_counter()
     out.mkdir()
     for path in weight_files(cur):
         left = path.stat().st_size
@@ -196,6 +198,7 @@ def _worker_floor(prev: Path, cur: Path, out: Path) -> None:
         os.fsync(fd)
         os.close(fd)
     fsync_tree(out)
+    print(json.dumps({"read_s": t1 - t0, "write_s": time.perf_counter() - t1}))
 
 
 def _worker_naive(prev: Path, cur: Path, out: Path, alpha: float) -> None:
@@ -329,6 +332,8 @@ def main() -> None:
             if m.returncode != 0:
                 sys.exit(f"{name} failed (exit {m.returncode}):\n{m.output_tail}")
             runs[name].append({**as_dict(m), "load_before": load, "input_cached_before": cached})
+            if name == "floor":
+                runs[name][-1].update(json.loads(m.output_tail.strip().splitlines()[-1]))
             print(f"run {r + 1}/{args.runs} {name:26s} {m.seconds:7.2f} s  anon {m.peak_anon / 2**20:7.0f} MiB  "
                   f"rss {m.peak_rss / 2**20:7.0f} MiB  (load {load:.1f}, inputs cached {cached:.1%})", flush=True)
             if r == 0 and not args.no_check and name != "floor":
@@ -352,6 +357,9 @@ def main() -> None:
     print()
     print(table(["method", "wall s (median)", "spread", "x floor", "peak RSS", "peak anon", "GB/s",
                  "elements off vs fp32 formula"], rows))
+    if "floor" in runs:
+        print(f"\nfloor = cold read {summary([x['read_s'] for x in runs['floor']])['median']:.2f} s + write and "
+              f"fsync {summary([x['write_s'] for x in runs['floor']])['median']:.2f} s (medians)")
     loads = [x["load_before"] for rs in runs.values() for x in rs]
     print(f"\n{in_bytes / 2e9:.2f} GB per side, {out_bytes / 1e9:.2f} GB written; GB/s counts "
           f"{(in_bytes + out_bytes) / 1e9:.2f} GB moved; load average before runs {min(loads):.1f}-{max(loads):.1f} "
