@@ -73,6 +73,12 @@ _prefetch_lock = threading.Lock()
 _PREFETCH_PATIENCE_S = 60.0  # a prefetcher whose readers stopped reading gives up after this long
 
 
+def _advise(fd: int, offset: int, length: int, advice: str) -> None:
+    """posix_fadvise where the platform has it: a hint, the merge is correct without it."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, getattr(os, f"POSIX_FADV_{advice}"))
+
+
 def _available_memory() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -144,7 +150,7 @@ def _prefetch(streams: list[list[Path]], budget: int) -> None:
                 elif time.monotonic() - since > _PREFETCH_PATIENCE_S:
                     return
                 time.sleep(0.05)
-            os.posix_fadvise(fd, off, n, os.POSIX_FADV_WILLNEED)
+            _advise(fd, off, n, "WILLNEED")
             issued += n
     except OSError:
         pass
@@ -197,13 +203,13 @@ class _OutWriter:
             if self.started > self.dropped:
                 _SYNC_FILE_RANGE(self.fd, self.dropped, self.started - self.dropped,
                                  _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
-                os.posix_fadvise(self.fd, self.dropped, self.started - self.dropped, os.POSIX_FADV_DONTNEED)
+                _advise(self.fd, self.dropped, self.started - self.dropped, "DONTNEED")
                 self.dropped = self.started
             self.started = self.end
 
     def finish(self) -> None:
         os.fsync(self.fd)
-        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        _advise(self.fd, 0, 0, "DONTNEED")
         self.close()
 
     def close(self) -> None:
@@ -317,7 +323,7 @@ class _Pipeline:
     def _fd(self, path: Path) -> int:
         if path not in self.fds:
             fd = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            _advise(fd, 0, 0, "SEQUENTIAL")
             self.fds[path] = fd
         return self.fds[path]
 
@@ -531,7 +537,7 @@ def execute(plan: MergePlan, out_dir: Path, *, device: torch.device | str = "cpu
     device = torch.device(device)
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(1)  # one per worker thread; the workers run side by side
+        torch.set_num_threads(1)  # one per worker thread, for the merge only (the setting is process-wide)
     try:
         return _Pipeline(plan, Path(out_dir), device, progress).run()
     except OSError as e:
