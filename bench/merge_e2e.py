@@ -12,6 +12,7 @@ checked with mincore), so every method reads cold; every method's time includes 
 rounds; the table gives the median and the spread (min-max).
 
   floor     plain 16 MiB sequential reads of both inputs, then writing + fsyncing the output's byte count
+  floor-tuned  the same with apo-merge's I/O hints: WILLNEED ahead of the reads, writeback started every 64 MiB
   naive     per shard: safetensors load_file x2, torch.lerp(prev, cur, 1 + alpha) in bf16, save_file, fsync
   mergekit  mergekit-yaml, `linear` (1+alpha) cur - alpha prev (and/or `task_arithmetic`), fp32 math, bf16 out
   apo-cpu   the apo-merge CLI, --device cpu
@@ -180,25 +181,45 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 # -- workers (each runs as its own process, so that its start-up is timed) ----------------------------------------
-def _worker_floor(prev: Path, cur: Path, out: Path) -> None:
+def _worker_floor(prev: Path, cur: Path, out: Path, tuned: bool) -> None:
+    """Read both inputs, then write the output's byte count and fsync; ``tuned``: with apo-merge's I/O hints."""
     t0 = time.perf_counter()
     buf = memoryview(bytearray(16 << 20))
+    step = 4 << 20  # one WILLNEED reads at most the readahead size
     for path in weight_files(prev) + weight_files(cur):
         fd = os.open(path, os.O_RDONLY)
+        if tuned:
+            for off in range(0, os.fstat(fd).st_size, step):
+                os.posix_fadvise(fd, off, step, os.POSIX_FADV_WILLNEED)
         while os.readv(fd, [buf]):
             pass
         os.close(fd)
     t1 = time.perf_counter()
     out.mkdir()
+    window = 64 << 20
     for path in weight_files(cur):
-        left = path.stat().st_size
+        size = path.stat().st_size
         fd = os.open(out / path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        while left:
-            left -= os.write(fd, buf[:min(left, len(buf))])
+        done = 0
+        while done < size:
+            done += os.write(fd, buf[:min(size - done, len(buf))])
+            if tuned and done % window < len(buf):  # start writeback; wait for and drop the window before
+                _sync_file_range(fd, done - window, window, 2)
+                if done >= 2 * window:
+                    _sync_file_range(fd, done - 2 * window, window, 7)
+                    os.posix_fadvise(fd, done - 2 * window, window, os.POSIX_FADV_DONTNEED)
         os.fsync(fd)
         os.close(fd)
     fsync_tree(out)
     print(json.dumps({"read_s": t1 - t0, "write_s": time.perf_counter() - t1}))
+
+
+def _sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
+    import ctypes
+
+    fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn(fd, max(0, offset), nbytes, flags)
 
 
 def _worker_naive(prev: Path, cur: Path, out: Path, alpha: float) -> None:
@@ -270,6 +291,7 @@ def _mergekit_config(path: Path, method: str, prev: Path, cur: Path, alpha: floa
 def _commands(args, prev: Path, cur: Path, out: Path, cuda: bool) -> dict[str, list[str]]:
     me = [sys.executable, str(Path(__file__).resolve()), "--worker"]
     cmds = {"floor": me + ["floor", str(prev), str(cur), str(out)],
+            "floor-tuned": me + ["floor-tuned", str(prev), str(cur), str(out)],
             "naive": me + ["naive", str(prev), str(cur), str(out), repr(args.alpha)]}
     if args.mergekit:
         exe = Path(args.mergekit) / "bin" / "mergekit-yaml"
@@ -332,34 +354,39 @@ def main() -> None:
             if m.returncode != 0:
                 sys.exit(f"{name} failed (exit {m.returncode}):\n{m.output_tail}")
             runs[name].append({**as_dict(m), "load_before": load, "input_cached_before": cached})
-            if name == "floor":
+            if name.startswith("floor"):
                 runs[name][-1].update(json.loads(m.output_tail.strip().splitlines()[-1]))
             print(f"run {r + 1}/{args.runs} {name:26s} {m.seconds:7.2f} s  anon {m.peak_anon / 2**20:7.0f} MiB  "
                   f"rss {m.peak_rss / 2**20:7.0f} MiB  (load {load:.1f}, inputs cached {cached:.1%})", flush=True)
-            if r == 0 and not args.no_check and name != "floor":
+            if r == 0 and not args.no_check and not name.startswith("floor"):
                 d, n, missing = count_differing(out, prev, cur, args.alpha)
                 exact[name] = {"differing": d, "compared": n, "missing_tensors": missing}
     shutil.rmtree(out, ignore_errors=True)
 
-    floor = summary([x["seconds"] for x in runs["floor"]])["median"] if "floor" in runs else float("nan")
+    floor, tuned = (summary([x["seconds"] for x in runs[k]])["median"] if k in runs else float("nan")
+                    for k in ("floor", "floor-tuned"))
     rows, results = [], {}
     for name, rs in runs.items():
         s = summary([x["seconds"] for x in rs])
         rss, anon = max(x["peak_rss"] for x in rs), max(x["peak_anon"] for x in rs)
         ex = exact.get(name)
-        off = ("n/a" if ex is None else f"{ex['differing'] / max(1, ex['compared']):.2%}"
+        off = ("n/a" if ex is None else f"{ex['differing'] / max(1, ex['compared']):.3%}"
                + (f" ({ex['missing_tensors']} tensors missing)" if ex and ex["missing_tensors"] else ""))
-        results[name] = {"seconds": s, "ratio_to_floor": s["median"] / floor, "peak_rss": rss, "peak_anon": anon,
+        results[name] = {"seconds": s, "ratio_to_floor": s["median"] / floor,
+                         "ratio_to_floor_tuned": s["median"] / tuned, "peak_rss": rss, "peak_anon": anon,
                          "gb_per_s": (in_bytes + out_bytes) / s["median"] / 1e9, "exactness": ex, "runs": rs}
         rows.append([name, f"{s['median']:.2f}", f"{s['min']:.2f}-{s['max']:.2f}", f"{s['median'] / floor:.2f}",
+                     f"{s['median'] / tuned:.2f}",
                      f"{rss / 2**30:.2f} GiB", f"{anon / 2**30:.2f} GiB",
                      f"{(in_bytes + out_bytes) / s['median'] / 1e9:.2f}", off])
     print()
-    print(table(["method", "wall s (median)", "spread", "x floor", "peak RSS", "peak anon", "GB/s",
+    print(table(["method", "wall s (median)", "spread", "x floor", "x floor-tuned", "peak RSS", "peak anon", "GB/s",
                  "elements off vs fp32 formula"], rows))
-    if "floor" in runs:
-        print(f"\nfloor = cold read {summary([x['read_s'] for x in runs['floor']])['median']:.2f} s + write and "
-              f"fsync {summary([x['write_s'] for x in runs['floor']])['median']:.2f} s (medians)")
+    for name in ("floor", "floor-tuned"):
+        if name in runs:
+            print(f"\n{name} = cold read {summary([x['read_s'] for x in runs[name]])['median']:.2f} s + write and "
+                  f"fsync {summary([x['write_s'] for x in runs[name]])['median']:.2f} s (medians)", end="")
+    print()
     loads = [x["load_before"] for rs in runs.values() for x in rs]
     print(f"\n{in_bytes / 2e9:.2f} GB per side, {out_bytes / 1e9:.2f} GB written; GB/s counts "
           f"{(in_bytes + out_bytes) / 1e9:.2f} GB moved; load average before runs {min(loads):.1f}-{max(loads):.1f} "
@@ -381,8 +408,8 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, a = sys.argv[2], sys.argv[3:]
-        if kind == "floor":
-            _worker_floor(Path(a[0]), Path(a[1]), Path(a[2]))
+        if kind.startswith("floor"):
+            _worker_floor(Path(a[0]), Path(a[1]), Path(a[2]), tuned=kind == "floor-tuned")
         else:
             _worker_naive(Path(a[0]), Path(a[1]), Path(a[2]), float(a[3]))
     else:
