@@ -44,6 +44,9 @@ GPU_CHUNK_ELEMS = 1 << 22  # per task on a GPU: fewer, larger copies and launche
 COPY_CHUNK_BYTES = 1 << 22  # per task of a tensor copied unchanged
 WRITEBACK_BYTES = 1 << 26  # start writeback of the output every this many bytes
 PREFETCH_STEP = 4 << 20  # one WILLNEED reads at most the device's readahead size (often 4-8 MiB)
+# Pieces in flight at once: enough for the disk's bandwidth, few enough that the reads on the critical path
+# (headers, file-system metadata for the output, torch's own files) do not queue behind gigabytes of readahead.
+PREFETCH_DEPTH = 16
 MAX_CPU_WORKERS = 4
 GPU_SLOTS = 5
 
@@ -68,9 +71,10 @@ class EngineStats:
 
 # -- prefetch -------------------------------------------------------------------------------------------------
 _read_bytes = 0  # input bytes the engine's readers have consumed (the prefetch window slides with it)
-_prefetching: set[str] = set()
+_prefetched: dict[str, float] = {}  # real path -> when its prefetch started
 _prefetch_lock = threading.Lock()
 _PREFETCH_PATIENCE_S = 60.0  # a prefetcher whose readers stopped reading gives up after this long
+_PREFETCH_FRESH_S = 60.0  # a file prefetched this recently is not prefetched again
 
 
 def _advise(fd: int, offset: int, length: int, advice: str) -> None:
@@ -94,14 +98,15 @@ def prefetch(*streams: Sequence[Path]) -> None:
     """Start reading files into the page cache in a background thread; a hint only (errors are ignored).
 
     Each stream is a list of files read in that order; streams advance together (PREV and CUR are read side by
-    side), at most half the available memory ahead of the merge's reads. Files already being prefetched are
-    skipped.
+    side), at most half the available memory ahead of the merge's reads. Files prefetched in the last minute
+    (e.g. by the CLI, before the engine asks again) are skipped.
     """
+    now = time.monotonic()
     with _prefetch_lock:
         todo = []
         for stream in streams:
-            fresh = [Path(p) for p in stream if os.path.realpath(p) not in _prefetching]
-            _prefetching.update(os.path.realpath(p) for p in fresh)
+            fresh = [Path(p) for p in stream if now - _prefetched.get(os.path.realpath(p), -math.inf) > _PREFETCH_FRESH_S]
+            _prefetched.update((os.path.realpath(p), now) for p in fresh)
             todo.append(fresh)
     if any(todo):
         threading.Thread(target=_prefetch, args=(todo, _available_memory() // 2), name="apo-prefetch",
@@ -142,7 +147,7 @@ def _prefetch(streams: list[list[Path]], budget: int) -> None:
                 at += size
         pieces.sort(key=lambda p: p[0])
         issued, base = 0, _read_bytes
-        for _, fd, off, n in pieces:
+        for i, (_, fd, off, n) in enumerate(pieces):
             last, since = _read_bytes, time.monotonic()
             while issued - (_read_bytes - base) > budget:  # far enough ahead: wait for the readers
                 if _read_bytes != last:
@@ -152,13 +157,14 @@ def _prefetch(streams: list[list[Path]], budget: int) -> None:
                 time.sleep(0.05)
             _advise(fd, off, n, "WILLNEED")
             issued += n
+            if i >= PREFETCH_DEPTH:  # wait for an older piece to arrive: reading its last byte blocks until then
+                _, old_fd, old_off, old_n = pieces[i - PREFETCH_DEPTH]
+                os.pread(old_fd, 1, old_off + old_n - 1)
     except OSError:
         pass
     finally:
         for fd in fds.values():
             os.close(fd)
-        with _prefetch_lock:
-            _prefetching.difference_update(os.path.realpath(p) for stream in streams for p in stream)
 
 
 # -- writeback ------------------------------------------------------------------------------------------------

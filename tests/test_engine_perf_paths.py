@@ -121,6 +121,7 @@ def _record_fadvise(monkeypatch) -> list[tuple[str, int, int]]:
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_prefetch_covers_inputs_side_by_side_and_stays_within_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "PREFETCH_STEP", 1000)
+    monkeypatch.setattr(engine, "PREFETCH_DEPTH", 2)  # waits for older pieces too
     small, big1, big2 = tmp_path / "small", tmp_path / "big1", tmp_path / "big2"
     small.write_bytes(b"s" * 4000)
     big1.write_bytes(b"b" * 5000)
@@ -132,7 +133,6 @@ def test_prefetch_covers_inputs_side_by_side_and_stays_within_budget(tmp_path, m
     # Side by side: the small stream (4 pieces) is spread over the big one (9 pieces), not read first or last.
     order = [f for f, _, _ in calls]
     assert order[0] in ("small", "big1") and order.index("big2") < max(i for i, f in enumerate(order) if f == "small")
-    assert not engine._prefetching
 
     calls.clear()
     monkeypatch.setattr(engine, "_PREFETCH_PATIENCE_S", 0.05)
@@ -140,14 +140,23 @@ def test_prefetch_covers_inputs_side_by_side_and_stays_within_budget(tmp_path, m
     assert len(calls) == 1
 
 
-def test_prefetch_checkpoints_ignores_what_is_not_a_checkpoint(pair, tmp_path, monkeypatch):
-    prev, _ = pair()
-    calls = _record_fadvise(monkeypatch)
-    engine.prefetch_checkpoints(tmp_path / "missing", tmp_path, prev)
+def _wait_for_prefetchers() -> None:
     deadline = time.monotonic() + 30
     while any(t.name.startswith("apo-prefetch") for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def test_prefetch_checkpoints_ignores_what_is_not_a_checkpoint_and_is_not_repeated(pair, tmp_path, monkeypatch):
+    prev, _ = pair()
+    monkeypatch.setattr(engine, "_prefetched", {})
+    calls = _record_fadvise(monkeypatch)
+    engine.prefetch_checkpoints(tmp_path / "missing", tmp_path, prev)
+    _wait_for_prefetchers()
     assert {f for f, _, _ in calls} == {p.name for p in prev.glob("*.safetensors")}
+    calls.clear()
+    engine.prefetch(list(prev.glob("*.safetensors")))  # as the engine does once the CLI has started it
+    _wait_for_prefetchers()
+    assert calls == []
 
 
 def test_failure_in_one_worker_stops_every_stage(pair, tmp_path, monkeypatch):
