@@ -54,7 +54,8 @@ def _version(value: bool) -> None:
 
 def fail(message: str, code: int) -> None:
     """Print a one-line error on stderr and exit with ``code``."""
-    typer.echo(f"apo-merge: error: {message}", err=True)
+    one_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # names from files may hold \n
+    typer.echo(f"apo-merge: error: {one_line}", err=True)
     raise typer.Exit(code)
 
 
@@ -99,9 +100,9 @@ def merge(
     except MergeError as e:
         fail(e.message, e.exit_code)
     except KeyboardInterrupt:
-        fail("interrupted; no output was written and the inputs are unchanged", 130)
+        fail("interrupted; no partial output was left and the inputs are unchanged", 130)
     except _Terminated:
-        fail("terminated; no output was written and the inputs are unchanged", 143)
+        fail("terminated; no partial output was left and the inputs are unchanged", 143)
     notes = []
     if report.copied_cur_only:
         notes.append(f"{len(report.copied_cur_only)} CUR-only tensors copied unchanged")
@@ -142,6 +143,26 @@ def _run(prev, cur, alpha, output, device, dtype, max_shard_size, on_missing, ov
 
         return run_merge(prev, cur, alpha, output, progress=lambda n: bar.advance(task, n), on_plan=on_plan,
                          **options)
+
+
+@tools.callback()
+def _tools() -> None:
+    """Keeps `verify` a named subcommand even while it is the only one."""
+
+
+@tools.command(help="Re-check an apo-merge output: headers, index, and each file's SHA-256 against the model card.")
+def verify(
+    folder: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of an apo-merge run.")],
+) -> None:
+    from apo_merge.errors import MergeError
+    from apo_merge.verify import verify_output
+
+    try:
+        report = verify_output(folder)
+    except MergeError as e:
+        fail(e.message, e.exit_code)
+    typer.echo(f"apo-merge: {folder}: OK, {len(report.files)} weight file(s), {report.n_tensors} tensors, "
+               f"{_human(report.total_bytes)}; every SHA-256 matches the model card")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -260,9 +260,8 @@ def _new_nonfinite(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor) -> 
 
 def execute(plan: MergePlan, out_dir: Path, *, device: torch.device | str = "cpu",
             progress: Callable[[int], None] | None = None) -> EngineStats:
-    """Write every file of ``plan`` into ``out_dir`` (which must exist and be empty of those names)."""
-    try:
-        return _Pipeline(plan, Path(out_dir), torch.device(device), progress).run()
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        raise MergeError(f"I/O error while merging{where}: {e.strerror or e}; check free space and permissions") from None
+    """Write every file of ``plan`` into ``out_dir`` (which must exist and be empty of those names).
+
+    OSError propagates: output.StagedFolder, which knows the user's OUT, turns it into a MergeError.
+    """
+    return _Pipeline(plan, Path(out_dir), torch.device(device), progress).run()
