@@ -168,6 +168,7 @@ class _Pipeline:
                 if task.out_index != current:
                     if fd >= 0:
                         self._finish_file(fd, current, hasher)
+                        fd = -1  # closed: the finally below must not close this number again
                     current = task.out_index
                     fd, hasher = self._start_file(self.plan.files[current])
                 piece, slot = task.piece, task.slot
