@@ -20,12 +20,14 @@ import torch
 
 from apo_kernels import extrapolate_
 from apo_merge.errors import MergeError
-from apo_merge.header import ITEMSIZE
+from apo_merge.header import ITEMSIZE, FileHeader
 from apo_merge.plan import MergePlan, OutFile, Piece
 
 CHUNK_ELEMS = 1 << 21  # per chunk of an extrapolated tensor
 COPY_CHUNK_BYTES = 1 << 23  # per chunk of a copied tensor
 N_SLOTS = 4
+
+OnRead = Callable[[Path, int, memoryview], None]
 
 TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
@@ -84,8 +86,9 @@ def _pread_into(fd: int, buf: torch.Tensor, nbytes: int, offset: int, path: Path
 
 class _Pipeline:
     def __init__(self, plan: MergePlan, out_dir: Path, device: torch.device,
-                 progress: Callable[[int], None] | None) -> None:
+                 progress: Callable[[int], None] | None, on_read: OnRead | None = None) -> None:
         self.plan, self.out_dir, self.device, self.progress = plan, out_dir, device, progress
+        self.on_read = on_read
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.free: queue.Queue[_Slot] = queue.Queue()
@@ -112,6 +115,12 @@ class _Pipeline:
             self.fds[path] = fd
         return self.fds[path]
 
+    def _pread(self, header: FileHeader, buf: torch.Tensor, nbytes: int, data_offset: int) -> None:
+        offset = header.data_start + data_offset
+        _pread_into(self._fd(header.path), buf, nbytes, offset, header.path)
+        if self.on_read is not None:
+            self.on_read(header.path, offset, memoryview(buf.numpy())[:nbytes])
+
     def _get(self, q: queue.Queue):
         while True:
             try:
@@ -127,13 +136,11 @@ class _Pipeline:
             piece = task.piece
             header, info = piece.cur
             if task.copy:
-                _pread_into(self._fd(header.path), slot.out, task.count,
-                            header.data_start + info.begin + task.begin, header.path)
+                self._pread(header, slot.out, task.count, info.begin + task.begin)
             else:
                 for (h, i), buf in ((piece.cur, slot.cur), (piece.prev, slot.prev)):
                     size = ITEMSIZE[i.dtype]
-                    _pread_into(self._fd(h.path), buf, task.count * size,
-                                h.data_start + i.begin + task.begin * size, h.path)
+                    self._pread(h, buf, task.count * size, i.begin + task.begin * size)
             self.to_compute.put(task)
         self.to_compute.put(None)
 
@@ -260,9 +267,11 @@ def _new_nonfinite(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor) -> 
 
 
 def execute(plan: MergePlan, out_dir: Path, *, device: torch.device | str = "cpu",
-            progress: Callable[[int], None] | None = None) -> EngineStats:
+            progress: Callable[[int], None] | None = None, on_read: OnRead | None = None) -> EngineStats:
     """Write every file of ``plan`` into ``out_dir`` (which must exist and be empty of those names).
 
+    ``on_read(path, offset, data)`` is called on the reader thread after each read of an input file: ``data``
+    holds the bytes at absolute ``offset`` and is valid only during the call (e.g. to hash the inputs).
     OSError propagates: output.StagedFolder, which knows the user's OUT, turns it into a MergeError.
     """
-    return _Pipeline(plan, Path(out_dir), torch.device(device), progress).run()
+    return _Pipeline(plan, Path(out_dir), torch.device(device), progress, on_read).run()

@@ -208,8 +208,8 @@ def test_interrupt_while_writing(big: Big, tmp_path, sig, code, word):
         p = _start((big.prev, big.cur), out)
         window.signal_inside(p, out, rng.uniform(0, 0.25 * window.seconds), sig)
         res = _finish(p)
-        if res.code == 0:  # finished before the signal landed
-            assert _out_state(out, big) == "new"
+        if res.code in (0, -sig):  # finished first; or the signal hit interpreter exit, where Python's handler is gone
+            assert "tensors" in res.stdout and _out_state(out, big) == "new", (res.code, res.stdout, res.stderr)
         else:
             assert_one_line_error(res, code, word, "no partial output was left", "inputs are unchanged")
             interrupted += 1
