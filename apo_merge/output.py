@@ -68,24 +68,24 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
-_IO_CAUSES = {
-    errno.ENOSPC: ("no space left on the device", "free space or choose another -o"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or choose another -o"),
-    errno.EFBIG: ("a file would exceed the file-size limit (ulimit -f) or the filesystem's maximum",
+_IO_FIXES = {  # errno -> (what it means here, or "", what to do)
+    errno.ENOSPC: ("", "free space or choose another -o"),
+    errno.EDQUOT: ("", "free space or choose another -o"),
+    errno.EFBIG: (" (a file would exceed the file-size limit, ulimit -f, or the filesystem's maximum)",
                   "raise the limit, write smaller shards with --max-shard-size, or choose another -o"),
-    errno.EACCES: ("permission denied", "check the permissions of the output's parent folder"),
-    errno.EPERM: ("operation not permitted", "check the permissions of the output's parent folder"),
-    errno.EROFS: ("read-only filesystem", "choose another -o"),
-    errno.EIO: ("input/output error", "check the disks (dmesg) and rerun"),
+    errno.EACCES: ("", "check the permissions of the output's parent folder"),
+    errno.EPERM: ("", "check the permissions of the output's parent folder"),
+    errno.EROFS: ("", "choose another -o"),
+    errno.EIO: ("", "check the disks (dmesg) and rerun"),
 }
 
 
 def io_error(e: OSError, out: Path) -> MergeError:
     """A one-line MergeError for an OSError met while merging into ``out``: the cause and what to do about it."""
-    cause, fix = _IO_CAUSES.get(e.errno, (e.strerror or str(e), "check free space and permissions, then rerun"))
+    meaning, fix = _IO_FIXES.get(e.errno, ("", "check free space and permissions, then rerun"))
     code = f" [{errno.errorcode.get(e.errno, e.errno)}]" if e.errno else ""
     at = f" at {e.filename}" if e.filename else ""
-    return MergeError(f"{out}: merge failed: {cause}{code}{at}; {fix}")
+    return MergeError(f"{out}: merge failed: {e.strerror or e}{code}{meaning}{at}; {fix}")
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:

@@ -274,7 +274,7 @@ def test_file_size_limit_fails_cleanly(tmp_path, where, sizes, side, limit):
     out = tmp_path / "out"
     before = tree_state(tmp_path)
     res = _finish(_start((prev, cur), out, preexec=_fsize_limit(limit)))
-    assert_one_line_error(res, 1, str(out), "file-size limit (ulimit -f)", "[EFBIG]", "--max-shard-size")
+    assert_one_line_error(res, 1, str(out), "File too large [EFBIG]", "file-size limit, ulimit -f", "--max-shard-size")
     assert not out.exists() and leftovers(out) == []
     assert tree_state(tmp_path) == before
 
