@@ -153,7 +153,7 @@ def _launch_one(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha:
     if n == 0:
         return
     o = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    _run((triton.cdiv(n, _BLOCK),), prev.contiguous(), cur.contiguous(), o, None, n, alpha, wide)
+    _run((-(-n // _BLOCK),), prev.contiguous(), cur.contiguous(), o, None, n, alpha, wide)
     if o is not out:
         out.copy_(o)
 

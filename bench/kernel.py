@@ -34,16 +34,6 @@ from apo_kernels import _triton, extrapolate_, extrapolate_many_  # noqa: E402  
 ALPHA = 0.3
 
 
-def _median_cpu(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _median_cuda(fn: Callable[[], object], reps: int, inner: int = 1, warmup: int = 2) -> float:
     """Median seconds per call; ``inner`` back-to-back calls per timed repetition keep the GPU busy, so a
     single kernel's figure is its throughput rather than its launch latency."""
@@ -86,34 +76,54 @@ class _Table:
         print(f"  {name:<44} {seconds * 1e3:9.2f} ms {gbs:9.1f} GB/s{ratio}{more}")
 
 
+def _interleaved_cpu(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds per call; the methods take turns within each repetition, so a busy machine slows them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def bench_cpu(numel: int, reps: int, results: dict) -> None:
     torch.manual_seed(0)
     prev = torch.randn(numel).to(torch.bfloat16)
     cur = (prev.float() + 0.01 * torch.randn(numel)).to(torch.bfloat16)
+    prev32 = prev.float()
     out = torch.empty_like(cur)
-    nbytes = 3 * 2 * numel
 
     def naive() -> None:
         c = cur.float()
         out.copy_(c + ALPHA * (c - prev.float()))
 
-    t = _Table(f"CPU bf16, {numel / 2**20:.0f} Mi elements, {torch.get_num_threads()} threads, "
-               f"{_cpu_name()}", results, baseline="naive fp32 (fresh temporaries)")
-    t.add("naive fp32 (fresh temporaries)", _median_cpu(naive, reps), nbytes)
-    t.add("torch.lerp(prev, cur, 1 + alpha, out=) bf16", _median_cpu(
-        lambda: torch.lerp(prev, cur, 1 + ALPHA, out=out), reps), nbytes)
-    t.add("apo_kernels CPU twin (exact)", _median_cpu(lambda: extrapolate_(out, prev, cur, ALPHA), reps), nbytes)
-    t.add("apo_kernels CPU twin, in place (out is cur)", _median_cpu(
-        lambda: extrapolate_(cur, prev, cur, ALPHA), reps), nbytes)
-    prev32 = prev.float()
-
     def naive_mixed() -> None:
         c = cur.float()
         out.copy_(c + ALPHA * (c - prev32))
 
-    t.add("mixed prev fp32 + cur bf16: naive fp32", _median_cpu(naive_mixed, reps), 8 * numel)
-    t.add("mixed prev fp32 + cur bf16: CPU twin", _median_cpu(lambda: extrapolate_(out, prev32, cur, ALPHA), reps),
-          8 * numel)
+    base = "naive fp32 formula (fresh temporaries)"
+    fns = {
+        base: naive,
+        "torch.lerp(prev, cur, 1 + alpha, out=), bf16": lambda: torch.lerp(prev, cur, 1 + ALPHA, out=out),
+        "apo_kernels CPU twin (exact)": lambda: extrapolate_(out, prev, cur, ALPHA),
+        "mixed prev fp32 + cur bf16: naive fp32": naive_mixed,
+        "mixed prev fp32 + cur bf16: CPU twin": lambda: extrapolate_(out, prev32, cur, ALPHA),
+    }
+    try:
+        load = f", load average {Path('/proc/loadavg').read_text().split()[0]}"
+    except OSError:
+        load = ""
+    t = _Table(f"CPU, {numel / 2**20:.0f} Mi bf16 elements, {torch.get_num_threads()} torch threads, {_cpu_name()}"
+               f"{load}", results, baseline=base)
+    for name, secs in _interleaved_cpu(fns, reps).items():
+        t.add(name, secs, (8 if name.startswith("mixed") else 6) * numel)
+    ratio = t.results["apo_kernels CPU twin (exact)"]["GB/s"] / t.results[
+        "torch.lerp(prev, cur, 1 + alpha, out=), bf16"]["GB/s"]
+    print(f"  CPU twin bandwidth / torch.lerp bandwidth = {ratio:.2f}")
+    results["cpu_twin_over_lerp"] = ratio
 
 
 def _llama3_8b_shapes() -> list[tuple[int, ...]]:

@@ -319,13 +319,27 @@ def test_partial_overlap_is_refused():
     extrapolate_(buf[:10], torch.zeros(10), buf[10:], 0.3)  # same storage, disjoint: fine
 
 
-def test_chunk_boundaries(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunk_boundaries(monkeypatch, threads):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # picks the chunk size; no pool below 2**18
     prev, cur = randoms((3 * 4097 + 5,), FP32, BF16)
     whole = extrapolate(prev, cur, 0.3)
-    monkeypatch.setattr(_cpu, "_CHUNK", 1000)
-    assert_bits_equal(extrapolate(prev, cur, 0.3), whole)
-    monkeypatch.setattr(_cpu, "_CHUNK", 1 << 20)  # larger than the cached scratch: must reallocate
-    assert_bits_equal(extrapolate(prev, cur, 0.3), whole)
+    for chunk in (1000, 1 << 20):  # chunk boundaries inside, then scratch larger than the cached one
+        monkeypatch.setattr(_cpu, "_CHUNK", chunk)
+        monkeypatch.setattr(_cpu, "_CHUNK_ONE_THREAD", chunk)
+        assert_bits_equal(extrapolate(prev, cur, 0.3), whole)
+
+
+def test_split_across_threads(monkeypatch):
+    prev, cur = randoms((10 * 4097 + 3,), BF16, BF16)
+    whole = extrapolate(prev, cur, 0.3)
+    monkeypatch.setattr(_cpu, "_SPLIT_MIN", 4096)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    out = torch.empty_like(cur)
+    extrapolate_(out, prev, cur, 0.3)
+    assert_bits_equal(out, whole)
+    extrapolate_(cur, prev, cur, 0.3)  # in place, ranges on several threads
+    assert_bits_equal(cur, whole)
 
 
 def test_twin_threads_do_not_share_scratch():
@@ -482,14 +496,19 @@ def test_cuda_in_place_and_layouts():
 @pytest.mark.gpu
 def test_cuda_grouped_bit_identical_to_per_tensor(monkeypatch):
     prevs, curs = _model_like()
-    prevs += [randoms((1 << 21,), BF16, BF16, seed=7)[0]]  # above the grouping limit
-    curs += [randoms((1 << 21,), BF16, BF16, seed=7)[1]]
+    big = randoms((1 << 21,), BF16, BF16, seed=7)  # above the grouping limit
+    prevs.append(big[0])
+    curs.append(big[1])
     expected = [extrapolate(p, c, 0.3) for p, c in zip(prevs, curs, strict=True)]
     groups = []
     launch = _triton._launch_grouped
     monkeypatch.setattr(_triton, "_launch_grouped", lambda members, *a: groups.append(len(members)) or
                         launch(members, *a))
     prevs_g, curs_g = [p.cuda() for p in prevs], [c.cuda() for c in curs]
+    odd_p, odd_c = randoms((33,), BF16, BF16, seed=98)  # a view 2 bytes into its storage: must not be grouped
+    prevs_g.append(odd_p.cuda()[1:])
+    curs_g.append(odd_c.cuda()[1:])
+    expected.append(extrapolate(odd_p[1:], odd_c[1:], 0.3))
     outs = [torch.empty_like(c) for c in curs_g]
     extrapolate_many_(outs, prevs_g, curs_g, 0.3)
     for o, e in zip(outs, expected, strict=True):
