@@ -17,8 +17,12 @@ kernels must match it bit for bit; bf16 arithmetic and torch.lerp do not.
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,6 +283,20 @@ def test_interpreter_does_not_need_env_and_restores_triton_language():
     prev, cur = randoms((100,), BF16, BF16)
     extrapolate(prev, cur, 0.3, backend="triton")
     assert (tl.load, tl.store, tl.where, tl.tensor.__add__, tl.tensor.to) == before
+
+
+def test_with_triton_interpret_env():
+    """TRITON_INTERPRET=1 set before import (a common test setup) makes ``_kernel`` itself interpreted."""
+    code = (
+        "import torch, triton\n"
+        "from apo_kernels import _triton, extrapolate\n"
+        "assert not _triton._is_compiled()\n"
+        "p = torch.randn(5000, dtype=torch.float32); c = torch.randn(5000).to(torch.bfloat16)\n"
+        "k = extrapolate(p, c, 0.3, backend='triton'); t = extrapolate(p, c, 0.3)\n"
+        "assert torch.equal(k.view(torch.int16), t.view(torch.int16))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=Path(__file__).parent.parent)
 
 
 def test_interpreter_rounds_bf16_and_fp16_to_nearest_even():
