@@ -88,9 +88,13 @@ def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha
 
 def _range(o: torch.Tensor, p: torch.Tensor, c: torch.Tensor, a: float, start: int, stop: int, chunk: int) -> None:
     c_buf, d_buf = _buffers(compute_dtype(p.dtype, c.dtype, o.dtype), o.device, chunk)
-    for s in range(start, stop, chunk):
-        e = min(stop, s + chunk)
-        _chunk(o[s:e], p[s:e], c[s:e], a, c_buf[: e - s], d_buf[: e - s])
+    pieces = (t[start:stop].split(chunk) for t in (o, p, c))  # one call per range, not three per chunk
+    for oc, pc, cc in zip(*pieces, strict=True):
+        m = oc.numel()
+        if m == c_buf.numel():
+            _chunk(oc, pc, cc, a, c_buf, d_buf)
+        else:
+            _chunk(oc, pc, cc, a, c_buf[:m], d_buf[:m])
 
 
 def _chunk(o: torch.Tensor, p: torch.Tensor, c: torch.Tensor, a: float, c_buf: torch.Tensor,
