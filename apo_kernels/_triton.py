@@ -130,19 +130,29 @@ def _alpha_bits(alpha: float, wide: torch.dtype) -> tuple[int, int]:
     return bits, 0
 
 
-def _run(grid: tuple[int], prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, table: torch.Tensor | None,
-         n: int, alpha: float, wide: torch.dtype) -> None:
+def _kernel_args(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, table: torch.Tensor | None, n: int,
+                 alpha: float, wide: torch.dtype) -> tuple[tuple, dict]:
     hi, lo = _alpha_bits(alpha, wide)
     const = {"WIDE": tl.float64 if wide == torch.float64 else tl.float32, "GROUPED": table is not None,
              "BLOCK": _BLOCK}
+    return (prev, cur, out, table, n, hi, lo), const
+
+
+def _launch_options() -> dict:
+    return {"num_warps": _NUM_WARPS, **_FP_OPTIONS}
+
+
+def _run(grid: tuple[int], prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, table: torch.Tensor | None,
+         n: int, alpha: float, wide: torch.dtype) -> None:
+    args, const = _kernel_args(prev, cur, out, table, n, alpha, wide)
     if out.device.type == "cuda" and _is_compiled():
         with torch.cuda.device(out.device):
-            _kernel[grid](prev, cur, out, table, n, hi, lo, **const, num_warps=_NUM_WARPS, **_FP_OPTIONS)
+            _kernel[grid](*args, **const, **_launch_options())
     else:  # CPU tensors; or any device under TRITON_INTERPRET=1 (the interpreter copies through host memory)
         import numpy as np  # the interpreter computes with numpy; overflow to inf and NaN are expected here
 
         with _interpreter_lock, np.errstate(all="ignore"):
-            _interpreted()[grid](prev, cur, out, table, n, hi, lo, **const)
+            _interpreted()[grid](*args, **const)
 
 
 def _launch_one(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float, wide: torch.dtype) -> None:

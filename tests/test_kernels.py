@@ -51,8 +51,11 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape
-    diff = (bits(a) != bits(b)).nonzero()
-    assert diff.numel() == 0, f"{diff.shape[0]} elements differ, first at {diff[0].tolist()}: {a.flatten()[diff[0, 0]]}"
+    diff = (bits(a).flatten() != bits(b).flatten()).nonzero().flatten()
+    if diff.numel():
+        i = diff[0].item()
+        raise AssertionError(f"{diff.numel()} elements differ, first at flat index {i}: "
+                             f"{a.flatten()[i].item()!r} vs {b.flatten()[i].item()!r}")
 
 
 # --- the float64 reference ----------------------------------------------------------------------------------
@@ -442,39 +445,54 @@ def test_many_validates_everything_before_writing():
 
 # --- the compiled kernel, checked without a GPU ---------------------------------------------------------------
 
-def _compile_sm90(prev_dtype: str, cur_dtype: str, out_dtype: str, wide, grouped: bool) -> str:
-    """PTX for Hopper, with the signature, alignment hints and options the launcher's calls produce."""
+def _compile_sm90(args: tuple, const: dict) -> str:
+    """What ``_kernel[grid](*args, **const, **launch options)`` compiles to on an H100/H200, without a GPU: the same
+    argument binding, specialization and options as ``JITFunction.run``, then PTX for sm_90."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    sig = {"prev_ptr": f"*{prev_dtype}", "cur_ptr": f"*{cur_dtype}", "out_ptr": f"*{out_dtype}",
-           "table_ptr": "*i64" if grouped else "constexpr", "n": "i32", "alpha_hi": "i32", "alpha_lo": "i32",
-           "WIDE": "constexpr", "GROUPED": "constexpr", "BLOCK": "constexpr"}
-    const = {"WIDE": wide, "GROUPED": grouped, "BLOCK": _triton._BLOCK}
-    if not grouped:
-        const["table_ptr"] = None
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 4)}  # what launches of aligned tensors get
-    options = {"num_warps": _triton._NUM_WARPS, **_triton._FP_OPTIONS}
-    return triton.compile(ASTSource(_triton._kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=options).asm["ptx"]
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    kernel = _triton._kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**const, **_triton._launch_options(), "debug": False,
+              "instrumentation_mode": knobs.compilation.instrumentation_mode,
+              "fpsan_homomorphic_casts": knobs.compilation.fpsan_homomorphic_casts}
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    assert options.enable_fp_fusion is False
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                          options=options.__dict__).asm["ptx"]
 
 
 def test_compiles_for_sm90_without_fma():
-    """Compiles for an H100/H200 (no GPU needed): no fused multiply-add, no flush to zero, 16-byte accesses."""
+    """The launcher's real arguments compile for sm_90: no fused multiply-add, no flush to zero, 16-byte accesses
+    (also in the grouped mode, whose pointers come from the table)."""
+    if not _triton._is_compiled():
+        pytest.skip("TRITON_INTERPRET=1: no compiled kernel")
     try:
         from triton.backends.nvidia import compiler  # noqa: F401
     except ImportError:
         pytest.skip("triton without its NVIDIA backend")
-    import triton.language as tl
-
-    for pd, cd, od, wide, grouped in (("bf16", "bf16", "bf16", tl.float32, False),
-                                      ("fp32", "bf16", "bf16", tl.float32, True),
-                                      ("fp64", "fp32", "fp16", tl.float64, False)):
-        ptx = _compile_sm90(pd, cd, od, wide, grouped)
-        assert not re.search(r"\bfma\.", ptx), (pd, cd, od)
+    prev, cur = randoms((8192,), FP32, BF16)
+    small = [randoms((64,), FP32, BF16, seed=s) for s in range(2)]
+    table = torch.zeros((32, 4), dtype=torch.int64)
+    cases = [  # (prev, cur, out, table, n, alpha, wide)
+        (prev, cur, torch.empty_like(cur), None, 8192, 0.3, FP32),
+        (*small[0], torch.empty_like(small[0][1]), table, 0, 0.3, FP32),
+        (prev.double(), cur, torch.empty(8192, dtype=FP16), None, 8192, 0.3, FP64),
+        (prev[:1], cur[:1], torch.empty(1, dtype=BF16), None, 1, 0.3, FP32),  # n == 1 becomes a constexpr
+    ]
+    for case in cases:
+        ptx = _compile_sm90(*_triton._kernel_args(*case))
+        assert not re.search(r"\bfma\.", ptx)
         assert ".ftz" not in ptx
-        assert "ld.global.v4.b32" in ptx and ("st.global.v4.b32" in ptx or "st.global.v2.b64" in ptx)
+        if case[4] != 1:
+            assert "ld.global.v4.b32" in ptx
+        assert re.search(r"sub\.rn\.f(32|64)", ptx) and re.search(r"mul\.rn\.f(32|64)", ptx)
 
 
 # --- CUDA ------------------------------------------------------------------------------------------------------
