@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,10 @@ class APOConfig:
         tokenizer (existing folder or a Hub id), the oracle spec (importable callable / reward-model folder),
         and the sampler's availability. ``need_oracle=False`` when an Oracle object is supplied in code.
         """
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config: '{f.name}' must be finite; got {value}")
         positive = ("rounds", "samples_per_prompt", "max_new_tokens", "max_prompt_tokens", "generation_batch_size",
                     "oracle_batch_size", "logprob_batch_size", "epochs_per_round", "batch_size", "grad_accum")
         for key in positive:

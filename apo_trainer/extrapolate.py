@@ -79,6 +79,5 @@ def run(ctx: RunContext, t: int, model: Any | None) -> dict[str, Any]:
         ctx.tokenizer.save_pretrained(tmp)
         store.commit(tmp, store.policy(t), round_index=t, phase="extrapolate")
     del state, model
-    acc.free_memory()
     free_memory()
     return summary

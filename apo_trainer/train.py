@@ -112,12 +112,12 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
                                   num_training_steps=steps)
         model, optimizer, loader = acc.prepare(model, optimizer, loader)
         history = _train_loop(ctx, t, model, optimizer, scheduler, loader, steps)
-        acc.free_memory(optimizer)
-        del optimizer
+        del optimizer, scheduler, loader
     if cfg.gradient_checkpointing:
         acc.unwrap_model(model).gradient_checkpointing_disable()
         acc.unwrap_model(model).config.use_cache = True
     _save(ctx, t, model, history)
+    acc.free_memory()  # drops accelerate's references to this round's optimizer state before extrapolation
     summary: dict[str, Any] = {"steps": len(history), "train_pairs": len(items), "data_digest": digest,
                                "processes": acc.num_processes}
     for key in ("loss", "margin", "accuracy", "logp_chosen", "logp_rejected"):
