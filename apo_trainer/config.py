@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import json
 import math
 import re
@@ -216,6 +217,13 @@ class APOConfig:
         _check_prompts(self.prompts, self.prompt_field)
         if need_oracle:
             check_oracle_spec(self.oracle)
+        for tracker in filter(None, (x.strip() for x in self.log_with.split(","))):
+            modules = _TRACKERS.get(tracker)
+            if modules is None:
+                raise ConfigError(f"config: log_with tracker '{tracker}' is unknown; use one of {', '.join(_TRACKERS)}")
+            if not any(importlib.util.find_spec(m) for m in modules):
+                raise ConfigError(f"config: log_with '{tracker}' needs the {modules[0]} package; install it or drop "
+                                  "it from log_with")
         if self.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ConfigError("config: sampler 'vllm' needs the vllm package; install it or use sampler: auto")
 
@@ -271,6 +279,10 @@ def _wrap(text: str, width: int) -> list[str]:
             line = f"{line} {word}" if line else word
     return out + ([line] if line else [])
 
+
+_TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+             "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+             "trackio": ("trackio",), "swanlab": ("swanlab",)}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

@@ -65,19 +65,23 @@ def run(ctx: RunContext, t: int, model: Any | None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     acc, store = ctx.accelerator, ctx.store
-    if model is None:
-        model = ctx.load_policy(store.trained(t))
-    state = acc.get_state_dict(model)
     summary: dict[str, Any] = {"alpha": ctx.config.alpha, "previous": previous_raw(ctx, t)}
+    if model is not None:
+        state = acc.get_state_dict(model)  # every process: a collective under FSDP / DeepSpeed
+        holder = acc.unwrap_model(model)
+    elif ctx.is_main:
+        holder = ctx.load_policy(store.trained(t))  # resumed after the train phase: read theta_hat_{t+1} back
+        state = holder.state_dict()
     if ctx.is_main:
         prev = AutoModelForCausalLM.from_pretrained(previous_raw(ctx, t), dtype=ctx.dtype).state_dict()
         summary["tensors"] = extrapolate_state_(state, prev, ctx.config.alpha)
         summary["device"] = str(next(iter(state.values())).device)
         del prev
         tmp = store.tmp_path(store.policy(t))
-        acc.unwrap_model(model).save_pretrained(Path(tmp), state_dict=state)
+        holder.save_pretrained(Path(tmp), state_dict=state)
         ctx.tokenizer.save_pretrained(tmp)
         store.commit(tmp, store.policy(t), round_index=t, phase="extrapolate")
-    del state, model
+        del state, holder
+    del model
     free_memory()
     return summary

@@ -28,7 +28,7 @@ def round_record(store: RunStore, t: int) -> dict[str, Any]:
         seconds = done.pop("seconds", 0.0)
         rec[f"time_{phase}"] = seconds
         total += seconds
-        rec.update({k: v for k, v in done.items() if k not in ("data_digest", "previous")})
+        rec.update({k: v for k, v in done.items() if k not in ("data_digests", "previous")})
     rec["time_total"] = total
     return rec
 

@@ -74,13 +74,14 @@ def _digest(items: list[dict[str, Any]], order: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_agreement(ctx: RunContext, t: int, digest: str) -> None:
+def _check_agreement(ctx: RunContext, t: int, digest: str) -> list[str]:
     from accelerate.utils import gather_object
 
     seen = gather_object([digest])
     if len(set(seen)) != 1:
         raise TrainError(f"round {t}: processes read different training data (digests {', '.join(seen)}); the "
                          "output_dir must be on a filesystem that every process shares")
+    return seen
 
 
 def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torch.nn.Module]:
@@ -93,8 +94,7 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
     g = torch.Generator().manual_seed(phase_seed(cfg.seed, t, "train-order"))
     order = torch.cat([torch.randperm(len(items), generator=g) for _ in range(cfg.epochs_per_round)]) \
         if items else torch.zeros(0, dtype=torch.long)
-    digest = _digest(items, order)
-    _check_agreement(ctx, t, digest)
+    digests = _check_agreement(ctx, t, _digest(items, order))
 
     model = ctx.load_policy(policy_path)
     if cfg.gradient_checkpointing:
@@ -118,7 +118,7 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
         acc.unwrap_model(model).config.use_cache = True
     _save(ctx, t, model, history)
     acc.free_memory()  # drops accelerate's references to this round's optimizer state before extrapolation
-    summary: dict[str, Any] = {"steps": len(history), "train_pairs": len(items), "data_digest": digest,
+    summary: dict[str, Any] = {"steps": len(history), "train_pairs": len(items), "data_digests": digests,
                                "processes": acc.num_processes}
     for key in ("loss", "margin", "accuracy", "logp_chosen", "logp_rejected"):
         summary[f"train_{key}"] = sum(h[key] for h in history) / len(history) if history else None

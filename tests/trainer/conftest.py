@@ -36,3 +36,18 @@ def tiny_config(tiny: Path, out: Path, **overrides) -> APOConfig:
                   batch_size=2, grad_accum=2, warmup_ratio=0.0, seed=3)
     values.update(overrides)
     return APOConfig.from_dict(values)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny, tmp_path_factory):
+    """An uninterrupted two-round run (alpha 0.3, final evaluation) on one thread: (folder, records)."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    from apo_trainer.loop import run
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        records = run(tiny_config(tiny, out, alpha=0.3), quiet=True)
+    finally:
+        torch.set_num_threads(before)
+    return out, records

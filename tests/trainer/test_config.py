@@ -58,6 +58,7 @@ def test_bad_config_is_one_line_config_error(tmp_path, text, overrides, needle):
     ({"min_new_tokens": 9}, "'min_new_tokens' exceeds 'max_new_tokens'"),
     ({"push_to_hub": True}, "push_to_hub needs 'hub_repo_id'"),
     ({"sampler": "vllm"}, "sampler 'vllm' needs the vllm package"),
+    ({"log_with": "tensorbored"}, "log_with tracker 'tensorbored' is unknown"),
 ])
 def test_validate_refuses_before_work(tiny, tmp_path, overrides, needle):
     cfg = tiny_config(tiny, tmp_path / "out", **overrides)

@@ -16,13 +16,6 @@ from tests.trainer.conftest import tiny_config
 from tests.trainer.helpers import artifacts, weights
 
 
-@pytest.fixture(scope="module")
-def reference_run(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "out"
-    records = run(tiny_config(tiny, out, alpha=0.3), quiet=True)
-    return out, records
-
-
 def test_records_cover_rounds_0_to_T(reference_run):
     out, records = reference_run
     assert [r["round"] for r in records] == [0, 1, 2]
