@@ -98,7 +98,9 @@ def _rounds(config: APOConfig, accelerator: Any, store: RunStore, oracle: Oracle
         records.append(record)
         if accelerator.is_main_process:
             log.write_metrics(store, records)
-            accelerator.log({f"round/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=t)
+            # Trackers such as wandb need steps that never decrease: use the optimizer steps taken so far.
+            accelerator.log({f"round/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
+                            step=ctx.step_offset)
             if not quiet:
                 log.print_round(record)
         accelerator.wait_for_everyone()

@@ -60,6 +60,20 @@ def test_alpha_zero_gives_theta_equal_to_theta_hat(tiny, tmp_path):
     assert not (out / "round-2").exists()
 
 
+def test_tied_embeddings_are_extrapolated_once_with_sppo(tmp_path):
+    from tests.trainer.tiny import make_policy, make_prompts
+
+    make_policy(tmp_path / "policy", seed=1, tie_word_embeddings=True)
+    make_prompts(tmp_path / "prompts.jsonl", n=8)
+    out = tmp_path / "out"
+    run(tiny_config(tmp_path, out, rounds=1, final_eval=False, alpha=0.5, loss="sppo"), quiet=True)
+    prev, hat = weights(tmp_path / "policy"), weights(out / "round-0" / "trained")
+    theta = weights(out / "round-0" / "policy")
+    assert "lm_head.weight" not in theta
+    want = extrapolate_state_dict(prev, hat, 0.5)
+    assert all(torch.equal(theta[n], want[n]) for n in want)
+
+
 def test_resume_after_a_fault_in_every_phase_gives_the_same_bytes(tiny, tmp_path, reference_run, monkeypatch):
     ref_out, ref_records = reference_run
     out = tmp_path / "out"

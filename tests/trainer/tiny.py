@@ -8,18 +8,20 @@ from pathlib import Path
 
 from tests.checkpoints import make_model
 
-WORDS = [f"w{i}" for i in range(120)]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+_CHAT = ["user", "assistant", ":", ";"]
+WORDS = [f"w{i}" for i in range(128 - len(SPECIALS) - len(_CHAT))]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
                  "{% if add_generation_prompt %}assistant : {% endif %}")
 
 
-def make_tokenizer(chat_template: bool = False):
-    """A PreTrainedTokenizerFast over SPECIALS + WORDS + a few chat words (vocabulary < 128)."""
+def make_tokenizer(chat_template: bool = False, vocab_size: int = 128):
+    """A PreTrainedTokenizerFast over SPECIALS + words w0, w1, ... + a few chat words (``vocab_size`` entries)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate([*SPECIALS, *WORDS, "user", "assistant", ":", ";"])}
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIALS) - len(_CHAT))]
+    vocab = {w: i for i, w in enumerate([*SPECIALS, *words, *_CHAT])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
