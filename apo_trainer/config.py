@@ -104,7 +104,8 @@ class APOConfig:
     # Logging and publishing.
     log_with: str = _f("", "Comma-separated accelerate trackers (e.g. 'tensorboard', 'wandb'); empty = JSONL and "
                            "console only.", resume_safe=True)
-    push_to_hub: bool = _f(False, "Upload the final policy to `hub_repo_id` (private) after the last round.",
+    push_to_hub: bool = _f(False, "Upload each round's extrapolated policy theta_{t+1} to branch `round-<t+1>` of "
+                           "`hub_repo_id` (created private when missing); off by default.",
                            resume_safe=True)
     hub_repo_id: str = _f("", "Hub repository for push_to_hub, e.g. 'me/apo-mistral'.", resume_safe=True)
 

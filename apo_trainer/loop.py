@@ -92,6 +92,8 @@ def _rounds(config: APOConfig, accelerator: Any, store: RunStore, oracle: Oracle
             _phase(ctx, t, "data", data.run)
             trained = _phase(ctx, t, "train", train.run, theta_t)
             _phase(ctx, t, "extrapolate", extrapolate.run, trained)
+            if config.push_to_hub:
+                _phase(ctx, t, "push", _push_round)
             trained = None
             ctx.step_offset += (store.done(t, "train") or {}).get("steps", 0)
         record = log.round_record(store, t)
@@ -106,8 +108,6 @@ def _rounds(config: APOConfig, accelerator: Any, store: RunStore, oracle: Oracle
         accelerator.wait_for_everyone()
     if accelerator.is_main_process and not quiet:
         log.print_table(records, title=f"apo-train: {config.output_dir}")
-    if config.push_to_hub and accelerator.is_main_process:
-        _push(config, store)
     return records
 
 
@@ -142,11 +142,19 @@ def _check_config(store: RunStore, config: APOConfig, allow_changed: bool) -> No
     store.write_text(store.config, text)
 
 
-def _push(config: APOConfig, store: RunStore) -> None:
-    from huggingface_hub import HfApi
+def _push_round(ctx: RunContext, t: int) -> dict[str, Any]:
+    """Upload theta_{t+1} to branch ``round-<t+1>`` of ``hub_repo_id`` (main process). A failed upload is reported
+    with the command that retries it and does not stop training: the checkpoint is safe on disk."""
+    if not ctx.is_main:
+        return {"pushed": False}
+    from apo_merge.errors import MergeError
+    from apo_merge.hub import push_folder
 
-    final = store.policy(config.rounds - 1)
-    api = HfApi()
-    repo = api.create_repo(config.hub_repo_id, private=True, exist_ok=True).repo_id
-    api.upload_folder(repo_id=repo, folder_path=str(final),
-                      commit_message=f"APO policy after {config.rounds} rounds (alpha {config.alpha})")
+    config = ctx.config
+    try:
+        url = push_folder(ctx.store.policy(t), config.hub_repo_id, private=True, revision=f"round-{t + 1}",
+                          commit_message=f"APO policy theta_{t + 1} (alpha {config.alpha})")
+    except MergeError as e:
+        ctx.accelerator.print(f"apo-train: warning: round {t}: {e.message}")
+        return {"pushed": False, "error": e.message}
+    return {"pushed": True, "url": url}

@@ -137,20 +137,42 @@ def test_a_second_run_on_the_same_folder_is_refused(tiny, tmp_path):
         run(tiny_config(tiny, out), quiet=True)
 
 
-def test_push_to_hub_uploads_the_final_policy_privately(tiny, tmp_path, monkeypatch):
+def test_push_to_hub_uploads_each_round_policy_privately(tiny, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
     calls = []
 
     class FakeApi:
-        def create_repo(self, repo_id, private, exist_ok):
+        fail = False
+
+        def __init__(self, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok, **kwargs):
             calls.append(("create", repo_id, private))
             return type("Repo", (), {"repo_id": repo_id})()
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            calls.append(("upload", repo_id, folder_path))
+        def create_branch(self, repo_id, branch, exist_ok, **kwargs):
+            calls.append(("branch", branch))
+
+        def upload_folder(self, repo_id, folder_path, revision, **kwargs):
+            calls.append(("upload", repo_id, str(folder_path), revision))
+            if FakeApi.fail:
+                raise OSError("connection reset")
+            return type("Commit", (), {"commit_url": f"https://hf.co/{repo_id}/commit/x", "pr_url": None})()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     out = tmp_path / "out"
-    run(tiny_config(tiny, out, rounds=1, final_eval=False, push_to_hub=True, hub_repo_id="me/apo-tiny"), quiet=True)
-    assert calls == [("create", "me/apo-tiny", True), ("upload", "me/apo-tiny", str(out / "round-0" / "policy"))]
+    run(tiny_config(tiny, out, rounds=2, final_eval=False, push_to_hub=True, hub_repo_id="me/apo-tiny"), quiet=True)
+    uploads = [c for c in calls if c[0] == "upload"]
+    assert uploads == [("upload", "me/apo-tiny", str(out / f"round-{t}" / "policy"), f"round-{t + 1}")
+                       for t in range(2)]
+    assert ("create", "me/apo-tiny", True) in calls and ("branch", "round-2") in calls
+
+    FakeApi.fail = True  # a failed upload warns with the retry command and training goes on
+    out2 = tmp_path / "out2"
+    records = run(tiny_config(tiny, out2, rounds=1, final_eval=False, push_to_hub=True, hub_repo_id="me/apo-tiny"),
+                  quiet=True)
+    assert len(records) == 1 and (out2 / "round-0" / "policy").is_dir()
+    printed = capsys.readouterr()
+    assert "apo-merge push" in printed.out + printed.err
