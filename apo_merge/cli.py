@@ -226,7 +226,7 @@ def verify(
         report = verify_output(folder)
     except MergeError as e:
         fail(e.message, e.exit_code)
-    typer.echo(f"apo-merge: {folder}: OK, {len(report.files)} weight file(s), {report.n_tensors} tensors, "
+    typer.echo(f"apo-merge: {folder}: OK, {len(report.files)} file(s), {report.n_tensors} tensors, "
                f"{_human(report.total_bytes)}; every SHA-256 matches the model card")
 
 

@@ -67,15 +67,16 @@ def verify_output(folder: str | Path) -> VerifyReport:
     recorded = _recorded(root)
     ckpt = open_checkpoint(root)  # every header and the index, through the hardened reader
 
-    present = {p.name for p in root.glob("*.safetensors")}
-    missing = sorted(recorded.keys() - present)
-    if missing:
-        raise MergeError(f"{root / missing[0]}: recorded in the model card but missing; re-run the merge")
-    extra = sorted(present - recorded.keys())
+    for name in sorted(recorded):
+        path = root / name
+        if "/" in name or name.startswith(".") or not path.is_file() or path.is_symlink():
+            raise MergeError(f"{path}: recorded in the model card but missing; re-run the merge")
+    weights = {n for n in recorded if n.endswith(".safetensors")}  # (an adapter's card also lists its config)
+    extra = sorted({p.name for p in root.glob("*.safetensors")} - weights)
     if extra:
         raise MergeError(f"{root / extra[0]}: a weight file the model card does not record; remove it or re-run "
                          "the merge")
-    unindexed = sorted(recorded.keys() - {f.path.name for f in ckpt.files})
+    unindexed = sorted(weights - {f.path.name for f in ckpt.files})
     if unindexed:
         raise MergeError(f"{root / INDEX_NAME}: does not name {unindexed[0]}, which the model card records; "
                          "re-run the merge")

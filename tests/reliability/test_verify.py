@@ -39,14 +39,37 @@ def sharded_out(tiny_checkpoints, tmp_path):
 def test_verify_passes_on_a_fresh_output_through_the_real_cli(sharded_out):
     res = run_cli("verify", sharded_out)
     assert res.code == 0, res.stderr
-    assert "OK, 3 weight file(s), 21 tensors" in res.stdout and "every SHA-256 matches" in res.stdout
+    assert "OK, 3 file(s), 21 tensors" in res.stdout and "every SHA-256 matches" in res.stdout
 
 
 def test_verify_single_file_output(tiny_checkpoints, tmp_path):
     out = tmp_path / "out"
     run_merge(tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"], 0.3, out, device="cpu")
     res = _verify(out)
-    assert res.code == 0 and "OK, 1 weight file(s), 21 tensors" in res.stdout
+    assert res.code == 0 and "OK, 1 file(s), 21 tensors" in res.stdout
+
+
+def test_verify_lora_adapter_output(tmp_path):
+    peft = pytest.importorskip("peft")
+    from tests.checkpoints import make_model
+
+    adapters = []
+    for seed in (1, 2):
+        model = peft.get_peft_model(make_model(0), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        model.save_pretrained(tmp_path / f"a{seed}")
+        adapters.append(tmp_path / f"a{seed}")
+    out = tmp_path / "out"
+    run_merge(adapters[0], adapters[1], 0.3, out)
+    res = _verify(out)
+    assert res.code == 0 and "OK, 1 file(s)" in res.stdout, res.stderr
+    weights = out / "adapter_model.safetensors"
+    _flip(weights, weights.stat().st_size - 1)
+    assert_one_line_error(_verify(out), 1, str(weights), "SHA-256")
 
 
 def _flip(path, offset) -> None:
