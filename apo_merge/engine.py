@@ -235,9 +235,9 @@ class _Pipeline:
         t0 = time.perf_counter()
         threads = [threading.Thread(target=self._guard(self._read), name="apo-read", daemon=True),
                    threading.Thread(target=self._guard(self._write), name="apo-write", daemon=True)]
-        for t in threads:
-            t.start()
         try:
+            for t in threads:  # inside the try: a signal landing between the two starts must stop the first
+                t.start()
             self._guard(self._compute)()
             _join(threads)
         except BaseException:  # Ctrl-C while joining: stop the other stages before the caller cleans up
