@@ -14,6 +14,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,6 +292,25 @@ def test_out_appearing_during_a_merge_is_never_replaced_or_mixed(tmp_path):
     assert e.value.exit_code == 2 and "appeared while merging" in e.value.message
     assert (out / "model.safetensors").read_bytes() == b"theirs" and len(list(out.iterdir())) == 1
     assert leftovers(out) == []
+
+
+def test_interrupt_while_the_stage_threads_start(tiny_checkpoints, tmp_path, monkeypatch):
+    """Ctrl-C landing between the reader's and the writer's start: the reader is stopped and joined before the
+    temporary folder is removed (a reader left running kept feeding the input hasher, whose cleanup then failed)."""
+    import apo_merge.engine as engine
+
+    class InterruptedWriterStart(threading.Thread):
+        def start(self) -> None:
+            if self.name == "apo-write":
+                raise KeyboardInterrupt
+            super().start()
+
+    monkeypatch.setattr(engine.threading, "Thread", InterruptedWriterStart)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"], 0.3, out, device="cpu")
+    assert not [t for t in threading.enumerate() if t.name == "apo-read"]
+    assert not out.exists() and leftovers(out) == []
 
 
 def _dead_pid() -> int:
