@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +27,8 @@ def demo(
     free_length: Annotated[bool, typer.Option(help="Let the policy choose its response length (end-of-sequence "
                                                    "token) instead of exactly 12 words.")] = False,
     warmup_steps: Annotated[int, typer.Option(min=0, help="Supervised warm-up steps of the starting policy.")] = 150,
+    jobs: Annotated[int | None, typer.Option(min=1, help="Runs at once, each in its own process (default: one "
+                                                         "per CPU core, at most 4).")] = None,
 ) -> None:
     """Run iterative DPO (alpha 0) and APO (alpha 0.3) from the same warmed-up toy policy and report.
 
@@ -40,7 +40,7 @@ def demo(
     from rich.table import Table
 
     from apo_trainer.demo.report import table_rows, verdict
-    from apo_trainer.demo.runner import DemoSettings, run_demo
+    from apo_trainer.demo.runner import DemoSettings, quiet_transformers, run_demo
     from apo_trainer.errors import TrainError
 
     alpha_values = _parse_alphas(alphas)
@@ -62,8 +62,8 @@ def demo(
             progress.advance(bar)
 
         try:
-            with _quiet_transformers():
-                runs = run_demo(settings, log=progress.console.print, on_record=on_record)
+            with quiet_transformers():
+                runs = run_demo(settings, jobs=jobs, log=progress.console.print, on_record=on_record)
         except TrainError as e:
             typer.echo(f"apo-train demo: error: {e.message}", err=True)
             raise typer.Exit(e.exit_code) from None
@@ -87,18 +87,3 @@ def _parse_alphas(text: str) -> tuple[float, ...]:
         raise typer.BadParameter("give at least one alpha, none negative, e.g. 0,0.3", param_hint="--alphas")
     return values
 
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    # The demo shows its own progress; transformers' per-checkpoint bars and advice would bury it.
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -91,5 +92,5 @@ def test_warmup_lowers_the_loss(free_length):
     model = build_model(tok, task, seed=0)
     losses = warmup(model, tok, task, seed=0)
     assert len(losses) == 40
-    # 40 steps learn at least the word distribution (uniform start: log 36 = 3.58 nats, words only: log 32 = 3.47)
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.08
+    # 40 steps learn at least which tokens are words (uniform: log 36 = 3.58 nats; words only: log 32 = 3.47)
+    assert sum(losses[-5:]) / 5 < math.log(36) - 0.07 < sum(losses[:5]) / 5
