@@ -130,6 +130,8 @@ def plot(runs: Sequence[Run], path: Path, title: str) -> Path:
             hi = [c.mean + c.sd for c in cells]
             (line,) = ax.plot(x, mean, marker="o", label=method_name(*key))
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        if metric == "mean_length":
+            ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1] * 1.1))
         ax.set_xlabel("round")
         ax.set_title(label)
         ax.set_xticks(x)

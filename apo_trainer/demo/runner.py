@@ -178,8 +178,9 @@ def write_report(settings: DemoSettings, runs: list[Run], seconds: float | None 
     """OUTPUT/report.md (table, verdict, how to reproduce) and OUTPUT/report.png."""
     out = settings.output
     task = settings.task
-    title = (f"toy copy task: {len(runs)} runs, {settings.prompts_per_round} prompts x "
-             f"{settings.samples_per_prompt} samples per round, {settings.loss.upper()} beta {settings.beta:g}")
+    title = (f"toy copy task: {settings.seeds} seed(s) per method (band: ±1 sd), {settings.prompts_per_round} "
+             f"prompts x {settings.samples_per_prompt} samples per round, {settings.loss.upper()} beta "
+             f"{settings.beta:g}")
     plot(runs, out / "report.png", title)
     header, rows = table_rows(runs)
     length = (f"free length (end-of-sequence chosen by the policy, warm-up lengths {task.min_response_words}-"
