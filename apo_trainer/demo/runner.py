@@ -94,8 +94,7 @@ def prepare(settings: DemoSettings, log: Callable[[str], None] = print) -> tuple
         log(f"warm-up: {settings.task.warmup_steps} supervised steps on copy-with-p={settings.task.copy_prob} "
             "responses")
         t0 = time.perf_counter()
-        with _torch_threads(1):
-            make_start(start, settings.task, START_SEED)
+        make_start(start, settings.task, START_SEED)
         log(f"warm-up done in {time.perf_counter() - t0:.0f} s")
     return start, prompts
 
@@ -142,20 +141,6 @@ def _run_one(config, task: ToyTask, threads: int | None) -> list[dict]:
         torch.set_num_threads(threads)
     with quiet_transformers():
         return run_rounds(config, ToyOracle(task), quiet=True)
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    # A model this small gains little from a second thread, and on a busy machine OpenMP's waits between
-    # threads make a two-thread warm-up several times slower than a one-thread one (measured: 242 s vs 65 s).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextmanager

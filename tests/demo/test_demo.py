@@ -55,7 +55,7 @@ def test_rerun_resumes_and_changed_settings_are_refused(demo_dir):
     from apo_trainer.cli import app
 
     before = (demo_dir / "runs" / "dpo-alpha0.3-seed1" / "metrics.jsonl").read_text()
-    again = CliRunner().invoke(app, ["demo", *TINY, "--output", str(demo_dir)])
+    again = CliRunner().invoke(app, ["demo", *TINY, "--jobs", "1", "--output", str(demo_dir)])
     assert again.exit_code == 0, again.output
     assert (demo_dir / "runs" / "dpo-alpha0.3-seed1" / "metrics.jsonl").read_text() == before
     changed = CliRunner().invoke(app, ["demo", *TINY[:-1], "21", "--output", str(demo_dir)])
