@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +44,10 @@ def demo(
     from apo_trainer.demo.runner import DemoSettings, quiet_transformers, run_demo
     from apo_trainer.errors import TrainError
 
+    if importlib.util.find_spec("matplotlib") is None:
+        typer.echo("apo-train demo: error: the report's plot needs matplotlib; install it with "
+                   "pip install 'apo-merge[demo]'", err=True)
+        raise typer.Exit(2)
     alpha_values = _parse_alphas(alphas)
     if loss not in ("dpo", "sppo"):
         raise typer.BadParameter(f"unknown loss {loss!r}; use dpo or sppo", param_hint="--loss")

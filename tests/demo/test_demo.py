@@ -89,3 +89,16 @@ def test_summary_and_verdict_follow_the_numbers():
     assert "wins against iterative DPO" in text and "round 1" not in text
     runs[2], runs[3] = _run(0.3, 1, [0.2, 0.25, 0.3]), _run(0.3, 2, [0.2, 0.25, 0.3])
     assert "loses against iterative DPO" in " ".join(verdict(runs))
+
+
+def test_missing_matplotlib_is_named_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    from apo_trainer.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    result = CliRunner().invoke(app, ["demo", "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "apo-merge[demo]" in result.output
+    assert not (tmp_path / "o").exists()
