@@ -53,10 +53,14 @@ def encode_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[
     return list(tokenizer(prompt)["input_ids"])
 
 
-def eos_ids(model_or_config: Any, tokenizer: Any) -> list[int]:
-    """End-of-sequence ids: the generation config's (may be several), else the tokenizer's."""
-    gen = getattr(model_or_config, "generation_config", None)
-    ids = getattr(gen, "eos_token_id", None) if gen is not None else None
+def eos_ids(model_path: str | Path, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids: the checkpoint's generation config's (there may be several), else the tokenizer's."""
+    from transformers import GenerationConfig
+
+    try:
+        ids = GenerationConfig.from_pretrained(str(model_path)).eos_token_id
+    except OSError:  # no generation_config.json
+        ids = None
     if ids is None:
         ids = tokenizer.eos_token_id
     if ids is None:
@@ -171,15 +175,13 @@ def run(ctx: RunContext, t: int, policy_path: str | Path) -> dict[str, Any]:
     backend = select_sampler(cfg.sampler, cuda=ctx.device.type == "cuda", num_processes=acc.num_processes,
                              vllm_available=vllm_available())
     seed = phase_seed(cfg.seed, t, "sample", ctx.rank)
+    eos = eos_ids(policy_path, ctx.tokenizer)
     start = time.perf_counter()
     if backend == "vllm":
         raw = generate_vllm(policy_path, cfg.tokenizer or str(policy_path), [encoded[j] for j in mine], k=k,
-                            config=cfg, seed=seed % 2**31, eos=eos_ids(ctx.tokenizer, ctx.tokenizer),
-                            quiet=ctx.quiet)
-        eos = eos_ids(ctx.tokenizer, ctx.tokenizer)
+                            config=cfg, seed=seed % 2**31, eos=eos, quiet=ctx.quiet)
     else:
         model = ctx.load_policy(policy_path, dtype=ctx.inference_dtype)
-        eos = eos_ids(model, ctx.tokenizer)
         with ctx.progress(f"round {t}: sampling", len(by_length)) as bar:
             raw = generate_transformers(model, [encoded[j] for j in mine], k=k, config=cfg,
                                         pad_id=ctx.tokenizer.pad_token_id, eos=eos, static=backend == "static",

@@ -4,7 +4,8 @@ The reference is pi_theta_t through the log-probs stored by the reference phase 
 accelerate prepares model, optimizer and data (DDP / FSDP / DeepSpeed per ``accelerate config``); gradients
 accumulate over ``grad_accum`` micro-batches, are clipped only when they sync, and AdamW restarts every round with
 linear warm-up. Per optimizer step, loss, reward margin, preference accuracy and chosen / rejected log-probs are
-summed across processes and written to ``round-<t>/train_log.jsonl`` (and the accelerate trackers).
+summed across processes and written to ``round-<t>/train_log.jsonl`` (and the accelerate trackers). A round
+without pairs (every prompt tied) takes no step: theta_hat_{t+1} = theta_t.
 """
 
 from __future__ import annotations

@@ -119,3 +119,8 @@ def test_the_paper_example_is_the_papers_setup():
     cfg = APOConfig.from_yaml(Path(__file__).parents[2] / "examples" / "apo_mistral7b.yaml")
     assert (cfg.rounds, cfg.alpha, cfg.samples_per_prompt, cfg.loss) == (3, 0.3, 5, "dpo")
     assert "Mistral-7B-Instruct" in cfg.model and not cfg.shuffle_prompts and cfg.prompts_per_round > 0
+
+
+def test_cli_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("apo-train ")

@@ -135,3 +135,22 @@ def test_a_second_run_on_the_same_folder_is_refused(tiny, tmp_path):
     out = tmp_path / "out"
     with RunStore(out).lock(), pytest.raises(TrainError, match="another apo-train run is using"):
         run(tiny_config(tiny, out), quiet=True)
+
+
+def test_push_to_hub_uploads_the_final_policy_privately(tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private))
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload", repo_id, folder_path))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "out"
+    run(tiny_config(tiny, out, rounds=1, final_eval=False, push_to_hub=True, hub_repo_id="me/apo-tiny"), quiet=True)
+    assert calls == [("create", "me/apo-tiny", True), ("upload", "me/apo-tiny", str(out / "round-0" / "policy"))]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import json
 import math
+import types
 
 import pytest
 import torch
@@ -170,3 +173,62 @@ def test_commit_replaces_a_stale_result_and_stale_temporaries_are_removed(tmp_pa
     (store.round_dir(0) / ".tmp-policy-123").mkdir()
     assert len(store.remove_stale_temporaries()) == 2
     assert sorted(p.name for p in store.round_dir(0).iterdir()) == ["trained"]
+
+
+def test_eos_ids_come_from_the_generation_config_else_the_tokenizer(tiny, tmp_path):
+    from apo_trainer.sample import eos_ids
+
+    tok = make_tokenizer()
+    assert eos_ids(tiny / "policy", tok) == [2]
+    tok.save_pretrained(tmp_path)
+    assert eos_ids(tmp_path, tok) == [tok.eos_token_id]
+
+
+class _FakeVLLM:
+    """Stands in for the vllm package: records how the backend drives it, returns fixed token ids."""
+
+    def __init__(self):
+        self.module = types.ModuleType("vllm")
+        self.module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+        self.module.LLM = self._llm
+        self.module.SamplingParams = lambda **kw: kw
+        self.calls = []
+
+    def _llm(self, **kw):
+        fake = self
+
+        class LLM:
+            def generate(self, prompts, params, use_tqdm):
+                fake.calls.append((kw, prompts, params))
+                out = []
+                for p in prompts:
+                    rows = [_ns(token_ids=[10 + j, 11], finish_reason="stop" if j % 2 else "length")
+                            for j in range(params["n"])]
+                    out.append(_ns(outputs=rows, prompt=p))
+                return out
+
+        return LLM()
+
+
+def _ns(**kw):
+    return types.SimpleNamespace(**kw)
+
+
+def test_vllm_backend_drives_the_engine_and_keeps_end_tokens(tiny, tmp_path, monkeypatch):
+    import sys
+
+    from apo_trainer.loop import run
+    from tests.trainer.conftest import tiny_config
+
+    fake = _FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    cfg = tiny_config(tiny, tmp_path / "out", rounds=1, final_eval=False, sampler="vllm", temperature=0.7)
+    records = run(cfg, quiet=True)
+    assert records[0]["sampler"] == "vllm"
+    kw, prompts, params = fake.calls[0]
+    assert kw["model"] == str(tiny / "policy") and kw["dtype"] == "float32"
+    assert params["n"] == 4 and params["temperature"] == 0.7 and params["max_tokens"] == 6
+    assert all("prompt_token_ids" in p for p in prompts)
+    rows = [json.loads(line) for line in (tmp_path / "out/round-0/samples.jsonl").open()]
+    assert rows[0]["response_ids"] == [[10, 11], [11, 11, 2], [12, 11], [13, 11, 2]]
+    assert rows[0]["finished"] == [False, True, False, True]
