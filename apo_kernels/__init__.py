@@ -1,11 +1,22 @@
 """The APO extrapolation arithmetic: ``out = cur + alpha * (cur - prev)``.
 
-Numerics (every path): inputs are upcast exactly to the compute dtype (fp64 if any of prev, cur, out is fp64,
-else fp32), then ``d = cur - prev``, ``t = alpha * d``, ``r = cur + t``, each rounded in the compute dtype
-(no fused multiply-add), then ONE round-to-nearest-even into the output dtype. NaN outputs are canonical quiet
-NaNs. ``alpha == 0`` returns ``cur`` exactly (cast if the output dtype differs).
+Numerics (the contract; every backend, every dtype mix):
 
-The CPU twin (plain torch) and the Triton kernel (GPU, or the interpreter on CPU tensors) agree bit for bit.
+- The compute dtype ``w`` is float64 if any of prev, cur, out is float64, else float32. Inputs are read in their
+  own dtypes (fp16, bf16, fp32, fp64, in any mix, e.g. prev fp32 + cur bf16) and upcast exactly to ``w``; no
+  upcast copy of a whole tensor is made.
+- ``alpha`` is rounded to ``w`` once (nearest-even). Then ``d = cur - prev``, ``t = alpha * d``,
+  ``r = cur + t``, each rounded to nearest-even in ``w``; no fused multiply-add.
+- ``r`` is rounded ONCE to nearest-even into the output dtype (fp16, bf16, fp32, fp64), subnormals included,
+  overflowing to inf. (From fp64 to 16 bits this is a direct rounding, not fp64 -> fp32 -> 16 bits.)
+- NaN results are canonical: bf16 0x7FC0, fp16 0x7E00, fp32 0x7FC00000, fp64 0x7FF8000000000000.
+- ``alpha == 0`` returns ``cur`` exactly: its bytes (NaN payloads included) when ``out.dtype == cur.dtype``,
+  otherwise ``cur`` rounded once as above, even where ``prev`` is inf or NaN.
+- ``out`` may be ``cur`` or ``prev`` itself (in place); a partial overlap is refused.
+
+Backends (chosen per call in ``apo_kernels.ops``): CUDA tensors run a fused Triton kernel (one pass, small
+tensors grouped per launch); CPU tensors run a CPU twin made of torch ops. ``backend="triton"`` on CPU tensors
+runs the same kernel under Triton's interpreter (slow, for tests). All paths agree bit for bit.
 """
 
 from apo_kernels.ops import extrapolate, extrapolate_, extrapolate_many_, supported_dtypes

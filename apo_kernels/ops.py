@@ -1,4 +1,9 @@
-"""Public entry points; they pick the backend from the tensors' device."""
+"""Public entry points; they pick the backend from the tensors' device.
+
+``backend="auto"``: CUDA tensors -> the compiled Triton kernel, CPU tensors -> the CPU twin.
+``backend="triton"``: the kernel; on CPU tensors it runs under Triton's interpreter (slow: tests only).
+``backend="torch"``: the twin (plain torch ops, any device).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,49 @@ from typing import Literal
 import torch
 
 from apo_kernels import _cpu
+from apo_kernels._numerics import FLOAT_DTYPES
 
 Backend = Literal["auto", "torch", "triton"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_BACKENDS = ("auto", "torch", "triton")
 
 
 def supported_dtypes() -> tuple[torch.dtype, ...]:
     """Floating dtypes the kernels read and write."""
-    return _FLOAT_DTYPES
+    return FLOAT_DTYPES
 
 
-def _check(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor) -> None:
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _check_alias(out: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    """``out`` may be exactly ``t`` (same elements at the same places) or disjoint from it, nothing in between."""
+    if out.device != t.device or out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+        return
+    (a0, a1), (b0, b1) = _extent(out), _extent(t)
+    if a1 <= b0 or b1 <= a0:
+        return
+    if out.data_ptr() == t.data_ptr() and out.stride() == t.stride() and out.element_size() == t.element_size():
+        return
+    raise ValueError(f"out partly overlaps {name}; pass {name} itself as out (in place) or a separate tensor")
+
+
+def _check(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, backend: str) -> None:
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(_BACKENDS)}")
     if prev.shape != cur.shape or out.shape != cur.shape:
         raise ValueError(f"shape mismatch: prev {tuple(prev.shape)}, cur {tuple(cur.shape)}, out {tuple(out.shape)}")
     for name, t in (("prev", prev), ("cur", cur), ("out", out)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, _FLOAT_DTYPES))}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, FLOAT_DTYPES))}")
     if not (prev.device == cur.device == out.device):
-        raise ValueError(f"tensors on different devices: {prev.device}, {cur.device}, {out.device}")
+        raise ValueError(f"tensors on different devices: prev {prev.device}, cur {cur.device}, out {out.device}; "
+                         "move them to one device first")
+    _check_alias(out, "prev", prev)
+    _check_alias(out, "cur", cur)
 
 
 def _use_triton(device: torch.device, backend: Backend) -> bool:
@@ -35,10 +64,18 @@ def _use_triton(device: torch.device, backend: Backend) -> bool:
     return backend == "triton"
 
 
+@torch.no_grad()
 def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float,
                  *, backend: Backend = "auto") -> torch.Tensor:
-    """Write ``cur + alpha * (cur - prev)`` into ``out`` (which may alias ``cur`` or ``prev``) and return it."""
-    _check(out, prev, cur)
+    """Write ``cur + alpha * (cur - prev)`` into ``out`` (which may alias ``cur`` or ``prev``) and return it.
+
+    Math in fp32 (fp64 if any tensor is fp64), one rounding into ``out.dtype``; bit-identical on every backend.
+
+    >>> w = torch.ones(3, dtype=torch.bfloat16)
+    >>> extrapolate_(w, torch.zeros(3), w, 0.5)  # in place; prev may have another dtype
+    tensor([1.5000, 1.5000, 1.5000], dtype=torch.bfloat16)
+    """
+    _check(out, prev, cur, backend)
     if _use_triton(cur.device, backend):
         from apo_kernels import _triton
 
@@ -57,10 +94,25 @@ def extrapolate(prev: torch.Tensor, cur: torch.Tensor, alpha: float, *, out_dtyp
     return extrapolate_(out, prev, cur, alpha, backend=backend)
 
 
+@torch.no_grad()
 def extrapolate_many_(outs: Sequence[torch.Tensor], prevs: Sequence[torch.Tensor], curs: Sequence[torch.Tensor],
                       alpha: float, *, backend: Backend = "auto") -> None:
-    """``extrapolate_`` over matching lists (e.g. a model's parameters); groups small tensors per launch on GPU."""
+    """``extrapolate_`` over matching lists (e.g. a model's parameters); groups small tensors per launch on GPU.
+
+    Every triple is validated before anything is written. On the Triton backend, small contiguous tensors that
+    share a device and dtype triple go through one launch (a table of addresses); large ones get their own.
+    """
+    outs, prevs, curs = list(outs), list(prevs), list(curs)
     if not (len(outs) == len(prevs) == len(curs)):
         raise ValueError(f"list lengths differ: {len(outs)} outs, {len(prevs)} prevs, {len(curs)} curs")
-    for o, p, c in zip(outs, prevs, curs):
-        extrapolate_(o, p, c, alpha, backend=backend)
+    for o, p, c in zip(outs, prevs, curs, strict=True):
+        _check(o, p, c, backend)
+    kernel = [i for i, c in enumerate(curs) if _use_triton(c.device, backend)]
+    if kernel:
+        from apo_kernels import _triton
+
+        _triton.extrapolate_many_([outs[i] for i in kernel], [prevs[i] for i in kernel], [curs[i] for i in kernel],
+                                  float(alpha))
+    for o, p, c in zip(outs, prevs, curs, strict=True):
+        if not _use_triton(c.device, backend):
+            _cpu.extrapolate_(o, p, c, float(alpha))

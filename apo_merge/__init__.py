@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["extrapolate", "extrapolate_state_dict", "extrapolate_tensors_", "MergeError", "__version__"]
+__all__ = ["APOCallback", "extrapolate", "extrapolate_state_dict", "extrapolate_tensors_", "MergeError", "__version__"]
 
 _LAZY = {
+    "APOCallback": "apo_merge.callback",
     "extrapolate": "apo_merge.api",
     "MergeError": "apo_merge.errors",
     "extrapolate_state_dict": "apo_merge.memory",
@@ -20,6 +21,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from apo_merge.api import extrapolate
+    from apo_merge.callback import APOCallback
     from apo_merge.errors import MergeError
     from apo_merge.memory import extrapolate_state_dict, extrapolate_tensors_
 

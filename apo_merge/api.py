@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apo_merge import card, sources
+from apo_merge import card, inputhash, sources
 from apo_merge.checkpoint import Checkpoint, is_inside, open_checkpoint
 from apo_merge.errors import MergeError, usage_error
+from apo_merge.hub import PushOptions
 from apo_merge.output import StagedFolder, check_replaceable
 from apo_merge.plan import MergePlan, OnMissing, OutDtype, make_plan
 
@@ -37,6 +38,9 @@ class MergeReport:
     ignored_prev_only: list[str] = field(default_factory=list)
     copied_files: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
+    input_hashes: dict[str, inputhash.InputDigest] = field(default_factory=dict)  # "prev" / "cur" (/ "base")
+    kind: str = "checkpoint"  # or "lora adapter", "merged lora" (--merge-into)
+    pushed: str | None = None  # the Hub commit or pull request URL after --push-to-hub
 
     @property
     def gb_per_s(self) -> float:
@@ -77,11 +81,10 @@ def _check_output(out: Path, inputs: list[sources.Source], overwrite: bool) -> N
         raise usage_error(f"{out.parent}: no such folder for the output; create it or choose another -o")
 
 
-def _copy_side_files(cur: Checkpoint, trusted_root: Path, dest: Path) -> tuple[list[str], list[str]]:
-    """Copy CUR's top-level non-weight files (config, tokenizer, chat template, ...) into ``dest``."""
+def _copy_side_files(root: Path, weights: set[str], trusted_root: Path, dest: Path) -> tuple[list[str], list[str]]:
+    """Copy a folder's top-level non-weight files (config, tokenizer, chat template, ...) into ``dest``."""
     copied, skipped = [], []
-    weights = cur.weight_file_names
-    for entry in sorted(cur.root.iterdir()):
+    for entry in sorted(root.iterdir()):
         name = entry.name
         if name.startswith(".") or name == "README.md":
             continue
@@ -100,60 +103,156 @@ def _copy_side_files(cur: Checkpoint, trusted_root: Path, dest: Path) -> tuple[l
 def run_merge(prev: str | os.PathLike, cur: str | os.PathLike, alpha: float, output: str | os.PathLike | None = None,
               *, device: str = "auto", dtype: OutDtype = "keep", max_shard_size: int | str | None = None,
               overwrite: bool = False, on_missing: OnMissing = "error", strict: bool = False,
+              merge_into: str | os.PathLike | None = None, token: str | bool | None = None,
+              push_to_hub: str | PushOptions | None = None,
               progress: Callable[[int], None] | None = None,
               on_plan: Callable[[MergePlan], None] | None = None) -> MergeReport:
-    """Merge and return a report; see ``extrapolate`` for the arguments."""
+    """Merge (and push, if asked) and return a report; see ``extrapolate`` for the arguments."""
     t0 = time.perf_counter()
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise usage_error(f"--alpha {alpha!r} is not a finite number; use e.g. --alpha 0.3")
     alpha = float(alpha)
-    src_prev, src_cur = sources.resolve(prev), sources.resolve(cur)
+    src_prev, src_cur = sources.resolve(prev, token=token), sources.resolve(cur, token=token)
     out = Path(output).expanduser() if output is not None else default_output(src_cur, alpha)
     _check_output(out, [src_prev, src_cur], overwrite)
-    dev = resolve_device(device)
+    if src_prev.is_adapter or src_cur.is_adapter:
+        report = _merge_adapters(src_prev, src_cur, alpha, out, dtype=dtype, max_shard_size=max_shard_size,
+                                 overwrite=overwrite, strict=strict, merge_into=merge_into, token=token,
+                                 progress=progress, on_plan=on_plan)
+    elif merge_into is not None:
+        raise usage_error("--merge-into applies to LoRA adapters, but PREV and CUR are full checkpoints; drop it")
+    else:
+        report = _merge_checkpoints(src_prev, src_cur, alpha, out, device=device, dtype=dtype,
+                                    max_shard_size=max_shard_size, overwrite=overwrite, on_missing=on_missing,
+                                    strict=strict, progress=progress, on_plan=on_plan)
+    report.seconds = time.perf_counter() - t0
+    if push_to_hub is not None:
+        from apo_merge import hub
 
-    ckpt_prev = open_checkpoint(src_prev.path, src_prev.label, src_prev.trusted_root)
-    ckpt_cur = open_checkpoint(src_cur.path, src_cur.label, src_cur.trusted_root)
+        options = PushOptions(push_to_hub) if isinstance(push_to_hub, str) else push_to_hub
+        report.pushed = hub.push(out, options, token=token)
+    return report
+
+
+def _metadata(alpha: float, src_prev: sources.Source, src_cur: sources.Source) -> dict[str, str]:
     from apo_merge import __version__
 
-    meta = {"apo_merge_version": __version__, "apo_alpha": repr(alpha), "apo_prev": src_prev.label,
-            "apo_cur": src_cur.label}
+    return {"apo_merge_version": __version__, "apo_alpha": repr(alpha), "apo_prev": src_prev.description,
+            "apo_cur": src_cur.description}
+
+
+def _merge_checkpoints(src_prev: sources.Source, src_cur: sources.Source, alpha: float, out: Path, *, device: str,
+                       dtype: OutDtype, max_shard_size: int | str | None, overwrite: bool, on_missing: OnMissing,
+                       strict: bool, progress: Callable[[int], None] | None,
+                       on_plan: Callable[[MergePlan], None] | None) -> MergeReport:
+    dev = resolve_device(device)
+    ckpt_prev = open_checkpoint(src_prev.path, src_prev.label, src_prev.trusted_root)
+    ckpt_cur = open_checkpoint(src_cur.path, src_cur.label, src_cur.trusted_root)
     plan = make_plan(ckpt_prev, ckpt_cur, alpha, dtype=dtype, max_shard_size=max_shard_size,
-                     on_missing=on_missing, metadata=meta)
+                     on_missing=on_missing, metadata=_metadata(alpha, src_prev, src_cur))
     if on_plan:
         on_plan(plan)
 
     from apo_merge.engine import execute
 
     staged = StagedFolder(out, overwrite)
-    with staged as tmp:
-        stats = execute(plan, tmp, device=dev, progress=progress)
+    with staged as tmp, inputhash.StreamHasher(ckpt_prev.files, ckpt_cur.files) as hasher:
+        stats = execute(plan, tmp, device=dev, progress=progress, on_read=hasher.update)
         if strict and stats.new_nonfinite:
             raise MergeError(f"{stats.new_nonfinite} output values are inf or NaN although both inputs were "
                              "finite (--strict); lower --alpha or use --dtype fp32")
         if plan.index is not None:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(plan.index, indent=2) + "\n")
-        copied, skipped = _copy_side_files(ckpt_cur, src_cur.trusted_root, tmp)
+        copied, skipped = _copy_side_files(ckpt_cur.root, ckpt_cur.weight_file_names, src_cur.trusted_root, tmp)
+        hashes = hasher.finish()
         info = card.CardInfo(
-            alpha=alpha, prev=src_prev.label, cur=src_cur.label, dtype=dtype,
+            alpha=alpha, prev=src_prev.description, cur=src_cur.description, dtype=dtype,
             files={f.name: (f.size, stats.sha256[f.name]) for f in plan.files},
-            base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id])
+            base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
+            input_hashes={"prev": _checkpoint_digest(ckpt_prev, hashes), "cur": _checkpoint_digest(ckpt_cur, hashes)})
         (tmp / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
         staged.commit()
     return MergeReport(output=out, device=dev, n_tensors=plan.n_tensors, n_extrapolated=plan.n_extrapolated,
-                       bytes_written=stats.bytes_written, seconds=time.perf_counter() - t0, sha256=stats.sha256,
+                       bytes_written=stats.bytes_written, seconds=0.0, sha256=stats.sha256,
                        new_nonfinite=stats.new_nonfinite, copied_cur_only=plan.copied_cur_only,
-                       ignored_prev_only=plan.ignored_prev_only, copied_files=copied, skipped_files=skipped)
+                       ignored_prev_only=plan.ignored_prev_only, copied_files=copied, skipped_files=skipped,
+                       input_hashes=info.input_hashes)
+
+
+def _checkpoint_digest(ckpt: Checkpoint, hashes: dict[Path, tuple[int, str]]) -> inputhash.InputDigest:
+    files = {f.path.name: hashes[f.path] for f in ckpt.files}
+    if ckpt.index_name:
+        files[ckpt.index_name] = inputhash.hash_file(ckpt.root / ckpt.index_name)
+    return inputhash.digest(files)
+
+
+def _merge_adapters(src_prev: sources.Source, src_cur: sources.Source, alpha: float, out: Path, *,
+                    dtype: OutDtype, max_shard_size: int | str | None, overwrite: bool, strict: bool,
+                    merge_into: str | os.PathLike | None, token: str | bool | None,
+                    progress: Callable[[int], None] | None,
+                    on_plan: Callable[[MergePlan], None] | None) -> MergeReport:
+    for src, other in ((src_prev, src_cur), (src_cur, src_prev)):
+        if not src.is_adapter:
+            raise MergeError(f"{src.label}: is a full checkpoint but {other.label} is a LoRA adapter; give two "
+                             "adapters, or merge the adapter into its base first")
+    from apo_merge import lora
+
+    prev_a, cur_a = lora.open_adapter(src_prev), lora.open_adapter(src_cur)
+    meta = _metadata(alpha, src_prev, src_cur)
+    base_models = [s.hub_id for s in (src_prev, src_cur) if s.hub_id]
+    # Side files: BASE's (config, tokenizer) first when merging into it, then CUR's, whose tokenizer wins.
+    side = [(src_cur.path, {lora.ADAPTER_WEIGHTS, sources.ADAPTER_CONFIG}, src_cur.trusted_root)]
+    base = None
+    if merge_into is not None:
+        src_base = sources.resolve(merge_into, token=token)
+        if src_base.is_adapter:
+            raise usage_error(f"--merge-into {src_base.label}: is an adapter; give the base model")
+        base = open_checkpoint(src_base.path, src_base.label, src_base.trusted_root)
+        meta["apo_merge_into"] = src_base.description
+        base_models += [src_base.hub_id] if src_base.hub_id else []
+        side.insert(0, (base.root, base.weight_file_names, src_base.trusted_root))
+    elif max_shard_size is not None:
+        raise usage_error("--max-shard-size applies to full weights; an adapter is written as one file")
+
+    staged = StagedFolder(out, overwrite)
+    with staged as tmp:
+        if base is None:
+            res = lora.write_adapter(prev_a, cur_a, alpha, tmp, dtype=dtype, strict=strict, metadata=meta)
+        else:
+            res = lora.write_merged(prev_a, cur_a, alpha, base, tmp, dtype=dtype, max_shard_size=max_shard_size,
+                                    metadata=meta, progress=progress, on_plan=on_plan)
+        if res.index is not None:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(res.index, indent=2) + "\n")
+        copied, skipped = [], []
+        for root, weights, trusted in side:
+            c, s = _copy_side_files(root, weights, trusted, tmp)
+            copied, skipped = sorted({*copied, *c}), sorted({*skipped, *s})
+        hashes = {"prev": prev_a.digest, "cur": cur_a.digest}
+        if res.base_digest is not None:
+            hashes["base"] = res.base_digest
+        info = card.CardInfo(alpha=alpha, prev=src_prev.description, cur=src_cur.description, dtype=dtype,
+                             files=res.files, base_models=base_models, input_hashes=hashes, **res.card)
+        (tmp / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
+        staged.commit()
+    return MergeReport(output=out, device="cpu", n_tensors=res.n_tensors, n_extrapolated=res.n_changed,
+                       bytes_written=res.bytes_written, seconds=0.0,
+                       sha256={name: sha for name, (_, sha) in res.files.items()}, copied_files=copied,
+                       skipped_files=skipped, input_hashes=hashes,
+                       kind="lora adapter" if base is None else "merged lora")
 
 
 def extrapolate(prev: str | os.PathLike, cur: str | os.PathLike, alpha: float,
                 output: str | os.PathLike | None = None, **options) -> Path:
     """Write ``cur + alpha * (cur - prev)`` for two checkpoints and return the output folder.
 
-    ``prev`` and ``cur`` are checkpoint folders (one model.safetensors, or shards with an index). Options:
+    ``prev`` and ``cur`` are checkpoint folders (one model.safetensors, or shards with an index), Hub repo ids
+    (``org/name`` or ``org/name@revision``; a local folder of that name wins), or two PEFT LoRA adapters (the
+    output is then one exact adapter, or full weights with ``merge_into=BASE``). Options:
     ``device`` ("auto" | "cpu" | "cuda"), ``dtype`` ("keep" | "bf16" | "fp16" | "fp32"), ``max_shard_size``
     (e.g. "5GB": re-shard in HF naming; default keeps CUR's layout), ``overwrite``, ``on_missing``
-    ("error" | "copy"), ``strict`` (inf/NaN from finite inputs is an error), ``progress`` (called with bytes).
+    ("error" | "copy"), ``strict`` (inf/NaN from finite inputs is an error), ``merge_into`` (LoRA only),
+    ``token`` (Hub downloads and uploads), ``push_to_hub`` (a repo id or ``apo_merge.hub.PushOptions``),
+    ``progress`` (called with bytes).
 
     >>> extrapolate("runs/round-1", "runs/round-2", 0.3, "runs/round-2-apo")  # doctest: +SKIP
     PosixPath('runs/round-2-apo')

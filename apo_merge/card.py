@@ -3,50 +3,73 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from apo_merge import __version__
+from apo_merge.inputhash import InputDigest
 from apo_merge.output import CARD_MARK
+
+HASH_DEFINITION = (
+    "An input's content sha256 is the SHA-256 of its `sha256sum` listing: the lines `<sha256 of file>  <file name>` "
+    "(two spaces, each ending in a newline) for each of its weight files, sorted by file name in byte order. Weight "
+    "files are the .safetensors files and model.safetensors.index.json when present (for a PEFT adapter: "
+    "adapter_model.safetensors and adapter_config.json). In the input folder, "
+    "`sha256sum $(LC_ALL=C ls <weight files>) | sha256sum` prints it. Per-file hashes cover every byte of the "
+    "file, so they match `sha256sum` and the SHA256 the Hub shows for LFS files.")
 
 
 @dataclass
 class CardInfo:
     alpha: float
-    prev: str
+    prev: str  # how the input is named (Hub inputs with their commit)
     cur: str
     dtype: str
     files: dict[str, tuple[int, str]]  # name -> (bytes, sha256)
-    base_models: list[str]
-    input_hashes: dict[str, str] | None = None  # label -> content hash, when known
+    base_models: list[str]  # Hub ids of the inputs
+    input_hashes: dict[str, InputDigest] | None = None  # "prev" / "cur" -> content hashes, when known
+    library_name: str = "transformers"
+    tags: list[str] = field(default_factory=list)  # beyond apo, merge, extrapolation
+    rows: list[tuple[str, str]] = field(default_factory=list)  # extra (what, value) rows of the summary table
+    summary: str = ("This checkpoint is an APO (Accelerated Preference Optimization, arXiv 2410.06293) "
+                    "extrapolation step,\n`theta = cur + alpha * (cur - prev)`")
 
 
 def render(info: CardInfo, title: str) -> str:
     front = ["---"]
-    if info.base_models:
+    base_models = list(dict.fromkeys(info.base_models))
+    if base_models:
         front.append("base_model:")
-        front += [f"- {m}" for m in info.base_models]
-    front += ["base_model_relation: merge", "tags:", "- apo", "- merge", "- extrapolation",
-              "library_name: transformers", "---"]
+        front += [f"- {m}" for m in base_models]
+    front += ["base_model_relation: merge", "tags:"]
+    front += [f"- {t}" for t in dict.fromkeys(["apo", "merge", "extrapolation", *info.tags])]
+    front += [f"library_name: {info.library_name}", "---"]
+    hashes = info.input_hashes or {}
+    summary = [("alpha", repr(info.alpha)), ("prev", f"`{info.prev}`")]
+    if "prev" in hashes:
+        summary.append(("prev content sha256", f"`{hashes['prev'].sha256}`"))
+    summary.append(("cur", f"`{info.cur}`"))
+    if "cur" in hashes:
+        summary.append(("cur content sha256", f"`{hashes['cur'].sha256}`"))
+    summary += [(f"{role} content sha256", f"`{d.sha256}`") for role, d in hashes.items() if role not in ("prev", "cur")]
+    summary += [("output dtype", info.dtype), *info.rows,
+                ("arithmetic", "fp32 (fp64 for fp64 inputs), one round-to-nearest-even per element"),
+                ("tool", f"apo-merge {__version__}")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in summary)
     rows = [f"| `{name}` | {size} | `{sha}` |" for name, (size, sha) in sorted(info.files.items())]
     inputs = ""
-    if info.input_hashes:
-        inputs = "\n".join(f"| {label} | `{h}` |" for label, h in info.input_hashes.items())
-        inputs = f"\nInput content hashes:\n\n| input | sha256 |\n| --- | --- |\n{inputs}\n"
+    if hashes:
+        lines = [f"| {role} | `{f.name}` | {f.size} | `{f.sha256}` |" for role, d in hashes.items() for f in d.files]
+        inputs = ("\nInput files:\n\n| input | file | bytes | sha256 |\n| --- | --- | --- | --- |\n"
+                  + "\n".join(lines) + f"\n\n{HASH_DEFINITION}\n")
     return "\n".join(front) + f"""
 {CARD_MARK}
 # {title}
 
-This checkpoint is an APO (Accelerated Preference Optimization, arXiv 2410.06293) extrapolation step,
-`theta = cur + alpha * (cur - prev)`, made by apo-merge {__version__}.
+{info.summary}, made by apo-merge {__version__}.
 
 | | |
 | --- | --- |
-| alpha | {info.alpha!r} |
-| prev | `{info.prev}` |
-| cur | `{info.cur}` |
-| output dtype | {info.dtype} |
-| arithmetic | fp32 (fp64 for fp64 inputs), one round-to-nearest-even per element |
-| tool | apo-merge {__version__} |
+{table}
 {inputs}
 Weight files (check with `apo-merge verify <folder>`):
 

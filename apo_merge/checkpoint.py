@@ -46,9 +46,18 @@ def is_inside(path: Path, root: Path) -> bool:
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
 
+def _plain_name(name: object) -> bool:
+    if not isinstance(name, str) or not name or "\0" in name:
+        return False
+    try:
+        os.fsencode(name)  # lone surrogates from JSON escapes name no file
+    except UnicodeEncodeError:
+        return False
+    return not (os.path.isabs(name) or "\\" in name or any(part in ("", ".", "..") for part in name.split("/")))
+
+
 def _safe_member(root: Path, name: object, trusted_root: Path, what: str) -> Path:
-    if (not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name
-            or any(part in ("", ".", "..") for part in name.split("/"))):
+    if not _plain_name(name):
         raise MergeError(f"{root / INDEX_NAME}: {what} {name!r} is not a plain file name inside the checkpoint "
                          "(path traversal refused); fix the index")
     path = root / name
@@ -98,8 +107,9 @@ def _open_sharded(root: Path, label: str, trusted: Path) -> Checkpoint:
     index_path = _safe_member(root, INDEX_NAME, trusted, "index")
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise MergeError(f"{index_path}: not a readable JSON index ({e}); re-save the checkpoint") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise MergeError(f"{index_path}: not a readable JSON index ({why}); re-save the checkpoint") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise MergeError(f"{index_path}: has no weight_map object; re-save the checkpoint")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apo_merge.errors import MergeError
-from apo_merge.header import ITEMSIZE
+from apo_merge.header import ITEMSIZE, FileHeader
 from apo_merge.plan import MergePlan, OutFile, Piece
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ GPU_SLOTS = 5
 
 # The kernel, imported with torch when the first merge starts (tests may swap it).
 extrapolate_: Callable[..., Any] | None = None
+
+OnRead = Callable[[Path, int, memoryview], None]
 
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 _TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
@@ -300,8 +302,9 @@ def _operands(task: _Task, out: torch.Tensor, prev: torch.Tensor, cur: torch.Ten
 
 class _Pipeline:
     def __init__(self, plan: MergePlan, out_dir: Path, device: torch.device,
-                 progress: Callable[[int], None] | None) -> None:
+                 progress: Callable[[int], None] | None, on_read: OnRead | None = None) -> None:
         self.plan, self.out_dir, self.device, self.progress = plan, out_dir, device, progress
+        self.on_read = on_read
         self.gpu = device.type == "cuda"
         self.chunk_elems = GPU_CHUNK_ELEMS if self.gpu else CHUNK_ELEMS
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -341,6 +344,12 @@ class _Pipeline:
                 if self.stop.is_set():
                     raise _Stopped() from None
 
+    def _pread(self, header: FileHeader, view: memoryview, data_offset: int) -> None:
+        offset = header.data_start + data_offset
+        _pread_into(self._fd(header.path), view, offset, header.path)
+        if self.on_read is not None:
+            self.on_read(header.path, offset, view)
+
     def _read(self) -> None:
         try:
             for task in _tasks(self.plan, self.chunk_elems):
@@ -348,13 +357,11 @@ class _Pipeline:
                 piece = task.piece
                 if task.copy:
                     header, info = piece.cur
-                    _pread_into(self._fd(header.path), slot.views["out"][:task.count],
-                                header.data_start + info.begin + task.begin, header.path)
+                    self._pread(header, slot.views["out"][:task.count], info.begin + task.begin)
                 else:
                     for (h, i), name in ((piece.cur, "cur"), (piece.prev, "prev")):
                         size = ITEMSIZE[i.dtype]
-                        _pread_into(self._fd(h.path), slot.views[name][:task.count * size],
-                                    h.data_start + i.begin + task.begin * size, h.path)
+                        self._pread(h, slot.views[name][:task.count * size], i.begin + task.begin * size)
                 self.to_compute.put(task)
         finally:
             for _ in range(self.workers):
@@ -497,9 +504,9 @@ class _Pipeline:
                    threading.Thread(target=self._guard(self._hash), name="apo-hash", daemon=True)]
         threads += [threading.Thread(target=self._guard(compute), name=f"apo-compute-{i}", daemon=True)
                     for i in range(self.workers - 1)]
-        for t in threads:
-            t.start()
         try:
+            for t in threads:  # inside the try: a signal landing between two starts must stop the started ones
+                t.start()
             self._guard(compute)()
             _join(threads)
         except BaseException:  # Ctrl-C while joining: stop the other stages before the caller cleans up
@@ -530,8 +537,13 @@ def _new_nonfinite(torch, out: torch.Tensor, prev: torch.Tensor, cur: torch.Tens
 
 
 def execute(plan: MergePlan, out_dir: Path, *, device: torch.device | str = "cpu",
-            progress: Callable[[int], None] | None = None) -> EngineStats:
-    """Write every file of ``plan`` into ``out_dir`` (which must exist and be empty of those names)."""
+            progress: Callable[[int], None] | None = None, on_read: OnRead | None = None) -> EngineStats:
+    """Write every file of ``plan`` into ``out_dir`` (which must exist and be empty of those names).
+
+    ``on_read(path, offset, data)`` is called on the reader thread after each read of an input file: ``data``
+    holds the bytes at absolute ``offset`` and is valid only during the call (e.g. to hash the inputs).
+    OSError propagates: output.StagedFolder, which knows the user's OUT, turns it into a MergeError.
+    """
     global extrapolate_
     prefetch([h.path for h in plan.prev.files], [h.path for h in plan.cur.files])
     import torch
@@ -545,9 +557,6 @@ def execute(plan: MergePlan, out_dir: Path, *, device: torch.device | str = "cpu
     if device.type == "cpu":
         torch.set_num_threads(1)  # one per worker thread, for the merge only (the setting is process-wide)
     try:
-        return _Pipeline(plan, Path(out_dir), device, progress).run()
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        raise MergeError(f"I/O error while merging{where}: {e.strerror or e}; check free space and permissions") from None
+        return _Pipeline(plan, Path(out_dir), device, progress, on_read).run()
     finally:
         torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +62,13 @@ def read_header(path: Path) -> FileHeader:
     """Read and validate the header of the safetensors file at ``path`` (data bytes are not read)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: a FIFO planted in the folder must be refused, not block the open forever.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise MergeError(f"{path}: is not a regular file (a folder, FIFO or device); "
+                                 "give a checkpoint whose weights are plain files")
+            size = st.st_size
             if size < 8:
                 raise MergeError(f"{path}: {size} bytes is too short for a safetensors file (truncated or not "
                                  "safetensors); re-save or re-download it")
@@ -93,6 +99,36 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _fits_u64(shape: list[int]) -> bool:
+    """The reference reader multiplies dims left to right in u64; a shape it cannot represent is refused here too."""
+    n = 1
+    for d in shape:
+        n *= d
+        if d >= 2**64 or n >= 2**64:
+            return False
+    return True
+
+
+def _utf8(s: str) -> bool:
+    """False for strings with lone surrogates (JSON escapes like \\ud800), which no file can hold."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _show(x: object, limit: int = 60) -> str:
+    """A bounded, one-line repr for messages (names and values in a hostile header can be megabytes long)."""
+    if isinstance(x, int) and x.bit_length() > 64:
+        return "a number over 2**64"
+    try:
+        text = repr(x)
+    except ValueError:  # an int too long to print
+        text = f"<{type(x).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def parse_header(raw: bytes, data_size: int, label: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate header bytes against a data buffer of ``data_size`` bytes; return tensors (in byte order)."""
 
@@ -107,6 +143,8 @@ def parse_header(raw: bytes, data_size: int, label: str) -> tuple[dict[str, Tens
         raise bad("not a JSON object")
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise bad("JSON nested too deeply") from None
     except ValueError as e:
         raise bad(f"not valid JSON ({e})") from None
     if not isinstance(obj, dict):
@@ -115,33 +153,39 @@ def parse_header(raw: bytes, data_size: int, label: str) -> tuple[dict[str, Tens
     metadata = obj.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("__metadata__ must map strings to strings")
+    if not all(_utf8(k) and _utf8(v) for k, v in metadata.items()):
+        raise bad("__metadata__ holds a string that is not valid Unicode (lone surrogate)")
 
     tensors: list[TensorInfo] = []
     for name, entry in obj.items():
+        if not _utf8(name):
+            raise bad(f"tensor name {_show(name)} is not valid Unicode (lone surrogate)")
         if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
-            raise bad(f"entry {name!r} must have exactly the keys dtype, shape, data_offsets")
+            raise bad(f"entry {_show(name)} must have exactly the keys dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in ITEMSIZE:
-            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+            raise bad(f"tensor {_show(name)} has unknown dtype {_show(dtype)}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise bad(f"tensor {name!r} has an invalid shape {shape!r} (want non-negative integers)")
+            raise bad(f"tensor {_show(name)} has an invalid shape {_show(shape)} (want non-negative integers)")
+        if not _fits_u64(shape):
+            raise bad(f"tensor {_show(name)}: shape {_show(shape)} overflows 64 bits")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
-            raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+            raise bad(f"tensor {_show(name)} has invalid data_offsets {_show(offsets)}")
         info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
         if info.numel * ITEMSIZE[dtype] != info.nbytes:
-            raise bad(f"tensor {name!r}: shape {list(shape)} x {dtype} is {info.numel * ITEMSIZE[dtype]} bytes "
-                      f"but its byte range holds {info.nbytes}")
+            raise bad(f"tensor {_show(name)}: shape {_show(list(shape))} x {dtype} is "
+                      f"{_show(info.numel * ITEMSIZE[dtype])} bytes but its byte range holds {_show(info.nbytes)}")
         tensors.append(info)
 
     tensors.sort(key=lambda t: (t.begin, t.end))
     pos = 0
     for t in tensors:
         if t.begin != pos:
-            raise bad(f"tensor {t.name!r} starts at byte {t.begin}, expected {pos} "
+            raise bad(f"tensor {_show(t.name)} starts at byte {_show(t.begin)}, expected {_show(pos)} "
                       f"({'overlap' if t.begin < pos else 'hole'} in the data buffer)")
         pos = t.end
     if pos != data_size:
-        raise bad(f"tensors cover {pos} bytes but the data buffer holds {data_size} "
+        raise bad(f"tensors cover {_show(pos)} bytes but the data buffer holds {data_size} "
                   f"({'truncated file' if pos > data_size else 'trailing bytes'})")
     return {t.name: t for t in tensors}, metadata

@@ -3,7 +3,9 @@
 Files are written into a hidden temporary folder beside OUT, fsynced, then renamed into place in one step
 (RENAME_NOREPLACE, or RENAME_EXCHANGE with --overwrite, so two writers never mix and an old OUT is replaced
 atomically). Errors, Ctrl-C and SIGTERM remove the temporary folder; after a kill -9 the next run removes
-temporary folders whose owning process is gone.
+temporary folders whose owning process is gone. The folder's name carries the owner's pid and start time, so the
+proof of ownership exists from the moment mkdir returns until the folder is gone (a marker file inside would leave
+unprovable folders behind when a kill lands between mkdir and its write).
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
 
 from apo_merge.errors import MergeError, usage_error
 
-TMP_MARK = ".apo-merge-tmp"
 CARD_MARK = "<!-- apo-merge -->"
+_TMP_SUFFIX = re.compile(r"(\d+)-(\d+)-[0-9a-f]{8}")  # <pid>-<process start time>-<random>
 _RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
 
 
@@ -29,30 +32,60 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _owner_alive(marker: Path) -> bool:
-    try:
-        pid_text, start = marker.read_text().split()
-        pid = int(pid_text)
-    except (OSError, ValueError):
-        return True  # not provably ours: leave it
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}.apo-tmp-"
+
+
+def _owner_gone(suffix: str) -> bool:
+    """True only when ``suffix`` is ``<pid>-<start>-<random>`` and that process no longer exists."""
+    m = _TMP_SUFFIX.fullmatch(suffix)
+    if not m:
+        return False  # not provably ours: leave it
+    pid, start = int(m.group(1)), m.group(2)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return _process_start(pid) == start
+    except (PermissionError, OverflowError):
+        return False
+    now = _process_start(pid)
+    return now is not None and start != "0" and now != start  # the pid was reused by another process
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Remove ``.<OUT>.apo-tmp-*`` folders left by killed runs (only those whose marker proves the owner is gone)."""
+    """Remove ``.<OUT>.apo-tmp-<pid>-<start>-<random>`` folders whose owning process is gone (killed runs)."""
     removed = []
-    for tmp in out.parent.glob(f".{out.name}.apo-tmp-*"):
-        marker = tmp / TMP_MARK
-        if tmp.is_dir() and not tmp.is_symlink() and marker.is_file() and not _owner_alive(marker):
+    prefix = _temp_prefix(out)
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for tmp in entries:
+        if (tmp.name.startswith(prefix) and _owner_gone(tmp.name[len(prefix):])
+                and tmp.is_dir() and not tmp.is_symlink()):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
+
+
+_IO_FIXES = {  # errno -> (what it means here, or "", what to do)
+    errno.ENOSPC: ("", "free space or choose another -o"),
+    errno.EDQUOT: ("", "free space or choose another -o"),
+    errno.EFBIG: (" (a file would exceed the file-size limit, ulimit -f, or the filesystem's maximum)",
+                  "raise the limit, write smaller shards with --max-shard-size, or choose another -o"),
+    errno.EACCES: ("", "check the permissions of the output's parent folder"),
+    errno.EPERM: ("", "check the permissions of the output's parent folder"),
+    errno.EROFS: ("", "choose another -o"),
+    errno.EIO: ("", "check the disks (dmesg) and rerun"),
+}
+
+
+def io_error(e: OSError, out: Path) -> MergeError:
+    """A one-line MergeError for an OSError met while merging into ``out``: the cause and what to do about it."""
+    meaning, fix = _IO_FIXES.get(e.errno, ("", "check free space and permissions, then rerun"))
+    code = f" [{errno.errorcode.get(e.errno, e.errno)}]" if e.errno else ""
+    at = f" at {e.filename}" if e.filename else ""
+    return MergeError(f"{out}: merge failed: {e.strerror or e}{code}{meaning}{at}; {fix}")
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
@@ -105,21 +138,20 @@ class StagedFolder:
 
     def __init__(self, out: Path, overwrite: bool = False) -> None:
         self.out, self.overwrite = Path(out), overwrite
-        self.tmp = self.out.parent / f".{self.out.name}.apo-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        pid = os.getpid()
+        self.tmp = self.out.parent / f"{_temp_prefix(self.out)}{pid}-{_process_start(pid) or 0}-{secrets.token_hex(4)}"
         self.committed = False
 
     def __enter__(self) -> Path:
         remove_stale_temporaries(self.out)
         try:
             self.tmp.mkdir()
-            (self.tmp / TMP_MARK).write_text(f"{os.getpid()} {_process_start(os.getpid())}")
         except OSError as e:
             raise MergeError(f"{self.out.parent}: cannot create the output folder there ({e.strerror}); "
                              "check the path and permissions") from None
         return self.tmp
 
     def commit(self) -> None:
-        (self.tmp / TMP_MARK).unlink()
         for f in self.tmp.iterdir():
             fd = os.open(f, os.O_RDONLY)
             try:
@@ -150,6 +182,8 @@ class StagedFolder:
             self.committed = True
         _fsync_dir(self.out.parent)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed:
             _remove(self.tmp)
+        if isinstance(exc, OSError):
+            raise io_error(exc, self.out) from None

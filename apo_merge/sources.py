@@ -1,9 +1,29 @@
-"""Where PREV and CUR come from: a local folder (Hub repo ids plug in here)."""
+"""Where PREV and CUR come from: a local folder, or a Hugging Face Hub repo id resolved through the Hub cache.
+
+A spec names the Hub only when no local file or folder of that name exists and it reads ``org/name`` or
+``org/name@revision`` (a branch, tag or commit). Hub repos are fetched with ``snapshot_download`` into the normal
+cache (``HF_HOME`` / ``HF_HUB_CACHE``), which honours ``HF_HUB_OFFLINE=1``; only top-level safetensors weights, the
+index and the small non-weight files (config, tokenizer, chat template, license) are fetched, never pickles.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from apo_merge.errors import MergeError
+
+# fnmatch patterns, as huggingface_hub applies them: `*` also matches `/`, hence the "*/*" ignore (top level only).
+HUB_ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja",
+                      "*.tiktoken", "*.py", "tokenizer*", "LICENSE*", "NOTICE*", "USE_POLICY*"]
+HUB_IGNORE_PATTERNS = ["*/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.h5", "*.gguf",
+                       "*.onnx", "*.ot", "*.npz"]
+
+ADAPTER_CONFIG = "adapter_config.json"  # marks a PEFT adapter folder
+
+_HUB_SPEC = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?")
 
 
 @dataclass(frozen=True)
@@ -12,9 +32,87 @@ class Source:
     label: str  # as the user gave it
     trusted_root: Path  # symlinks may resolve anywhere below this
     hub_id: str | None = None  # "org/name" (with "@revision" stripped) when it came from the Hub
+    revision: str | None = None  # the revision asked for ("@dev"), None for the default branch
+    commit: str | None = None  # the Hub commit the files came from
+
+    @property
+    def is_adapter(self) -> bool:
+        """A PEFT adapter folder (adapter_config.json) rather than a full checkpoint."""
+        return (self.path / ADAPTER_CONFIG).is_file()
+
+    @property
+    def description(self) -> str:
+        """How the model card names this input: the spec, plus the commit for Hub inputs."""
+        return f"{self.label} (commit {self.commit})" if self.commit else self.label
 
 
-def resolve(spec: str | Path) -> Source:
-    """A local checkpoint folder as a Source."""
+def parse_hub_spec(spec: str) -> tuple[str, str | None] | None:
+    """``"org/name@rev"`` -> ``("org/name", "rev")``; None when ``spec`` cannot be a Hub repo id."""
+    m = _HUB_SPEC.fullmatch(spec)
+    if not m or "--" in m["repo"] or ".." in m["repo"] or m["repo"].endswith((".", "-")) or len(m["repo"]) > 96:
+        return None
+    return m["repo"], m["revision"]
+
+
+def resolve(spec: str | os.PathLike, *, token: str | bool | None = None) -> Source:
+    """A local checkpoint folder, or a Hub repo id (``org/name[@revision]``) fetched into the Hub cache.
+
+    A local path of the same name wins over the Hub. ``token`` is used for private or gated repos (default: the
+    saved login or ``HF_TOKEN``).
+    """
     path = Path(spec).expanduser()
-    return Source(path=path, label=str(spec), trusted_root=path)
+    hub = None if isinstance(spec, Path) or path.exists() or path.is_symlink() else parse_hub_spec(str(spec))
+    if hub is None:
+        return Source(path=path, label=str(spec), trusted_root=path)
+    return _from_hub(str(spec), *hub, token=token)
+
+
+def _from_hub(spec: str, repo_id: str, revision: str | None, *, token: str | bool | None) -> Source:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token,
+                                        allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS))
+    except GatedRepoError:
+        raise MergeError(f"{spec}: the Hub repo is gated; accept its terms on huggingface.co and log in "
+                         "(`hf auth login`) or pass --token") from None
+    except RepositoryNotFoundError:
+        raise MergeError(f"{spec}: no such local folder, and no Hub repo {repo_id} you can access; check the "
+                         "path, or log in (`hf auth login`) / pass --token for a private repo") from None
+    except RevisionNotFoundError:
+        raise MergeError(f"{spec}: the Hub repo {repo_id} has no revision {revision!r}; check the branch, tag "
+                         "or commit after '@'") from None
+    except LocalEntryNotFoundError as e:
+        offline = _offline()
+        why = ("is not in the Hub cache (or only partly) and HF_HUB_OFFLINE=1 forbids downloading; unset "
+               "HF_HUB_OFFLINE or download it first" if offline else
+               f"could not be downloaded and is not in the Hub cache ({_first_line(e)}); check the network")
+        raise MergeError(f"{spec}: no such local folder, and the Hub repo {why}") from None
+    except ValueError as e:  # HFValidationError: not a repo id after all
+        raise MergeError(f"{spec}: no such local folder, and not a valid Hub repo id ({_first_line(e)})") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise MergeError(f"{spec}: download from the Hub failed ({_first_line(e)}); check the network and "
+                         "rerun (finished files stay in the Hub cache)") from None
+    # snapshots/<commit>/<file> links to ../../blobs/<hash>: the repo's cache folder is the trusted root.
+    repo_cache = folder.parent.parent if folder.parent.name == "snapshots" else folder
+    commit = folder.name if folder.parent.name == "snapshots" else None
+    return Source(path=folder, label=spec, trusted_root=repo_cache, hub_id=repo_id, revision=revision,
+                  commit=commit)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

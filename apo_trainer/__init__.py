@@ -1,1 +1,35 @@
-"""apo-train: the APO round runner (sample, judge, train with DPO or SPPO, extrapolate)."""
+"""apo-train: the APO round runner (sample, judge, train with DPO or SPPO, extrapolate), arXiv 2410.06293.
+
+Public API (heavy modules import lazily, so the CLI starts fast)::
+
+    from apo_trainer import APOConfig, run
+    records = run(APOConfig.from_yaml("run.yaml", ["rounds=2"]))
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["APOConfig", "ConfigError", "Oracle", "TrainError", "run"]
+
+_LAZY = {
+    "APOConfig": "apo_trainer.config",
+    "ConfigError": "apo_trainer.errors",
+    "TrainError": "apo_trainer.errors",
+    "Oracle": "apo_trainer.oracle",
+    "run": "apo_trainer.loop",
+}
+
+if TYPE_CHECKING:
+    from apo_trainer.config import APOConfig
+    from apo_trainer.errors import ConfigError, TrainError
+    from apo_trainer.loop import run
+    from apo_trainer.oracle import Oracle
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'apo_trainer' has no attribute {name!r}")

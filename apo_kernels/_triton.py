@@ -1,0 +1,222 @@
+"""The fused Triton kernel: one pass over prev and cur in their own dtypes, math in fp32 or fp64, one rounding.
+
+Three layers: the private ``_kernel``, typed launchers (``_launch_one``, ``_launch_grouped``) that make inputs
+contiguous and compute the grid, and ``extrapolate_`` / ``extrapolate_many_`` called by ``apo_kernels.ops``.
+
+CUDA tensors run the compiled kernel. CPU tensors run the very same kernel body under Triton's interpreter:
+``_interpreted()`` wraps ``_kernel.fn`` (the undecorated Python function) in ``InterpretedFunction`` explicitly,
+so no TRITON_INTERPRET environment variable is needed and one process can run both (e.g. a pytest session on a
+GPU machine comparing the interpreter, the compiled kernel and the CPU twin). The interpreter patches
+``triton.language`` globally while it runs, hence the lock around it.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from apo_kernels._numerics import compute_dtype, round_alpha
+
+_BLOCK = 4096  # elements per program; BLOCK * element size is a multiple of 16 bytes for every dtype
+_NUM_WARPS = 8
+# Tensors up to this many elements are grouped into one launch per dtype triple (a launch costs a few us of GPU
+# time however small its tensor); larger tensors amortize their own launch.
+_GROUP_MAX_NUMEL = 1 << 20
+# Without this the compiler contracts a * d + c into one fma (triton's default), which rounds once and no longer
+# matches the CPU twin; with it, ptxas also gets --fmad=false.
+_FP_OPTIONS = {"enable_fp_fusion": False}
+
+
+@triton.jit(do_not_specialize=["alpha_hi", "alpha_lo"])
+def _kernel(prev_ptr, cur_ptr, out_ptr, table_ptr, n, alpha_hi, alpha_lo,
+            WIDE: tl.constexpr, GROUPED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    if GROUPED:
+        # One table row per BLOCK-sized piece of a small tensor; the host only groups tensors whose addresses
+        # and sizes are multiples of 16 (bytes, elements), so the hints below are true and loads vectorize.
+        # prev_ptr, cur_ptr and out_ptr are members of the group: they only supply the pointer types.
+        row = table_ptr + pid * 4
+        out_base = tl.multiple_of(tl.load(row).to(out_ptr.dtype), 16)
+        prev_base = tl.multiple_of(tl.load(row + 1).to(prev_ptr.dtype), 16)
+        cur_base = tl.multiple_of(tl.load(row + 2).to(cur_ptr.dtype), 16)
+        left = tl.multiple_of(tl.load(row + 3), 16)
+    else:
+        start = pid * BLOCK  # int64: tensors may exceed 2**31 elements
+        out_base = out_ptr + start
+        prev_base = prev_ptr + start
+        cur_base = cur_ptr + start
+        left = n - start
+    offs = tl.arange(0, BLOCK)
+    mask = offs < left
+    p = tl.load(prev_base + offs, mask=mask)
+    c = tl.load(cur_base + offs, mask=mask)
+
+    # Exact upcasts. bf16 is widened with integer ops: the interpreter's bf16 -> fp32 cast mishandles subnormals.
+    if p.dtype.is_bf16():
+        p = (p.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    if c.dtype.is_bf16():
+        c = (c.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    p = p.to(WIDE)
+    c = c.to(WIDE)
+    # alpha arrives as raw bits (already rounded to WIDE on the host), so every path sees the same value.
+    if WIDE.is_fp64():
+        a = ((alpha_hi.to(tl.int64) << 32) | alpha_lo.to(tl.uint32, bitcast=True).to(tl.int64)).to(
+            tl.float64, bitcast=True)
+    else:
+        a = alpha_hi.to(tl.float32, bitcast=True)
+
+    # Three separately rounded operations: no fused multiply-add (the launch passes enable_fp_fusion=False).
+    d = c - p
+    t = a * d
+    r = tl.where(a == 0.0, c, c + t)  # alpha == 0 returns cur exactly, even where prev is inf or NaN
+
+    OUT = out_ptr.dtype.element_ty
+    if WIDE.is_fp64() and OUT.primitive_bitwidth == 16:
+        # fp64 -> fp32 rounding to odd, then one round-to-nearest-even into 16 bits: with 24 >= 11 + 2 bits
+        # this equals a direct correct rounding of the fp64 value (no double-rounding error).
+        f = r.to(tl.float32)
+        back = f.to(tl.float64)
+        fb = f.to(tl.uint32, bitcast=True)
+        inexact = back != r
+        fb = tl.where(inexact & (tl.abs(back) > tl.abs(r)), fb - 1, fb)
+        r = tl.where(inexact, fb | 1, fb).to(tl.float32, bitcast=True)
+    if OUT.is_bf16():
+        # Round to nearest even by hand: x.to(tl.bfloat16) truncates under the interpreter.
+        b = r.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        y = tl.where(r != r, 0x7FC0, b).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif OUT.is_fp16():
+        # fp32 -> fp16 rounds to nearest even both compiled (cvt.rn) and interpreted (numpy astype).
+        h = r.to(tl.float16).to(tl.uint16, bitcast=True)
+        y = tl.where(r != r, 0x7E00, h).to(tl.uint16).to(tl.float16, bitcast=True)
+    elif OUT.is_fp32():
+        s = r.to(tl.float32).to(tl.uint32, bitcast=True)
+        y = tl.where(r != r, 0x7FC00000, s).to(tl.uint32).to(tl.float32, bitcast=True)
+    else:
+        w = r.to(tl.int64, bitcast=True)
+        y = tl.where(r != r, 0x7FF8000000000000, w).to(tl.int64).to(tl.float64, bitcast=True)
+    tl.store(out_base + offs, y, mask=mask)
+
+
+_interpreter_lock = threading.Lock()
+_interpreted_kernel = None
+
+
+def _interpreted():
+    global _interpreted_kernel
+    if _interpreted_kernel is None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        _interpreted_kernel = InterpretedFunction(_kernel.fn)
+    return _interpreted_kernel
+
+
+def _is_compiled() -> bool:
+    # False when TRITON_INTERPRET=1 was set before import: then ``_kernel`` itself is an interpreted function.
+    return isinstance(_kernel, triton.runtime.JITFunction)
+
+
+def _alpha_bits(alpha: float, wide: torch.dtype) -> tuple[int, int]:
+    """``alpha`` (exact in ``wide``) as two signed 32-bit integers: high and low word of its bit pattern."""
+    if wide == torch.float64:
+        lo, hi = struct.unpack("<ii", struct.pack("<d", alpha))
+        return hi, lo
+    (bits,) = struct.unpack("<i", struct.pack("<f", alpha))
+    return bits, 0
+
+
+def _kernel_args(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, table: torch.Tensor | None, n: int,
+                 alpha: float, wide: torch.dtype) -> tuple[tuple, dict]:
+    hi, lo = _alpha_bits(alpha, wide)
+    const = {"WIDE": tl.float64 if wide == torch.float64 else tl.float32, "GROUPED": table is not None,
+             "BLOCK": _BLOCK}
+    return (prev, cur, out, table, n, hi, lo), const
+
+
+def _launch_options() -> dict:
+    return {"num_warps": _NUM_WARPS, **_FP_OPTIONS}
+
+
+def _run(grid: tuple[int], prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, table: torch.Tensor | None,
+         n: int, alpha: float, wide: torch.dtype) -> None:
+    args, const = _kernel_args(prev, cur, out, table, n, alpha, wide)
+    if out.device.type == "cuda" and _is_compiled():
+        with torch.cuda.device(out.device):
+            _kernel[grid](*args, **const, **_launch_options())
+    else:  # CPU tensors; or any device under TRITON_INTERPRET=1 (the interpreter copies through host memory)
+        import numpy as np  # the interpreter computes with numpy; overflow to inf and NaN are expected here
+
+        with _interpreter_lock, np.errstate(all="ignore"):
+            _interpreted()[grid](*args, **const)
+
+
+def _launch_one(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float, wide: torch.dtype) -> None:
+    n = out.numel()
+    if n == 0:
+        return
+    o = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    _run((-(-n // _BLOCK),), prev.contiguous(), cur.contiguous(), o, None, n, alpha, wide)
+    if o is not out:
+        out.copy_(o)
+
+
+def _groupable(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor) -> bool:
+    return (0 < out.numel() <= _GROUP_MAX_NUMEL and out.numel() % 16 == 0
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (out, prev, cur)))
+
+
+def _launch_grouped(members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float,
+                    wide: torch.dtype) -> None:
+    """One launch over many small contiguous tensors sharing a dtype triple, through a table of addresses."""
+    rows = []
+    for o, p, c in members:
+        starts = torch.arange(0, o.numel(), _BLOCK, dtype=torch.int64)
+        rows.append(torch.stack([o.data_ptr() + starts * o.element_size(),
+                                 p.data_ptr() + starts * p.element_size(),
+                                 c.data_ptr() + starts * c.element_size(),
+                                 o.numel() - starts], dim=1))
+    table = torch.cat(rows)
+    o, p, c = members[0]
+    if o.device.type == "cuda":
+        # Pinned and non-blocking: the upload queues on the stream without a host sync; the caching host
+        # allocator keeps the pinned block until the copy has run.
+        table = table.pin_memory().to(o.device, non_blocking=True)
+    _run((table.shape[0],), p, c, o, table, 0, alpha, wide)
+
+
+def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``out = cur + alpha * (cur - prev)`` with the kernel; arguments already validated by ``apo_kernels.ops``."""
+    wide = compute_dtype(prev.dtype, cur.dtype, out.dtype)
+    a = round_alpha(alpha, wide)
+    if a == 0.0 and out.dtype == cur.dtype:
+        return out.copy_(cur)
+    _launch_one(out, prev, cur, a, wide)
+    return out
+
+
+def extrapolate_many_(outs: Sequence[torch.Tensor], prevs: Sequence[torch.Tensor], curs: Sequence[torch.Tensor],
+                      alpha: float) -> None:
+    """``extrapolate_`` over lists: small tensors grouped per (device, dtypes) into one launch, large ones alone."""
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for o, p, c in zip(outs, prevs, curs, strict=True):
+        wide = compute_dtype(p.dtype, c.dtype, o.dtype)
+        if round_alpha(alpha, wide) == 0.0 or not _groupable(o, p, c) or not _can_group(o.device):
+            extrapolate_(o, p, c, alpha)
+        else:
+            groups.setdefault((o.device, o.dtype, p.dtype, c.dtype), []).append((o, p, c))
+    for (_, out_dtype, prev_dtype, cur_dtype), members in groups.items():
+        wide = compute_dtype(prev_dtype, cur_dtype, out_dtype)
+        if len(members) == 1:
+            _launch_one(*members[0], round_alpha(alpha, wide), wide)
+        else:
+            _launch_grouped(members, round_alpha(alpha, wide), wide)
+
+
+def _can_group(device: torch.device) -> bool:
+    # The interpreter reads table addresses as host memory: only CPU tensors, or the compiled kernel on CUDA.
+    return device.type == "cpu" or (device.type == "cuda" and _is_compiled())

@@ -1,0 +1,140 @@
+"""APOCallback: the APO extrapolation step inside Hugging Face Trainer (and TRL trainer) runs.
+
+A round is one ``Trainer.train()`` call. When a round ends (``on_train_end``) the callback copies the model's raw
+weights theta_hat_{t+1}, sets the model in memory to ``theta_hat_{t+1} + alpha * (theta_hat_{t+1} - theta_hat_t)``
+(fp32 math, one rounding, the same kernel as the apo-merge CLI) and keeps the raw copy as theta_hat_t of the next
+round. Before the first round theta_hat_0 is the model the round starts from, unless ``prev`` names it.
+
+Use one callback object for all rounds (pass it to each round's trainer), or ``save_raw`` / ``prev`` to carry
+the raw weights between processes. Needs each process to hold the full weights (one device or DDP); with FSDP or
+DeepSpeed ZeRO-3 save checkpoints and run ``apo-merge`` between rounds instead. LoRA (PEFT) models are refused:
+extrapolating their factors in place is not the APO step; save the adapters and run ``apo-merge PREV CUR``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from apo_merge.memory import extrapolate_tensors_
+
+_GROUP_BYTES = 1 << 28  # prev tensors moved to the device per extrapolate_tensors_ call
+
+
+class APOCallback(TrainerCallback):
+    """Apply the APO step ``raw + alpha * (raw - prev_raw)`` to the model at the end of every ``train()`` call.
+
+    ``prev``: the previous round's raw weights (a checkpoint folder or a state dict); default: the weights the
+    first round starts from. ``save_raw``: a folder where each round's raw weights are written (replaced every
+    round, by the main process) so that the next run can pass it as ``prev``.
+
+    >>> apo = APOCallback(0.3)
+    >>> for data in rounds:  # doctest: +SKIP
+    ...     DPOTrainer(model=model, train_dataset=data, callbacks=[apo], ...).train()
+    """
+
+    def __init__(self, alpha: float, *, prev: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+                 save_raw: str | os.PathLike | None = None) -> None:
+        self.alpha = float(alpha)
+        self.save_raw = Path(save_raw) if save_raw is not None else None
+        self.rounds = 0  # finished rounds
+        self._prev: dict[str, torch.Tensor] | None = None
+        if isinstance(prev, Mapping):
+            self._prev = {n: t.detach().to("cpu", copy=True) for n, t in prev.items()}
+        elif prev is not None:
+            self._prev = _load_folder(Path(prev))
+
+    @property
+    def prev_raw(self) -> dict[str, torch.Tensor] | None:
+        """theta_hat_t: the raw weights the next extrapolation starts from (CPU copies)."""
+        return self._prev
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        live = _tensors(model)
+        if self._prev is None:
+            self._prev = {n: t.detach().to("cpu", copy=True) for n, t in live.items()}
+        missing = sorted(set(live) - set(self._prev))
+        if missing:
+            raise ValueError(f"APOCallback: the previous raw weights lack {', '.join(missing[:5])}; pass the "
+                             "checkpoint of the same model as prev")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        live = _tensors(model)
+        raw = {n: t.detach().to("cpu", copy=True) for n, t in live.items()}
+        if self.save_raw is not None and getattr(state, "is_world_process_zero", True):
+            _save(model, raw, self.save_raw)
+        names = list(live)
+        for group in _groups(names, live):
+            cur = [live[n] for n in group]
+            prev = [self._prev[n].to(live[n].device, non_blocking=True) for n in group]
+            extrapolate_tensors_(cur, prev, self.alpha)
+        self._prev = raw
+        self.rounds += 1
+
+
+def _tensors(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """The model's floating tensors by state-dict name, each storage once (tied weights are one tensor)."""
+    if model is None:
+        raise ValueError("APOCallback: the trainer passed no model")
+    if hasattr(model, "peft_config"):
+        raise ValueError("APOCallback: extrapolating a LoRA model's factors in place is not the APO step; save "
+                         "each round's adapter and run `apo-merge PREV CUR` (writes the exact adapter)")
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if type(t).__name__ == "DTensor" or hasattr(t, "ds_id") or getattr(t, "_is_flat_param", False):
+            raise ValueError("APOCallback: the model is sharded (FSDP / ZeRO-3); save checkpoints and run "
+                             "apo-merge between rounds instead")
+        if not t.is_floating_point():
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.data
+    return out
+
+
+def _groups(names: list[str], live: dict[str, torch.Tensor]):
+    group, size = [], 0
+    for n in names:
+        group.append(n)
+        size += live[n].numel() * live[n].element_size()
+        if size >= _GROUP_BYTES:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from apo_merge.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(folder)
+    out: dict[str, torch.Tensor] = {}
+    for f in ckpt.files:
+        out.update(load_file(f.path))
+    return out
+
+
+def _save(model: torch.nn.Module, raw: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write the raw weights as a checkpoint folder, replacing ``folder`` only once complete."""
+    from safetensors.torch import save_file
+
+    tmp = folder.parent / f".{folder.name}.apo-raw-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(tmp, state_dict=dict(raw))  # it edits the dict it is given
+    else:
+        save_file(raw, tmp / "model.safetensors", metadata={"format": "pt"})
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)

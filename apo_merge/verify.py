@@ -1,0 +1,104 @@
+"""`apo-merge verify OUT`: re-check a finished output against what the merge recorded in its model card.
+
+Every header goes through the hardened parser, the index must map every tensor to the file that holds it (and
+nothing else), the weight files must be exactly those the card lists, and each file's size and SHA-256 must equal
+the recorded ones. The first mismatch is a MergeError naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from apo_merge.card import recorded_files
+from apo_merge.checkpoint import INDEX_NAME, open_checkpoint
+from apo_merge.errors import MergeError
+from apo_merge.output import CARD_MARK
+
+_READ_BYTES = 1 << 23
+CARD_NAME = "README.md"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify_output`` checked: every weight file (name -> bytes, sha256), tensors and total bytes."""
+
+    folder: Path
+    files: dict[str, tuple[int, str]]
+    n_tensors: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for size, _ in self.files.values())
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 8 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _recorded(root: Path) -> dict[str, tuple[int, str]]:
+    card = root / CARD_NAME
+    try:
+        text = card.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise MergeError(f"{card}: cannot read the model card ({e.strerror or e}), so there are no recorded hashes "
+                         "to check against; re-run the merge") from None
+    if CARD_MARK not in text:
+        raise MergeError(f"{card}: is not an apo-merge model card, so there are no recorded hashes to check "
+                         "against; re-run the merge")
+    recorded = recorded_files(text)
+    if not recorded:
+        raise MergeError(f"{card}: records no weight files; re-run the merge")
+    return recorded
+
+
+def verify_output(folder: str | Path) -> VerifyReport:
+    """Check an apo-merge output folder; return what was checked or raise MergeError at the first mismatch."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise MergeError(f"{root}: no such folder; give the output folder of an apo-merge run")
+    recorded = _recorded(root)
+    ckpt = open_checkpoint(root)  # every header and the index, through the hardened reader
+
+    for name in sorted(recorded):
+        path = root / name
+        if "/" in name or name.startswith(".") or not path.is_file() or path.is_symlink():
+            raise MergeError(f"{path}: recorded in the model card but missing; re-run the merge")
+    weights = {n for n in recorded if n.endswith(".safetensors")}  # (an adapter's card also lists its config)
+    extra = sorted({p.name for p in root.glob("*.safetensors")} - weights)
+    if extra:
+        raise MergeError(f"{root / extra[0]}: a weight file the model card does not record; remove it or re-run "
+                         "the merge")
+    unindexed = sorted(weights - {f.path.name for f in ckpt.files})
+    if unindexed:
+        raise MergeError(f"{root / INDEX_NAME}: does not name {unindexed[0]}, which the model card records; "
+                         "re-run the merge")
+    if ckpt.index_name:
+        _check_total_size(root / INDEX_NAME, ckpt.total_bytes)
+
+    for name in sorted(recorded):
+        path, (size, sha) = root / name, recorded[name]
+        actual_size = path.stat().st_size
+        if actual_size != size:
+            raise MergeError(f"{path}: {actual_size} bytes but the model card records {size}; "
+                             "the file changed after the merge, re-run it")
+        actual = file_sha256(path)
+        if actual != sha:
+            raise MergeError(f"{path}: SHA-256 {actual[:16]}... differs from the {sha[:16]}... recorded in the model "
+                             "card; the file changed after the merge, re-run it")
+    return VerifyReport(root, {n: recorded[n] for n in sorted(recorded)}, len(ckpt.tensors))
+
+
+def _check_total_size(index_path: Path, total: int) -> None:
+    metadata = json.loads(index_path.read_text(encoding="utf-8")).get("metadata")
+    recorded = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if recorded is not None and recorded != total:
+        raise MergeError(f"{index_path}: metadata.total_size is {recorded!r} but the tensors hold {total} bytes; "
+                         "re-run the merge")

@@ -1,0 +1,97 @@
+"""The ``apo-train`` command line: ``run CONFIG.yaml [--set key=value ...]``, ``config`` (print every key).
+
+Errors print one line on stderr; exit code 2 for bad configuration or usage, 1 for failures during the run,
+130 on Ctrl-C. ``apo-train demo`` is added by ``apo_trainer.demo.cli:demo`` when that module is present.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from apo_trainer.errors import TrainError
+
+app = typer.Typer(name="apo-train", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run Accelerated Preference Optimization rounds (arXiv 2410.06293).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from apo_merge import __version__
+
+        typer.echo(f"apo-train {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Run Accelerated Preference Optimization rounds (arXiv 2410.06293)."""
+
+
+def _fail(err: TrainError) -> typer.Exit:
+    typer.echo(f"apo-train: error: {err.message}", err=True)
+    return typer.Exit(err.exit_code)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML config file (see `apo-train config`).")],
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override one key: --set alpha=0.5 "
+                                                        "(repeatable; values parsed as YAML).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
+    allow_changed_config: Annotated[bool, typer.Option(
+        "--allow-changed-config", help="Resume even though the config differs from the one the run started "
+                                       "with; new values apply to phases not yet done.")] = False,
+) -> None:
+    """Run (or resume) the APO rounds a config describes. Rerun the same command to resume after a crash."""
+    from apo_trainer.config import APOConfig
+
+    try:
+        cfg = APOConfig.from_yaml(config, overrides or [])
+        cfg.validate()
+        from apo_trainer.loop import run as run_loop
+
+        run_loop(cfg, quiet=quiet, allow_changed_config=allow_changed_config)
+    except TrainError as e:
+        raise _fail(e) from None
+    except KeyboardInterrupt:
+        typer.echo("apo-train: interrupted; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command("config")
+def config_reference(
+    markdown: Annotated[bool, typer.Option("--markdown", help="A Markdown table instead of YAML.")] = False,
+) -> None:
+    """Print every config key with its default and help, as a YAML file to start from."""
+    from apo_trainer.config import APOConfig
+
+    typer.echo(APOConfig.reference_markdown() if markdown else APOConfig.reference_yaml(), nl=False)
+
+
+def _register_optional_commands() -> None:
+    # The demo lives in its own package; register it only when it is installed beside the trainer.
+    try:
+        found = importlib.util.find_spec("apo_trainer.demo.cli") is not None
+    except ModuleNotFoundError:
+        found = False
+    if found:
+        app.command("demo")(importlib.import_module("apo_trainer.demo.cli").demo)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    """Console-script entry point (``apo-train``)."""
+    app(prog_name="apo-train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""The one configuration of an APO run: a dataclass whose every field carries its help text.
+
+Load it from YAML and override single fields from the command line::
+
+    cfg = APOConfig.from_yaml("run.yaml", ["alpha=0.5", "rounds=4"])
+    cfg.validate()          # files, oracle spec, ranges: one-line ConfigError before any work starts
+
+Unknown keys, wrong types and values outside the allowed choices raise :class:`ConfigError` (exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from apo_trainer.errors import ConfigError
+
+_LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                  "inverse_sqrt")
+
+
+def _f(default: Any, help: str, *, choices: tuple[str, ...] | None = None, resume_safe: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "resume_safe": resume_safe})
+
+
+@dataclass
+class APOConfig:
+    """Settings of an APO run (arXiv 2410.06293). Field names are the YAML keys; see each field's help."""
+
+    # What to train, on what, judged by whom.
+    model: str = _f("", "Initial policy theta_0 = theta_hat_0: a local Hugging Face model folder or a Hub id. Required.")
+    tokenizer: str = _f("", "Tokenizer folder or Hub id; empty means the model's own.")
+    prompts: str = _f("", "Prompts: a JSONL file with one object per line holding `prompt_field`, or a folder of "
+                          "*.jsonl files, or a folder written by datasets' save_to_disk (needs `datasets`). Required.")
+    prompt_field: str = _f("prompt", "Name of the prompt field in each JSONL object or dataset row.")
+    oracle: str = _f("", "Preference oracle: 'reward-model:PATH' (AutoModelForSequenceClassification with one scalar "
+                         "output) or 'callable:module:function' (called with lists of prompts and responses, returns "
+                         "one float per pair). Required unless an Oracle object is passed to loop.run().")
+    output_dir: str = _f("runs/apo", "Run folder: round-<t>/ per round, metrics.jsonl, config.yaml. Rerunning the "
+                                     "same command resumes from the last finished phase.")
+
+    # APO.
+    rounds: int = _f(3, "Number of rounds T; the run ends with theta_T in round-<T-1>/policy.", resume_safe=True)
+    alpha: float = _f(0.3, "Extrapolation weight: theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - "
+                           "theta_hat_t). 0 is plain iterative DPO/SPPO; the paper uses 0.3.")
+    loss: str = _f("dpo", "Preference loss: 'dpo' (sigmoid, best vs worst) or 'sppo' (squared loss to win-rate "
+                          "targets).", choices=("dpo", "sppo"))
+    beta: float = _f(0.1, "Inverse temperature of the loss (DPO 0.01-0.1, SPPO ~0.001).")
+    final_eval: bool = _f(True, "After the last round, sample and judge theta_T once more so that T rounds give T+1 "
+                                "log records (rounds 0..T).", resume_safe=True)
+
+    # Prompts per round and sampling.
+    prompts_per_round: int = _f(0, "Fresh prompts each round: round t takes the next prompts_per_round prompts of a "
+                                    "seeded shuffle of the set (reshuffled when exhausted). 0 = every prompt every "
+                                    "round.")
+    shuffle_prompts: bool = _f(True, "Shuffle the prompt set (seeded) before splitting it into rounds.")
+    samples_per_prompt: int = _f(5, "K: responses sampled per prompt (at least 2).")
+    max_new_tokens: int = _f(256, "Longest response, in tokens.")
+    min_new_tokens: int = _f(0, "Shortest response, in tokens (end-of-sequence is suppressed before).")
+    temperature: float = _f(1.0, "Sampling temperature (1.0 samples the policy itself).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off).")
+    max_prompt_tokens: int = _f(1024, "Prompts longer than this (after the chat template) are skipped and counted.")
+    chat_template: bool = _f(True, "Wrap each prompt in the tokenizer's chat template when it has one.")
+    sampler: str = _f("auto", "Generation backend: 'generate' (transformers, dynamic KV cache), 'static' "
+                              "(transformers, static KV cache, compiled on GPU), 'vllm', or 'auto' (vllm when "
+                              "importable on a single GPU process, else static on GPU, else generate).",
+                      choices=("auto", "generate", "static", "vllm"))
+    generation_batch_size: int = _f(64, "Sequences per generate call (prompts x K), prompts grouped by length.")
+
+    # Judging and reference log-probs.
+    oracle_batch_size: int = _f(16, "(prompt, response) pairs per oracle call.")
+    logprob_batch_size: int = _f(8, "Sequences per forward pass when computing reference log-probs.")
+
+    # Training.
+    learning_rate: float = _f(5e-7, "Peak AdamW learning rate (restarted every round).")
+    lr_scheduler: str = _f("linear", "Learning-rate schedule after warm-up (transformers' get_scheduler names).",
+                           choices=_LR_SCHEDULERS)
+    warmup_ratio: float = _f(0.1, "Fraction of each round's optimizer steps spent warming up linearly from 0.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this when gradients sync (0 = no clipping).")
+    epochs_per_round: int = _f(1, "Passes over each round's preference data.")
+    batch_size: int = _f(4, "Preference pairs per process per micro-batch (each pair is two sequences).")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step (effective batch = batch_size x "
+                            "grad_accum x processes).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    dtype: str = _f("float32", "Dtype the policy is loaded, trained and saved in. Keep float32 master weights with "
+                               "mixed_precision bf16: at lr 5e-7 most bf16 weight updates round to nothing.",
+                    choices=("float32", "bfloat16", "float16"))
+    mixed_precision: str = _f("no", "accelerate mixed precision for forward passes: 'no', 'bf16' or 'fp16' (GPU).",
+                              choices=("no", "bf16", "fp16"))
+    seed: int = _f(0, "Seed; every phase reseeds from (seed, round, phase), so a resumed run matches an "
+                      "uninterrupted one.")
+
+    # Logging and publishing.
+    log_with: str = _f("", "Comma-separated accelerate trackers (e.g. 'tensorboard', 'wandb'); empty = JSONL and "
+                           "console only.", resume_safe=True)
+    push_to_hub: bool = _f(False, "Upload each round's extrapolated policy theta_{t+1} to branch `round-<t+1>` of "
+                           "`hub_repo_id` (created private when missing); off by default.",
+                           resume_safe=True)
+    hub_repo_id: str = _f("", "Hub repository for push_to_hub, e.g. 'me/apo-mistral'.", resume_safe=True)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> APOConfig:
+        """Build a config from a mapping, refusing unknown keys and wrong types with a one-line ConfigError."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(values).__name__}")
+        cfg = cls()
+        for key, value in values.items():
+            cfg._assign(str(key), value, source)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> APOConfig:
+        """Load ``path`` (YAML mapping; None for defaults only), then apply ``key=value`` overrides in order."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            try:
+                text = p.read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"{p}: cannot read config file ({e.strerror or e}); check the path") from None
+            try:
+                loaded = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}" if mark is not None else ""
+                raise ConfigError(f"{p}: not valid YAML{where}; fix the file's syntax") from None
+            values = {} if loaded is None else loaded
+        cfg = cls.from_dict(values, source=str(path) if path is not None else "config")
+        for item in overrides:
+            cfg.set(item)
+        return cfg
+
+    def set(self, item: str) -> None:
+        """Apply one ``key=value`` override; the value is parsed as YAML (``alpha=0.5``, ``final_eval=false``)."""
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set alpha=0.5")
+        hint = _field_types().get(key)
+        if hint is str:
+            value: Any = text
+        else:
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise ConfigError(f"--set {item!r}: cannot parse the value as YAML") from None
+        self._assign(key, value, "--set")
+
+    def _assign(self, key: str, value: Any, source: str) -> None:
+        types = _field_types()
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(types)}"
+            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+        want = types[key]
+        if want is bool:
+            ok = isinstance(value, bool)
+        elif want is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif want is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, want)
+        if not ok:
+            raise ConfigError(f"{source}: '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}")
+        choices = _fields()[key].metadata["choices"]
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(choices)}; got {value!r}")
+        setattr(self, key, value)
+
+    # ---------------------------------------------------------------- checks
+    def validate(self, *, need_oracle: bool = True) -> None:
+        """Check everything that can be checked before work starts; raise a one-line ConfigError otherwise.
+
+        Ranges, required keys, the prompts file (exists, first record has the prompt field), the model and
+        tokenizer (existing folder or a Hub id), the oracle spec (importable callable / reward-model folder),
+        and the sampler's availability. ``need_oracle=False`` when an Oracle object is supplied in code.
+        """
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config: '{f.name}' must be finite; got {value}")
+        positive = ("rounds", "samples_per_prompt", "max_new_tokens", "max_prompt_tokens", "generation_batch_size",
+                    "oracle_batch_size", "logprob_batch_size", "epochs_per_round", "batch_size", "grad_accum")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config: '{key}' must be at least 1; got {getattr(self, key)}")
+        if self.samples_per_prompt < 2:
+            raise ConfigError("config: 'samples_per_prompt' must be at least 2 (preferences need two responses)")
+        for key in ("prompts_per_round", "min_new_tokens", "weight_decay", "max_grad_norm", "alpha"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config: '{key}' must not be negative; got {getattr(self, key)}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError("config: 'min_new_tokens' exceeds 'max_new_tokens'")
+        if self.beta <= 0 or self.learning_rate <= 0 or self.temperature <= 0:
+            raise ConfigError("config: 'beta', 'learning_rate' and 'temperature' must be positive")
+        if not 0 < self.top_p <= 1 or not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError("config: 'top_p' must be in (0, 1] and 'warmup_ratio' in [0, 1]")
+        if not self.output_dir:
+            raise ConfigError("config: 'output_dir' must not be empty")
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ConfigError("config: push_to_hub needs 'hub_repo_id' (e.g. me/apo-model)")
+        _check_model_ref("model", self.model, required=True)
+        _check_model_ref("tokenizer", self.tokenizer, required=False)
+        _check_prompts(self.prompts, self.prompt_field)
+        if need_oracle:
+            check_oracle_spec(self.oracle)
+        for tracker in filter(None, (x.strip() for x in self.log_with.split(","))):
+            modules = _TRACKERS.get(tracker)
+            if modules is None:
+                raise ConfigError(f"config: log_with tracker '{tracker}' is unknown; use one of {', '.join(_TRACKERS)}")
+            if not any(importlib.util.find_spec(m) for m in modules):
+                raise ConfigError(f"config: log_with '{tracker}' needs the {modules[0]} package; install it or drop "
+                                  "it from log_with")
+        if self.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError("config: sampler 'vllm' needs the vllm package; install it or use sampler: auto")
+
+    # ---------------------------------------------------------------- output
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping of every field (what config.yaml in the run folder holds)."""
+        return dataclasses.asdict(self)
+
+    def changed_fields(self, previous: dict[str, Any]) -> list[str]:
+        """Fields (not marked safe to change on resume) whose value differs from ``previous``; unknown keys too."""
+        now = self.to_dict()
+        keys = sorted(set(now) | set(previous))
+        return [k for k in keys
+                if now.get(k) != previous.get(k) and not (k in _fields() and _fields()[k].metadata["resume_safe"])]
+
+    @classmethod
+    def reference_yaml(cls) -> str:
+        """Every field with its default and help text, as a commented YAML file (``apo-train config``)."""
+        lines = ["# apo-train configuration: every key with its default.", ""]
+        for f in dataclasses.fields(cls):
+            for chunk in _wrap(f.metadata["help"], 100):
+                lines.append(f"# {chunk}")
+            lines.append(yaml.safe_dump({f.name: f.default}, default_flow_style=False, width=1000).rstrip())
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def reference_markdown(cls) -> str:
+        """The config reference as a Markdown table (for the README)."""
+        rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            default = json.dumps(f.default)
+            choices = f.metadata["choices"]
+            extra = f" One of: {', '.join(choices)}." if choices and "'" not in f.metadata["help"] else ""
+            rows.append(f"| `{f.name}` | `{default}` | {f.metadata['help']}{extra} |")
+        return "\n".join(rows) + "\n"
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(APOConfig)}
+
+
+def _field_types() -> dict[str, type]:
+    return get_type_hints(APOConfig)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    out, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            out.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return out + ([line] if line else [])
+
+
+_TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+             "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+             "trackio": ("trackio",), "swanlab": ("swanlab",)}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_model_ref(key: str, ref: str, *, required: bool) -> None:
+    if not ref:
+        if required:
+            raise ConfigError(f"config: '{key}' is required (a local model folder or a Hub id)")
+        return
+    p = Path(ref)
+    if p.is_dir():
+        if key != "tokenizer" and not (p / "config.json").is_file():
+            raise ConfigError(f"config: {key} folder {ref} has no config.json; point it at a Hugging Face model folder")
+        return
+    if p.exists() or ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
+        raise ConfigError(f"config: {key} '{ref}' is neither an existing folder nor a Hub id; check the path")
+
+
+def _check_prompts(path: str, prompt_field: str) -> None:
+    if not path:
+        raise ConfigError("config: 'prompts' is required (a JSONL file with a 'prompt' field, or a folder)")
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config: prompts file {path} does not exist; check the path")
+    from apo_trainer.prompts import peek_prompt_source
+
+    peek_prompt_source(p, prompt_field)
+
+
+def check_oracle_spec(spec: str) -> None:
+    """Raise ConfigError unless ``spec`` names a loadable oracle (imports a callable; checks a folder exists)."""
+    if not spec:
+        raise ConfigError("config: 'oracle' is required ('reward-model:PATH' or 'callable:module:function')")
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("reward-model", "callable") or not rest:
+        raise ConfigError(f"config: oracle {spec!r} must be 'reward-model:PATH' or 'callable:module:function'")
+    if kind == "callable":
+        from apo_trainer.oracle import resolve_callable
+
+        resolve_callable(rest)
+    else:
+        _check_model_ref("oracle reward model", rest, required=True)

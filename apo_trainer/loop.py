@@ -1,0 +1,160 @@
+"""The APO round loop (arXiv 2410.06293, Algorithm 1), top to bottom.
+
+For t = 0 .. T-1, with theta_0 = theta_hat_0 = the initial model:
+
+    sample      K responses per prompt from theta_t                      round-<t>/samples.jsonl
+    judge       oracle scores                                             round-<t>/scores.json
+    reference   log pi_theta_t (and log pi_theta_0 for the KL estimate)   round-<t>/logprobs.safetensors
+    data        best vs worst pairs, SPPO win-rates                       round-<t>/pairs.jsonl
+    train       theta_hat_{t+1} from theta_t, reference pi_theta_t        round-<t>/trained/
+    extrapolate theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - theta_hat_t)   round-<t>/policy/
+    log         one record per round                                      metrics.jsonl
+
+With ``final_eval`` (default), round T runs sample, judge and reference only, so that the final policy theta_T is
+evaluated on fresh prompts: T rounds give T+1 records (rounds 0..T). Raising ``rounds`` on a finished run
+continues it from there.
+
+Every phase reseeds from (seed, round, phase), writes its result atomically and then a done marker; a rerun skips
+phases with markers, so an interrupted run resumes and ends with the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import yaml
+
+from apo_trainer import data, extrapolate, judge, log, reference, sample, train
+from apo_trainer.config import APOConfig
+from apo_trainer.errors import ConfigError
+from apo_trainer.oracle import Oracle
+from apo_trainer.prompts import load_prompts
+from apo_trainer.runtime import RunContext, load_tokenizer, phase_seed, seed_everything
+from apo_trainer.store import RunStore
+
+
+def run(config: APOConfig, oracle: Oracle | None = None, *, quiet: bool = False,
+        allow_changed_config: bool = False) -> list[dict[str, Any]]:
+    """Run (or resume) every round of ``config``; return the per-round records, also in OUTPUT/metrics.jsonl.
+
+    Each record has at least ``round``, ``mean_score`` (oracle mean over the round's samples), ``std_score``,
+    ``mean_length`` (response tokens), ``kl_to_init`` and ``time_<phase>`` seconds; training rounds add
+    ``pairs``, ``train_loss``, ``train_accuracy``, ``train_margin``. An ``oracle`` object overrides
+    ``config.oracle``. ``allow_changed_config`` accepts a config that differs from the one the run folder started
+    with (the new values apply to phases not yet done).
+
+    >>> records = run(APOConfig.from_yaml("run.yaml"))  # doctest: +SKIP
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers.utils import logging as hf_logging
+
+    config.validate(need_oracle=oracle is None)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # our own bars cover the phases; theirs repeat per checkpoint load
+    trackers = [x.strip() for x in config.log_with.split(",") if x.strip()]
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+                              log_with=trackers or None, project_dir=config.output_dir)
+    store = RunStore(config.output_dir)
+    try:
+        with store.lock() if accelerator.is_main_process else nullcontext():
+            if accelerator.is_main_process:
+                _check_config(store, config, allow_changed_config)
+                store.remove_stale_temporaries()
+            accelerator.wait_for_everyone()
+            return _rounds(config, accelerator, store, oracle, quiet, trackers)
+    finally:
+        accelerator.end_training()
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+        # Lets a later run() in this process choose another mixed precision.
+        AcceleratorState._reset_state()
+
+
+def _rounds(config: APOConfig, accelerator: Any, store: RunStore, oracle: Oracle | None, quiet: bool,
+            trackers: list[str]) -> list[dict[str, Any]]:
+    ctx = RunContext(config=config, accelerator=accelerator, store=store, tokenizer=load_tokenizer(config),
+                     prompts=load_prompts(config.prompts, config.prompt_field), oracle=oracle, quiet=quiet)
+    if trackers:
+        accelerator.init_trackers("apo-train", config={k: v for k, v in config.to_dict().items()
+                                                       if isinstance(v, (int, float, str, bool))})
+    records: list[dict[str, Any]] = []
+    last = config.rounds + (1 if config.final_eval else 0)
+    for t in range(last):
+        theta_t = config.model if t == 0 else str(store.policy(t - 1))
+        _phase(ctx, t, "sample", sample.run, theta_t)
+        _phase(ctx, t, "judge", judge.run)
+        _phase(ctx, t, "reference", reference.run, theta_t)
+        if t < config.rounds:
+            _phase(ctx, t, "data", data.run)
+            trained = _phase(ctx, t, "train", train.run, theta_t)
+            _phase(ctx, t, "extrapolate", extrapolate.run, trained)
+            if config.push_to_hub:
+                _phase(ctx, t, "push", _push_round)
+            trained = None
+            ctx.step_offset += (store.done(t, "train") or {}).get("steps", 0)
+        record = log.round_record(store, t)
+        records.append(record)
+        if accelerator.is_main_process:
+            log.write_metrics(store, records)
+            # Trackers such as wandb need steps that never decrease: use the optimizer steps taken so far.
+            accelerator.log({f"round/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
+                            step=ctx.step_offset)
+            if not quiet:
+                log.print_round(record)
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not quiet:
+        log.print_table(records, title=f"apo-train: {config.output_dir}")
+    return records
+
+
+def _phase(ctx: RunContext, t: int, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(ctx, t, *args)`` unless the phase's done marker exists; returns what ``fn`` returns beside its
+    summary (or None when skipped)."""
+    if ctx.store.done(t, name) is not None:
+        return None
+    seed_everything(phase_seed(ctx.config.seed, t, name, ctx.rank))
+    start = time.perf_counter()
+    result = fn(ctx, t, *args)
+    summary, extra = result if isinstance(result, tuple) else (result, None)
+    summary = dict(summary, seconds=time.perf_counter() - start)
+    if ctx.is_main:
+        ctx.store.mark_done(t, name, summary)
+    ctx.accelerator.wait_for_everyone()
+    return extra
+
+
+def _check_config(store: RunStore, config: APOConfig, allow_changed: bool) -> None:
+    """Record the config on a fresh run; on a resume refuse one that differs (unless allowed)."""
+    text = yaml.safe_dump(config.to_dict(), sort_keys=True)
+    if store.config.is_file():
+        previous = yaml.safe_load(store.config.read_text(encoding="utf-8")) or {}
+        changed = config.changed_fields(previous)
+        if changed and not allow_changed:
+            detail = ", ".join(f"{k}: {previous.get(k)!r} -> {config.to_dict().get(k)!r}" for k in changed[:4])
+            raise ConfigError(f"{store.root} was started with another config ({detail}); use a new output_dir, "
+                              "restore those values, or pass --allow-changed-config")
+        if not changed and previous == config.to_dict():
+            return
+    store.write_text(store.config, text)
+
+
+def _push_round(ctx: RunContext, t: int) -> dict[str, Any]:
+    """Upload theta_{t+1} to branch ``round-<t+1>`` of ``hub_repo_id`` (main process). A failed upload is reported
+    with the command that retries it and does not stop training: the checkpoint is safe on disk."""
+    if not ctx.is_main:
+        return {"pushed": False}
+    from apo_merge.errors import MergeError
+    from apo_merge.hub import push_folder
+
+    config = ctx.config
+    try:
+        url = push_folder(ctx.store.policy(t), config.hub_repo_id, private=True, revision=f"round-{t + 1}",
+                          commit_message=f"APO policy theta_{t + 1} (alpha {config.alpha})")
+    except MergeError as e:
+        ctx.accelerator.print(f"apo-train: warning: round {t}: {e.message}")
+        return {"pushed": False, "error": e.message}
+    return {"pushed": True, "url": url}

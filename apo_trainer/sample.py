@@ -1,0 +1,227 @@
+"""Phase 1, sample: K responses per prompt from the current policy theta_t.
+
+Prompts are sorted by length and dealt round-robin across processes; each process generates its share in batches
+(left padding, KV cache) and the main process gathers everything into ``round-<t>/samples.jsonl``. Backends:
+
+- ``generate``: transformers' generate with the default dynamic cache (works everywhere);
+- ``static``: transformers' generate with ``cache_implementation="static"`` sized once per round
+  (``max_cache_len``) and a fixed batch shape, so that on a GPU the decode step compiles once;
+- ``vllm``: vLLM's offline engine, when vllm is importable (single process).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apo_trainer.errors import ConfigError
+from apo_trainer.prompts import round_prompts
+from apo_trainer.runtime import RunContext, free_memory, phase_seed
+from apo_trainer.store import read_jsonl
+
+
+def select_sampler(requested: str, *, cuda: bool, num_processes: int, vllm_available: bool) -> str:
+    """The backend to use: ``auto`` picks vllm (importable, CUDA, one process), else static on CUDA, else generate."""
+    if requested == "auto":
+        if cuda and vllm_available and num_processes == 1:
+            return "vllm"
+        return "static" if cuda else "generate"
+    if requested == "vllm":
+        if not vllm_available:
+            raise ConfigError("config: sampler 'vllm' needs the vllm package; install it or use sampler: auto")
+        if num_processes > 1:
+            raise ConfigError("config: sampler 'vllm' runs in a single process; launch one process or use "
+                              "sampler: static")
+    return requested
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def encode_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[int]:
+    """Token ids of one prompt, wrapped as a user turn in the chat template when the tokenizer has one."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def eos_ids(model_path: str | Path, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids: the checkpoint's generation config's (there may be several), else the tokenizer's."""
+    from transformers import GenerationConfig
+
+    try:
+        ids = GenerationConfig.from_pretrained(str(model_path)).eos_token_id
+    except OSError:  # no generation_config.json
+        ids = None
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def trim_response(ids: Sequence[int], eos: Sequence[int]) -> tuple[list[int], bool]:
+    """Cut generated ids after the first end-of-sequence token (kept); returns (ids, finished)."""
+    for i, tok in enumerate(ids):
+        if tok in eos:
+            return list(ids[:i + 1]), True
+    return list(ids), False
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, length - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_transformers(model: Any, prompt_ids: list[list[int]], *, k: int, config: Any, pad_id: int,
+                          eos: list[int], static: bool, progress: Any = None) -> list[list[list[int]]]:
+    """K sampled responses (token ids, untrimmed) per prompt with ``model.generate``, longest prompts first.
+
+    ``static``: a static KV cache sized for the longest prompt of the call list and a constant batch (the last
+    batch is filled with copies), so a compiled decode step sees one shape.
+    """
+    from transformers import GenerationConfig
+
+    per_call = max(1, config.generation_batch_size // k)
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    longest = max((len(p) for p in prompt_ids), default=0)
+    gen = GenerationConfig(
+        do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
+        max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens, num_return_sequences=k,
+        pad_token_id=pad_id, eos_token_id=eos or None, use_cache=True,
+        cache_implementation="static" if static else None,
+        max_cache_len=longest + config.max_new_tokens if static else None)
+    results: list[list[list[int]]] = [[] for _ in prompt_ids]
+    model.eval()
+    for start in range(0, len(order), per_call):
+        idx = order[start:start + per_call]
+        rows = [prompt_ids[i] for i in idx]
+        if static:
+            rows += [rows[-1]] * (per_call - len(rows))
+        input_ids, mask = _left_pad(rows, pad_id)
+        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                             generation_config=gen)
+        new = out[:, input_ids.shape[1]:].tolist()  # (rows * k, new tokens)
+        for j, i in enumerate(idx):
+            results[i] = new[j * k:(j + 1) * k]
+        if progress is not None:
+            progress.advance(len(idx))
+    return results
+
+
+def generate_vllm(model_path: str | Path, tokenizer_path: str, prompt_ids: list[list[int]], *, k: int,
+                  config: Any, seed: int, eos: list[int], quiet: bool) -> list[list[list[int]]]:
+    """K sampled responses per prompt with vLLM's offline engine; the engine is torn down afterwards."""
+    from vllm import LLM, SamplingParams
+
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(config.mixed_precision, config.dtype)
+    llm = LLM(model=str(model_path), tokenizer=tokenizer_path, dtype=dtype, seed=seed)
+    params = SamplingParams(n=k, temperature=config.temperature, top_p=config.top_p,
+                            max_tokens=config.max_new_tokens, min_tokens=config.min_new_tokens)
+    try:
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=not quiet)
+        results = []
+        for o in outs:
+            rows = []
+            for c in o.outputs:
+                ids = list(c.token_ids)
+                # vLLM may leave the end-of-sequence token out of token_ids; keep it, as generate does.
+                if c.finish_reason == "stop" and eos and (not ids or ids[-1] not in eos):
+                    ids.append(eos[0])
+                rows.append(ids)
+            results.append(rows)
+        return results
+    finally:
+        del llm
+        try:
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception:  # teardown helpers move between vLLM versions; memory is freed below regardless
+            pass
+        free_memory()
+
+
+def run(ctx: RunContext, t: int, policy_path: str | Path) -> dict[str, Any]:
+    """Sample round ``t`` from the policy at ``policy_path``; writes samples.jsonl and returns the phase summary."""
+    cfg, acc = ctx.config, ctx.accelerator
+    k = cfg.samples_per_prompt
+    picked, reused = round_prompts(ctx.prompts, t, cfg.prompts_per_round, seed=cfg.seed, shuffle=cfg.shuffle_prompts)
+    encoded = [encode_prompt(ctx.tokenizer, ctx.prompts[i], cfg.chat_template) for i in picked]
+    keep = [j for j, ids in enumerate(encoded) if len(ids) <= cfg.max_prompt_tokens]
+    if not keep:
+        raise ConfigError(f"round {t}: every prompt is longer than max_prompt_tokens={cfg.max_prompt_tokens}")
+    by_length = sorted(keep, key=lambda j: -len(encoded[j]))
+    mine = by_length[ctx.rank::acc.num_processes]
+
+    backend = select_sampler(cfg.sampler, cuda=ctx.device.type == "cuda", num_processes=acc.num_processes,
+                             vllm_available=vllm_available())
+    seed = phase_seed(cfg.seed, t, "sample", ctx.rank)
+    eos = eos_ids(policy_path, ctx.tokenizer)
+    start = time.perf_counter()
+    if backend == "vllm":
+        raw = generate_vllm(policy_path, cfg.tokenizer or str(policy_path), [encoded[j] for j in mine], k=k,
+                            config=cfg, seed=seed % 2**31, eos=eos, quiet=ctx.quiet)
+    else:
+        model = ctx.load_policy(policy_path, dtype=ctx.inference_dtype)
+        with ctx.progress(f"round {t}: sampling", len(by_length)) as bar:
+            raw = generate_transformers(model, [encoded[j] for j in mine], k=k, config=cfg,
+                                        pad_id=ctx.tokenizer.pad_token_id, eos=eos, static=backend == "static",
+                                        progress=_Scaled(bar, acc.num_processes))
+        del model
+        free_memory()
+    seconds = time.perf_counter() - start
+
+    from accelerate.utils import gather_object
+
+    gathered = gather_object([(j, rows) for j, rows in zip(mine, raw, strict=True)])
+    by_pos = dict(gathered)
+    rows_out = []
+    for j in keep:
+        trimmed = [trim_response(r, eos) for r in by_pos[j]]
+        rows_out.append({
+            "index": len(rows_out), "source": picked[j], "prompt": ctx.prompts[picked[j]], "prompt_ids": encoded[j],
+            "response_ids": [ids for ids, _ in trimmed], "finished": [fin for _, fin in trimmed],
+            "responses": [ctx.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in trimmed],
+        })
+    new_tokens = sum(len(ids) for r in rows_out for ids in r["response_ids"])
+    finished = sum(f for r in rows_out for f in r["finished"])
+    if ctx.is_main:
+        ctx.store.write_jsonl(ctx.store.samples(t), rows_out, round_index=t, phase="sample")
+    return {"prompts": len(rows_out), "samples": len(rows_out) * k, "skipped_long_prompts": len(picked) - len(keep),
+            "reused_prompts": reused, "sampler": backend, "new_tokens": new_tokens,
+            "mean_length": new_tokens / (len(rows_out) * k), "finished_fraction": finished / (len(rows_out) * k),
+            "new_tokens_per_second": new_tokens / seconds if seconds > 0 else 0.0}
+
+
+class _Scaled:
+    """Advances a progress bar by ``n * processes`` so the main process's share stands for the whole."""
+
+    def __init__(self, bar: Any, processes: int) -> None:
+        self.bar, self.processes = bar, processes
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.advance(n * self.processes)
+
+
+def load_samples(ctx: RunContext, t: int) -> list[dict[str, Any]]:
+    """The rows samples.jsonl holds for round ``t``."""
+    return read_jsonl(ctx.store.samples(t))

@@ -1,0 +1,191 @@
+"""Phase 5-6, train and save: theta_hat_{t+1} from theta_t with the preference loss, then save it.
+
+The reference is pi_theta_t through the log-probs stored by the reference phase (no reference model in memory).
+accelerate prepares model, optimizer and data (DDP / FSDP / DeepSpeed per ``accelerate config``); gradients
+accumulate over ``grad_accum`` micro-batches, are clipped only when they sync, and AdamW restarts every round with
+linear warm-up. Per optimizer step, loss, reward margin, preference accuracy and chosen / rejected log-probs are
+summed across processes and written to ``round-<t>/train_log.jsonl`` (and the accelerate trackers). A round
+without pairs (every prompt tied) takes no step: theta_hat_{t+1} = theta_t.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from apo_trainer.data import load_pairs
+from apo_trainer.errors import TrainError
+from apo_trainer.losses import dpo_loss, sppo_loss
+from apo_trainer.reference import load_logprobs
+from apo_trainer.runtime import RunContext, phase_seed
+from apo_trainer.sample import load_samples
+from apo_trainer.sequences import collate, sequence_logps
+
+
+class _Items(Dataset):
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+class _Collate:
+    """Chosen rows first, then rejected rows: one forward pass over 2B sequences."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch] + [(b["prompt_ids"], b["rejected_ids"])
+                                                                       for b in batch]
+        enc = collate(seqs, self.pad_id)
+        enc["ref_logps"] = torch.tensor([b["ref_chosen"] for b in batch] + [b["ref_rejected"] for b in batch],
+                                        dtype=torch.float32)
+        enc["win_rates"] = torch.tensor([b["p_chosen"] for b in batch] + [b["p_rejected"] for b in batch],
+                                        dtype=torch.float32)
+        return enc
+
+
+def training_items(ctx: RunContext, t: int) -> list[dict[str, Any]]:
+    """Round ``t``'s pairs joined with their token ids and reference log-probs."""
+    rows = load_samples(ctx, t)
+    ref = load_logprobs(ctx, t)["policy"]
+    items = []
+    for p in load_pairs(ctx, t):
+        row, c, r = rows[p["prompt"]], p["chosen"], p["rejected"]
+        items.append({"prompt_ids": row["prompt_ids"], "chosen_ids": row["response_ids"][c],
+                      "rejected_ids": row["response_ids"][r], "ref_chosen": float(ref[p["prompt"], c]),
+                      "ref_rejected": float(ref[p["prompt"], r]), "p_chosen": p["p_chosen"],
+                      "p_rejected": p["p_rejected"]})
+    return items
+
+
+def _digest(items: list[dict[str, Any]], order: torch.Tensor) -> str:
+    h = hashlib.sha256(json.dumps(items, sort_keys=True).encode())
+    h.update(order.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_agreement(ctx: RunContext, t: int, digest: str) -> list[str]:
+    from accelerate.utils import gather_object
+
+    seen = gather_object([digest])
+    if len(set(seen)) != 1:
+        raise TrainError(f"round {t}: processes read different training data (digests {', '.join(seen)}); the "
+                         "output_dir must be on a filesystem that every process shares")
+    return seen
+
+
+def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Train theta_hat_{t+1} from the policy at ``policy_path``, save it to round-<t>/trained; returns the phase
+    summary and the trained (accelerate-prepared) model, so extrapolation needs no disk round trip."""
+    from transformers import get_scheduler
+
+    cfg, acc = ctx.config, ctx.accelerator
+    items = training_items(ctx, t)
+    g = torch.Generator().manual_seed(phase_seed(cfg.seed, t, "train-order"))
+    order = torch.cat([torch.randperm(len(items), generator=g) for _ in range(cfg.epochs_per_round)]) \
+        if items else torch.zeros(0, dtype=torch.long)
+    digests = _check_agreement(ctx, t, _digest(items, order))
+
+    model = ctx.load_policy(policy_path)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model.train()
+    history: list[dict[str, Any]] = []
+    if items:
+        loader = DataLoader(_Items([items[i] for i in order.tolist()]), batch_size=cfg.batch_size, shuffle=False,
+                            collate_fn=_Collate(ctx.tokenizer.pad_token_id))
+        per_process = math.ceil(len(loader) / acc.num_processes)
+        steps = math.ceil(per_process / cfg.grad_accum)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps),
+                                  num_training_steps=steps)
+        model, optimizer, loader = acc.prepare(model, optimizer, loader)
+        history = _train_loop(ctx, t, model, optimizer, scheduler, loader, steps)
+        del optimizer, scheduler, loader
+    if cfg.gradient_checkpointing:
+        acc.unwrap_model(model).gradient_checkpointing_disable()
+        acc.unwrap_model(model).config.use_cache = True
+    _save(ctx, t, model, history)
+    acc.free_memory()  # drops accelerate's references to this round's optimizer state before extrapolation
+    summary: dict[str, Any] = {"steps": len(history), "train_pairs": len(items), "data_digests": digests,
+                               "processes": acc.num_processes}
+    for key in ("loss", "margin", "accuracy", "logp_chosen", "logp_rejected"):
+        summary[f"train_{key}"] = sum(h[key] for h in history) / len(history) if history else None
+    summary["train_final_loss"] = history[-1]["loss"] if history else None
+    return summary, model
+
+
+def _train_loop(ctx: RunContext, t: int, model: Any, optimizer: Any, scheduler: Any, loader: Any,
+                steps: int) -> list[dict[str, Any]]:
+    cfg, acc = ctx.config, ctx.accelerator
+    history: list[dict[str, Any]] = []
+    # Sums over the micro-batches of one optimizer step: loss, margin, correct, logp_w, logp_l, pairs.
+    sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
+    with ctx.progress(f"round {t}: training", steps) as bar:
+        for micro, batch in enumerate(loader):
+            with acc.accumulate(model):
+                logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+                b = logps.shape[0] // 2
+                logr = logps - batch["ref_logps"]
+                if cfg.loss == "dpo":
+                    losses = dpo_loss(logr[:b], logr[b:], cfg.beta)
+                else:
+                    p = batch["win_rates"]
+                    losses = sppo_loss(logr[:b], logr[b:], p[:b], p[b:], cfg.beta)
+                loss = losses.mean()
+                _check_finite(ctx, t, loss, len(history) + 1, micro + 1)
+                acc.backward(loss)
+                margin = cfg.beta * (logr[:b] - logr[b:]).detach()
+                sums += torch.stack([losses.detach().sum(), margin.sum(), (margin > 0).sum(), logps[:b].detach().sum(),
+                                     logps[b:].detach().sum(), torch.tensor(b, device=ctx.device)]).double()
+                grad_norm = None
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                if acc.sync_gradients:
+                    lr = optimizer.param_groups[0]["lr"]
+                    scheduler.step()
+                    total = acc.reduce(sums, "sum").tolist()
+                    n = total[5]
+                    rec = {"round": t, "step": len(history) + 1, "loss": total[0] / n, "margin": total[1] / n,
+                           "accuracy": total[2] / n, "logp_chosen": total[3] / n, "logp_rejected": total[4] / n,
+                           "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                    history.append(rec)
+                    acc.log({f"train/{k}": v for k, v in rec.items() if k not in ("round", "step") and v is not None},
+                            step=ctx.step_offset + len(history))
+                    sums.zero_()
+                    bar.advance(1)
+    return history
+
+
+def _check_finite(ctx: RunContext, t: int, loss: torch.Tensor, step: int, micro: int) -> None:
+    bad = ctx.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum")
+    if bad.item() > 0:
+        raise TrainError(f"non-finite loss in round {t} at optimizer step {step} (micro-batch {micro}, loss "
+                         f"{loss.item()}); lower learning_rate or beta, or use bf16 rather than fp16. Results of "
+                         "earlier phases are untouched; rerun after the fix (with --allow-changed-config)")
+
+
+def _save(ctx: RunContext, t: int, model: Any, history: list[dict[str, Any]]) -> None:
+    acc, store = ctx.accelerator, ctx.store
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(model)
+    if ctx.is_main:
+        store.write_jsonl(store.round_dir(t) / "train_log.jsonl", history)
+        tmp = store.tmp_path(store.trained(t))
+        acc.unwrap_model(model).save_pretrained(tmp, state_dict=state)
+        ctx.tokenizer.save_pretrained(tmp)
+        store.commit(tmp, store.trained(t), round_index=t, phase="train")

@@ -1,0 +1,80 @@
+"""APOCallback inside transformers.Trainer rounds reproduces the apo-merge CLI bit for bit."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer, TrainingArguments
+from typer.testing import CliRunner
+
+from apo_merge import APOCallback, cli
+from tests.checkpoints import make_model
+
+ALPHA = 0.3
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, seed: int) -> None:
+        self.ids = torch.randint(0, 128, (8, 10), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _train_round(model, apo, out_dir, seed: int) -> None:
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=5e-2, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, logging_strategy="no", seed=seed)
+    Trainer(model=model, args=args, train_dataset=_Data(seed), callbacks=[apo]).train()
+
+
+def _cli_merge(prev, cur, out) -> dict[str, torch.Tensor]:
+    result = CliRunner().invoke(cli.app, [str(prev), str(cur), "--alpha", str(ALPHA), "-o", str(out), "-q",
+                                          "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    return load_file(out / "model.safetensors")
+
+
+def _assert_bitwise(model, merged: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    for name, t in merged.items():
+        assert t.dtype == state[name].dtype and torch.equal(t.view(torch.int16), state[name].view(torch.int16)), name
+
+
+def test_rounds_equal_the_cli_on_the_raw_checkpoints(tmp_path):
+    model = make_model(seed=0, dtype=torch.bfloat16, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "raw-0")  # theta_hat_0: the model round 1 starts from
+    apo = APOCallback(ALPHA, save_raw=tmp_path / "raw")
+
+    _train_round(model, apo, tmp_path / "trainer", seed=1)
+    shutil.copytree(tmp_path / "raw", tmp_path / "raw-1")
+    raw1 = load_file(tmp_path / "raw-1" / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(raw1[name], load_file(tmp_path / "raw-0" / "model.safetensors")[name])  # it trained
+    _assert_bitwise(model, _cli_merge(tmp_path / "raw-0", tmp_path / "raw-1", tmp_path / "apo-1"))
+    assert not torch.equal(model.state_dict()[name], raw1[name])  # the step did move the model
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+
+    # Round 2 starts from the extrapolated model; the step extrapolates between the two RAW outputs.
+    _train_round(model, apo, tmp_path / "trainer", seed=2)
+    shutil.copytree(tmp_path / "raw", tmp_path / "raw-2")
+    _assert_bitwise(model, _cli_merge(tmp_path / "raw-1", tmp_path / "raw-2", tmp_path / "apo-2"))
+    assert apo.rounds == 2
+
+    # Round 3 in "another process": the callback knows theta_hat_2 only from disk.
+    _train_round(model, APOCallback(ALPHA, prev=tmp_path / "raw-2", save_raw=tmp_path / "raw-3"),
+                 tmp_path / "trainer", seed=3)
+    _assert_bitwise(model, _cli_merge(tmp_path / "raw-2", tmp_path / "raw-3", tmp_path / "apo-3"))
+
+
+def test_refuses_peft_models():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model(seed=0), peft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="apo-merge PREV CUR"):
+        APOCallback(ALPHA).on_train_begin(None, None, None, model=model)

@@ -1,0 +1,93 @@
+"""Input content hashes: exactly as the card defines them, taken from the engine's reads without a second pass."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from apo_merge import inputhash
+from apo_merge.api import run_merge
+from apo_merge.header import read_header
+from tests.checkpoints import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hash-inputs")
+    return {"prev": make_checkpoint(root / "prev", seed=0, dtype=torch.bfloat16, max_shard_size="30KB"),
+            "cur": make_checkpoint(root / "cur", seed=1, dtype=torch.bfloat16, max_shard_size="30KB"),
+            "single": make_checkpoint(root / "single", seed=2, dtype=torch.bfloat16)}
+
+
+def _sha256sum_listing(folder) -> str:
+    """The card's documented command, run by the shell."""
+    names = sorted((p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".safetensors.index.json"))),
+                   key=str.encode)
+    run = subprocess.run(["sh", "-c", 'sha256sum "$@" | sha256sum', "sh", *names], cwd=folder, capture_output=True,
+                         text=True, check=True)
+    return run.stdout.split()[0]
+
+
+@pytest.mark.skipif(shutil.which("sha256sum") is None, reason="needs coreutils sha256sum")
+def test_card_hashes_are_the_documented_sha256sum_listing(inputs, tmp_path):
+    report = run_merge(inputs["single"], inputs["cur"], 0.3, tmp_path / "out", device="cpu")
+    assert report.input_hashes["prev"].sha256 == _sha256sum_listing(inputs["single"])
+    assert report.input_hashes["cur"].sha256 == _sha256sum_listing(inputs["cur"])
+    names = [f.name for f in report.input_hashes["cur"].files]
+    assert "model.safetensors.index.json" in names and len(names) > 2
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| cur content sha256 | `{_sha256sum_listing(inputs['cur'])}` |" in card
+    for f in report.input_hashes["cur"].files:
+        assert f"| cur | `{f.name}` | {f.size} | `{hashlib.sha256((inputs['cur'] / f.name).read_bytes()).hexdigest()}` |" in card
+
+
+def _count_finish_reads(monkeypatch) -> list[int]:
+    read: list[int] = []
+    real = inputhash.hash_file
+
+    def counting(path, start=0, hasher=None):
+        size, digest = real(path, start, hasher)
+        if hasher is not None:  # StreamHasher.finish, not the separate hash of the index
+            read.append(size - start)
+        return size, digest
+
+    monkeypatch.setattr(inputhash, "hash_file", counting)
+    return read
+
+
+def test_same_layout_inputs_are_hashed_from_the_engine_reads_alone(inputs, tmp_path, monkeypatch):
+    read = _count_finish_reads(monkeypatch)
+    report = run_merge(inputs["prev"], inputs["cur"], 0.3, tmp_path / "out", device="cpu")
+    n_shards = len(list(inputs["cur"].glob("*.safetensors")))
+    assert n_shards > 1 and read == [0] * (2 * n_shards)  # nothing read again (the index is hashed separately)
+    for role in ("prev", "cur"):
+        for f in report.input_hashes[role].files:
+            assert f.sha256 == hashlib.sha256((inputs[role] / f.name).read_bytes()).hexdigest()
+
+
+def test_differently_laid_out_prev_is_completed_from_disk(inputs, tmp_path, monkeypatch):
+    read = _count_finish_reads(monkeypatch)
+    report = run_merge(inputs["single"], inputs["cur"], 0.3, tmp_path / "out", device="cpu")
+    assert sum(read) > 0
+    f = report.input_hashes["prev"].files[0]
+    assert f.sha256 == hashlib.sha256((inputs["single"] / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_stream_hasher_ignores_out_of_order_and_repeated_bytes(tmp_path):
+    path = make_checkpoint(tmp_path / "m", seed=3) / "model.safetensors"
+    data = path.read_bytes()
+    header = read_header(path)
+    h = inputhash.StreamHasher([header], [header])
+    start = header.data_start
+    chunks = [(o, data[o:o + 1000]) for o in range(start, len(data), 1000)]
+    order = chunks[:3] + chunks[5:7] + chunks[3:5] + chunks[2:3]  # a gap, then the gap, then a repeat
+    for offset, chunk in order:
+        h.update(path, offset, memoryview(chunk))
+    h.update(tmp_path / "other", 0, memoryview(b"ignored"))
+    with h:
+        assert h.finish() == {path: (os.path.getsize(path), hashlib.sha256(data).hexdigest())}
