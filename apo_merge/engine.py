@@ -59,6 +59,14 @@ _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 _TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
+def __getattr__(name: str) -> Any:
+    if name == "TORCH_DTYPES":  # {safetensors dtype: torch dtype}, built on use: this module loads before torch
+        import torch
+
+        return {k: getattr(torch, v) for k, v in _TORCH_DTYPE_NAMES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class _Stopped(Exception):
     """Raised inside a stage when another stage failed."""
 
