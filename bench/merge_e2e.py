@@ -319,7 +319,8 @@ def main() -> None:
     ap.add_argument("--size", type=float, default=4.0, help="GB per side (1b shape; layers chosen to fit) [4]")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="1b: Llama-3.2-1B widths; 8b: Llama-3-8B")
     ap.add_argument("--shard-size", type=float, default=5.0, help="max shard size in GB, as transformers [5]")
-    ap.add_argument("--scratch", type=Path, default=Path("/work/bench-cache"), help="cache and output folder")
+    ap.add_argument("--scratch", type=Path, default=Path("~/.cache/apo-merge-bench").expanduser(),
+                    help="cache and output folder (needs about 3x the pair size free)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--methods", default="", help="comma-separated subset, e.g. floor,apo-cpu [all]")
