@@ -236,10 +236,13 @@ def verify(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: `apo-merge PREV CUR ...`, or `apo-merge verify|push ...`."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in SUBCOMMANDS:
-        tools(args, prog_name="apo-merge")
-    else:
-        app(args, prog_name="apo-merge")
+    try:
+        if args and args[0] in SUBCOMMANDS:
+            tools(args, prog_name="apo-merge")
+        else:
+            app(args, prog_name="apo-merge")
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's cleanup and exit run: still exit 130
+        sys.exit(130)
 
 
 if __name__ == "__main__":
