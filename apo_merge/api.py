@@ -88,8 +88,9 @@ def _copy_side_files(root: Path, weights: set[str], trusted_root: Path, dest: Pa
         name = entry.name
         if name.startswith(".") or name == "README.md":
             continue
-        if (name in weights or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json")
-                or not entry.is_file()):
+        if name in weights:
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json") or not entry.is_file():
             skipped.append(name + ("/" if entry.is_dir() else ""))
             continue
         if not is_inside(entry, trusted_root):
@@ -97,7 +98,7 @@ def _copy_side_files(root: Path, weights: set[str], trusted_root: Path, dest: Pa
                              "copy the real file into the folder")
         shutil.copyfile(entry, dest / name)
         copied.append(name)
-    return copied, [s for s in skipped if s not in weights]
+    return copied, skipped
 
 
 def run_merge(prev: str | os.PathLike, cur: str | os.PathLike, alpha: float, output: str | os.PathLike | None = None,
@@ -161,8 +162,6 @@ def _merge_checkpoints(src_prev: sources.Source, src_cur: sources.Source, alpha:
         if strict and stats.new_nonfinite:
             raise MergeError(f"{stats.new_nonfinite} output values are inf or NaN although both inputs were "
                              "finite (--strict); lower --alpha or use --dtype fp32")
-        if plan.index is not None:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(plan.index, indent=2) + "\n")
         copied, skipped = _copy_side_files(ckpt_cur.root, ckpt_cur.weight_file_names, src_cur.trusted_root, tmp)
         hashes = hasher.finish()
         info = card.CardInfo(
@@ -170,13 +169,20 @@ def _merge_checkpoints(src_prev: sources.Source, src_cur: sources.Source, alpha:
             files={f.name: (f.size, stats.sha256[f.name]) for f in plan.files},
             base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
             input_hashes={"prev": _checkpoint_digest(ckpt_prev, hashes), "cur": _checkpoint_digest(ckpt_cur, hashes)})
-        (tmp / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
-        staged.commit()
+        _finish(staged, plan.index, info)
     return MergeReport(output=out, device=dev, n_tensors=plan.n_tensors, n_extrapolated=plan.n_extrapolated,
                        bytes_written=stats.bytes_written, seconds=0.0, sha256=stats.sha256,
                        new_nonfinite=stats.new_nonfinite, copied_cur_only=plan.copied_cur_only,
                        ignored_prev_only=plan.ignored_prev_only, copied_files=copied, skipped_files=skipped,
                        input_hashes=info.input_hashes)
+
+
+def _finish(staged: StagedFolder, index: dict | None, info: card.CardInfo) -> None:
+    """Write the index (when sharded) and the model card into the staged folder, then put it in place."""
+    if index is not None:
+        (staged.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (staged.tmp / "README.md").write_text(card.render(info, staged.out.name), encoding="utf-8")
+    staged.commit()
 
 
 def _checkpoint_digest(ckpt: Checkpoint, hashes: dict[Path, tuple[int, str]]) -> inputhash.InputDigest:
@@ -221,8 +227,6 @@ def _merge_adapters(src_prev: sources.Source, src_cur: sources.Source, alpha: fl
         else:
             res = lora.write_merged(prev_a, cur_a, alpha, base, tmp, dtype=dtype, max_shard_size=max_shard_size,
                                     metadata=meta, progress=progress, on_plan=on_plan)
-        if res.index is not None:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(res.index, indent=2) + "\n")
         copied, skipped = [], []
         for root, weights, trusted in side:
             c, s = _copy_side_files(root, weights, trusted, tmp)
@@ -232,8 +236,7 @@ def _merge_adapters(src_prev: sources.Source, src_cur: sources.Source, alpha: fl
             hashes["base"] = res.base_digest
         info = card.CardInfo(alpha=alpha, prev=src_prev.description, cur=src_cur.description, dtype=dtype,
                              files=res.files, base_models=base_models, input_hashes=hashes, **res.card)
-        (tmp / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
-        staged.commit()
+        _finish(staged, res.index, info)
     return MergeReport(output=out, device="cpu", n_tensors=res.n_tensors, n_extrapolated=res.n_changed,
                        bytes_written=res.bytes_written, seconds=0.0,
                        sha256={name: sha for name, (_, sha) in res.files.items()}, copied_files=copied,

@@ -274,7 +274,8 @@ def _tasks(plan: MergePlan, chunk_elems: int) -> Iterator[_Task]:
                 seq += 1
 
 
-def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+def pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; a file that ends early is a MergeError naming ``path``."""
     global _read_bytes
     got = 0
     while got < len(view):
@@ -354,7 +355,7 @@ class _Pipeline:
 
     def _pread(self, header: FileHeader, view: memoryview, data_offset: int) -> None:
         offset = header.data_start + data_offset
-        _pread_into(self._fd(header.path), view, offset, header.path)
+        pread_exact(self._fd(header.path), view, offset, header.path)
         if self.on_read is not None:
             self.on_read(header.path, offset, view)
 

@@ -25,7 +25,7 @@ import torch
 
 from apo_kernels import extrapolate
 from apo_merge.checkpoint import Checkpoint, is_inside
-from apo_merge.engine import TORCH_DTYPES
+from apo_merge.engine import TORCH_DTYPES, pread_exact
 from apo_merge.errors import MergeError, usage_error
 from apo_merge.inputhash import InputDigest, StreamHasher, digest, hash_file
 from apo_merge.plan import MergePlan, OutFile, make_plan
@@ -384,7 +384,8 @@ def _write_file(f: OutFile, dest: Path, merger: _Merger, hasher: StreamHasher, f
             if header.path not in fds:
                 fds[header.path] = os.open(header.path, os.O_RDONLY)
             offset = header.data_start + info.begin
-            raw = _pread_all(fds[header.path], info.nbytes, offset, header.path)
+            raw = bytearray(info.nbytes)
+            pread_exact(fds[header.path], memoryview(raw), offset, header.path)
             hasher.update(header.path, offset, memoryview(raw))
             data = merger.tensor(piece.name, raw, info.dtype, info.shape, piece.dtype)
             _write_all(fd, data)
@@ -396,17 +397,6 @@ def _write_file(f: OutFile, dest: Path, merger: _Merger, hasher: StreamHasher, f
     finally:
         os.close(fd)
     return h.hexdigest(), written
-
-
-def _pread_all(fd: int, nbytes: int, offset: int, path: Path) -> bytearray:
-    buf = bytearray(nbytes)
-    view, got = memoryview(buf), 0
-    while got < nbytes:
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise MergeError(f"{path}: file ended early at byte {offset + got} (changed while merging); rerun")
-        got += n
-    return buf
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

@@ -190,8 +190,7 @@ def make_plan(prev: Checkpoint, cur: Checkpoint, alpha: float, *, dtype: OutDtyp
     index = None
     if len(files) > 1 or (max_shard_size is None and cur.index_name):
         index = {"metadata": {"total_size": sum(p.nbytes for f in files for p in f.pieces)},
-                 "weight_map": {p.name: f.name for f in files for p in sorted(f.pieces, key=lambda q: q.name)}}
-        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+                 "weight_map": dict(sorted((p.name, f.name) for f in files for p in f.pieces))}
     return MergePlan(prev, cur, alpha, files, index,
                      copied_cur_only=cur_only if on_missing == "copy" else [],
                      ignored_prev_only=prev_only if on_missing == "copy" else [])
