@@ -97,8 +97,9 @@ def _range(o: torch.Tensor, p: torch.Tensor, c: torch.Tensor, a: float, start: i
             _chunk(oc, pc, cc, a, c_buf[:m], d_buf[:m])
 
 
-def _chunk(o: torch.Tensor, p: torch.Tensor, c: torch.Tensor, a: float, c_buf: torch.Tensor,
-           d_buf: torch.Tensor) -> None:
+def _chunk(
+    o: torch.Tensor, p: torch.Tensor, c: torch.Tensor, a: float, c_buf: torch.Tensor, d_buf: torch.Tensor
+) -> None:
     # o may be the very memory of p or c: both are read (into scratch or by the op) before o is written.
     wide = d_buf.dtype
     if a == 0.0:

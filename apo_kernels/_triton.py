@@ -33,8 +33,18 @@ _FP_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit(do_not_specialize=["alpha_hi", "alpha_lo"])
-def _kernel(prev_ptr, cur_ptr, out_ptr, table_ptr, n, alpha_hi, alpha_lo,
-            WIDE: tl.constexpr, GROUPED: tl.constexpr, BLOCK: tl.constexpr):
+def _kernel(
+    prev_ptr,
+    cur_ptr,
+    out_ptr,
+    table_ptr,
+    n,
+    alpha_hi,
+    alpha_lo,
+    WIDE: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     if GROUPED:
         # One table row per BLOCK-sized piece of a small tensor; the host only groups tensors whose addresses
@@ -66,7 +76,8 @@ def _kernel(prev_ptr, cur_ptr, out_ptr, table_ptr, n, alpha_hi, alpha_lo,
     # alpha arrives as raw bits (already rounded to WIDE on the host), so every path sees the same value.
     if WIDE.is_fp64():
         a = ((alpha_hi.to(tl.int64) << 32) | alpha_lo.to(tl.uint32, bitcast=True).to(tl.int64)).to(
-            tl.float64, bitcast=True)
+            tl.float64, bitcast=True
+        )
     else:
         a = alpha_hi.to(tl.float32, bitcast=True)
 
@@ -130,11 +141,17 @@ def _alpha_bits(alpha: float, wide: torch.dtype) -> tuple[int, int]:
     return bits, 0
 
 
-def _kernel_args(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, table: torch.Tensor | None, n: int,
-                 alpha: float, wide: torch.dtype) -> tuple[tuple, dict]:
+def _kernel_args(
+    prev: torch.Tensor,
+    cur: torch.Tensor,
+    out: torch.Tensor,
+    table: torch.Tensor | None,
+    n: int,
+    alpha: float,
+    wide: torch.dtype,
+) -> tuple[tuple, dict]:
     hi, lo = _alpha_bits(alpha, wide)
-    const = {"WIDE": tl.float64 if wide == torch.float64 else tl.float32, "GROUPED": table is not None,
-             "BLOCK": _BLOCK}
+    const = {"WIDE": tl.float64 if wide == torch.float64 else tl.float32, "GROUPED": table is not None, "BLOCK": _BLOCK}
     return (prev, cur, out, table, n, hi, lo), const
 
 
@@ -142,8 +159,16 @@ def _launch_options() -> dict:
     return {"num_warps": _NUM_WARPS, **_FP_OPTIONS}
 
 
-def _run(grid: tuple[int], prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, table: torch.Tensor | None,
-         n: int, alpha: float, wide: torch.dtype) -> None:
+def _run(
+    grid: tuple[int],
+    prev: torch.Tensor,
+    cur: torch.Tensor,
+    out: torch.Tensor,
+    table: torch.Tensor | None,
+    n: int,
+    alpha: float,
+    wide: torch.dtype,
+) -> None:
     args, const = _kernel_args(prev, cur, out, table, n, alpha, wide)
     if out.device.type == "cuda" and _is_compiled():
         with torch.cuda.device(out.device):
@@ -166,20 +191,31 @@ def _launch_one(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha:
 
 
 def _groupable(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor) -> bool:
-    return (0 < out.numel() <= _GROUP_MAX_NUMEL and out.numel() % 16 == 0
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (out, prev, cur)))
+    return (
+        0 < out.numel() <= _GROUP_MAX_NUMEL
+        and out.numel() % 16 == 0
+        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (out, prev, cur))
+    )
 
 
-def _launch_grouped(members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float,
-                    wide: torch.dtype) -> None:
+def _launch_grouped(
+    members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float, wide: torch.dtype
+) -> None:
     """One launch over many small contiguous tensors sharing a dtype triple, through a table of addresses."""
     rows = []
     for o, p, c in members:
         starts = torch.arange(0, o.numel(), _BLOCK, dtype=torch.int64)
-        rows.append(torch.stack([o.data_ptr() + starts * o.element_size(),
-                                 p.data_ptr() + starts * p.element_size(),
-                                 c.data_ptr() + starts * c.element_size(),
-                                 o.numel() - starts], dim=1))
+        rows.append(
+            torch.stack(
+                [
+                    o.data_ptr() + starts * o.element_size(),
+                    p.data_ptr() + starts * p.element_size(),
+                    c.data_ptr() + starts * c.element_size(),
+                    o.numel() - starts,
+                ],
+                dim=1,
+            )
+        )
     table = torch.cat(rows)
     o, p, c = members[0]
     if o.device.type == "cuda":
@@ -199,8 +235,9 @@ def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha
     return out
 
 
-def extrapolate_many_(outs: Sequence[torch.Tensor], prevs: Sequence[torch.Tensor], curs: Sequence[torch.Tensor],
-                      alpha: float) -> None:
+def extrapolate_many_(
+    outs: Sequence[torch.Tensor], prevs: Sequence[torch.Tensor], curs: Sequence[torch.Tensor], alpha: float
+) -> None:
     """``extrapolate_`` over lists: small tensors grouped per (device, dtypes) into one launch, large ones alone."""
     groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     for o, p, c in zip(outs, prevs, curs, strict=True):

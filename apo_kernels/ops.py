@@ -52,8 +52,10 @@ def _check(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, backend: st
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, FLOAT_DTYPES))}")
     if not (prev.device == cur.device == out.device):
-        raise ValueError(f"tensors on different devices: prev {prev.device}, cur {cur.device}, out {out.device}; "
-                         "move them to one device first")
+        raise ValueError(
+            f"tensors on different devices: prev {prev.device}, cur {cur.device}, out {out.device}; "
+            "move them to one device first"
+        )
     _check_alias(out, "prev", prev)
     _check_alias(out, "cur", cur)
 
@@ -65,8 +67,9 @@ def _use_triton(device: torch.device, backend: Backend) -> bool:
 
 
 @torch.no_grad()
-def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float,
-                 *, backend: Backend = "auto") -> torch.Tensor:
+def extrapolate_(
+    out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float, *, backend: Backend = "auto"
+) -> torch.Tensor:
     """Write ``cur + alpha * (cur - prev)`` into ``out`` (which may alias ``cur`` or ``prev``) and return it.
 
     Math in fp32 (fp64 if any tensor is fp64), one rounding into ``out.dtype``; bit-identical on every backend.
@@ -83,8 +86,14 @@ def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha
     return _cpu.extrapolate_(out, prev, cur, float(alpha))
 
 
-def extrapolate(prev: torch.Tensor, cur: torch.Tensor, alpha: float, *, out_dtype: torch.dtype | None = None,
-                backend: Backend = "auto") -> torch.Tensor:
+def extrapolate(
+    prev: torch.Tensor,
+    cur: torch.Tensor,
+    alpha: float,
+    *,
+    out_dtype: torch.dtype | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
     """Return ``cur + alpha * (cur - prev)`` as a new tensor of ``out_dtype`` (default: ``cur.dtype``).
 
     >>> extrapolate(torch.zeros(2), torch.ones(2), 0.5)
@@ -95,8 +104,14 @@ def extrapolate(prev: torch.Tensor, cur: torch.Tensor, alpha: float, *, out_dtyp
 
 
 @torch.no_grad()
-def extrapolate_many_(outs: Sequence[torch.Tensor], prevs: Sequence[torch.Tensor], curs: Sequence[torch.Tensor],
-                      alpha: float, *, backend: Backend = "auto") -> None:
+def extrapolate_many_(
+    outs: Sequence[torch.Tensor],
+    prevs: Sequence[torch.Tensor],
+    curs: Sequence[torch.Tensor],
+    alpha: float,
+    *,
+    backend: Backend = "auto",
+) -> None:
     """``extrapolate_`` over matching lists (e.g. a model's parameters); groups small tensors per launch on GPU.
 
     Every triple is validated before anything is written. On the Triton backend, small contiguous tensors that
@@ -111,8 +126,9 @@ def extrapolate_many_(outs: Sequence[torch.Tensor], prevs: Sequence[torch.Tensor
     if kernel:
         from apo_kernels import _triton
 
-        _triton.extrapolate_many_([outs[i] for i in kernel], [prevs[i] for i in kernel], [curs[i] for i in kernel],
-                                  float(alpha))
+        _triton.extrapolate_many_(
+            [outs[i] for i in kernel], [prevs[i] for i in kernel], [curs[i] for i in kernel], float(alpha)
+        )
     for o, p, c in zip(outs, prevs, curs, strict=True):
         if not _use_triton(c.device, backend):
             _cpu.extrapolate_(o, p, c, float(alpha))

@@ -18,8 +18,20 @@ from apo_merge.hub import PushOptions
 from apo_merge.output import StagedFolder, check_replaceable
 from apo_merge.plan import MergePlan, OnMissing, OutDtype, make_plan
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".onnx",
-                   ".npz", ".ot")
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".pkl",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".npz",
+    ".ot",
+)
 
 
 @dataclass
@@ -94,20 +106,33 @@ def _copy_side_files(root: Path, weights: set[str], trusted_root: Path, dest: Pa
             skipped.append(name + ("/" if entry.is_dir() else ""))
             continue
         if not is_inside(entry, trusted_root):
-            raise MergeError(f"{entry}: is a symlink leading outside the checkpoint folder (refused); "
-                             "copy the real file into the folder")
+            raise MergeError(
+                f"{entry}: is a symlink leading outside the checkpoint folder (refused); "
+                "copy the real file into the folder"
+            )
         shutil.copyfile(entry, dest / name)
         copied.append(name)
     return copied, skipped
 
 
-def run_merge(prev: str | os.PathLike, cur: str | os.PathLike, alpha: float, output: str | os.PathLike | None = None,
-              *, device: str = "auto", dtype: OutDtype = "keep", max_shard_size: int | str | None = None,
-              overwrite: bool = False, on_missing: OnMissing = "error", strict: bool = False,
-              merge_into: str | os.PathLike | None = None, token: str | bool | None = None,
-              push_to_hub: str | PushOptions | None = None,
-              progress: Callable[[int], None] | None = None,
-              on_plan: Callable[[MergePlan], None] | None = None) -> MergeReport:
+def run_merge(
+    prev: str | os.PathLike,
+    cur: str | os.PathLike,
+    alpha: float,
+    output: str | os.PathLike | None = None,
+    *,
+    device: str = "auto",
+    dtype: OutDtype = "keep",
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+    on_missing: OnMissing = "error",
+    strict: bool = False,
+    merge_into: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    push_to_hub: str | PushOptions | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[MergePlan], None] | None = None,
+) -> MergeReport:
     """Merge (and push, if asked) and return a report; see ``extrapolate`` for the arguments."""
     t0 = time.perf_counter()
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -117,15 +142,37 @@ def run_merge(prev: str | os.PathLike, cur: str | os.PathLike, alpha: float, out
     out = Path(output).expanduser() if output is not None else default_output(src_cur, alpha)
     _check_output(out, [src_prev, src_cur], overwrite)
     if src_prev.is_adapter or src_cur.is_adapter:
-        report = _merge_adapters(src_prev, src_cur, alpha, out, dtype=dtype, max_shard_size=max_shard_size,
-                                 overwrite=overwrite, strict=strict, merge_into=merge_into, token=token,
-                                 progress=progress, on_plan=on_plan)
+        report = _merge_adapters(
+            src_prev,
+            src_cur,
+            alpha,
+            out,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            strict=strict,
+            merge_into=merge_into,
+            token=token,
+            progress=progress,
+            on_plan=on_plan,
+        )
     elif merge_into is not None:
         raise usage_error("--merge-into applies to LoRA adapters, but PREV and CUR are full checkpoints; drop it")
     else:
-        report = _merge_checkpoints(src_prev, src_cur, alpha, out, device=device, dtype=dtype,
-                                    max_shard_size=max_shard_size, overwrite=overwrite, on_missing=on_missing,
-                                    strict=strict, progress=progress, on_plan=on_plan)
+        report = _merge_checkpoints(
+            src_prev,
+            src_cur,
+            alpha,
+            out,
+            device=device,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            on_missing=on_missing,
+            strict=strict,
+            progress=progress,
+            on_plan=on_plan,
+        )
     report.seconds = time.perf_counter() - t0
     if push_to_hub is not None:
         from apo_merge import hub
@@ -138,19 +185,41 @@ def run_merge(prev: str | os.PathLike, cur: str | os.PathLike, alpha: float, out
 def _metadata(alpha: float, src_prev: sources.Source, src_cur: sources.Source) -> dict[str, str]:
     from apo_merge import __version__
 
-    return {"apo_merge_version": __version__, "apo_alpha": repr(alpha), "apo_prev": src_prev.description,
-            "apo_cur": src_cur.description}
+    return {
+        "apo_merge_version": __version__,
+        "apo_alpha": repr(alpha),
+        "apo_prev": src_prev.description,
+        "apo_cur": src_cur.description,
+    }
 
 
-def _merge_checkpoints(src_prev: sources.Source, src_cur: sources.Source, alpha: float, out: Path, *, device: str,
-                       dtype: OutDtype, max_shard_size: int | str | None, overwrite: bool, on_missing: OnMissing,
-                       strict: bool, progress: Callable[[int], None] | None,
-                       on_plan: Callable[[MergePlan], None] | None) -> MergeReport:
+def _merge_checkpoints(
+    src_prev: sources.Source,
+    src_cur: sources.Source,
+    alpha: float,
+    out: Path,
+    *,
+    device: str,
+    dtype: OutDtype,
+    max_shard_size: int | str | None,
+    overwrite: bool,
+    on_missing: OnMissing,
+    strict: bool,
+    progress: Callable[[int], None] | None,
+    on_plan: Callable[[MergePlan], None] | None,
+) -> MergeReport:
     dev = resolve_device(device)
     ckpt_prev = open_checkpoint(src_prev.path, src_prev.label, src_prev.trusted_root)
     ckpt_cur = open_checkpoint(src_cur.path, src_cur.label, src_cur.trusted_root)
-    plan = make_plan(ckpt_prev, ckpt_cur, alpha, dtype=dtype, max_shard_size=max_shard_size,
-                     on_missing=on_missing, metadata=_metadata(alpha, src_prev, src_cur))
+    plan = make_plan(
+        ckpt_prev,
+        ckpt_cur,
+        alpha,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        on_missing=on_missing,
+        metadata=_metadata(alpha, src_prev, src_cur),
+    )
     if on_plan:
         on_plan(plan)
 
@@ -160,21 +229,37 @@ def _merge_checkpoints(src_prev: sources.Source, src_cur: sources.Source, alpha:
     with staged as tmp, inputhash.StreamHasher(ckpt_prev.files, ckpt_cur.files) as hasher:
         stats = execute(plan, tmp, device=dev, progress=progress, on_read=hasher.update)
         if strict and stats.new_nonfinite:
-            raise MergeError(f"{stats.new_nonfinite} output values are inf or NaN although both inputs were "
-                             "finite (--strict); lower --alpha or use --dtype fp32")
+            raise MergeError(
+                f"{stats.new_nonfinite} output values are inf or NaN although both inputs were "
+                "finite (--strict); lower --alpha or use --dtype fp32"
+            )
         copied, skipped = _copy_side_files(ckpt_cur.root, ckpt_cur.weight_file_names, src_cur.trusted_root, tmp)
         hashes = hasher.finish()
         info = card.CardInfo(
-            alpha=alpha, prev=src_prev.description, cur=src_cur.description, dtype=dtype,
+            alpha=alpha,
+            prev=src_prev.description,
+            cur=src_cur.description,
+            dtype=dtype,
             files={f.name: (f.size, stats.sha256[f.name]) for f in plan.files},
             base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
-            input_hashes={"prev": _checkpoint_digest(ckpt_prev, hashes), "cur": _checkpoint_digest(ckpt_cur, hashes)})
+            input_hashes={"prev": _checkpoint_digest(ckpt_prev, hashes), "cur": _checkpoint_digest(ckpt_cur, hashes)},
+        )
         _finish(staged, plan.index, info)
-    return MergeReport(output=out, device=dev, n_tensors=plan.n_tensors, n_extrapolated=plan.n_extrapolated,
-                       bytes_written=stats.bytes_written, seconds=0.0, sha256=stats.sha256,
-                       new_nonfinite=stats.new_nonfinite, copied_cur_only=plan.copied_cur_only,
-                       ignored_prev_only=plan.ignored_prev_only, copied_files=copied, skipped_files=skipped,
-                       input_hashes=info.input_hashes)
+    return MergeReport(
+        output=out,
+        device=dev,
+        n_tensors=plan.n_tensors,
+        n_extrapolated=plan.n_extrapolated,
+        bytes_written=stats.bytes_written,
+        seconds=0.0,
+        sha256=stats.sha256,
+        new_nonfinite=stats.new_nonfinite,
+        copied_cur_only=plan.copied_cur_only,
+        ignored_prev_only=plan.ignored_prev_only,
+        copied_files=copied,
+        skipped_files=skipped,
+        input_hashes=info.input_hashes,
+    )
 
 
 def _finish(staged: StagedFolder, index: dict | None, info: card.CardInfo) -> None:
@@ -192,15 +277,27 @@ def _checkpoint_digest(ckpt: Checkpoint, hashes: dict[Path, tuple[int, str]]) ->
     return inputhash.digest(files)
 
 
-def _merge_adapters(src_prev: sources.Source, src_cur: sources.Source, alpha: float, out: Path, *,
-                    dtype: OutDtype, max_shard_size: int | str | None, overwrite: bool, strict: bool,
-                    merge_into: str | os.PathLike | None, token: str | bool | None,
-                    progress: Callable[[int], None] | None,
-                    on_plan: Callable[[MergePlan], None] | None) -> MergeReport:
+def _merge_adapters(
+    src_prev: sources.Source,
+    src_cur: sources.Source,
+    alpha: float,
+    out: Path,
+    *,
+    dtype: OutDtype,
+    max_shard_size: int | str | None,
+    overwrite: bool,
+    strict: bool,
+    merge_into: str | os.PathLike | None,
+    token: str | bool | None,
+    progress: Callable[[int], None] | None,
+    on_plan: Callable[[MergePlan], None] | None,
+) -> MergeReport:
     for src, other in ((src_prev, src_cur), (src_cur, src_prev)):
         if not src.is_adapter:
-            raise MergeError(f"{src.label}: is a full checkpoint but {other.label} is a LoRA adapter; give two "
-                             "adapters, or merge the adapter into its base first")
+            raise MergeError(
+                f"{src.label}: is a full checkpoint but {other.label} is a LoRA adapter; give two "
+                "adapters, or merge the adapter into its base first"
+            )
     from apo_merge import lora
 
     prev_a, cur_a = lora.open_adapter(src_prev), lora.open_adapter(src_cur)
@@ -225,8 +322,18 @@ def _merge_adapters(src_prev: sources.Source, src_cur: sources.Source, alpha: fl
         if base is None:
             res = lora.write_adapter(prev_a, cur_a, alpha, tmp, dtype=dtype, strict=strict, metadata=meta)
         else:
-            res = lora.write_merged(prev_a, cur_a, alpha, base, tmp, dtype=dtype, max_shard_size=max_shard_size,
-                                    metadata=meta, progress=progress, on_plan=on_plan)
+            res = lora.write_merged(
+                prev_a,
+                cur_a,
+                alpha,
+                base,
+                tmp,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                metadata=meta,
+                progress=progress,
+                on_plan=on_plan,
+            )
         copied, skipped = [], []
         for root, weights, trusted in side:
             c, s = _copy_side_files(root, weights, trusted, tmp)
@@ -234,18 +341,35 @@ def _merge_adapters(src_prev: sources.Source, src_cur: sources.Source, alpha: fl
         hashes = {"prev": prev_a.digest, "cur": cur_a.digest}
         if res.base_digest is not None:
             hashes["base"] = res.base_digest
-        info = card.CardInfo(alpha=alpha, prev=src_prev.description, cur=src_cur.description, dtype=dtype,
-                             files=res.files, base_models=base_models, input_hashes=hashes, **res.card)
+        info = card.CardInfo(
+            alpha=alpha,
+            prev=src_prev.description,
+            cur=src_cur.description,
+            dtype=dtype,
+            files=res.files,
+            base_models=base_models,
+            input_hashes=hashes,
+            **res.card,
+        )
         _finish(staged, res.index, info)
-    return MergeReport(output=out, device="cpu", n_tensors=res.n_tensors, n_extrapolated=res.n_changed,
-                       bytes_written=res.bytes_written, seconds=0.0,
-                       sha256={name: sha for name, (_, sha) in res.files.items()}, copied_files=copied,
-                       skipped_files=skipped, input_hashes=hashes,
-                       kind="lora adapter" if base is None else "merged lora")
+    return MergeReport(
+        output=out,
+        device="cpu",
+        n_tensors=res.n_tensors,
+        n_extrapolated=res.n_changed,
+        bytes_written=res.bytes_written,
+        seconds=0.0,
+        sha256={name: sha for name, (_, sha) in res.files.items()},
+        copied_files=copied,
+        skipped_files=skipped,
+        input_hashes=hashes,
+        kind="lora adapter" if base is None else "merged lora",
+    )
 
 
-def extrapolate(prev: str | os.PathLike, cur: str | os.PathLike, alpha: float,
-                output: str | os.PathLike | None = None, **options) -> Path:
+def extrapolate(
+    prev: str | os.PathLike, cur: str | os.PathLike, alpha: float, output: str | os.PathLike | None = None, **options
+) -> Path:
     """Write ``cur + alpha * (cur - prev)`` for two checkpoints and return the output folder.
 
     ``prev`` and ``cur`` are checkpoint folders (one model.safetensors, or shards with an index), Hub repo ids

@@ -38,8 +38,13 @@ class APOCallback(TrainerCallback):
     ...     DPOTrainer(model=model, train_dataset=data, callbacks=[apo], ...).train()
     """
 
-    def __init__(self, alpha: float, *, prev: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
-                 save_raw: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        alpha: float,
+        *,
+        prev: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+        save_raw: str | os.PathLike | None = None,
+    ) -> None:
         self.alpha = float(alpha)
         self.save_raw = Path(save_raw) if save_raw is not None else None
         self.rounds = 0  # finished rounds
@@ -60,8 +65,10 @@ class APOCallback(TrainerCallback):
             self._prev = {n: t.detach().to("cpu", copy=True) for n, t in live.items()}
         missing = sorted(set(live) - set(self._prev))
         if missing:
-            raise ValueError(f"APOCallback: the previous raw weights lack {', '.join(missing[:5])}; pass the "
-                             "checkpoint of the same model as prev")
+            raise ValueError(
+                f"APOCallback: the previous raw weights lack {', '.join(missing[:5])}; pass the "
+                "checkpoint of the same model as prev"
+            )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         live = _tensors(model)
@@ -82,14 +89,18 @@ def _tensors(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
     if model is None:
         raise ValueError("APOCallback: the trainer passed no model")
     if hasattr(model, "peft_config"):
-        raise ValueError("APOCallback: extrapolating a LoRA model's factors in place is not the APO step; save "
-                         "each round's adapter and run `apo-merge PREV CUR` (writes the exact adapter)")
+        raise ValueError(
+            "APOCallback: extrapolating a LoRA model's factors in place is not the APO step; save "
+            "each round's adapter and run `apo-merge PREV CUR` (writes the exact adapter)"
+        )
     seen: set[tuple[int, int]] = set()
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         if type(t).__name__ == "DTensor" or hasattr(t, "ds_id") or getattr(t, "_is_flat_param", False):
-            raise ValueError("APOCallback: the model is sharded (FSDP / ZeRO-3); save checkpoints and run "
-                             "apo-merge between rounds instead")
+            raise ValueError(
+                "APOCallback: the model is sharded (FSDP / ZeRO-3); save checkpoints and run "
+                "apo-merge between rounds instead"
+            )
         if not t.is_floating_point():
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset())

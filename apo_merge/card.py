@@ -15,7 +15,8 @@ HASH_DEFINITION = (
     "files are the .safetensors files and model.safetensors.index.json when present (for a PEFT adapter: "
     "adapter_model.safetensors and adapter_config.json). In the input folder, "
     "`sha256sum $(LC_ALL=C ls <weight files>) | sha256sum` prints it. Per-file hashes cover every byte of the "
-    "file, so they match `sha256sum` and the SHA256 the Hub shows for LFS files.")
+    "file, so they match `sha256sum` and the SHA256 the Hub shows for LFS files."
+)
 
 
 @dataclass
@@ -30,8 +31,10 @@ class CardInfo:
     library_name: str = "transformers"
     tags: list[str] = field(default_factory=list)  # beyond apo, merge, extrapolation
     rows: list[tuple[str, str]] = field(default_factory=list)  # extra (what, value) rows of the summary table
-    summary: str = ("This checkpoint is an APO (Accelerated Preference Optimization, arXiv 2410.06293) "
-                    "extrapolation step,\n`theta = cur + alpha * (cur - prev)`")
+    summary: str = (
+        "This checkpoint is an APO (Accelerated Preference Optimization, arXiv 2410.06293) "
+        "extrapolation step,\n`theta = cur + alpha * (cur - prev)`"
+    )
 
 
 def render(info: CardInfo, title: str) -> str:
@@ -50,18 +53,28 @@ def render(info: CardInfo, title: str) -> str:
     summary.append(("cur", f"`{info.cur}`"))
     if "cur" in hashes:
         summary.append(("cur content sha256", f"`{hashes['cur'].sha256}`"))
-    summary += [(f"{role} content sha256", f"`{d.sha256}`") for role, d in hashes.items() if role not in ("prev", "cur")]
-    summary += [("output dtype", info.dtype), *info.rows,
-                ("arithmetic", "fp32 (fp64 for fp64 inputs), one round-to-nearest-even per element"),
-                ("tool", f"apo-merge {__version__}")]
+    summary += [
+        (f"{role} content sha256", f"`{d.sha256}`") for role, d in hashes.items() if role not in ("prev", "cur")
+    ]
+    summary += [
+        ("output dtype", info.dtype),
+        *info.rows,
+        ("arithmetic", "fp32 (fp64 for fp64 inputs), one round-to-nearest-even per element"),
+        ("tool", f"apo-merge {__version__}"),
+    ]
     table = "\n".join(f"| {k} | {v} |" for k, v in summary)
     rows = [f"| `{name}` | {size} | `{sha}` |" for name, (size, sha) in sorted(info.files.items())]
     inputs = ""
     if hashes:
         lines = [f"| {role} | `{f.name}` | {f.size} | `{f.sha256}` |" for role, d in hashes.items() for f in d.files]
-        inputs = ("\nInput files:\n\n| input | file | bytes | sha256 |\n| --- | --- | --- | --- |\n"
-                  + "\n".join(lines) + f"\n\n{HASH_DEFINITION}\n")
-    return "\n".join(front) + f"""
+        inputs = (
+            "\nInput files:\n\n| input | file | bytes | sha256 |\n| --- | --- | --- | --- |\n"
+            + "\n".join(lines)
+            + f"\n\n{HASH_DEFINITION}\n"
+        )
+    return (
+        "\n".join(front)
+        + f"""
 {CARD_MARK}
 # {title}
 
@@ -77,6 +90,7 @@ Weight files (check with `apo-merge verify <folder>`):
 | --- | --- | --- |
 {chr(10).join(rows)}
 """
+    )
 
 
 _ROW = re.compile(r"^\| `([^`]+)` \| (\d+) \| `([0-9a-f]{64})` \|$", re.MULTILINE)

@@ -58,17 +58,21 @@ def _plain_name(name: object) -> bool:
 
 def _safe_member(root: Path, name: object, trusted_root: Path, what: str) -> Path:
     if not _plain_name(name):
-        raise MergeError(f"{root / INDEX_NAME}: {what} {name!r} is not a plain file name inside the checkpoint "
-                         "(path traversal refused); fix the index")
+        raise MergeError(
+            f"{root / INDEX_NAME}: {what} {name!r} is not a plain file name inside the checkpoint "
+            "(path traversal refused); fix the index"
+        )
     path = root / name
     if not is_inside(path, trusted_root):
-        raise MergeError(f"{path}: is a symlink leading outside the checkpoint folder (refused); "
-                         "copy the real file into the folder")
+        raise MergeError(
+            f"{path}: is a symlink leading outside the checkpoint folder (refused); copy the real file into the folder"
+        )
     return path
 
 
-def open_checkpoint(folder: str | os.PathLike, label: str | None = None,
-                    trusted_root: str | os.PathLike | None = None) -> Checkpoint:
+def open_checkpoint(
+    folder: str | os.PathLike, label: str | None = None, trusted_root: str | os.PathLike | None = None
+) -> Checkpoint:
     """Validate ``folder`` as a safetensors checkpoint (one file, or shards with an index).
 
     Files may be symlinks only when they resolve inside ``trusted_root`` (default: the folder itself; a Hub cache
@@ -93,13 +97,17 @@ def open_checkpoint(folder: str | os.PathLike, label: str | None = None,
         return Checkpoint(root, label, [header], {n: (header, t) for n, t in header.tensors.items()})
     if len(candidates) > 1:
         names = ", ".join(p.name for p in candidates[:5])
-        raise MergeError(f"{label}: several .safetensors files ({names}) but no {INDEX_NAME}; "
-                         "add the index that save_pretrained writes")
+        raise MergeError(
+            f"{label}: several .safetensors files ({names}) but no {INDEX_NAME}; "
+            "add the index that save_pretrained writes"
+        )
     pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise MergeError(f"{label}: holds only pickle weights ({pickles[0]}), which apo-merge never loads "
-                         "(unpickling can run code); convert it with model.save_pretrained(..., "
-                         "safe_serialization=True)")
+        raise MergeError(
+            f"{label}: holds only pickle weights ({pickles[0]}), which apo-merge never loads "
+            "(unpickling can run code); convert it with model.save_pretrained(..., "
+            "safe_serialization=True)"
+        )
     raise MergeError(f"{label}: holds no {SINGLE_NAME} or {INDEX_NAME}; give a Hugging Face checkpoint folder")
 
 
@@ -135,8 +143,9 @@ def _open_sharded(root: Path, label: str, trusted: Path) -> Checkpoint:
     for shard, header in headers.items():
         for name in header.tensors:
             if weight_map.get(name) != shard:
-                raise MergeError(f"{root / shard}: holds tensor {name!r} that the index does not map to it; "
-                                 "fix the index")
+                raise MergeError(
+                    f"{root / shard}: holds tensor {name!r} that the index does not map to it; fix the index"
+                )
     # Layout order: shards by name, tensors by byte offset within each shard.
     ordered = {n: tensors[n] for h in headers.values() for n in h.tensors}
     return Checkpoint(root, label, list(headers.values()), ordered, INDEX_NAME)

@@ -19,8 +19,9 @@ EXAMPLE = """Example:
 Other commands: `apo-merge verify OUT` re-checks an output; `apo-merge push OUT REPO_ID` uploads one."""
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
-tools = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
-                    help="apo-merge maintenance commands.")
+tools = typer.Typer(
+    add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False, help="apo-merge maintenance commands."
+)
 SUBCOMMANDS = ("verify", "push")
 
 
@@ -42,14 +43,19 @@ class OnMissing(str, Enum):
     copy = "copy"
 
 
-PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repo private (when it does not "
-                                                               "exist yet).")]
+PrivateOpt = Annotated[
+    bool, typer.Option("--private", help="Create the Hub repo private (when it does not exist yet).")
+]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch to commit to; created from main when missing.")]
 CommitMessageOpt = Annotated[str | None, typer.Option(help="Summary line of the Hub commit.")]
 CommitDescriptionOpt = Annotated[str | None, typer.Option(help="Description of the Hub commit.")]
 CreatePrOpt = Annotated[bool, typer.Option("--create-pr", help="Open a Hub pull request instead of committing.")]
-TokenOpt = Annotated[str | None, typer.Option(help="Hugging Face token [default: HF_TOKEN or the saved login]; "
-                                              "never printed or stored.", show_default=False)]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Hugging Face token [default: HF_TOKEN or the saved login]; never printed or stored.", show_default=False
+    ),
+]
 
 
 class _Terminated(BaseException):
@@ -77,37 +83,59 @@ def _human(nbytes: float) -> str:
     return ""
 
 
-@app.command(help=f"Write CUR + ALPHA * (CUR - PREV) for two Hugging Face safetensors checkpoints.\n\n{EXAMPLE}",
-             no_args_is_help=True)
+@app.command(
+    help=f"Write CUR + ALPHA * (CUR - PREV) for two Hugging Face safetensors checkpoints.\n\n{EXAMPLE}",
+    no_args_is_help=True,
+)
 def merge(
-    prev: Annotated[str, typer.Argument(metavar="PREV", help="Previous round's raw checkpoint (theta_hat_t): a folder, a Hub repo id "
-                                        "org/name[@revision], or a LoRA adapter.")],
-    cur: Annotated[str, typer.Argument(metavar="CUR", help="Current round's raw checkpoint (theta_hat_t+1), of the same kind as PREV.")],
+    prev: Annotated[
+        str,
+        typer.Argument(
+            metavar="PREV",
+            help="Previous round's raw checkpoint (theta_hat_t): a folder, a Hub repo id "
+            "org/name[@revision], or a LoRA adapter.",
+        ),
+    ],
+    cur: Annotated[
+        str,
+        typer.Argument(metavar="CUR", help="Current round's raw checkpoint (theta_hat_t+1), of the same kind as PREV."),
+    ],
     alpha: Annotated[float, typer.Option(help="Extrapolation weight; 0 copies CUR, negative moves toward PREV.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder "
-                      "[default: <CUR>-apo<ALPHA> beside CUR].")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Output folder [default: <CUR>-apo<ALPHA> beside CUR].")
+    ] = None,
     device: Annotated[Device, typer.Option(help="Where to compute; auto uses CUDA when present.")] = Device.auto,
     dtype: Annotated[Dtype, typer.Option(help="Output dtype of floating tensors; keep = CUR's.")] = Dtype.keep,
-    max_shard_size: Annotated[str | None, typer.Option(help="Re-shard in HF naming, e.g. 5GB "
-                              "[default: keep CUR's files].")] = None,
-    on_missing: Annotated[OnMissing, typer.Option(help="Tensors in only one input: error, or copy CUR's "
-                          "unchanged.")] = OnMissing.error,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (an earlier apo-merge output) "
-                         "atomically.")] = False,
+    max_shard_size: Annotated[
+        str | None, typer.Option(help="Re-shard in HF naming, e.g. 5GB [default: keep CUR's files].")
+    ] = None,
+    on_missing: Annotated[
+        OnMissing, typer.Option(help="Tensors in only one input: error, or copy CUR's unchanged.")
+    ] = OnMissing.error,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing OUT (an earlier apo-merge output) atomically.")
+    ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail if finite inputs give inf/NaN outputs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    merge_into: Annotated[str | None, typer.Option(metavar="BASE", help="LoRA adapters only: write BASE + the "
-                          "extrapolated delta as full weights instead of an adapter.")] = None,
-    push_to_hub: Annotated[str | None, typer.Option(metavar="REPO_ID", help="Upload OUT to this Hub model repo "
-                           "once it is complete.")] = None,
+    merge_into: Annotated[
+        str | None,
+        typer.Option(
+            metavar="BASE",
+            help="LoRA adapters only: write BASE + the extrapolated delta as full weights instead of an adapter.",
+        ),
+    ] = None,
+    push_to_hub: Annotated[
+        str | None, typer.Option(metavar="REPO_ID", help="Upload OUT to this Hub model repo once it is complete.")
+    ] = None,
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
     commit_message: CommitMessageOpt = None,
     commit_description: CommitDescriptionOpt = None,
     create_pr: CreatePrOpt = False,
     token: TokenOpt = None,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                       help="Show the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
 ) -> None:
     from apo_merge.engine import prefetch_checkpoints
     from apo_merge.errors import MergeError
@@ -118,17 +146,38 @@ def merge(
     def on_term(signum, frame):
         raise _Terminated()
 
-    hub_flags = [f for f, on in (("--private", private), ("--revision", revision is not None),
-                                 ("--commit-message", commit_message is not None),
-                                 ("--commit-description", commit_description is not None),
-                                 ("--create-pr", create_pr)) if on]
+    hub_flags = [
+        f
+        for f, on in (
+            ("--private", private),
+            ("--revision", revision is not None),
+            ("--commit-message", commit_message is not None),
+            ("--commit-description", commit_description is not None),
+            ("--create-pr", create_pr),
+        )
+        if on
+    ]
     if hub_flags and push_to_hub is None:
         fail(f"{hub_flags[0]} applies to the upload; add --push-to-hub REPO_ID", 2)
     signal.signal(signal.SIGTERM, on_term)
     try:
-        report = _run(prev, cur, alpha, output, dict(
-            device=device.value, dtype=dtype.value, max_shard_size=max_shard_size, on_missing=on_missing.value,
-            overwrite=overwrite, strict=strict, merge_into=merge_into, token=token), quiet)
+        report = _run(
+            prev,
+            cur,
+            alpha,
+            output,
+            dict(
+                device=device.value,
+                dtype=dtype.value,
+                max_shard_size=max_shard_size,
+                on_missing=on_missing.value,
+                overwrite=overwrite,
+                strict=strict,
+                merge_into=merge_into,
+                token=token,
+            ),
+            quiet,
+        )
     except MergeError as e:
         fail(e.message, e.exit_code)
     except KeyboardInterrupt:
@@ -145,13 +194,24 @@ def merge(
     if report.new_nonfinite:
         notes.append(f"warning: {report.new_nonfinite} inf/NaN values from finite inputs")
     copied = report.n_tensors - report.n_extrapolated
-    typer.echo(f"apo-merge: {report.n_tensors} tensors ({report.n_extrapolated} extrapolated, {copied} copied), "
-               f"{_human(report.bytes_written)} in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s) on "
-               f"{report.device}" + "".join(f"; {n}" for n in notes) + f" -> {report.output}")
+    typer.echo(
+        f"apo-merge: {report.n_tensors} tensors ({report.n_extrapolated} extrapolated, {copied} copied), "
+        f"{_human(report.bytes_written)} in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s) on "
+        f"{report.device}" + "".join(f"; {n}" for n in notes) + f" -> {report.output}"
+    )
     if push_to_hub is not None:
-        _push(report.output, PushOptions(push_to_hub, private=private, revision=revision,
-                                         commit_message=commit_message, commit_description=commit_description,
-                                         create_pr=create_pr), token)
+        _push(
+            report.output,
+            PushOptions(
+                push_to_hub,
+                private=private,
+                revision=revision,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                create_pr=create_pr,
+            ),
+            token,
+        )
 
 
 def _push(folder: Path, options, token: str | None) -> None:
@@ -172,9 +232,12 @@ def _tools() -> None:
     """apo-merge maintenance commands."""
 
 
-@tools.command("push", no_args_is_help=True,
-               help="Upload an apo-merge output folder to a Hub model repo (e.g. to retry a failed --push-to-hub).\n\n"
-                    "Example:\n\n    apo-merge push runs/round-2-apo me/model-apo --revision round-2")
+@tools.command(
+    "push",
+    no_args_is_help=True,
+    help="Upload an apo-merge output folder to a Hub model repo (e.g. to retry a failed --push-to-hub).\n\n"
+    "Example:\n\n    apo-merge push runs/round-2-apo me/model-apo --revision round-2",
+)
 def push_command(
     folder: Annotated[Path, typer.Argument(metavar="OUT", help="The output folder to upload.")],
     repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hub model repo, e.g. me/model-apo.")],
@@ -187,8 +250,18 @@ def push_command(
 ) -> None:
     from apo_merge.hub import PushOptions
 
-    _push(folder, PushOptions(repo_id, private=private, revision=revision, commit_message=commit_message,
-                              commit_description=commit_description, create_pr=create_pr), token)
+    _push(
+        folder,
+        PushOptions(
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            create_pr=create_pr,
+        ),
+        token,
+    )
 
 
 def _run(prev, cur, alpha, output, options, quiet):
@@ -207,18 +280,26 @@ def _run(prev, cur, alpha, output, options, quiet):
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
         return run_merge(prev, cur, alpha, output, **options)
-    with Progress(TextColumn("merging"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("merging"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("merge", total=None)
 
         def on_plan(plan) -> None:
             bar.update(task, total=plan.total_bytes)
 
-        return run_merge(prev, cur, alpha, output, progress=lambda n: bar.advance(task, n), on_plan=on_plan,
-                         **options)
+        return run_merge(prev, cur, alpha, output, progress=lambda n: bar.advance(task, n), on_plan=on_plan, **options)
 
 
-@tools.command("verify", help="Re-check an apo-merge output: headers, index, and each file's SHA-256 against the model card.")
+@tools.command(
+    "verify", help="Re-check an apo-merge output: headers, index, and each file's SHA-256 against the model card."
+)
 def verify(
     folder: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of an apo-merge run.")],
 ) -> None:
@@ -229,8 +310,10 @@ def verify(
         report = verify_output(folder)
     except MergeError as e:
         fail(e.message, e.exit_code)
-    typer.echo(f"apo-merge: {folder}: OK, {len(report.files)} file(s), {report.n_tensors} tensors, "
-               f"{_human(report.total_bytes)}; every SHA-256 matches the model card")
+    typer.echo(
+        f"apo-merge: {folder}: OK, {len(report.files)} file(s), {report.n_tensors} tensors, "
+        f"{_human(report.total_bytes)}; every SHA-256 matches the model card"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -115,12 +115,15 @@ def prefetch(*streams: Sequence[Path]) -> None:
     with _prefetch_lock:
         todo = []
         for stream in streams:
-            fresh = [Path(p) for p in stream if now - _prefetched.get(os.path.realpath(p), -math.inf) > _PREFETCH_FRESH_S]
+            fresh = [
+                Path(p) for p in stream if now - _prefetched.get(os.path.realpath(p), -math.inf) > _PREFETCH_FRESH_S
+            ]
             _prefetched.update((os.path.realpath(p), now) for p in fresh)
             todo.append(fresh)
     if any(todo):
-        threading.Thread(target=_prefetch, args=(todo, _available_memory() // 2), name="apo-prefetch",
-                         daemon=True).start()
+        threading.Thread(
+            target=_prefetch, args=(todo, _available_memory() // 2), name="apo-prefetch", daemon=True
+        ).start()
 
 
 def prefetch_checkpoints(*folders: str | os.PathLike) -> None:
@@ -217,8 +220,9 @@ class _OutWriter:
             # has a window in flight and at most two windows of output sit in memory.
             _SYNC_FILE_RANGE(self.fd, self.started, self.end - self.started, _SFR_WRITE)
             if self.started > self.dropped:
-                _SYNC_FILE_RANGE(self.fd, self.dropped, self.started - self.dropped,
-                                 _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+                _SYNC_FILE_RANGE(
+                    self.fd, self.dropped, self.started - self.dropped, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER
+                )
                 _advise(self.fd, self.dropped, self.started - self.dropped, "DONTNEED")
                 self.dropped = self.started
             self.started = self.end
@@ -281,8 +285,10 @@ def pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
     while got < len(view):
         n = os.preadv(fd, [view[got:]], offset + got)
         if n == 0:
-            raise MergeError(f"{path}: file ended early at byte {offset + got} (changed or truncated while "
-                             "merging); check the input and rerun")
+            raise MergeError(
+                f"{path}: file ended early at byte {offset + got} (changed or truncated while "
+                "merging); check the input and rerun"
+            )
         got += n
     _read_bytes += got  # a hint for the prefetcher: races between readers only blur it
 
@@ -305,13 +311,21 @@ def _operands(task: _Task, out: torch.Tensor, prev: torch.Tensor, cur: torch.Ten
 
     piece = task.piece
     dtypes = (piece.dtype, piece.prev[1].dtype, piece.cur[1].dtype)
-    return [buf[:n].view(getattr(torch, _TORCH_DTYPE_NAMES[d]))
-            for buf, n, d in zip((out, prev, cur), _nbytes(task), dtypes)]
+    return [
+        buf[:n].view(getattr(torch, _TORCH_DTYPE_NAMES[d]))
+        for buf, n, d in zip((out, prev, cur), _nbytes(task), dtypes)
+    ]
 
 
 class _Pipeline:
-    def __init__(self, plan: MergePlan, out_dir: Path, device: torch.device,
-                 progress: Callable[[int], None] | None, on_read: OnRead | None = None) -> None:
+    def __init__(
+        self,
+        plan: MergePlan,
+        out_dir: Path,
+        device: torch.device,
+        progress: Callable[[int], None] | None,
+        on_read: OnRead | None = None,
+    ) -> None:
         self.plan, self.out_dir, self.device, self.progress = plan, out_dir, device, progress
         self.on_read = on_read
         self.gpu = device.type == "cuda"
@@ -328,9 +342,11 @@ class _Pipeline:
         self.to_hash: queue.Queue[tuple[str, memoryview | None, _Slot | None] | None] = queue.Queue()
         self.fds: dict[Path, int] = {}
         self.stats = EngineStats(0.0, 0)
-        widest = max([ITEMSIZE[p.dtype] for f in plan.files for p in f.pieces]
-                     + [ITEMSIZE[s[1].dtype] for f in plan.files for p in f.pieces for s in (p.cur, p.prev) if s]
-                     + [1])
+        widest = max(
+            [ITEMSIZE[p.dtype] for f in plan.files for p in f.pieces]
+            + [ITEMSIZE[s[1].dtype] for f in plan.files for p in f.pieces for s in (p.cur, p.prev) if s]
+            + [1]
+        )
         self.slot_bytes = max(self.chunk_elems * widest, COPY_CHUNK_BYTES)
         # Enough slots for every stage to hold one while the reader fills the next.
         with _on(device):  # pinned for this device's context
@@ -366,11 +382,11 @@ class _Pipeline:
                 piece = task.piece
                 if task.copy:
                     header, info = piece.cur
-                    self._pread(header, slot.views["out"][:task.count], info.begin + task.begin)
+                    self._pread(header, slot.views["out"][: task.count], info.begin + task.begin)
                 else:
                     for (h, i), name in ((piece.cur, "cur"), (piece.prev, "prev")):
                         size = ITEMSIZE[i.dtype]
-                        self._pread(h, slot.views[name][:task.count * size], i.begin + task.begin * size)
+                        self._pread(h, slot.views[name][: task.count * size], i.begin + task.begin * size)
                 self.to_compute.put(task)
         finally:
             for _ in range(self.workers):
@@ -401,8 +417,7 @@ class _Pipeline:
         # chunk k computes and copies out, and chunk k+2 reuses chunk k's buffers in stream order. The writer
         # waits on each chunk's event, so this thread never synchronises.
         streams = [torch.cuda.Stream(self.device) for _ in range(2)]
-        dev = [[torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(3)]
-               for _ in streams]
+        dev = [[torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(3)] for _ in streams]
         found = [torch.zeros((), dtype=torch.int64, device=self.device) for _ in streams]
         for s in streams:
             s.wait_stream(torch.cuda.current_stream(self.device))
@@ -419,8 +434,9 @@ class _Pipeline:
                             d_prev[:pb].copy_(slot.prev[:pb], non_blocking=True)
                             out, prev, cur = _operands(task, d_out, d_prev, d_cur)
                             extrapolate_(out, prev, cur, alpha)
-                            found[i] += (torch.isfinite(out).logical_not_() & torch.isfinite(prev)
-                                         & torch.isfinite(cur)).sum()
+                            found[i] += (
+                                torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)
+                            ).sum()
                             slot.out[:ob].copy_(d_out[:ob], non_blocking=True)
                             task.ready = torch.cuda.Event()
                             task.ready.record(streams[i])
@@ -455,7 +471,7 @@ class _Pipeline:
                     if task.ready is not None:
                         task.ready.synchronize()
                     size = 1 if task.copy else ITEMSIZE[task.piece.dtype]
-                    data = task.slot.views["out"][:task.count * size]
+                    data = task.slot.views["out"][: task.count * size]
                     current.write(data, task.piece.offset + task.begin * size)
                     self.to_hash.put((self.plan.files[index].name, data, task.slot))
                     self._advance(len(data))
@@ -508,11 +524,15 @@ class _Pipeline:
     def run(self) -> EngineStats:
         t0 = time.perf_counter()
         compute = self._compute_cuda if self.gpu else self._compute_cpu
-        threads = [threading.Thread(target=self._guard(self._read), name="apo-read", daemon=True),
-                   threading.Thread(target=self._guard(self._write), name="apo-write", daemon=True),
-                   threading.Thread(target=self._guard(self._hash), name="apo-hash", daemon=True)]
-        threads += [threading.Thread(target=self._guard(compute), name=f"apo-compute-{i}", daemon=True)
-                    for i in range(self.workers - 1)]
+        threads = [
+            threading.Thread(target=self._guard(self._read), name="apo-read", daemon=True),
+            threading.Thread(target=self._guard(self._write), name="apo-write", daemon=True),
+            threading.Thread(target=self._guard(self._hash), name="apo-hash", daemon=True),
+        ]
+        threads += [
+            threading.Thread(target=self._guard(compute), name=f"apo-compute-{i}", daemon=True)
+            for i in range(self.workers - 1)
+        ]
         try:
             for t in threads:  # inside the try: a signal landing between two starts must stop the started ones
                 t.start()
@@ -545,8 +565,14 @@ def _new_nonfinite(torch, out: torch.Tensor, prev: torch.Tensor, cur: torch.Tens
     return int((torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)).sum())
 
 
-def execute(plan: MergePlan, out_dir: Path, *, device: torch.device | str = "cpu",
-            progress: Callable[[int], None] | None = None, on_read: OnRead | None = None) -> EngineStats:
+def execute(
+    plan: MergePlan,
+    out_dir: Path,
+    *,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+    on_read: OnRead | None = None,
+) -> EngineStats:
     """Write every file of ``plan`` into ``out_dir`` (which must exist and be empty of those names).
 
     ``on_read(path, offset, data)`` is called on the reader thread after each read of an input file: ``data``

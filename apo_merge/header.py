@@ -19,10 +19,25 @@ from apo_merge.errors import MergeError
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's cap
 
 ITEMSIZE: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
@@ -66,19 +81,26 @@ def read_header(path: Path) -> FileHeader:
         with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
-                raise MergeError(f"{path}: is not a regular file (a folder, FIFO or device); "
-                                 "give a checkpoint whose weights are plain files")
+                raise MergeError(
+                    f"{path}: is not a regular file (a folder, FIFO or device); "
+                    "give a checkpoint whose weights are plain files"
+                )
             size = st.st_size
             if size < 8:
-                raise MergeError(f"{path}: {size} bytes is too short for a safetensors file (truncated or not "
-                                 "safetensors); re-save or re-download it")
+                raise MergeError(
+                    f"{path}: {size} bytes is too short for a safetensors file (truncated or not "
+                    "safetensors); re-save or re-download it"
+                )
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER_BYTES:
-                raise MergeError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit "
-                                 "(corrupt or not safetensors)")
+                raise MergeError(
+                    f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt or not safetensors)"
+                )
             if n > size - 8:
-                raise MergeError(f"{path}: header length {n} runs past the end of the {size}-byte file "
-                                 "(truncated or not safetensors); re-save or re-download it")
+                raise MergeError(
+                    f"{path}: header length {n} runs past the end of the {size}-byte file "
+                    "(truncated or not safetensors); re-save or re-download it"
+                )
             raw = f.read(n)
     except OSError as e:
         raise MergeError(f"{path}: cannot read ({e.strerror or e})") from None
@@ -169,23 +191,33 @@ def parse_header(raw: bytes, data_size: int, label: str) -> tuple[dict[str, Tens
             raise bad(f"tensor {_show(name)} has an invalid shape {_show(shape)} (want non-negative integers)")
         if not _fits_u64(shape):
             raise bad(f"tensor {_show(name)}: shape {_show(shape)} overflows 64 bits")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
             raise bad(f"tensor {_show(name)} has invalid data_offsets {_show(offsets)}")
         info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
         if info.numel * ITEMSIZE[dtype] != info.nbytes:
-            raise bad(f"tensor {_show(name)}: shape {_show(list(shape))} x {dtype} is "
-                      f"{_show(info.numel * ITEMSIZE[dtype])} bytes but its byte range holds {_show(info.nbytes)}")
+            raise bad(
+                f"tensor {_show(name)}: shape {_show(list(shape))} x {dtype} is "
+                f"{_show(info.numel * ITEMSIZE[dtype])} bytes but its byte range holds {_show(info.nbytes)}"
+            )
         tensors.append(info)
 
     tensors.sort(key=lambda t: (t.begin, t.end))
     pos = 0
     for t in tensors:
         if t.begin != pos:
-            raise bad(f"tensor {_show(t.name)} starts at byte {_show(t.begin)}, expected {_show(pos)} "
-                      f"({'overlap' if t.begin < pos else 'hole'} in the data buffer)")
+            raise bad(
+                f"tensor {_show(t.name)} starts at byte {_show(t.begin)}, expected {_show(pos)} "
+                f"({'overlap' if t.begin < pos else 'hole'} in the data buffer)"
+            )
         pos = t.end
     if pos != data_size:
-        raise bad(f"tensors cover {_show(pos)} bytes but the data buffer holds {data_size} "
-                  f"({'truncated file' if pos > data_size else 'trailing bytes'})")
+        raise bad(
+            f"tensors cover {_show(pos)} bytes but the data buffer holds {data_size} "
+            f"({'truncated file' if pos > data_size else 'trailing bytes'})"
+        )
     return {t.name: t for t in tensors}, metadata

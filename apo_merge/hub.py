@@ -32,8 +32,11 @@ class PushOptions:
         args = ["apo-merge", "push", str(folder), self.repo_id]
         if self.private:
             args.append("--private")
-        for flag, value in (("--revision", self.revision), ("--commit-message", self.commit_message),
-                            ("--commit-description", self.commit_description)):
+        for flag, value in (
+            ("--revision", self.revision),
+            ("--commit-message", self.commit_message),
+            ("--commit-description", self.commit_description),
+        ):
             if value is not None:
                 args += [flag, value]
         if self.create_pr:
@@ -41,9 +44,17 @@ class PushOptions:
         return shlex.join(args)
 
 
-def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None, commit_description: str | None = None,
-                create_pr: bool = False, token: str | bool | None = None) -> str:
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    token: str | bool | None = None,
+) -> str:
     """Upload ``folder`` to the model repo ``repo_id`` and return the commit (or pull request) URL.
 
     Creates the repo when missing (``private`` applies then) and the branch ``revision`` when missing, as
@@ -51,8 +62,14 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     ``push_folder(out, "me/model-apo", revision=f"round-{t}", commit_message=f"APO round {t}")``.
     Raises MergeError (exit code 1) naming the cause and the command that retries the upload alone.
     """
-    options = PushOptions(repo_id, private=private, revision=revision, commit_message=commit_message,
-                          commit_description=commit_description, create_pr=create_pr)
+    options = PushOptions(
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        create_pr=create_pr,
+    )
     return push(folder, options, token=token)
 
 
@@ -70,14 +87,20 @@ def push(folder: str | os.PathLike, options: PushOptions, *, token: str | bool |
         if options.revision is not None and not options.create_pr:
             api.create_branch(repo_id, branch=options.revision, exist_ok=True)
         info = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, revision=options.revision, create_pr=options.create_pr,
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=options.revision,
+            create_pr=options.create_pr,
             commit_message=options.commit_message or f"Upload {folder.name} (apo-merge)",
-            commit_description=options.commit_description)
+            commit_description=options.commit_description,
+        )
     except Exception as e:  # noqa: BLE001 - any failure of the upload becomes one message with the retry command
         cause = _scrub(f"{type(e).__name__}: {_first_line(e)}", token)
         login = " (after `hf auth login` or with HF_TOKEN set)" if isinstance(token, str) else ""
-        raise MergeError(f"upload of {folder} to {options.repo_id} failed ({cause}); the folder is complete; "
-                         f"retry the upload alone with: {options.retry_command(folder)}{login}") from None
+        raise MergeError(
+            f"upload of {folder} to {options.repo_id} failed ({cause}); the folder is complete; "
+            f"retry the upload alone with: {options.retry_command(folder)}{login}"
+        ) from None
     return getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or str(info)
 
 
@@ -90,8 +113,10 @@ def _check_complete(folder: Path) -> None:
     for name, (size, _) in recorded_files(text).items():
         path = folder / name
         if not path.is_file() or path.stat().st_size != size:
-            raise MergeError(f"{folder}: {name} is missing or not {size} bytes as its model card records; "
-                             "rerun the merge instead of uploading this folder")
+            raise MergeError(
+                f"{folder}: {name} is missing or not {size} bytes as its model card records; "
+                "rerun the merge instead of uploading this folder"
+            )
 
 
 def _first_line(e: BaseException) -> str:

@@ -34,16 +34,41 @@ from apo_merge.sources import ADAPTER_CONFIG, Source
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 # saved key suffix -> (factor, layer kind)
-_FACTORS = {".lora_A.weight": ("A", "linear"), ".lora_B.weight": ("B", "linear"), ".lora_B.bias": ("bias", "linear"),
-            ".lora_embedding_A": ("A", "embedding"), ".lora_embedding_B": ("B", "embedding")}
+_FACTORS = {
+    ".lora_A.weight": ("A", "linear"),
+    ".lora_B.weight": ("B", "linear"),
+    ".lora_B.bias": ("bias", "linear"),
+    ".lora_embedding_A": ("A", "embedding"),
+    ".lora_embedding_B": ("B", "embedding"),
+}
 # Config fields two adapters must share for their deltas to live in the same model.
-_SAME = ("base_model_name_or_path", "revision", "target_modules", "exclude_modules", "fan_in_fan_out", "bias",
-         "lora_bias", "modules_to_save", "layers_to_transform", "layers_pattern", "trainable_token_indices",
-         "layer_replication", "alora_invocation_tokens", "task_type")
+_SAME = (
+    "base_model_name_or_path",
+    "revision",
+    "target_modules",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "bias",
+    "lora_bias",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "trainable_token_indices",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "task_type",
+)
 _UNORDERED = ("target_modules", "modules_to_save", "exclude_modules")
 # LoRA variants whose update is not s * B @ A (or not in these tensors): no exact rank-concatenation.
-_VARIANTS = ("use_qalora", "use_bdlora", "target_parameters", "arrow_config", "kasa_config", "monteclora_config",
-             "velora_config")
+_VARIANTS = (
+    "use_qalora",
+    "use_bdlora",
+    "target_parameters",
+    "arrow_config",
+    "kasa_config",
+    "monteclora_config",
+    "velora_config",
+)
 _OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -75,14 +100,20 @@ def open_adapter(src: Source) -> Adapter:
     weights, config_path = root / ADAPTER_WEIGHTS, root / ADAPTER_CONFIG
     if not weights.is_file():
         pickled = (root / "adapter_model.bin").exists()
-        raise MergeError(f"{label}: holds {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}"
-                         + ("; only adapter_model.bin (pickle), which apo-merge never loads; re-save it with "
-                            "save_pretrained(..., safe_serialization=True)" if pickled else "; save the adapter "
-                            "with save_pretrained"))
+        raise MergeError(
+            f"{label}: holds {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}"
+            + (
+                "; only adapter_model.bin (pickle), which apo-merge never loads; re-save it with "
+                "save_pretrained(..., safe_serialization=True)"
+                if pickled
+                else "; save the adapter with save_pretrained"
+            )
+        )
     for path in (weights, config_path):
         if not is_inside(path, src.trusted_root):
-            raise MergeError(f"{path}: is a symlink leading outside the adapter folder (refused); copy the real "
-                             "file into the folder")
+            raise MergeError(
+                f"{path}: is a symlink leading outside the adapter folder (refused); copy the real file into the folder"
+            )
     raw_config = config_path.read_bytes()
     try:
         config = json.loads(raw_config)
@@ -90,15 +121,21 @@ def open_adapter(src: Source) -> Adapter:
         raise MergeError(f"{config_path}: not valid JSON ({e}); re-save the adapter") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise MergeError(f"{label}: is a PEFT {kind or 'unknown'} adapter; apo-merge extrapolates LoRA adapters "
-                         "only (merge it into its base first)")
+        raise MergeError(
+            f"{label}: is a PEFT {kind or 'unknown'} adapter; apo-merge extrapolates LoRA adapters "
+            "only (merge it into its base first)"
+        )
     if config.get("use_dora"):
-        raise MergeError(f"{label}: is a DoRA adapter, whose weight-normalised update cannot be written exactly "
-                         "as one adapter; merge both into the base (merge_and_unload) and extrapolate those")
+        raise MergeError(
+            f"{label}: is a DoRA adapter, whose weight-normalised update cannot be written exactly "
+            "as one adapter; merge both into the base (merge_and_unload) and extrapolate those"
+        )
     for key in _VARIANTS:
         if config.get(key):
-            raise MergeError(f"{label}: uses the LoRA variant {key}, which apo-merge cannot extrapolate exactly; "
-                             "merge both adapters into the base (merge_and_unload) and extrapolate those")
+            raise MergeError(
+                f"{label}: uses the LoRA variant {key}, which apo-merge cannot extrapolate exactly; "
+                "merge both adapters into the base (merge_and_unload) and extrapolate those"
+            )
     raw = weights.read_bytes()
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -107,8 +144,10 @@ def open_adapter(src: Source) -> Adapter:
         tensors = load(raw)
     except SafetensorError as e:
         raise MergeError(f"{weights}: not a valid safetensors file ({e}); re-save the adapter") from None
-    files = {ADAPTER_WEIGHTS: (len(raw), hashlib.sha256(raw).hexdigest()),
-             ADAPTER_CONFIG: (len(raw_config), hashlib.sha256(raw_config).hexdigest())}
+    files = {
+        ADAPTER_WEIGHTS: (len(raw), hashlib.sha256(raw).hexdigest()),
+        ADAPTER_CONFIG: (len(raw_config), hashlib.sha256(raw_config).hexdigest()),
+    }
     return Adapter(label, root, config, tensors, digest(files))
 
 
@@ -120,12 +159,15 @@ def check_compatible(prev: Adapter, cur: Adapter) -> None:
             p, c = sorted(p), sorted(c)
         if p != c:
             if key == "base_model_name_or_path":
-                raise MergeError(f"PREV and CUR are adapters of different base models ({p!r} vs {c!r}); "
-                                 "extrapolate adapters trained from one base (or fix base_model_name_or_path in "
-                                 f"{ADAPTER_CONFIG} if it is the same model)")
+                raise MergeError(
+                    f"PREV and CUR are adapters of different base models ({p!r} vs {c!r}); "
+                    "extrapolate adapters trained from one base (or fix base_model_name_or_path in "
+                    f"{ADAPTER_CONFIG} if it is the same model)"
+                )
             what = "target modules" if key == "target_modules" else key
-            raise MergeError(f"PREV and CUR adapters differ in {what} ({p!r} vs {c!r}); both rounds must train "
-                             "the same LoRA layout")
+            raise MergeError(
+                f"PREV and CUR adapters differ in {what} ({p!r} vs {c!r}); both rounds must train the same LoRA layout"
+            )
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -143,13 +185,15 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, torch.Tens
     for key, t in adapter.tensors.items():
         for suffix, (factor, kind) in _FACTORS.items():
             if key.endswith(suffix):
-                name = key[:-len(suffix)].removeprefix(_PREFIX)
+                name = key[: -len(suffix)].removeprefix(_PREFIX)
                 parts.setdefault(name, {"kind": kind})[factor] = t
                 break
         else:
             if any(part.startswith("lora_") for part in key.split(".")):
-                raise MergeError(f"{adapter.label}: tensor {key!r} belongs to a LoRA variant apo-merge cannot "
-                                 "extrapolate exactly; merge the adapters into the base and extrapolate those")
+                raise MergeError(
+                    f"{adapter.label}: tensor {key!r} belongs to a LoRA variant apo-merge cannot "
+                    "extrapolate exactly; merge the adapters into the base and extrapolate those"
+                )
             whole[key] = t
     cfg = adapter.config
     modules = {}
@@ -159,13 +203,17 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, torch.Tens
         A, B = p["A"], p["B"]
         rank = A.shape[0]
         if B.dim() < 2 or B.shape[1] != rank:
-            raise MergeError(f"{adapter.label}: LoRA layer {name}: lora_A has rank {rank} but lora_B has shape "
-                             f"{list(B.shape)}; re-save the adapter")
+            raise MergeError(
+                f"{adapter.label}: LoRA layer {name}: lora_A has rank {rank} but lora_B has shape "
+                f"{list(B.shape)}; re-save the adapter"
+            )
         r = _pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r"))
         lora_alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha"))
         if r != rank or not isinstance(lora_alpha, (int, float)):
-            raise MergeError(f"{adapter.label}: {ADAPTER_CONFIG} gives layer {name} r={r!r}, "
-                             f"lora_alpha={lora_alpha!r}, but its tensors have rank {rank}; fix the config")
+            raise MergeError(
+                f"{adapter.label}: {ADAPTER_CONFIG} gives layer {name} r={r!r}, "
+                f"lora_alpha={lora_alpha!r}, but its tensors have rank {rank}; fix the config"
+            )
         scaling = lora_alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
         modules[name] = _Module(p["kind"], A, B, p.get("bias"), scaling)
     return modules, whole
@@ -178,8 +226,10 @@ def _matched(prev: Adapter, cur: Adapter):
     for what, p, c in (("LoRA layers", mp, mc), ("whole tensors", wp, wc)):
         if set(p) != set(c):
             only = sorted(set(p) ^ set(c))
-            raise MergeError(f"PREV and CUR adapters hold different {what} ({', '.join(only[:5])}); both rounds "
-                             "must train the same LoRA layout")
+            raise MergeError(
+                f"PREV and CUR adapters hold different {what} ({', '.join(only[:5])}); both rounds "
+                "must train the same LoRA layout"
+            )
     for key, c in wc.items():
         if wp[key].shape != c.shape:
             raise MergeError(f"{key}: shape {list(wp[key].shape)} in PREV, {list(c.shape)} in CUR")
@@ -192,8 +242,9 @@ def _whole(p: torch.Tensor, c: torch.Tensor, alpha: float, dtype: torch.dtype | 
     return c.clone()
 
 
-def extrapolate_adapters(prev: Adapter, cur: Adapter, alpha: float,
-                         dtype: str = "keep") -> tuple[dict[str, torch.Tensor], dict]:
+def extrapolate_adapters(
+    prev: Adapter, cur: Adapter, alpha: float, dtype: str = "keep"
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The exact extrapolated adapter: (tensors as PEFT saves them, adapter_config.json content)."""
     mp, mc, wp, wc = _matched(prev, cur)
     out_dtype = _OUT_DTYPES.get(dtype)
@@ -202,18 +253,23 @@ def extrapolate_adapters(prev: Adapter, cur: Adapter, alpha: float,
     for name, c in mc.items():
         p = mp[name]
         if c.A.shape[1:] != p.A.shape[1:] or c.B.shape[0] != p.B.shape[0] or c.B.shape[2:] != p.B.shape[2:]:
-            raise MergeError(f"LoRA layer {name}: factor shapes differ between PREV and CUR "
-                             f"({list(p.B.shape)} x {list(p.A.shape)} vs {list(c.B.shape)} x {list(c.A.shape)})")
+            raise MergeError(
+                f"LoRA layer {name}: factor shapes differ between PREV and CUR "
+                f"({list(p.B.shape)} x {list(p.A.shape)} vs {list(c.B.shape)} x {list(c.A.shape)})"
+            )
         dt = out_dtype or torch.promote_types(c.A.dtype, p.A.dtype)
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if c.kind == "embedding" else \
-            ("lora_A.weight", "lora_B.weight")
+        a_key, b_key = (
+            ("lora_embedding_A", "lora_embedding_B") if c.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        )
         # fp64 products, one rounding each; A is copied exactly (only widened).
         tensors[f"{_PREFIX}{name}.{a_key}"] = torch.cat([c.A.to(dt), p.A.to(dt)], 0)
         tensors[f"{_PREFIX}{name}.{b_key}"] = torch.cat(
-            [(c.B.double() * ((1 + alpha) * c.scaling)).to(dt), (p.B.double() * (-alpha * p.scaling)).to(dt)], 1)
+            [(c.B.double() * ((1 + alpha) * c.scaling)).to(dt), (p.B.double() * (-alpha * p.scaling)).to(dt)], 1
+        )
         if c.bias is not None:
-            tensors[f"{_PREFIX}{name}.lora_B.bias"] = (c.bias.double() * ((1 + alpha) * c.scaling)
-                                                      - p.bias.double() * (alpha * p.scaling)).to(dt)
+            tensors[f"{_PREFIX}{name}.lora_B.bias"] = (
+                c.bias.double() * ((1 + alpha) * c.scaling) - p.bias.double() * (alpha * p.scaling)
+            ).to(dt)
         ranks[name] = c.A.shape[0] + p.A.shape[0]
     for key, c in wc.items():
         tensors[key] = _whole(wp[key], c, alpha, out_dtype)
@@ -232,8 +288,10 @@ def _config(base: dict, ranks: dict[str, int]) -> dict:
 def _delta(c: _Module, p: _Module, alpha: float, fan_in_fan_out: bool, dtype: torch.dtype) -> torch.Tensor:
     """``(1+a) s_c B_c A_c - a s_p B_p A_p`` in ``dtype``, laid out like the base weight."""
     if c.A.dim() != 2:
-        raise MergeError("--merge-into supports LoRA on Linear and Embedding layers only (this adapter has "
-                         "convolution layers); write the extrapolated adapter instead")
+        raise MergeError(
+            "--merge-into supports LoRA on Linear and Embedding layers only (this adapter has "
+            "convolution layers); write the extrapolated adapter instead"
+        )
     B = torch.cat([c.B.to(dtype) * ((1 + alpha) * c.scaling), p.B.to(dtype) * (-alpha * p.scaling)], 1)
     A = torch.cat([c.A.to(dtype), p.A.to(dtype)], 0)
     d = B @ A
@@ -264,8 +322,9 @@ class _Merger:
                 self.changes.setdefault(f"{name}.bias", _Change()).bias = name
         for key in self.wc:
             if key.endswith("trainable_tokens_delta"):
-                raise usage_error("--merge-into does not support trainable-token adapters; write the "
-                                  "extrapolated adapter instead")
+                raise usage_error(
+                    "--merge-into does not support trainable-token adapters; write the extrapolated adapter instead"
+                )
             self.changes.setdefault(_base_name(key), _Change()).whole = key
 
     def tensor(self, name: str, raw: bytearray, base_dtype: str, shape: tuple[int, ...], out_dtype: str) -> bytes:
@@ -275,8 +334,10 @@ class _Merger:
             return raw
         src, dst = TORCH_DTYPES.get(base_dtype), TORCH_DTYPES.get(out_dtype)
         if src is None:
-            raise MergeError(f"--merge-into: base tensor {name} has dtype {base_dtype}, which apo-merge cannot "
-                             "change; dequantize the base first")
+            raise MergeError(
+                f"--merge-into: base tensor {name} has dtype {base_dtype}, which apo-merge cannot "
+                "change; dequantize the base first"
+            )
         compute = torch.float64 if torch.float64 in (src, dst) else torch.float32
         w = (torch.frombuffer(raw, dtype=src) if raw else torch.empty(0, dtype=src)).reshape(shape)
         w = w.to(compute)
@@ -289,8 +350,10 @@ class _Merger:
             c, p = self.mc[change.bias], self.mp[change.bias]
             w = w + (c.bias.to(compute) * ((1 + a) * c.scaling) - p.bias.to(compute) * (a * p.scaling))
         if tuple(w.shape) != shape:
-            raise MergeError(f"--merge-into: {name} has shape {list(shape)} in the base but the adapters give "
-                             f"{list(w.shape)}; give the base model the adapters were trained on")
+            raise MergeError(
+                f"--merge-into: {name} has shape {list(shape)} in the base but the adapters give "
+                f"{list(w.shape)}; give the base model the adapters were trained on"
+            )
         return w.to(dst).contiguous().view(torch.uint8).numpy().tobytes()
 
 
@@ -307,8 +370,16 @@ class Written:
     card: dict = field(default_factory=dict)  # CardInfo fields: library_name, tags, rows, summary
 
 
-def write_adapter(prev: Adapter, cur: Adapter, alpha: float, dest: Path, *, dtype: str = "keep",
-                  strict: bool = False, metadata: dict[str, str]) -> Written:
+def write_adapter(
+    prev: Adapter,
+    cur: Adapter,
+    alpha: float,
+    dest: Path,
+    *,
+    dtype: str = "keep",
+    strict: bool = False,
+    metadata: dict[str, str],
+) -> Written:
     """Write the exact extrapolated adapter (adapter_model.safetensors + adapter_config.json) into ``dest``."""
     from safetensors.torch import save_file
 
@@ -321,20 +392,36 @@ def write_adapter(prev: Adapter, cur: Adapter, alpha: float, dest: Path, *, dtyp
     size, sha = hash_file(dest / ADAPTER_WEIGHTS)
     ranks = "/".join(map(str, sorted({config["r"], *config["rank_pattern"].values()})))
     card = dict(
-        library_name="peft", tags=["lora", "peft"],
-        rows=[("base model", f"`{cur.config.get('base_model_name_or_path')}`"),
-              ("method", "exact: one LoRA of rank r_cur + r_prev, B = [(1+alpha) s_cur B_cur, -alpha s_prev "
-                         f"B_prev], A = [A_cur; A_prev], scaling 1 (rank {ranks})")],
+        library_name="peft",
+        tags=["lora", "peft"],
+        rows=[
+            ("base model", f"`{cur.config.get('base_model_name_or_path')}`"),
+            (
+                "method",
+                "exact: one LoRA of rank r_cur + r_prev, B = [(1+alpha) s_cur B_cur, -alpha s_prev "
+                f"B_prev], A = [A_cur; A_prev], scaling 1 (rank {ranks})",
+            ),
+        ],
         summary="This adapter is an APO (Accelerated Preference Optimization, arXiv 2410.06293) extrapolation "
-                "step of two LoRA adapters,\n`delta = (1 + alpha) delta_cur - alpha delta_prev`, written exactly "
-                "as one LoRA")
+        "step of two LoRA adapters,\n`delta = (1 + alpha) delta_cur - alpha delta_prev`, written exactly "
+        "as one LoRA",
+    )
     return Written({ADAPTER_WEIGHTS: (size, sha)}, len(tensors), len(tensors), size, card=card)
 
 
-def write_merged(prev: Adapter, cur: Adapter, alpha: float, base: Checkpoint, dest: Path, *,
-                 dtype: str = "keep", max_shard_size: int | str | None = None, metadata: dict[str, str],
-                 progress: Callable[[int], None] | None = None,
-                 on_plan: Callable[[MergePlan], None] | None = None) -> Written:
+def write_merged(
+    prev: Adapter,
+    cur: Adapter,
+    alpha: float,
+    base: Checkpoint,
+    dest: Path,
+    *,
+    dtype: str = "keep",
+    max_shard_size: int | str | None = None,
+    metadata: dict[str, str],
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[MergePlan], None] | None = None,
+) -> Written:
     """Write BASE + the extrapolated adapter delta as full weights into ``dest`` (BASE's tensors and layout).
 
     One tensor in memory at a time; BASE is read once, in file order, and hashed on the way.
@@ -342,8 +429,10 @@ def write_merged(prev: Adapter, cur: Adapter, alpha: float, base: Checkpoint, de
     merger = _Merger(prev, cur, alpha)
     missing = sorted(n for n in merger.changes if n not in base.tensors)
     if missing:
-        raise MergeError(f"--merge-into {base.label}: the base has no tensor {', '.join(missing[:5])} that the "
-                         "adapters change; give the base model the adapters were trained on")
+        raise MergeError(
+            f"--merge-into {base.label}: the base has no tensor {', '.join(missing[:5])} that the "
+            "adapters change; give the base model the adapters were trained on"
+        )
     # The output keeps BASE's tensors and shapes: a plan of BASE against itself lays it out.
     plan = make_plan(base, base, alpha, dtype=dtype, max_shard_size=max_shard_size, metadata=metadata)
     if on_plan:
@@ -363,16 +452,31 @@ def write_merged(prev: Adapter, cur: Adapter, alpha: float, base: Checkpoint, de
     files = {h.path.name: hashes[h.path] for h in base.files}
     if base.index_name:
         files[base.index_name] = hash_file(base.root / base.index_name)
-    card = dict(rows=[("merged into", f"`{metadata.get('apo_merge_into', base.label)}`")],
-                summary="This checkpoint is a base model plus an APO (Accelerated Preference Optimization, "
-                        "arXiv 2410.06293) extrapolation step of two LoRA adapters,\n"
-                        "`W = W_base + (1 + alpha) delta_cur - alpha delta_prev`")
-    return Written({f.name: (f.size, sha[f.name]) for f in plan.files}, plan.n_tensors, len(merger.changes),
-                   written, plan.index, digest(files), card)
+    card = dict(
+        rows=[("merged into", f"`{metadata.get('apo_merge_into', base.label)}`")],
+        summary="This checkpoint is a base model plus an APO (Accelerated Preference Optimization, "
+        "arXiv 2410.06293) extrapolation step of two LoRA adapters,\n"
+        "`W = W_base + (1 + alpha) delta_cur - alpha delta_prev`",
+    )
+    return Written(
+        {f.name: (f.size, sha[f.name]) for f in plan.files},
+        plan.n_tensors,
+        len(merger.changes),
+        written,
+        plan.index,
+        digest(files),
+        card,
+    )
 
 
-def _write_file(f: OutFile, dest: Path, merger: _Merger, hasher: StreamHasher, fds: dict[Path, int],
-                progress: Callable[[int], None] | None) -> tuple[str, int]:
+def _write_file(
+    f: OutFile,
+    dest: Path,
+    merger: _Merger,
+    hasher: StreamHasher,
+    fds: dict[Path, int],
+    progress: Callable[[int], None] | None,
+) -> tuple[str, int]:
     """Write one output file tensor by tensor; return its sha256 and size."""
     fd = os.open(dest / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     h = hashlib.sha256(f.header)
@@ -402,4 +506,4 @@ def _write_file(f: OutFile, dest: Path, merger: _Merger, hasher: StreamHasher, f
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]

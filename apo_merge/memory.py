@@ -9,8 +9,13 @@ import torch
 from apo_kernels import extrapolate, extrapolate_many_
 
 
-def extrapolate_state_dict(prev: Mapping[str, torch.Tensor], cur: Mapping[str, torch.Tensor], alpha: float,
-                           *, out_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def extrapolate_state_dict(
+    prev: Mapping[str, torch.Tensor],
+    cur: Mapping[str, torch.Tensor],
+    alpha: float,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
     """Return a new state dict ``cur + alpha * (cur - prev)``, name by name.
 
     Floating tensors are extrapolated (fp32 math, one rounding into ``out_dtype`` or each ``cur`` tensor's dtype);

@@ -61,8 +61,12 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     except OSError:
         return removed
     for tmp in entries:
-        if (tmp.name.startswith(prefix) and _owner_gone(tmp.name[len(prefix):])
-                and tmp.is_dir() and not tmp.is_symlink()):
+        if (
+            tmp.name.startswith(prefix)
+            and _owner_gone(tmp.name[len(prefix) :])
+            and tmp.is_dir()
+            and not tmp.is_symlink()
+        ):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
@@ -71,8 +75,10 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
 _IO_FIXES = {  # errno -> (what it means here, or "", what to do)
     errno.ENOSPC: ("", "free space or choose another -o"),
     errno.EDQUOT: ("", "free space or choose another -o"),
-    errno.EFBIG: (" (a file would exceed the file-size limit, ulimit -f, or the filesystem's maximum)",
-                  "raise the limit, write smaller shards with --max-shard-size, or choose another -o"),
+    errno.EFBIG: (
+        " (a file would exceed the file-size limit, ulimit -f, or the filesystem's maximum)",
+        "raise the limit, write smaller shards with --max-shard-size, or choose another -o",
+    ),
     errno.EACCES: ("", "check the permissions of the output's parent folder"),
     errno.EPERM: ("", "check the permissions of the output's parent folder"),
     errno.EROFS: ("", "choose another -o"),
@@ -129,8 +135,10 @@ def check_replaceable(out: Path) -> None:
     except OSError:
         ours = False
     if not ours:
-        raise usage_error(f"{out}: exists and is not an apo-merge output, so --overwrite will not replace it; "
-                          "remove it yourself or choose another -o")
+        raise usage_error(
+            f"{out}: exists and is not an apo-merge output, so --overwrite will not replace it; "
+            "remove it yourself or choose another -o"
+        )
 
 
 class StagedFolder:
@@ -147,8 +155,10 @@ class StagedFolder:
         try:
             self.tmp.mkdir()
         except OSError as e:
-            raise MergeError(f"{self.out.parent}: cannot create the output folder there ({e.strerror}); "
-                             "check the path and permissions") from None
+            raise MergeError(
+                f"{self.out.parent}: cannot create the output folder there ({e.strerror}); "
+                "check the path and permissions"
+            ) from None
         return self.tmp
 
     def commit(self) -> None:
@@ -173,8 +183,9 @@ class StagedFolder:
             try:
                 done = _renameat2(self.tmp, self.out, _RENAME_NOREPLACE)
             except FileExistsError:
-                raise usage_error(f"{self.out}: appeared while merging (another process?); "
-                                  "nothing was replaced") from None
+                raise usage_error(
+                    f"{self.out}: appeared while merging (another process?); nothing was replaced"
+                ) from None
             if not done:
                 if self.out.exists():
                     raise usage_error(f"{self.out}: appeared while merging (another process?); nothing was replaced")

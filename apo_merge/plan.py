@@ -83,8 +83,17 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise usage_error(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
     unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }[unit]
     size = int(float(m.group(1)) * scale)
     if size <= 0:
         raise usage_error(f"--max-shard-size {text!r} must be positive")
@@ -103,16 +112,21 @@ def _out_dtype(name: str, cur: TensorInfo, prev: TensorInfo | None, dtype: OutDt
             raise MergeError(f"{name}: dtype {prev.dtype} in PREV but {cur.dtype} in CUR; both must be floating")
         return (cur.dtype if dtype == "keep" else _DTYPE_NAMES[dtype]), prev is not None
     if cur.dtype.startswith(("F8", "C")):
-        raise MergeError(f"{name}: dtype {cur.dtype} is not supported (quantized or complex weights); "
-                         "dequantize to bf16/fp16/fp32 first")
+        raise MergeError(
+            f"{name}: dtype {cur.dtype} is not supported (quantized or complex weights); "
+            "dequantize to bf16/fp16/fp32 first"
+        )
     return cur.dtype, False
 
 
 def _header_bytes(entries: list[tuple[Piece, int]], metadata: dict[str, str]) -> bytes:
     body: dict[str, object] = {"__metadata__": metadata}
     for piece, begin in entries:
-        body[piece.name] = {"dtype": piece.dtype, "shape": list(piece.shape),
-                            "data_offsets": [begin, begin + piece.nbytes]}
+        body[piece.name] = {
+            "dtype": piece.dtype,
+            "shape": list(piece.shape),
+            "data_offsets": [begin, begin + piece.nbytes],
+        }
     raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the reference writer pads to a multiple of 8
     return len(raw).to_bytes(8, "little") + raw
@@ -122,9 +136,16 @@ def _shard_names(n: int) -> list[str]:
     return [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def make_plan(prev: Checkpoint, cur: Checkpoint, alpha: float, *, dtype: OutDtype = "keep",
-              max_shard_size: int | str | None = None, on_missing: OnMissing = "error",
-              metadata: dict[str, str] | None = None) -> MergePlan:
+def make_plan(
+    prev: Checkpoint,
+    cur: Checkpoint,
+    alpha: float,
+    *,
+    dtype: OutDtype = "keep",
+    max_shard_size: int | str | None = None,
+    on_missing: OnMissing = "error",
+    metadata: dict[str, str] | None = None,
+) -> MergePlan:
     """Match tensors by name across PREV and CUR and lay out the output files."""
     if dtype not in ("keep", *_DTYPE_NAMES):
         raise usage_error(f"--dtype {dtype!r} is not one of keep, bf16, fp16, fp32")
@@ -140,14 +161,20 @@ def make_plan(prev: Checkpoint, cur: Checkpoint, alpha: float, *, dtype: OutDtyp
             parts.append(f"only in CUR: {_listed(cur_only)}")
         if prev_only:
             parts.append(f"only in PREV: {_listed(prev_only)}")
-        raise MergeError(f"tensor names differ between PREV and CUR ({'; '.join(parts)}); "
-                         "use --on-missing copy to copy CUR-only tensors unchanged")
-    mismatched = [f"{n} {list(prev.tensors[n][1].shape)} vs {list(info.shape)}"
-                  for n, (_, info) in cur.tensors.items()
-                  if n in prev.tensors and prev.tensors[n][1].shape != info.shape]
+        raise MergeError(
+            f"tensor names differ between PREV and CUR ({'; '.join(parts)}); "
+            "use --on-missing copy to copy CUR-only tensors unchanged"
+        )
+    mismatched = [
+        f"{n} {list(prev.tensors[n][1].shape)} vs {list(info.shape)}"
+        for n, (_, info) in cur.tensors.items()
+        if n in prev.tensors and prev.tensors[n][1].shape != info.shape
+    ]
     if mismatched:
-        raise MergeError(f"shape mismatch between PREV and CUR: {_listed(mismatched)}; "
-                         "both must be checkpoints of the same architecture")
+        raise MergeError(
+            f"shape mismatch between PREV and CUR: {_listed(mismatched)}; "
+            "both must be checkpoints of the same architecture"
+        )
 
     # (name, out dtype, shape, cur source, prev source or None), in CUR's layout order.
     specs: list[tuple[str, str, tuple[int, ...], tuple[FileHeader, TensorInfo], tuple | None]] = []
@@ -189,9 +216,16 @@ def make_plan(prev: Checkpoint, cur: Checkpoint, alpha: float, *, dtype: OutDtyp
 
     index = None
     if len(files) > 1 or (max_shard_size is None and cur.index_name):
-        index = {"metadata": {"total_size": sum(p.nbytes for f in files for p in f.pieces)},
-                 "weight_map": dict(sorted((p.name, f.name) for f in files for p in f.pieces))}
-    return MergePlan(prev, cur, alpha, files, index,
-                     copied_cur_only=cur_only if on_missing == "copy" else [],
-                     ignored_prev_only=prev_only if on_missing == "copy" else [])
-
+        index = {
+            "metadata": {"total_size": sum(p.nbytes for f in files for p in f.pieces)},
+            "weight_map": dict(sorted((p.name, f.name) for f in files for p in f.pieces)),
+        }
+    return MergePlan(
+        prev,
+        cur,
+        alpha,
+        files,
+        index,
+        copied_cur_only=cur_only if on_missing == "copy" else [],
+        ignored_prev_only=prev_only if on_missing == "copy" else [],
+    )

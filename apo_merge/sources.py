@@ -16,10 +16,34 @@ from pathlib import Path
 from apo_merge.errors import MergeError
 
 # fnmatch patterns, as huggingface_hub applies them: `*` also matches `/`, hence the "*/*" ignore (top level only).
-HUB_ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja",
-                      "*.tiktoken", "*.py", "tokenizer*", "LICENSE*", "NOTICE*", "USE_POLICY*"]
-HUB_IGNORE_PATTERNS = ["*/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.h5", "*.gguf",
-                       "*.onnx", "*.ot", "*.npz"]
+HUB_ALLOW_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.json",
+    "*.txt",
+    "*.model",
+    "*.jinja",
+    "*.tiktoken",
+    "*.py",
+    "tokenizer*",
+    "LICENSE*",
+    "NOTICE*",
+    "USE_POLICY*",
+]
+HUB_IGNORE_PATTERNS = [
+    "*/*",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.pkl",
+    "*.msgpack",
+    "*.h5",
+    "*.gguf",
+    "*.onnx",
+    "*.ot",
+    "*.npz",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"  # marks a PEFT adapter folder
 
@@ -78,33 +102,49 @@ def _from_hub(spec: str, repo_id: str, revision: str | None, *, token: str | boo
     )
 
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, token=token,
-                                        allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS))
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                token=token,
+                allow_patterns=HUB_ALLOW_PATTERNS,
+                ignore_patterns=HUB_IGNORE_PATTERNS,
+            )
+        )
     except GatedRepoError:
-        raise MergeError(f"{spec}: the Hub repo is gated; accept its terms on huggingface.co and log in "
-                         "(`hf auth login`) or pass --token") from None
+        raise MergeError(
+            f"{spec}: the Hub repo is gated; accept its terms on huggingface.co and log in "
+            "(`hf auth login`) or pass --token"
+        ) from None
     except RepositoryNotFoundError:
-        raise MergeError(f"{spec}: no such local folder, and no Hub repo {repo_id} you can access; check the "
-                         "path, or log in (`hf auth login`) / pass --token for a private repo") from None
+        raise MergeError(
+            f"{spec}: no such local folder, and no Hub repo {repo_id} you can access; check the "
+            "path, or log in (`hf auth login`) / pass --token for a private repo"
+        ) from None
     except RevisionNotFoundError:
-        raise MergeError(f"{spec}: the Hub repo {repo_id} has no revision {revision!r}; check the branch, tag "
-                         "or commit after '@'") from None
+        raise MergeError(
+            f"{spec}: the Hub repo {repo_id} has no revision {revision!r}; check the branch, tag or commit after '@'"
+        ) from None
     except LocalEntryNotFoundError as e:
         offline = _offline()
-        why = ("is not in the Hub cache (or only partly) and HF_HUB_OFFLINE=1 forbids downloading; unset "
-               "HF_HUB_OFFLINE or download it first" if offline else
-               f"could not be downloaded and is not in the Hub cache ({_first_line(e)}); check the network")
+        why = (
+            "is not in the Hub cache (or only partly) and HF_HUB_OFFLINE=1 forbids downloading; unset "
+            "HF_HUB_OFFLINE or download it first"
+            if offline
+            else f"could not be downloaded and is not in the Hub cache ({_first_line(e)}); check the network"
+        )
         raise MergeError(f"{spec}: no such local folder, and the Hub repo {why}") from None
     except ValueError as e:  # HFValidationError: not a repo id after all
         raise MergeError(f"{spec}: no such local folder, and not a valid Hub repo id ({_first_line(e)})") from None
     except (HfHubHTTPError, OSError) as e:
-        raise MergeError(f"{spec}: download from the Hub failed ({_first_line(e)}); check the network and "
-                         "rerun (finished files stay in the Hub cache)") from None
+        raise MergeError(
+            f"{spec}: download from the Hub failed ({_first_line(e)}); check the network and "
+            "rerun (finished files stay in the Hub cache)"
+        ) from None
     # snapshots/<commit>/<file> links to ../../blobs/<hash>: the repo's cache folder is the trusted root.
     repo_cache = folder.parent.parent if folder.parent.name == "snapshots" else folder
     commit = folder.name if folder.parent.name == "snapshots" else None
-    return Source(path=folder, label=spec, trusted_root=repo_cache, hub_id=repo_id, revision=revision,
-                  commit=commit)
+    return Source(path=folder, label=spec, trusted_root=repo_cache, hub_id=repo_id, revision=revision, commit=commit)
 
 
 def _offline() -> bool:

@@ -48,11 +48,15 @@ def _recorded(root: Path) -> dict[str, tuple[int, str]]:
     try:
         text = card.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
-        raise MergeError(f"{card}: cannot read the model card ({e.strerror or e}), so there are no recorded hashes "
-                         "to check against; re-run the merge") from None
+        raise MergeError(
+            f"{card}: cannot read the model card ({e.strerror or e}), so there are no recorded hashes "
+            "to check against; re-run the merge"
+        ) from None
     if CARD_MARK not in text:
-        raise MergeError(f"{card}: is not an apo-merge model card, so there are no recorded hashes to check "
-                         "against; re-run the merge")
+        raise MergeError(
+            f"{card}: is not an apo-merge model card, so there are no recorded hashes to check "
+            "against; re-run the merge"
+        )
     recorded = recorded_files(text)
     if not recorded:
         raise MergeError(f"{card}: records no weight files; re-run the merge")
@@ -74,12 +78,14 @@ def verify_output(folder: str | Path) -> VerifyReport:
     weights = {n for n in recorded if n.endswith(".safetensors")}  # (an adapter's card also lists its config)
     extra = sorted({p.name for p in root.glob("*.safetensors")} - weights)
     if extra:
-        raise MergeError(f"{root / extra[0]}: a weight file the model card does not record; remove it or re-run "
-                         "the merge")
+        raise MergeError(
+            f"{root / extra[0]}: a weight file the model card does not record; remove it or re-run the merge"
+        )
     unindexed = sorted(weights - {f.path.name for f in ckpt.files})
     if unindexed:
-        raise MergeError(f"{root / INDEX_NAME}: does not name {unindexed[0]}, which the model card records; "
-                         "re-run the merge")
+        raise MergeError(
+            f"{root / INDEX_NAME}: does not name {unindexed[0]}, which the model card records; re-run the merge"
+        )
     if ckpt.index_name:
         _check_total_size(root / INDEX_NAME, ckpt.total_bytes)
 
@@ -87,12 +93,16 @@ def verify_output(folder: str | Path) -> VerifyReport:
         path, (size, sha) = root / name, recorded[name]
         actual_size = path.stat().st_size
         if actual_size != size:
-            raise MergeError(f"{path}: {actual_size} bytes but the model card records {size}; "
-                             "the file changed after the merge, re-run it")
+            raise MergeError(
+                f"{path}: {actual_size} bytes but the model card records {size}; "
+                "the file changed after the merge, re-run it"
+            )
         actual = file_sha256(path)
         if actual != sha:
-            raise MergeError(f"{path}: SHA-256 {actual[:16]}... differs from the {sha[:16]}... recorded in the model "
-                             "card; the file changed after the merge, re-run it")
+            raise MergeError(
+                f"{path}: SHA-256 {actual[:16]}... differs from the {sha[:16]}... recorded in the model "
+                "card; the file changed after the merge, re-run it"
+            )
     return VerifyReport(root, {n: recorded[n] for n in sorted(recorded)}, len(ckpt.tensors))
 
 
@@ -100,5 +110,6 @@ def _check_total_size(index_path: Path, total: int) -> None:
     metadata = json.loads(index_path.read_text(encoding="utf-8")).get("metadata")
     recorded = metadata.get("total_size") if isinstance(metadata, dict) else None
     if recorded is not None and recorded != total:
-        raise MergeError(f"{index_path}: metadata.total_size is {recorded!r} but the tensors hold {total} bytes; "
-                         "re-run the merge")
+        raise MergeError(
+            f"{index_path}: metadata.total_size is {recorded!r} but the tensors hold {total} bytes; re-run the merge"
+        )

@@ -16,8 +16,13 @@ import typer
 
 from apo_trainer.errors import TrainError
 
-app = typer.Typer(name="apo-train", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Run Accelerated Preference Optimization rounds (arXiv 2410.06293).")
+app = typer.Typer(
+    name="apo-train",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Run Accelerated Preference Optimization rounds (arXiv 2410.06293).",
+)
 
 
 def _version(value: bool) -> None:
@@ -29,8 +34,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print the version and exit.")] = False) -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Run Accelerated Preference Optimization rounds (arXiv 2410.06293)."""
 
 
@@ -42,12 +50,19 @@ def _fail(err: TrainError) -> typer.Exit:
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config file (see `apo-train config`).")],
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override one key: --set alpha=0.5 "
-                                                        "(repeatable; values parsed as YAML).")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override one key: --set alpha=0.5 (repeatable; values parsed as YAML)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
-    allow_changed_config: Annotated[bool, typer.Option(
-        "--allow-changed-config", help="Resume even though the config differs from the one the run started "
-                                       "with; new values apply to phases not yet done.")] = False,
+    allow_changed_config: Annotated[
+        bool,
+        typer.Option(
+            "--allow-changed-config",
+            help="Resume even though the config differs from the one the run started "
+            "with; new values apply to phases not yet done.",
+        ),
+    ] = False,
 ) -> None:
     """Run (or resume) the APO rounds a config describes. Rerun the same command to resume after a crash."""
     from apo_trainer.config import APOConfig

@@ -25,8 +25,15 @@ import yaml
 
 from apo_trainer.errors import ConfigError
 
-_LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                  "inverse_sqrt")
+_LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 
 
 def _f(default: Any, help: str, *, choices: tuple[str, ...] | None = None, resume_safe: bool = False) -> Any:
@@ -38,31 +45,54 @@ class APOConfig:
     """Settings of an APO run (arXiv 2410.06293). Field names are the YAML keys; see each field's help."""
 
     # What to train, on what, judged by whom.
-    model: str = _f("", "Initial policy theta_0 = theta_hat_0: a local Hugging Face model folder or a Hub id. Required.")
+    model: str = _f(
+        "", "Initial policy theta_0 = theta_hat_0: a local Hugging Face model folder or a Hub id. Required."
+    )
     tokenizer: str = _f("", "Tokenizer folder or Hub id; empty means the model's own.")
-    prompts: str = _f("", "Prompts: a JSONL file with one object per line holding `prompt_field`, or a folder of "
-                          "*.jsonl files, or a folder written by datasets' save_to_disk (needs `datasets`). Required.")
+    prompts: str = _f(
+        "",
+        "Prompts: a JSONL file with one object per line holding `prompt_field`, or a folder of "
+        "*.jsonl files, or a folder written by datasets' save_to_disk (needs `datasets`). Required.",
+    )
     prompt_field: str = _f("prompt", "Name of the prompt field in each JSONL object or dataset row.")
-    oracle: str = _f("", "Preference oracle: 'reward-model:PATH' (AutoModelForSequenceClassification with one scalar "
-                         "output) or 'callable:module:function' (called with lists of prompts and responses, returns "
-                         "one float per pair). Required unless an Oracle object is passed to loop.run().")
-    output_dir: str = _f("runs/apo", "Run folder: round-<t>/ per round, metrics.jsonl, config.yaml. Rerunning the "
-                                     "same command resumes from the last finished phase.")
+    oracle: str = _f(
+        "",
+        "Preference oracle: 'reward-model:PATH' (AutoModelForSequenceClassification with one scalar "
+        "output) or 'callable:module:function' (called with lists of prompts and responses, returns "
+        "one float per pair). Required unless an Oracle object is passed to loop.run().",
+    )
+    output_dir: str = _f(
+        "runs/apo",
+        "Run folder: round-<t>/ per round, metrics.jsonl, config.yaml. Rerunning the "
+        "same command resumes from the last finished phase.",
+    )
 
     # APO.
     rounds: int = _f(3, "Number of rounds T; the run ends with theta_T in round-<T-1>/policy.", resume_safe=True)
-    alpha: float = _f(0.3, "Extrapolation weight: theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - "
-                           "theta_hat_t). 0 is plain iterative DPO/SPPO; the paper uses 0.3.")
-    loss: str = _f("dpo", "Preference loss: 'dpo' (sigmoid, best vs worst) or 'sppo' (squared loss to win-rate "
-                          "targets).", choices=("dpo", "sppo"))
+    alpha: float = _f(
+        0.3,
+        "Extrapolation weight: theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - "
+        "theta_hat_t). 0 is plain iterative DPO/SPPO; the paper uses 0.3.",
+    )
+    loss: str = _f(
+        "dpo",
+        "Preference loss: 'dpo' (sigmoid, best vs worst) or 'sppo' (squared loss to win-rate targets).",
+        choices=("dpo", "sppo"),
+    )
     beta: float = _f(0.1, "Inverse temperature of the loss (DPO 0.01-0.1, SPPO ~0.001).")
-    final_eval: bool = _f(True, "After the last round, sample and judge theta_T once more so that T rounds give T+1 "
-                                "log records (rounds 0..T).", resume_safe=True)
+    final_eval: bool = _f(
+        True,
+        "After the last round, sample and judge theta_T once more so that T rounds give T+1 log records (rounds 0..T).",
+        resume_safe=True,
+    )
 
     # Prompts per round and sampling.
-    prompts_per_round: int = _f(0, "Fresh prompts each round: round t takes the next prompts_per_round prompts of a "
-                                    "seeded shuffle of the set (reshuffled when exhausted). 0 = every prompt every "
-                                    "round.")
+    prompts_per_round: int = _f(
+        0,
+        "Fresh prompts each round: round t takes the next prompts_per_round prompts of a "
+        "seeded shuffle of the set (reshuffled when exhausted). 0 = every prompt every "
+        "round.",
+    )
     shuffle_prompts: bool = _f(True, "Shuffle the prompt set (seeded) before splitting it into rounds.")
     samples_per_prompt: int = _f(5, "K: responses sampled per prompt (at least 2).")
     max_new_tokens: int = _f(256, "Longest response, in tokens.")
@@ -71,10 +101,13 @@ class APOConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off).")
     max_prompt_tokens: int = _f(1024, "Prompts longer than this (after the chat template) are skipped and counted.")
     chat_template: bool = _f(True, "Wrap each prompt in the tokenizer's chat template when it has one.")
-    sampler: str = _f("auto", "Generation backend: 'generate' (transformers, dynamic KV cache), 'static' "
-                              "(transformers, static KV cache, compiled on GPU), 'vllm', or 'auto' (vllm when "
-                              "importable on a single GPU process, else static on GPU, else generate).",
-                      choices=("auto", "generate", "static", "vllm"))
+    sampler: str = _f(
+        "auto",
+        "Generation backend: 'generate' (transformers, dynamic KV cache), 'static' "
+        "(transformers, static KV cache, compiled on GPU), 'vllm', or 'auto' (vllm when "
+        "importable on a single GPU process, else static on GPU, else generate).",
+        choices=("auto", "generate", "static", "vllm"),
+    )
     generation_batch_size: int = _f(64, "Sequences per generate call (prompts x K), prompts grouped by length.")
 
     # Judging and reference log-probs.
@@ -83,30 +116,45 @@ class APOConfig:
 
     # Training.
     learning_rate: float = _f(5e-7, "Peak AdamW learning rate (restarted every round).")
-    lr_scheduler: str = _f("linear", "Learning-rate schedule after warm-up (transformers' get_scheduler names).",
-                           choices=_LR_SCHEDULERS)
+    lr_scheduler: str = _f(
+        "linear", "Learning-rate schedule after warm-up (transformers' get_scheduler names).", choices=_LR_SCHEDULERS
+    )
     warmup_ratio: float = _f(0.1, "Fraction of each round's optimizer steps spent warming up linearly from 0.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this when gradients sync (0 = no clipping).")
     epochs_per_round: int = _f(1, "Passes over each round's preference data.")
     batch_size: int = _f(4, "Preference pairs per process per micro-batch (each pair is two sequences).")
-    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step (effective batch = batch_size x "
-                            "grad_accum x processes).")
+    grad_accum: int = _f(
+        1, "Micro-batches accumulated per optimizer step (effective batch = batch_size x grad_accum x processes)."
+    )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    dtype: str = _f("float32", "Dtype the policy is loaded, trained and saved in. Keep float32 master weights with "
-                               "mixed_precision bf16: at lr 5e-7 most bf16 weight updates round to nothing.",
-                    choices=("float32", "bfloat16", "float16"))
-    mixed_precision: str = _f("no", "accelerate mixed precision for forward passes: 'no', 'bf16' or 'fp16' (GPU).",
-                              choices=("no", "bf16", "fp16"))
-    seed: int = _f(0, "Seed; every phase reseeds from (seed, round, phase), so a resumed run matches an "
-                      "uninterrupted one.")
+    dtype: str = _f(
+        "float32",
+        "Dtype the policy is loaded, trained and saved in. Keep float32 master weights with "
+        "mixed_precision bf16: at lr 5e-7 most bf16 weight updates round to nothing.",
+        choices=("float32", "bfloat16", "float16"),
+    )
+    mixed_precision: str = _f(
+        "no",
+        "accelerate mixed precision for forward passes: 'no', 'bf16' or 'fp16' (GPU).",
+        choices=("no", "bf16", "fp16"),
+    )
+    seed: int = _f(
+        0, "Seed; every phase reseeds from (seed, round, phase), so a resumed run matches an uninterrupted one."
+    )
 
     # Logging and publishing.
-    log_with: str = _f("", "Comma-separated accelerate trackers (e.g. 'tensorboard', 'wandb'); empty = JSONL and "
-                           "console only.", resume_safe=True)
-    push_to_hub: bool = _f(False, "Upload each round's extrapolated policy theta_{t+1} to branch `round-<t+1>` of "
-                           "`hub_repo_id` (created private when missing); off by default.",
-                           resume_safe=True)
+    log_with: str = _f(
+        "",
+        "Comma-separated accelerate trackers (e.g. 'tensorboard', 'wandb'); empty = JSONL and console only.",
+        resume_safe=True,
+    )
+    push_to_hub: bool = _f(
+        False,
+        "Upload each round's extrapolated policy theta_{t+1} to branch `round-<t+1>` of "
+        "`hub_repo_id` (created private when missing); off by default.",
+        resume_safe=True,
+    )
     hub_repo_id: str = _f("", "Hub repository for push_to_hub, e.g. 'me/apo-mistral'.", resume_safe=True)
 
     # ---------------------------------------------------------------- loading
@@ -193,8 +241,18 @@ class APOConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"config: '{f.name}' must be finite; got {value}")
-        positive = ("rounds", "samples_per_prompt", "max_new_tokens", "max_prompt_tokens", "generation_batch_size",
-                    "oracle_batch_size", "logprob_batch_size", "epochs_per_round", "batch_size", "grad_accum")
+        positive = (
+            "rounds",
+            "samples_per_prompt",
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "generation_batch_size",
+            "oracle_batch_size",
+            "logprob_batch_size",
+            "epochs_per_round",
+            "batch_size",
+            "grad_accum",
+        )
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"config: '{key}' must be at least 1; got {getattr(self, key)}")
@@ -223,8 +281,9 @@ class APOConfig:
             if modules is None:
                 raise ConfigError(f"config: log_with tracker '{tracker}' is unknown; use one of {', '.join(_TRACKERS)}")
             if not any(importlib.util.find_spec(m) for m in modules):
-                raise ConfigError(f"config: log_with '{tracker}' needs the {modules[0]} package; install it or drop "
-                                  "it from log_with")
+                raise ConfigError(
+                    f"config: log_with '{tracker}' needs the {modules[0]} package; install it or drop it from log_with"
+                )
         if self.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ConfigError("config: sampler 'vllm' needs the vllm package; install it or use sampler: auto")
 
@@ -237,8 +296,11 @@ class APOConfig:
         """Fields (not marked safe to change on resume) whose value differs from ``previous``; unknown keys too."""
         now = self.to_dict()
         keys = sorted(set(now) | set(previous))
-        return [k for k in keys
-                if now.get(k) != previous.get(k) and not (k in _fields() and _fields()[k].metadata["resume_safe"])]
+        return [
+            k
+            for k in keys
+            if now.get(k) != previous.get(k) and not (k in _fields() and _fields()[k].metadata["resume_safe"])
+        ]
 
     @classmethod
     def reference_yaml(cls) -> str:
@@ -281,9 +343,17 @@ def _wrap(text: str, width: int) -> list[str]:
     return out + ([line] if line else [])
 
 
-_TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-             "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",),
-             "trackio": ("trackio",), "swanlab": ("swanlab",)}
+_TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",),
+    "aim": ("aim",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+    "trackio": ("trackio",),
+    "swanlab": ("swanlab",),
+}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

@@ -31,8 +31,17 @@ def build_pairs(scores: list[list[float]]) -> tuple[list[dict[str, Any]], int]:
             ties += 1
             continue
         p = win_rates(s)
-        pairs.append({"prompt": i, "chosen": best, "rejected": worst, "score_chosen": s[best],
-                      "score_rejected": s[worst], "p_chosen": p[best], "p_rejected": p[worst]})
+        pairs.append(
+            {
+                "prompt": i,
+                "chosen": best,
+                "rejected": worst,
+                "score_chosen": s[best],
+                "score_rejected": s[worst],
+                "p_chosen": p[best],
+                "p_rejected": p[worst],
+            }
+        )
     return pairs, ties
 
 

@@ -33,16 +33,19 @@ def extrapolate_state_(cur: dict[str, torch.Tensor], prev: dict[str, torch.Tenso
     """
     missing = sorted(set(cur) ^ set(prev))
     if missing:
-        raise TrainError(f"theta_hat_t and theta_hat_t+1 differ in tensor names ({', '.join(missing[:5])}); both "
-                         "must be checkpoints of the same architecture")
+        raise TrainError(
+            f"theta_hat_t and theta_hat_t+1 differ in tensor names ({', '.join(missing[:5])}); both "
+            "must be checkpoints of the same architecture"
+        )
     seen: set[int] = set()
     names = []
     for name, c in cur.items():
         if not c.is_floating_point() or c.numel() == 0 or c.data_ptr() in seen:
             continue
         if prev[name].shape != c.shape:
-            raise TrainError(f"{name}: shape {tuple(prev[name].shape)} in theta_hat_t, {tuple(c.shape)} in "
-                             "theta_hat_t+1")
+            raise TrainError(
+                f"{name}: shape {tuple(prev[name].shape)} in theta_hat_t, {tuple(c.shape)} in theta_hat_t+1"
+            )
         seen.add(c.data_ptr())
         names.append(name)
     group: list[str] = []

@@ -18,18 +18,20 @@ def run(ctx: RunContext, t: int) -> dict[str, Any]:
     rows = load_samples(ctx, t)
     k = cfg.samples_per_prompt
     flat = [(i, s) for i in range(len(rows)) for s in range(k)]
-    mine = flat[ctx.rank::acc.num_processes]
+    mine = flat[ctx.rank :: acc.num_processes]
 
     oracle: Oracle = ctx.oracle or load_oracle(cfg.oracle, device=ctx.device, batch_size=cfg.oracle_batch_size)
     scores_mine: list[float] = []
     batch = cfg.oracle_batch_size
     with ctx.progress(f"round {t}: judging", len(flat)) as bar:
         for start in range(0, len(mine), batch):
-            chunk = mine[start:start + batch]
+            chunk = mine[start : start + batch]
             got = oracle.score([rows[i]["prompt"] for i, _ in chunk], [rows[i]["responses"][s] for i, s in chunk])
             if len(got) != len(chunk):
-                raise TrainError(f"oracle returned {len(got)} scores for {len(chunk)} responses; it must return one "
-                                 "float per (prompt, response)")
+                raise TrainError(
+                    f"oracle returned {len(got)} scores for {len(chunk)} responses; it must return one "
+                    "float per (prompt, response)"
+                )
             scores_mine.extend(float(x) for x in got)
             bar.advance(len(chunk) * acc.num_processes)
     if oracle is not ctx.oracle and hasattr(oracle, "close"):
@@ -43,15 +45,20 @@ def run(ctx: RunContext, t: int) -> dict[str, Any]:
     for i, row in enumerate(scores):
         for s, v in enumerate(row):
             if not math.isfinite(v):
-                raise TrainError(f"round {t}: the oracle scored prompt {i} response {s} as {v}; it must return "
-                                 "finite floats")
+                raise TrainError(
+                    f"round {t}: the oracle scored prompt {i} response {s} as {v}; it must return finite floats"
+                )
     if ctx.is_main:
         ctx.store.write_text(ctx.store.scores(t), json.dumps({"scores": scores}) + "\n", round_index=t, phase="judge")
     flat_scores = [v for row in scores for v in row]
     mean = sum(flat_scores) / len(flat_scores)
     var = sum((v - mean) ** 2 for v in flat_scores) / len(flat_scores)
-    return {"mean_score": mean, "std_score": math.sqrt(var), "min_score": min(flat_scores),
-            "max_score": max(flat_scores)}
+    return {
+        "mean_score": mean,
+        "std_score": math.sqrt(var),
+        "min_score": min(flat_scores),
+        "max_score": max(flat_scores),
+    }
 
 
 def load_scores(ctx: RunContext, t: int) -> list[list[float]]:

@@ -12,9 +12,16 @@ from typing import Any
 
 from apo_trainer.store import PHASES, RunStore
 
-_COLUMNS = (("round", "round", "{}"), ("mean_score", "score", "{:.4f}"), ("mean_length", "length", "{:.1f}"),
-            ("kl_to_init", "KL(init)", "{:.3f}"), ("pairs", "pairs", "{}"), ("train_loss", "loss", "{:.4f}"),
-            ("train_accuracy", "acc", "{:.2f}"), ("time_total", "seconds", "{:.1f}"))
+_COLUMNS = (
+    ("round", "round", "{}"),
+    ("mean_score", "score", "{:.4f}"),
+    ("mean_length", "length", "{:.1f}"),
+    ("kl_to_init", "KL(init)", "{:.3f}"),
+    ("pairs", "pairs", "{}"),
+    ("train_loss", "loss", "{:.4f}"),
+    ("train_accuracy", "acc", "{:.2f}"),
+    ("time_total", "seconds", "{:.1f}"),
+)
 
 
 def round_record(store: RunStore, t: int) -> dict[str, Any]:

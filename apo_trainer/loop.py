@@ -36,8 +36,9 @@ from apo_trainer.runtime import RunContext, load_tokenizer, phase_seed, seed_eve
 from apo_trainer.store import RunStore
 
 
-def run(config: APOConfig, oracle: Oracle | None = None, *, quiet: bool = False,
-        allow_changed_config: bool = False) -> list[dict[str, Any]]:
+def run(
+    config: APOConfig, oracle: Oracle | None = None, *, quiet: bool = False, allow_changed_config: bool = False
+) -> list[dict[str, Any]]:
     """Run (or resume) every round of ``config``; return the per-round records, also in OUTPUT/metrics.jsonl.
 
     Each record has at least ``round``, ``mean_score`` (oracle mean over the round's samples), ``std_score``,
@@ -56,8 +57,12 @@ def run(config: APOConfig, oracle: Oracle | None = None, *, quiet: bool = False,
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # our own bars cover the phases; theirs repeat per checkpoint load
     trackers = [x.strip() for x in config.log_with.split(",") if x.strip()]
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
-                              log_with=trackers or None, project_dir=config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        log_with=trackers or None,
+        project_dir=config.output_dir,
+    )
     store = RunStore(config.output_dir)
     try:
         with store.lock() if accelerator.is_main_process else nullcontext():
@@ -74,13 +79,22 @@ def run(config: APOConfig, oracle: Oracle | None = None, *, quiet: bool = False,
         AcceleratorState._reset_state()
 
 
-def _rounds(config: APOConfig, accelerator: Any, store: RunStore, oracle: Oracle | None, quiet: bool,
-            trackers: list[str]) -> list[dict[str, Any]]:
-    ctx = RunContext(config=config, accelerator=accelerator, store=store, tokenizer=load_tokenizer(config),
-                     prompts=load_prompts(config.prompts, config.prompt_field), oracle=oracle, quiet=quiet)
+def _rounds(
+    config: APOConfig, accelerator: Any, store: RunStore, oracle: Oracle | None, quiet: bool, trackers: list[str]
+) -> list[dict[str, Any]]:
+    ctx = RunContext(
+        config=config,
+        accelerator=accelerator,
+        store=store,
+        tokenizer=load_tokenizer(config),
+        prompts=load_prompts(config.prompts, config.prompt_field),
+        oracle=oracle,
+        quiet=quiet,
+    )
     if trackers:
-        accelerator.init_trackers("apo-train", config={k: v for k, v in config.to_dict().items()
-                                                       if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "apo-train", config={k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+        )
     records: list[dict[str, Any]] = []
     last = config.rounds + (1 if config.final_eval else 0)
     for t in range(last):
@@ -101,8 +115,9 @@ def _rounds(config: APOConfig, accelerator: Any, store: RunStore, oracle: Oracle
         if accelerator.is_main_process:
             log.write_metrics(store, records)
             # Trackers such as wandb need steps that never decrease: use the optimizer steps taken so far.
-            accelerator.log({f"round/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
-                            step=ctx.step_offset)
+            accelerator.log(
+                {f"round/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=ctx.step_offset
+            )
             if not quiet:
                 log.print_round(record)
         accelerator.wait_for_everyone()
@@ -135,8 +150,10 @@ def _check_config(store: RunStore, config: APOConfig, allow_changed: bool) -> No
         changed = config.changed_fields(previous)
         if changed and not allow_changed:
             detail = ", ".join(f"{k}: {previous.get(k)!r} -> {config.to_dict().get(k)!r}" for k in changed[:4])
-            raise ConfigError(f"{store.root} was started with another config ({detail}); use a new output_dir, "
-                              "restore those values, or pass --allow-changed-config")
+            raise ConfigError(
+                f"{store.root} was started with another config ({detail}); use a new output_dir, "
+                "restore those values, or pass --allow-changed-config"
+            )
         if not changed and previous == config.to_dict():
             return
     store.write_text(store.config, text)
@@ -152,8 +169,13 @@ def _push_round(ctx: RunContext, t: int) -> dict[str, Any]:
 
     config = ctx.config
     try:
-        url = push_folder(ctx.store.policy(t), config.hub_repo_id, private=True, revision=f"round-{t + 1}",
-                          commit_message=f"APO policy theta_{t + 1} (alpha {config.alpha})")
+        url = push_folder(
+            ctx.store.policy(t),
+            config.hub_repo_id,
+            private=True,
+            revision=f"round-{t + 1}",
+            commit_message=f"APO policy theta_{t + 1} (alpha {config.alpha})",
+        )
     except MergeError as e:
         ctx.accelerator.print(f"apo-train: warning: round {t}: {e.message}")
         return {"pushed": False, "error": e.message}

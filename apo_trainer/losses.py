@@ -18,8 +18,13 @@ def dpo_loss(logr_chosen: torch.Tensor, logr_rejected: torch.Tensor, beta: float
     return -F.logsigmoid(beta * (logr_chosen.float() - logr_rejected.float()))
 
 
-def sppo_loss(logr_chosen: torch.Tensor, logr_rejected: torch.Tensor, p_chosen: torch.Tensor,
-              p_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+def sppo_loss(
+    logr_chosen: torch.Tensor,
+    logr_rejected: torch.Tensor,
+    p_chosen: torch.Tensor,
+    p_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """SPPO: ``((logr(y_w) - (p_w - 1/2)/beta)^2 + (logr(y_l) - (p_l - 1/2)/beta)^2) / 2``.
 
     Wu et al., "Self-Play Preference Optimization for Language Model Alignment", arXiv 2405.00675, Eq. 4.4;

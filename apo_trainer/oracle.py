@@ -45,8 +45,10 @@ def resolve_callable(target: str) -> Callable[..., Any]:
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as e:  # the user's module may fail in any way while importing
-        raise ConfigError(f"config: cannot import oracle module '{module_name}' ({type(e).__name__}: {e}); "
-                          "check the name and PYTHONPATH") from None
+        raise ConfigError(
+            f"config: cannot import oracle module '{module_name}' ({type(e).__name__}: {e}); "
+            "check the name and PYTHONPATH"
+        ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"config: module '{module_name}' has no attribute '{attr}'; check the oracle spec")
@@ -59,8 +61,9 @@ def resolve_callable(target: str) -> Callable[..., Any]:
 class CallableOracle:
     """Wraps ``fn(prompts, responses) -> list[float]`` as an Oracle, calling it on batches of ``batch_size``."""
 
-    def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float]], batch_size: int = 256,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, fn: Callable[[list[str], list[str]], Sequence[float]], batch_size: int = 256, name: str | None = None
+    ) -> None:
         self.fn = fn
         self.batch_size = batch_size
         self.name = name or getattr(fn, "__qualname__", repr(fn))
@@ -68,11 +71,13 @@ class CallableOracle:
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         out: list[float] = []
         for i in range(0, len(prompts), self.batch_size):
-            ps, rs = prompts[i:i + self.batch_size], responses[i:i + self.batch_size]
+            ps, rs = prompts[i : i + self.batch_size], responses[i : i + self.batch_size]
             got = [float(x) for x in self.fn(ps, rs)]
             if len(got) != len(ps):
-                raise TrainError(f"oracle {self.name} returned {len(got)} scores for {len(ps)} responses; "
-                                 "it must return one float per (prompt, response)")
+                raise TrainError(
+                    f"oracle {self.name} returned {len(got)} scores for {len(ps)} responses; "
+                    "it must return one float per (prompt, response)"
+                )
             out.extend(got)
         return out
 
@@ -84,8 +89,15 @@ class RewardModelOracle:
     otherwise prompt and response are concatenated. Inputs longer than ``max_length`` tokens are truncated.
     """
 
-    def __init__(self, path: str, *, device: torch.device | str = "cpu", batch_size: int = 16,
-                 dtype: torch.dtype | None = None, max_length: int = 4096) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        device: torch.device | str = "cpu",
+        batch_size: int = 16,
+        dtype: torch.dtype | None = None,
+        max_length: int = 4096,
+    ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -94,8 +106,10 @@ class RewardModelOracle:
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or "auto").to(device)
         self.model.eval()
         if self.model.config.num_labels != 1:
-            raise TrainError(f"reward model {path} has {self.model.config.num_labels} outputs; the oracle needs a "
-                             "scalar head (num_labels=1)")
+            raise TrainError(
+                f"reward model {path} has {self.model.config.num_labels} outputs; the oracle needs a "
+                "scalar head (num_labels=1)"
+            )
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = torch.device(device)
@@ -105,7 +119,8 @@ class RewardModelOracle:
     def _text(self, prompt: str, response: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+            )
         return prompt + response
 
     @torch.no_grad()
@@ -115,9 +130,15 @@ class RewardModelOracle:
         out = [math.nan] * len(texts)
         self.tokenizer.padding_side = "right"
         for i in range(0, len(order), self.batch_size):
-            idx = order[i:i + self.batch_size]
-            enc = self.tokenizer([texts[j] for j in idx], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length, add_special_tokens=not self.tokenizer.chat_template)
+            idx = order[i : i + self.batch_size]
+            enc = self.tokenizer(
+                [texts[j] for j in idx],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=not self.tokenizer.chat_template,
+            )
             logits = self.model(**enc.to(self.device)).logits.float()[:, 0].tolist()
             for j, v in zip(idx, logits, strict=True):
                 out[j] = v

@@ -31,10 +31,14 @@ def _read_jsonl(path: Path, prompt_field: str, limit: int | None = None) -> list
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError:
-                raise ConfigError(f"{path}:{lineno}: not a JSON object; prompts files hold one object per line") from None
+                raise ConfigError(
+                    f"{path}:{lineno}: not a JSON object; prompts files hold one object per line"
+                ) from None
             if not isinstance(obj, dict) or not isinstance(obj.get(prompt_field), str):
-                raise ConfigError(f"{path}:{lineno}: no string field '{prompt_field}'; set prompt_field to the "
-                                  "field that holds the prompt")
+                raise ConfigError(
+                    f"{path}:{lineno}: no string field '{prompt_field}'; set prompt_field to the "
+                    "field that holds the prompt"
+                )
             out.append(obj[prompt_field])
             if limit is not None and len(out) >= limit:
                 break
@@ -45,8 +49,9 @@ def _read_datasets_folder(path: Path, prompt_field: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"config: {path} is a datasets folder; install `datasets` or export the prompts as "
-                          "JSONL") from None
+        raise ConfigError(
+            f"config: {path} is a datasets folder; install `datasets` or export the prompts as JSONL"
+        ) from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
@@ -61,8 +66,9 @@ def peek_prompt_source(path: Path, prompt_field: str) -> None:
         try:
             import datasets  # noqa: F401
         except ImportError:
-            raise ConfigError(f"config: {path} is a datasets folder; install `datasets` or export the prompts as "
-                              "JSONL") from None
+            raise ConfigError(
+                f"config: {path} is a datasets folder; install `datasets` or export the prompts as JSONL"
+            ) from None
         return
     first = _jsonl_files(path)[0]
     if not _read_jsonl(first, prompt_field, limit=1):
@@ -82,8 +88,9 @@ def load_prompts(path: str | Path, prompt_field: str = "prompt") -> list[str]:
     return prompts
 
 
-def round_prompts(prompts: list[str], round_index: int, per_round: int, *, seed: int,
-                  shuffle: bool = True) -> tuple[list[int], bool]:
+def round_prompts(
+    prompts: list[str], round_index: int, per_round: int, *, seed: int, shuffle: bool = True
+) -> tuple[list[int], bool]:
     """Indices into ``prompts`` for round ``round_index`` and whether any prompt is reused from an earlier round.
 
     ``per_round == 0`` gives every prompt every round. Otherwise the rounds walk an endless stream of passes over the

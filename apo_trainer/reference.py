@@ -31,16 +31,17 @@ def all_logps(ctx: RunContext, model_path: str | Path, rows: list[dict[str, Any]
     seqs = [(i, s) for i in range(len(rows)) for s in range(k)]
     length = {(i, s): len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"][s]) for i, s in seqs}
     seqs.sort(key=lambda x: -length[x])
-    batches = [seqs[b:b + cfg.logprob_batch_size] for b in range(0, len(seqs), cfg.logprob_batch_size)]
-    mine = batches[ctx.rank::acc.num_processes]
+    batches = [seqs[b : b + cfg.logprob_batch_size] for b in range(0, len(seqs), cfg.logprob_batch_size)]
+    mine = batches[ctx.rank :: acc.num_processes]
 
     model = ctx.load_policy(model_path)
     model.eval()
     found: list[tuple[tuple[int, int], float]] = []
     with ctx.progress(f"{label}: log-probs", len(batches)) as bar:
         for batch in mine:
-            enc = collate([(rows[i]["prompt_ids"], rows[i]["response_ids"][s]) for i, s in batch],
-                          ctx.tokenizer.pad_token_id)
+            enc = collate(
+                [(rows[i]["prompt_ids"], rows[i]["response_ids"][s]) for i, s in batch], ctx.tokenizer.pad_token_id
+            )
             enc = {name: v.to(ctx.device) for name, v in enc.items()}
             with acc.autocast():
                 lp = sequence_logps(model, **enc)

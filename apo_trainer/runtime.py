@@ -79,8 +79,9 @@ class RunContext:
         """Dtype of the copy that samples: the mixed-precision dtype when one is set, else the training dtype."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision, self.dtype)
 
-    def load_policy(self, path: str | Path, *, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> PreTrainedModel:
+    def load_policy(
+        self, path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> PreTrainedModel:
         """Load a causal LM checkpoint (default: configured dtype, this process's device)."""
         from transformers import AutoModelForCausalLM
 
@@ -98,8 +99,14 @@ class RunContext:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
             task = bar.add_task(description, total=total)
             yield _Advance(bar, task)
 
@@ -126,7 +133,9 @@ def load_tokenizer(config: APOConfig) -> PreTrainedTokenizerBase:
     tok = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
-            raise ConfigError(f"config: tokenizer of {config.tokenizer or config.model} has neither a pad nor an "
-                              "end-of-sequence token; set one")
+            raise ConfigError(
+                f"config: tokenizer of {config.tokenizer or config.model} has neither a pad nor an "
+                "end-of-sequence token; set one"
+            )
         tok.pad_token = tok.eos_token
     return tok

@@ -35,8 +35,9 @@ def select_sampler(requested: str, *, cuda: bool, num_processes: int, vllm_avail
         if not vllm_available:
             raise ConfigError("config: sampler 'vllm' needs the vllm package; install it or use sampler: auto")
         if num_processes > 1:
-            raise ConfigError("config: sampler 'vllm' runs in a single process; launch one process or use "
-                              "sampler: static")
+            raise ConfigError(
+                "config: sampler 'vllm' runs in a single process; launch one process or use sampler: static"
+            )
     return requested
 
 
@@ -47,8 +48,9 @@ def vllm_available() -> bool:
 def encode_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[int]:
     """Token ids of one prompt, wrapped as a user turn in the chat template when the tokenizer has one."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer(prompt)["input_ids"])
 
@@ -72,7 +74,7 @@ def trim_response(ids: Sequence[int], eos: Sequence[int]) -> tuple[list[int], bo
     """Cut generated ids after the first end-of-sequence token (kept); returns (ids, finished)."""
     for i, tok in enumerate(ids):
         if tok in eos:
-            return list(ids[:i + 1]), True
+            return list(ids[: i + 1]), True
     return list(ids), False
 
 
@@ -81,14 +83,23 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, length - len(r):] = 1
+        ids[i, length - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, length - len(r) :] = 1
     return ids, mask
 
 
 @torch.no_grad()
-def generate_transformers(model: Any, prompt_ids: list[list[int]], *, k: int, config: Any, pad_id: int,
-                          eos: list[int], static: bool, progress: Any = None) -> list[list[list[int]]]:
+def generate_transformers(
+    model: Any,
+    prompt_ids: list[list[int]],
+    *,
+    k: int,
+    config: Any,
+    pad_id: int,
+    eos: list[int],
+    static: bool,
+    progress: Any = None,
+) -> list[list[list[int]]]:
     """K sampled responses (token ids, untrimmed) per prompt with ``model.generate``, longest prompts first.
 
     ``static``: a static KV cache sized for the longest prompt of the call list and a constant batch (the last
@@ -100,38 +111,61 @@ def generate_transformers(model: Any, prompt_ids: list[list[int]], *, k: int, co
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     longest = max((len(p) for p in prompt_ids), default=0)
     gen = GenerationConfig(
-        do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
-        max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens, num_return_sequences=k,
-        pad_token_id=pad_id, eos_token_id=eos or None, use_cache=True,
+        do_sample=True,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=0,
+        max_new_tokens=config.max_new_tokens,
+        min_new_tokens=config.min_new_tokens,
+        num_return_sequences=k,
+        pad_token_id=pad_id,
+        eos_token_id=eos or None,
+        use_cache=True,
         cache_implementation="static" if static else None,
-        max_cache_len=longest + config.max_new_tokens if static else None)
+        max_cache_len=longest + config.max_new_tokens if static else None,
+    )
     results: list[list[list[int]]] = [[] for _ in prompt_ids]
     model.eval()
     for start in range(0, len(order), per_call):
-        idx = order[start:start + per_call]
+        idx = order[start : start + per_call]
         rows = [prompt_ids[i] for i in idx]
         if static:
             rows += [rows[-1]] * (per_call - len(rows))
         input_ids, mask = _left_pad(rows, pad_id)
-        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                             generation_config=gen)
-        new = out[:, input_ids.shape[1]:].tolist()  # (rows * k, new tokens)
+        out = model.generate(
+            input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device), generation_config=gen
+        )
+        new = out[:, input_ids.shape[1] :].tolist()  # (rows * k, new tokens)
         for j, i in enumerate(idx):
-            results[i] = new[j * k:(j + 1) * k]
+            results[i] = new[j * k : (j + 1) * k]
         if progress is not None:
             progress.advance(len(idx))
     return results
 
 
-def generate_vllm(model_path: str | Path, tokenizer_path: str, prompt_ids: list[list[int]], *, k: int,
-                  config: Any, seed: int, eos: list[int], quiet: bool) -> list[list[list[int]]]:
+def generate_vllm(
+    model_path: str | Path,
+    tokenizer_path: str,
+    prompt_ids: list[list[int]],
+    *,
+    k: int,
+    config: Any,
+    seed: int,
+    eos: list[int],
+    quiet: bool,
+) -> list[list[list[int]]]:
     """K sampled responses per prompt with vLLM's offline engine; the engine is torn down afterwards."""
     from vllm import LLM, SamplingParams
 
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(config.mixed_precision, config.dtype)
     llm = LLM(model=str(model_path), tokenizer=tokenizer_path, dtype=dtype, seed=seed)
-    params = SamplingParams(n=k, temperature=config.temperature, top_p=config.top_p,
-                            max_tokens=config.max_new_tokens, min_tokens=config.min_new_tokens)
+    params = SamplingParams(
+        n=k,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_tokens=config.max_new_tokens,
+        min_tokens=config.min_new_tokens,
+    )
     try:
         outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=not quiet)
         results = []
@@ -170,22 +204,38 @@ def run(ctx: RunContext, t: int, policy_path: str | Path) -> dict[str, Any]:
     if not keep:
         raise ConfigError(f"round {t}: every prompt is longer than max_prompt_tokens={cfg.max_prompt_tokens}")
     by_length = sorted(keep, key=lambda j: -len(encoded[j]))
-    mine = by_length[ctx.rank::acc.num_processes]
+    mine = by_length[ctx.rank :: acc.num_processes]
 
-    backend = select_sampler(cfg.sampler, cuda=ctx.device.type == "cuda", num_processes=acc.num_processes,
-                             vllm_available=vllm_available())
+    backend = select_sampler(
+        cfg.sampler, cuda=ctx.device.type == "cuda", num_processes=acc.num_processes, vllm_available=vllm_available()
+    )
     seed = phase_seed(cfg.seed, t, "sample", ctx.rank)
     eos = eos_ids(policy_path, ctx.tokenizer)
     start = time.perf_counter()
     if backend == "vllm":
-        raw = generate_vllm(policy_path, cfg.tokenizer or str(policy_path), [encoded[j] for j in mine], k=k,
-                            config=cfg, seed=seed % 2**31, eos=eos, quiet=ctx.quiet)
+        raw = generate_vllm(
+            policy_path,
+            cfg.tokenizer or str(policy_path),
+            [encoded[j] for j in mine],
+            k=k,
+            config=cfg,
+            seed=seed % 2**31,
+            eos=eos,
+            quiet=ctx.quiet,
+        )
     else:
         model = ctx.load_policy(policy_path, dtype=ctx.inference_dtype)
         with ctx.progress(f"round {t}: sampling", len(by_length)) as bar:
-            raw = generate_transformers(model, [encoded[j] for j in mine], k=k, config=cfg,
-                                        pad_id=ctx.tokenizer.pad_token_id, eos=eos, static=backend == "static",
-                                        progress=_Scaled(bar, acc.num_processes))
+            raw = generate_transformers(
+                model,
+                [encoded[j] for j in mine],
+                k=k,
+                config=cfg,
+                pad_id=ctx.tokenizer.pad_token_id,
+                eos=eos,
+                static=backend == "static",
+                progress=_Scaled(bar, acc.num_processes),
+            )
         del model
         free_memory()
     seconds = time.perf_counter() - start
@@ -197,19 +247,32 @@ def run(ctx: RunContext, t: int, policy_path: str | Path) -> dict[str, Any]:
     rows_out = []
     for j in keep:
         trimmed = [trim_response(r, eos) for r in by_pos[j]]
-        rows_out.append({
-            "index": len(rows_out), "source": picked[j], "prompt": ctx.prompts[picked[j]], "prompt_ids": encoded[j],
-            "response_ids": [ids for ids, _ in trimmed], "finished": [fin for _, fin in trimmed],
-            "responses": [ctx.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in trimmed],
-        })
+        rows_out.append(
+            {
+                "index": len(rows_out),
+                "source": picked[j],
+                "prompt": ctx.prompts[picked[j]],
+                "prompt_ids": encoded[j],
+                "response_ids": [ids for ids, _ in trimmed],
+                "finished": [fin for _, fin in trimmed],
+                "responses": [ctx.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in trimmed],
+            }
+        )
     new_tokens = sum(len(ids) for r in rows_out for ids in r["response_ids"])
     finished = sum(f for r in rows_out for f in r["finished"])
     if ctx.is_main:
         ctx.store.write_jsonl(ctx.store.samples(t), rows_out, round_index=t, phase="sample")
-    return {"prompts": len(rows_out), "samples": len(rows_out) * k, "skipped_long_prompts": len(picked) - len(keep),
-            "reused_prompts": reused, "sampler": backend, "new_tokens": new_tokens,
-            "mean_length": new_tokens / (len(rows_out) * k), "finished_fraction": finished / (len(rows_out) * k),
-            "new_tokens_per_second": new_tokens / seconds if seconds > 0 else 0.0}
+    return {
+        "prompts": len(rows_out),
+        "samples": len(rows_out) * k,
+        "skipped_long_prompts": len(picked) - len(keep),
+        "reused_prompts": reused,
+        "sampler": backend,
+        "new_tokens": new_tokens,
+        "mean_length": new_tokens / (len(rows_out) * k),
+        "finished_fraction": finished / (len(rows_out) * k),
+        "new_tokens_per_second": new_tokens / seconds if seconds > 0 else 0.0,
+    }
 
 
 class _Scaled:

@@ -16,14 +16,15 @@ def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -
     resp = torch.zeros((len(pairs), length), dtype=torch.long)
     for i, (p, r) in enumerate(pairs):
         n, m = len(p), len(r)
-        ids[i, :n + m] = torch.tensor([*p, *r], dtype=torch.long)
-        attn[i, :n + m] = 1
-        resp[i, n:n + m] = 1
+        ids[i, : n + m] = torch.tensor([*p, *r], dtype=torch.long)
+        attn[i, : n + m] = 1
+        resp[i, n : n + m] = 1
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
 
 
-def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   response_mask: torch.Tensor) -> torch.Tensor:
+def sequence_logps(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
     """log pi(response | prompt) per row, summed over response tokens, in float32: shape (B,).
 
     The log-softmax is taken in float32 as ``logit[label] - logsumexp(logits)`` to avoid a second vocabulary-sized

@@ -148,8 +148,11 @@ class RunStore:
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete temporary files and folders left by crashed runs (names starting with ``.tmp-``)."""
         removed = []
-        for p in [*self.root.glob(f"{_TMP_PREFIX}*"), *self.root.glob(f"round-*/{_TMP_PREFIX}*"),
-                  *self.root.glob(f"round-*/done/{_TMP_PREFIX}*")]:
+        for p in [
+            *self.root.glob(f"{_TMP_PREFIX}*"),
+            *self.root.glob(f"round-*/{_TMP_PREFIX}*"),
+            *self.root.glob(f"round-*/done/{_TMP_PREFIX}*"),
+        ]:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
@@ -167,8 +170,9 @@ class RunStore:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise TrainError(f"another apo-train run is using {self.root}; wait for it or pick another "
-                                 "output_dir") from None
+                raise TrainError(
+                    f"another apo-train run is using {self.root}; wait for it or pick another output_dir"
+                ) from None
             yield
 
 

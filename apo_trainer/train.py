@@ -45,13 +45,16 @@ class _Collate:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        seqs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch] + [(b["prompt_ids"], b["rejected_ids"])
-                                                                       for b in batch]
+        seqs = [(b["prompt_ids"], b["chosen_ids"]) for b in batch] + [
+            (b["prompt_ids"], b["rejected_ids"]) for b in batch
+        ]
         enc = collate(seqs, self.pad_id)
-        enc["ref_logps"] = torch.tensor([b["ref_chosen"] for b in batch] + [b["ref_rejected"] for b in batch],
-                                        dtype=torch.float32)
-        enc["win_rates"] = torch.tensor([b["p_chosen"] for b in batch] + [b["p_rejected"] for b in batch],
-                                        dtype=torch.float32)
+        enc["ref_logps"] = torch.tensor(
+            [b["ref_chosen"] for b in batch] + [b["ref_rejected"] for b in batch], dtype=torch.float32
+        )
+        enc["win_rates"] = torch.tensor(
+            [b["p_chosen"] for b in batch] + [b["p_rejected"] for b in batch], dtype=torch.float32
+        )
         return enc
 
 
@@ -62,10 +65,17 @@ def training_items(ctx: RunContext, t: int) -> list[dict[str, Any]]:
     items = []
     for p in load_pairs(ctx, t):
         row, c, r = rows[p["prompt"]], p["chosen"], p["rejected"]
-        items.append({"prompt_ids": row["prompt_ids"], "chosen_ids": row["response_ids"][c],
-                      "rejected_ids": row["response_ids"][r], "ref_chosen": float(ref[p["prompt"], c]),
-                      "ref_rejected": float(ref[p["prompt"], r]), "p_chosen": p["p_chosen"],
-                      "p_rejected": p["p_rejected"]})
+        items.append(
+            {
+                "prompt_ids": row["prompt_ids"],
+                "chosen_ids": row["response_ids"][c],
+                "rejected_ids": row["response_ids"][r],
+                "ref_chosen": float(ref[p["prompt"], c]),
+                "ref_rejected": float(ref[p["prompt"], r]),
+                "p_chosen": p["p_chosen"],
+                "p_rejected": p["p_rejected"],
+            }
+        )
     return items
 
 
@@ -80,8 +90,10 @@ def _check_agreement(ctx: RunContext, t: int, digest: str) -> list[str]:
 
     seen = gather_object([digest])
     if len(set(seen)) != 1:
-        raise TrainError(f"round {t}: processes read different training data (digests {', '.join(seen)}); the "
-                         "output_dir must be on a filesystem that every process shares")
+        raise TrainError(
+            f"round {t}: processes read different training data (digests {', '.join(seen)}); the "
+            "output_dir must be on a filesystem that every process shares"
+        )
     return seen
 
 
@@ -93,8 +105,11 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
     cfg, acc = ctx.config, ctx.accelerator
     items = training_items(ctx, t)
     g = torch.Generator().manual_seed(phase_seed(cfg.seed, t, "train-order"))
-    order = torch.cat([torch.randperm(len(items), generator=g) for _ in range(cfg.epochs_per_round)]) \
-        if items else torch.zeros(0, dtype=torch.long)
+    order = (
+        torch.cat([torch.randperm(len(items), generator=g) for _ in range(cfg.epochs_per_round)])
+        if items
+        else torch.zeros(0, dtype=torch.long)
+    )
     digests = _check_agreement(ctx, t, _digest(items, order))
 
     model = ctx.load_policy(policy_path)
@@ -104,13 +119,18 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
     model.train()
     history: list[dict[str, Any]] = []
     if items:
-        loader = DataLoader(_Items([items[i] for i in order.tolist()]), batch_size=cfg.batch_size, shuffle=False,
-                            collate_fn=_Collate(ctx.tokenizer.pad_token_id))
+        loader = DataLoader(
+            _Items([items[i] for i in order.tolist()]),
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            collate_fn=_Collate(ctx.tokenizer.pad_token_id),
+        )
         per_process = math.ceil(len(loader) / acc.num_processes)
         steps = math.ceil(per_process / cfg.grad_accum)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps),
-                                  num_training_steps=steps)
+        scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps), num_training_steps=steps
+        )
         model, optimizer, loader = acc.prepare(model, optimizer, loader)
         history = _train_loop(ctx, t, model, optimizer, scheduler, loader, steps)
         del optimizer, scheduler, loader
@@ -119,16 +139,21 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
         acc.unwrap_model(model).config.use_cache = True
     _save(ctx, t, model, history)
     acc.free_memory()  # drops accelerate's references to this round's optimizer state before extrapolation
-    summary: dict[str, Any] = {"steps": len(history), "train_pairs": len(items), "data_digests": digests,
-                               "processes": acc.num_processes}
+    summary: dict[str, Any] = {
+        "steps": len(history),
+        "train_pairs": len(items),
+        "data_digests": digests,
+        "processes": acc.num_processes,
+    }
     for key in ("loss", "margin", "accuracy", "logp_chosen", "logp_rejected"):
         summary[f"train_{key}"] = sum(h[key] for h in history) / len(history) if history else None
     summary["train_final_loss"] = history[-1]["loss"] if history else None
     return summary, model
 
 
-def _train_loop(ctx: RunContext, t: int, model: Any, optimizer: Any, scheduler: Any, loader: Any,
-                steps: int) -> list[dict[str, Any]]:
+def _train_loop(
+    ctx: RunContext, t: int, model: Any, optimizer: Any, scheduler: Any, loader: Any, steps: int
+) -> list[dict[str, Any]]:
     cfg, acc = ctx.config, ctx.accelerator
     history: list[dict[str, Any]] = []
     # Sums over the micro-batches of one optimizer step: loss, margin, correct, logp_w, logp_l, pairs.
@@ -148,8 +173,16 @@ def _train_loop(ctx: RunContext, t: int, model: Any, optimizer: Any, scheduler: 
                 _check_finite(ctx, t, loss, len(history) + 1, micro + 1)
                 acc.backward(loss)
                 margin = cfg.beta * (logr[:b] - logr[b:]).detach()
-                sums += torch.stack([losses.detach().sum(), margin.sum(), (margin > 0).sum(), logps[:b].detach().sum(),
-                                     logps[b:].detach().sum(), torch.tensor(b, device=ctx.device)]).double()
+                sums += torch.stack(
+                    [
+                        losses.detach().sum(),
+                        margin.sum(),
+                        (margin > 0).sum(),
+                        logps[:b].detach().sum(),
+                        logps[b:].detach().sum(),
+                        torch.tensor(b, device=ctx.device),
+                    ]
+                ).double()
                 grad_norm = None
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -160,12 +193,22 @@ def _train_loop(ctx: RunContext, t: int, model: Any, optimizer: Any, scheduler: 
                     scheduler.step()
                     total = acc.reduce(sums, "sum").tolist()
                     n = total[5]
-                    rec = {"round": t, "step": len(history) + 1, "loss": total[0] / n, "margin": total[1] / n,
-                           "accuracy": total[2] / n, "logp_chosen": total[3] / n, "logp_rejected": total[4] / n,
-                           "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                    rec = {
+                        "round": t,
+                        "step": len(history) + 1,
+                        "loss": total[0] / n,
+                        "margin": total[1] / n,
+                        "accuracy": total[2] / n,
+                        "logp_chosen": total[3] / n,
+                        "logp_rejected": total[4] / n,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    }
                     history.append(rec)
-                    acc.log({f"train/{k}": v for k, v in rec.items() if k not in ("round", "step") and v is not None},
-                            step=ctx.step_offset + len(history))
+                    acc.log(
+                        {f"train/{k}": v for k, v in rec.items() if k not in ("round", "step") and v is not None},
+                        step=ctx.step_offset + len(history),
+                    )
                     sums.zero_()
                     bar.advance(1)
     return history
@@ -174,9 +217,11 @@ def _train_loop(ctx: RunContext, t: int, model: Any, optimizer: Any, scheduler: 
 def _check_finite(ctx: RunContext, t: int, loss: torch.Tensor, step: int, micro: int) -> None:
     bad = ctx.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum")
     if bad.item() > 0:
-        raise TrainError(f"non-finite loss in round {t} at optimizer step {step} (micro-batch {micro}, loss "
-                         f"{loss.item()}); lower learning_rate or beta, or use bf16 rather than fp16. Results of "
-                         "earlier phases are untouched; rerun after the fix (with --allow-changed-config)")
+        raise TrainError(
+            f"non-finite loss in round {t} at optimizer step {step} (micro-batch {micro}, loss "
+            f"{loss.item()}); lower learning_rate or beta, or use bf16 rather than fp16. Results of "
+            "earlier phases are untouched; rerun after the fix (with --allow-changed-config)"
+        )
 
 
 def _save(ctx: RunContext, t: int, model: Any, history: list[dict[str, Any]]) -> None:

@@ -114,8 +114,14 @@ class Measured:
     output_tail: str
 
 
-def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
-                 after: callable | None = None, sample_s: float = 0.005) -> Measured:
+def run_measured(
+    cmd: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    after: callable | None = None,
+    sample_s: float = 0.005,
+) -> Measured:
     """Run ``cmd``, sampling its memory; ``after()`` runs inside the timed window once it exits (e.g. an fsync)."""
     peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
     done = threading.Event()
@@ -143,9 +149,14 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: dict[str, 
         after()
     seconds = time.perf_counter() - t0
     sampler.join()
-    return Measured(seconds, proc.returncode, peaks["VmHWM"] * 1024,
-                    peaks["RssAnon"] * 1024, peaks["RssFile"] * 1024,
-                    output.decode(errors="replace")[-2000:])
+    return Measured(
+        seconds,
+        proc.returncode,
+        peaks["VmHWM"] * 1024,
+        peaks["RssAnon"] * 1024,
+        peaks["RssFile"] * 1024,
+        output.decode(errors="replace")[-2000:],
+    )
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
@@ -153,13 +164,19 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 
 def machine() -> dict[str, object]:
-    info: dict[str, object] = {"platform": platform.platform(), "python": platform.python_version(),
-                               "cpus": len(os.sched_getaffinity(0))}
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": len(os.sched_getaffinity(0)),
+    }
     try:
         meminfo = Path("/proc/meminfo").read_text().split()
         info["mem_total_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
-        models = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")]
+        models = [
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ]
         info["cpu"] = models[0] if models else platform.processor()
     except (OSError, ValueError):
         pass

@@ -78,11 +78,16 @@ def main() -> None:
             runs = run_demo(settings, jobs=args.jobs, log=_log, on_record=_progress)
         seconds = time.perf_counter() - t0
         shared_start.setdefault(settings.task, start)
-        out += [f"## {name} ({len(runs)} runs, {seconds:.0f} s; details in {settings.output}/report.md)\n",
-                "True reward per round (mean ± sd over seeds):\n", per_round_table(runs, "mean_score"),
-                "Response length per round (tokens):\n", per_round_table(runs, "mean_length"),
-                "KL to the start per round:\n", per_round_table(runs, "kl_to_init"),
-                *[line + "\n" for line in verdict(runs)]]
+        out += [
+            f"## {name} ({len(runs)} runs, {seconds:.0f} s; details in {settings.output}/report.md)\n",
+            "True reward per round (mean ± sd over seeds):\n",
+            per_round_table(runs, "mean_score"),
+            "Response length per round (tokens):\n",
+            per_round_table(runs, "mean_length"),
+            "KL to the start per round:\n",
+            per_round_table(runs, "kl_to_init"),
+            *[line + "\n" for line in verdict(runs)],
+        ]
         text = "\n".join(out)
         (args.output / "sweeps.md").write_text(text)
     print(text)

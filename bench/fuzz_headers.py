@@ -71,8 +71,9 @@ def run(name: str, n: int, seed_value: int, failures: list) -> int:
     count = 0
 
     @seed(seed_value)
-    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck)
+    )
     @given(st.tuples(*strategies))
     def prop(args):
         nonlocal count
@@ -81,8 +82,9 @@ def run(name: str, n: int, seed_value: int, failures: list) -> int:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - recorded, so that one run reports every failure
             where = traceback.extract_tb(e.__traceback__)[-1]
-            failures.append((name, f"{type(e).__name__}: {str(e)[:200]}", f"{where.filename}:{where.lineno}",
-                             repr(args)[:300]))
+            failures.append(
+                (name, f"{type(e).__name__}: {str(e)[:200]}", f"{where.filename}:{where.lineno}", repr(args)[:300])
+            )
 
     prop()
     return count

@@ -116,12 +116,17 @@ def bench_cpu(numel: int, reps: int, results: dict) -> None:
         load = f", load average {Path('/proc/loadavg').read_text().split()[0]}"
     except OSError:
         load = ""
-    t = _Table(f"CPU, {numel / 2**20:.0f} Mi bf16 elements, {torch.get_num_threads()} torch threads, {_cpu_name()}"
-               f"{load}", results, baseline=base)
+    t = _Table(
+        f"CPU, {numel / 2**20:.0f} Mi bf16 elements, {torch.get_num_threads()} torch threads, {_cpu_name()}{load}",
+        results,
+        baseline=base,
+    )
     for name, secs in _interleaved_cpu(fns, reps).items():
         t.add(name, secs, (8 if name.startswith("mixed") else 6) * numel)
-    ratio = t.results["apo_kernels CPU twin (exact)"]["GB/s"] / t.results[
-        "torch.lerp(prev, cur, 1 + alpha, out=), bf16"]["GB/s"]
+    ratio = (
+        t.results["apo_kernels CPU twin (exact)"]["GB/s"]
+        / t.results["torch.lerp(prev, cur, 1 + alpha, out=), bf16"]["GB/s"]
+    )
     print(f"  CPU twin bandwidth / torch.lerp bandwidth = {ratio:.2f}")
     results["cpu_twin_over_lerp"] = ratio
 
@@ -130,8 +135,17 @@ def _llama3_8b_shapes() -> list[tuple[int, ...]]:
     hidden, inter, kv, vocab = 4096, 14336, 1024, 128256
     shapes: list[tuple[int, ...]] = [(vocab, hidden)]
     for _ in range(32):
-        shapes += [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
-                   (inter, hidden), (inter, hidden), (hidden, inter), (hidden,), (hidden,)]
+        shapes += [
+            (hidden, hidden),
+            (kv, hidden),
+            (kv, hidden),
+            (hidden, hidden),
+            (inter, hidden),
+            (inter, hidden),
+            (hidden, inter),
+            (hidden,),
+            (hidden,),
+        ]
     return shapes + [(hidden,), (vocab, hidden)]
 
 
@@ -152,10 +166,12 @@ def _cuda_large(dev: torch.device, reps: int, sweep: bool, results: dict) -> Non
     t.add("device copy of equal bytes (memory ceiling)", _median_cuda(lambda: dst.copy_(src), reps, inner=5), nbytes)
     src = dst = None
     t.add(lerp_name, _median_cuda(lambda: torch.lerp(prev, cur, 1 + ALPHA, out=out), reps, inner=5), nbytes)
-    t.add("eager fp32 formula (upcasts, temporaries)", _median_cuda(
-        lambda: out.copy_(cur.float() + ALPHA * (cur.float() - prev.float())), reps, inner=5), nbytes)
-    t.add("apo_kernels fused kernel", _median_cuda(lambda: extrapolate_(out, prev, cur, ALPHA), reps, inner=5),
-          nbytes)
+    t.add(
+        "eager fp32 formula (upcasts, temporaries)",
+        _median_cuda(lambda: out.copy_(cur.float() + ALPHA * (cur.float() - prev.float())), reps, inner=5),
+        nbytes,
+    )
+    t.add("apo_kernels fused kernel", _median_cuda(lambda: extrapolate_(out, prev, cur, ALPHA), reps, inner=5), nbytes)
     fused = out.clone()
     ratio = t.results["apo_kernels fused kernel"]["GB/s"] / t.results[lerp_name]["GB/s"]
     print(f"  fused kernel bandwidth / torch.lerp bandwidth = {ratio:.3f} (target >= 0.97)")
@@ -170,8 +186,11 @@ def _cuda_large(dev: torch.device, reps: int, sweep: bool, results: dict) -> Non
                 t.add(f"  sweep BLOCK={b} num_warps={w}", secs, nbytes, identical=same)
         finally:
             _triton._BLOCK, _triton._NUM_WARPS = block, warps
-    t.add("apo_kernels fused kernel, in place (out is cur)", _median_cuda(
-        lambda: extrapolate_(cur, prev, cur, ALPHA), reps, inner=5), nbytes)
+    t.add(
+        "apo_kernels fused kernel, in place (out is cur)",
+        _median_cuda(lambda: extrapolate_(cur, prev, cur, ALPHA), reps, inner=5),
+        nbytes,
+    )
 
 
 def _cuda_mixed(dev: torch.device, reps: int, results: dict) -> None:
@@ -183,10 +202,12 @@ def _cuda_mixed(dev: torch.device, reps: int, results: dict) -> None:
     nbytes = (4 + 2 + 2) * n
     eager = "eager: cur.float() + a * (cur.float() - prev32), cast"
     t = _Table("CUDA, mixed prev fp32 + cur bf16 -> bf16, 2**30 elements", results, baseline=eager)
-    t.add(eager, _median_cuda(lambda: out.copy_(cur.float() + ALPHA * (cur.float() - prev32)), reps, inner=5),
-          nbytes)
-    t.add("apo_kernels fused kernel (no upcast copy)", _median_cuda(
-        lambda: extrapolate_(out, prev32, cur, ALPHA), reps, inner=5), nbytes)
+    t.add(eager, _median_cuda(lambda: out.copy_(cur.float() + ALPHA * (cur.float() - prev32)), reps, inner=5), nbytes)
+    t.add(
+        "apo_kernels fused kernel (no upcast copy)",
+        _median_cuda(lambda: extrapolate_(out, prev32, cur, ALPHA), reps, inner=5),
+        nbytes,
+    )
 
 
 def _cuda_8b(dev: torch.device, reps: int, results: dict) -> None:
@@ -197,8 +218,11 @@ def _cuda_8b(dev: torch.device, reps: int, results: dict) -> None:
     numel = sum(p.numel() for p in prevs)
     nbytes = 3 * 2 * numel
     lerp_name = "per-tensor torch.lerp loop"
-    t = _Table(f"CUDA, Llama-3-8B-shaped set: {len(shapes)} bf16 tensors, {numel / 1e9:.2f} G parameters",
-               results, baseline=lerp_name)
+    t = _Table(
+        f"CUDA, Llama-3-8B-shaped set: {len(shapes)} bf16 tensors, {numel / 1e9:.2f} G parameters",
+        results,
+        baseline=lerp_name,
+    )
 
     def lerp_loop() -> None:
         for o, p, c in zip(outs, prevs, curs, strict=True):
@@ -209,20 +233,30 @@ def _cuda_8b(dev: torch.device, reps: int, results: dict) -> None:
             extrapolate_(o, p, c, ALPHA)
 
     t.add(lerp_name, _median_cuda(lerp_loop, reps), nbytes)
-    t.add("torch._foreach_lerp (allocates outputs)", _median_cuda(
-        lambda: torch._foreach_lerp(prevs, curs, 1 + ALPHA), reps), nbytes)
+    t.add(
+        "torch._foreach_lerp (allocates outputs)",
+        _median_cuda(lambda: torch._foreach_lerp(prevs, curs, 1 + ALPHA), reps),
+        nbytes,
+    )
     t.add("apo_kernels per-tensor launches", _median_cuda(per_tensor, reps), nbytes)
     single = [o.clone() for o in outs]
-    t.add("apo_kernels extrapolate_many_ (grouped)", _median_cuda(
-        lambda: extrapolate_many_(outs, prevs, curs, ALPHA), reps), nbytes)
+    t.add(
+        "apo_kernels extrapolate_many_ (grouped)",
+        _median_cuda(lambda: extrapolate_many_(outs, prevs, curs, ALPHA), reps),
+        nbytes,
+    )
     same = all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(single, outs, strict=True))
     print(f"  grouped == per-tensor, bit for bit: {same}")
     results["8b_grouped_identical_to_per_tensor"] = same
     single.clear()
     outs.clear()
     torch.cuda.empty_cache()
-    t.add("in place: extrapolate_many_(curs, prevs, curs)", _median_cuda(
-        lambda: extrapolate_many_(curs, prevs, curs, ALPHA), reps), nbytes, target_ms_on_h200="< 20")
+    t.add(
+        "in place: extrapolate_many_(curs, prevs, curs)",
+        _median_cuda(lambda: extrapolate_many_(curs, prevs, curs, ALPHA), reps),
+        nbytes,
+        target_ms_on_h200="< 20",
+    )
 
 
 def bench_cuda(reps: int, sweep: bool, results: dict) -> None:
@@ -231,8 +265,11 @@ def bench_cuda(reps: int, sweep: bool, results: dict) -> None:
     print(f"\nCUDA device: {name}; torch {torch.__version__}, triton {_triton.triton.__version__}")
     results["device"] = name
     torch.manual_seed(0)
-    for section in (lambda: _cuda_large(dev, reps, sweep, results), lambda: _cuda_mixed(dev, reps, results),
-                    lambda: _cuda_8b(dev, reps, results)):
+    for section in (
+        lambda: _cuda_large(dev, reps, sweep, results),
+        lambda: _cuda_mixed(dev, reps, results),
+        lambda: _cuda_8b(dev, reps, results),
+    ):
         section()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

@@ -38,29 +38,41 @@ ALPHAS = (0.0, 0.3, 0.5)
 
 def check_identity(rounds: int) -> None:
     g = torch.Generator().manual_seed(1)
-    problem = make_problem(n_prompts=16, n_responses=64, dim=8, beta=0.5, seed=1,
-                           weights=0.3 * torch.randn(8, generator=g, dtype=torch.float64))
+    problem = make_problem(
+        n_prompts=16,
+        n_responses=64,
+        dim=8,
+        beta=0.5,
+        seed=1,
+        weights=0.3 * torch.randn(8, generator=g, dtype=torch.float64),
+    )
     print("## (a) parameter-space step == probability-space step (float64)\n")
     print(f"16 prompts x 64 responses, 8 features, beta 0.5, {rounds} rounds; max over rounds, prompts, responses\n")
     print("| alpha | max abs diff of pi | max abs diff of log pi |")
     print("| --- | --- | --- |")
     for alpha in (0.0, 0.3, 0.5, 0.7):
-        pairs = list(zip(apo_parameters(problem, alpha, rounds), apo_probabilities(problem, alpha, rounds), strict=True))
+        pairs = list(
+            zip(apo_parameters(problem, alpha, rounds), apo_probabilities(problem, alpha, rounds), strict=True)
+        )
         dp = max(float((problem.policy(th) - pi).abs().max()) for th, pi in pairs)
         dl = max(float((problem.log_policy(th) - pi.log()).abs().max()) for th, pi in pairs)
         print(f"| {alpha} | {dp:.1e} | {dl:.1e} |")
     ref = problem.theta0 + 0.1
     err = float((dpo_population_step(problem, ref) - proximal_step(problem, ref)).abs().max())
-    print(f"\nPopulation DPO loss minimised by L-BFGS vs the closed-form proximal step theta + w/beta: "
-          f"max abs parameter difference {err:.1e}\n")
+    print(
+        f"\nPopulation DPO loss minimised by L-BFGS vs the closed-form proximal step theta + w/beta: "
+        f"max abs parameter difference {err:.1e}\n"
+    )
 
 
 def gap_table(rounds: int, responses: int) -> None:
     problem = make_problem(n_prompts=32, n_responses=responses, dim=8, beta=0.1, seed=0)
     print("## (b) sub-optimality gap per round\n")
-    print(f"32 prompts x {responses} responses, reward uniform on [0, 1] (feature 0), beta 0.1; gap = mean_x "
-          "max_y r - E_pi r; bound = beta log(1/pi_0(y*)) / c_t; t*gap tends to a constant for plain DPO (O(1/t)) "
-          "and to about (1-alpha) times it for APO\n")
+    print(
+        f"32 prompts x {responses} responses, reward uniform on [0, 1] (feature 0), beta 0.1; gap = mean_x "
+        "max_y r - E_pi r; bound = beta log(1/pi_0(y*)) / c_t; t*gap tends to a constant for plain DPO (O(1/t)) "
+        "and to about (1-alpha) times it for APO\n"
+    )
     runs = {a: [problem.policy(th) for th in apo_parameters(problem, a, rounds)] for a in ALPHAS}
     steps = {a: effective_steps(a, rounds) for a in ALPHAS}
     head = " | ".join(f"gap a={a} | t*gap a={a}" for a in ALPHAS)
@@ -69,16 +81,24 @@ def gap_table(rounds: int, responses: int) -> None:
     for t in range(1, rounds + 1):
         gaps = {a: suboptimality_gap(problem, runs[a][t]) for a in ALPHAS}
         cells = " | ".join(f"{gaps[a]:.4f} | {t * gaps[a]:.4f}" for a in ALPHAS)
-        print(f"| {t} | {cells} | {gaps[0.3] / gaps[0.0]:.3f} | {gaps[0.5] / gaps[0.0]:.3f} | "
-              f"{gap_bound(problem, steps[0.0][t]):.4f} | {gap_bound(problem, steps[0.3][t]):.4f} |")
+        print(
+            f"| {t} | {cells} | {gaps[0.3] / gaps[0.0]:.3f} | {gaps[0.5] / gaps[0.0]:.3f} | "
+            f"{gap_bound(problem, steps[0.0][t]):.4f} | {gap_bound(problem, steps[0.3][t]):.4f} |"
+        )
     print()
 
 
 def step_table(rounds: int) -> None:
     alpha = 0.3
     g = torch.Generator().manual_seed(2)
-    problem = make_problem(n_prompts=8, n_responses=32, dim=6, beta=0.5, seed=2,
-                           weights=0.3 * torch.randn(6, generator=g, dtype=torch.float64))
+    problem = make_problem(
+        n_prompts=8,
+        n_responses=32,
+        dim=6,
+        beta=0.5,
+        seed=2,
+        weights=0.3 * torch.randn(6, generator=g, dtype=torch.float64),
+    )
     raw = [fitted_step(problem, th) for th in apo_parameters(problem, alpha, rounds, anchor="raw")]
     ext = [fitted_step(problem, th) for th in apo_parameters(problem, alpha, rounds, anchor="extrapolated")]
     print(f"## (c) distance travelled, in plain DPO rounds (alpha {alpha}), fitted from the policies\n")
@@ -87,8 +107,10 @@ def step_table(rounds: int) -> None:
     print("| --- | --- | --- | --- | --- |")
     for t in range(1, rounds + 1):
         print(f"| {t} | {raw[t]:.4f} | {raw[t] - raw[t - 1]:.4f} | {ext[t]:.4f} | {ext[t] - ext[t - 1]:.4f} |")
-    print(f"\nmomentum step limit 1/(1-alpha) = {1 / (1 - alpha):.4f}; extrapolated-anchor step 1+alpha = "
-          f"{1 + alpha:.4f}\n")
+    print(
+        f"\nmomentum step limit 1/(1-alpha) = {1 / (1 - alpha):.4f}; extrapolated-anchor step 1+alpha = "
+        f"{1 + alpha:.4f}\n"
+    )
 
 
 def main() -> None:

@@ -68,11 +68,17 @@ def _tensors(shape: dict, layers: int) -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (v, h))]
     for n in range(layers):
         p = f"model.layers.{n}."
-        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i)), (p + "input_layernorm.weight", (h,)),
-                (p + "post_attention_layernorm.weight", (h,))]
+        out += [
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
@@ -111,13 +117,25 @@ def _header(entries: list[tuple[str, tuple[int, ...]]]) -> bytes:
 
 
 def _config(shape: dict, layers: int) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape["hidden"],
-            "intermediate_size": shape["intermediate"], "num_hidden_layers": layers,
-            "num_attention_heads": shape["heads"], "num_key_value_heads": shape["kv_heads"],
-            "head_dim": shape["hidden"] // shape["heads"], "vocab_size": shape["vocab"],
-            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
-            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000,
-            "eos_token_id": 128001}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": shape["hidden"],
+        "intermediate_size": shape["intermediate"],
+        "num_hidden_layers": layers,
+        "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["kv_heads"],
+        "head_dim": shape["hidden"] // shape["heads"],
+        "vocab_size": shape["vocab"],
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    }
 
 
 def build_pair(scratch: Path, shape_name: str, size_gb: float, shard_limit: int, seed: int = 0) -> tuple[Path, Path]:
@@ -135,11 +153,17 @@ def build_pair(scratch: Path, shape_name: str, size_gb: float, shard_limit: int,
     prev.mkdir(parents=True)
     cur.mkdir()
     shards = _shards(tensors, shard_limit)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
     total = sum(math.prod(s) for _, s in tensors) * 2
-    print(f"building a {total / 1e9:.2f} GB-per-side pair ({layers} layers, {len(tensors)} tensors, "
-          f"{len(shards)} file(s)) in {root} ...", flush=True)
+    print(
+        f"building a {total / 1e9:.2f} GB-per-side pair ({layers} layers, {len(tensors)} tensors, "
+        f"{len(shards)} file(s)) in {root} ...",
+        flush=True,
+    )
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     piece = 1 << 24
@@ -202,7 +226,7 @@ def _worker_floor(prev: Path, cur: Path, out: Path, tuned: bool) -> None:
         fd = os.open(out / path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         done = 0
         while done < size:
-            done += os.write(fd, buf[:min(size - done, len(buf))])
+            done += os.write(fd, buf[: min(size - done, len(buf))])
             if tuned and done % window < len(buf):  # start writeback; wait for and drop the window before
                 _sync_file_range(fd, done - window, window, 2)
                 if done >= 2 * window:
@@ -265,7 +289,7 @@ def count_differing(out: Path, prev: Path, cur: Path, alpha: float) -> tuple[int
         o, p, c = load(t_out[name]), load(t_prev[name]), load(where)
         step = 1 << 24
         for s in range(0, c.numel(), step):
-            cs, ps, got = c[s:s + step].float(), p[s:s + step].float(), o[s:s + step]
+            cs, ps, got = c[s : s + step].float(), p[s : s + step].float(), o[s : s + step]
             ref = (cs - ps).mul_(a).add_(cs).to(got.dtype)
             bits = torch.int16 if got.element_size() == 2 else torch.int32
             differing += int((ref.view(bits) != got.view(bits)).sum())
@@ -276,13 +300,17 @@ def count_differing(out: Path, prev: Path, cur: Path, alpha: float) -> tuple[int
 # -- the driver -------------------------------------------------------------------------------------------------
 def _mergekit_config(path: Path, method: str, prev: Path, cur: Path, alpha: float) -> Path:
     if method == "linear":
-        text = (f"merge_method: linear\nmodels:\n  - model: {cur}\n    parameters:\n      weight: {1 + alpha}\n"
-                f"  - model: {prev}\n    parameters:\n      weight: {-alpha}\n"
-                "parameters:\n  normalize: false\ndtype: float32\nout_dtype: bfloat16\n")
+        text = (
+            f"merge_method: linear\nmodels:\n  - model: {cur}\n    parameters:\n      weight: {1 + alpha}\n"
+            f"  - model: {prev}\n    parameters:\n      weight: {-alpha}\n"
+            "parameters:\n  normalize: false\ndtype: float32\nout_dtype: bfloat16\n"
+        )
     else:
-        text = (f"merge_method: task_arithmetic\nbase_model: {prev}\nmodels:\n  - model: {cur}\n"
-                f"    parameters:\n      weight: {1 + alpha}\n"
-                "parameters:\n  normalize: false\ndtype: float32\nout_dtype: bfloat16\n")
+        text = (
+            f"merge_method: task_arithmetic\nbase_model: {prev}\nmodels:\n  - model: {cur}\n"
+            f"    parameters:\n      weight: {1 + alpha}\n"
+            "parameters:\n  normalize: false\ndtype: float32\nout_dtype: bfloat16\n"
+        )
     cfg = path / f"mergekit-{method}.yaml"
     cfg.write_text(text)
     return cfg
@@ -290,9 +318,11 @@ def _mergekit_config(path: Path, method: str, prev: Path, cur: Path, alpha: floa
 
 def _commands(args, prev: Path, cur: Path, out: Path, cuda: bool) -> dict[str, list[str]]:
     me = [sys.executable, str(Path(__file__).resolve()), "--worker"]
-    cmds = {"floor": me + ["floor", str(prev), str(cur), str(out)],
-            "floor-tuned": me + ["floor-tuned", str(prev), str(cur), str(out)],
-            "naive": me + ["naive", str(prev), str(cur), str(out), repr(args.alpha)]}
+    cmds = {
+        "floor": me + ["floor", str(prev), str(cur), str(out)],
+        "floor-tuned": me + ["floor-tuned", str(prev), str(cur), str(out)],
+        "naive": me + ["naive", str(prev), str(cur), str(out), repr(args.alpha)],
+    }
     if args.mergekit:
         exe = Path(args.mergekit) / "bin" / "mergekit-yaml"
         for method in args.mergekit_methods.split(","):
@@ -319,8 +349,12 @@ def main() -> None:
     ap.add_argument("--size", type=float, default=4.0, help="GB per side (1b shape; layers chosen to fit) [4]")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="1b: Llama-3.2-1B widths; 8b: Llama-3-8B")
     ap.add_argument("--shard-size", type=float, default=5.0, help="max shard size in GB, as transformers [5]")
-    ap.add_argument("--scratch", type=Path, default=Path("~/.cache/apo-merge-bench").expanduser(),
-                    help="cache and output folder (needs about 3x the pair size free)")
+    ap.add_argument(
+        "--scratch",
+        type=Path,
+        default=Path("~/.cache/apo-merge-bench").expanduser(),
+        help="cache and output folder (needs about 3x the pair size free)",
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--methods", default="", help="comma-separated subset, e.g. floor,apo-cpu [all]")
@@ -341,8 +375,11 @@ def main() -> None:
     out_bytes = sum(p.stat().st_size for p in weight_files(cur))
     cmds = _commands(args, prev, cur, out, torch.cuda.is_available())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(args.repo), os.environ.get("PYTHONPATH")])))
-    print(f"pair: {in_bytes / 2e9:.2f} GB per side ({len(weight_files(cur))} file(s)); methods: {', '.join(cmds)}; "
-          f"{args.runs} runs each", flush=True)
+    print(
+        f"pair: {in_bytes / 2e9:.2f} GB per side ({len(weight_files(cur))} file(s)); methods: {', '.join(cmds)}; "
+        f"{args.runs} runs each",
+        flush=True,
+    )
 
     runs: dict[str, list[dict]] = {name: [] for name in cmds}
     exact: dict[str, dict] = {}
@@ -357,49 +394,104 @@ def main() -> None:
             runs[name].append({**as_dict(m), "load_before": load, "input_cached_before": cached})
             if name.startswith("floor"):
                 runs[name][-1].update(json.loads(m.output_tail.strip().splitlines()[-1]))
-            print(f"run {r + 1}/{args.runs} {name:26s} {m.seconds:7.2f} s  anon {m.peak_anon / 2**20:7.0f} MiB  "
-                  f"rss {m.peak_rss / 2**20:7.0f} MiB  (load {load:.1f}, inputs cached {cached:.1%})", flush=True)
+            print(
+                f"run {r + 1}/{args.runs} {name:26s} {m.seconds:7.2f} s  anon {m.peak_anon / 2**20:7.0f} MiB  "
+                f"rss {m.peak_rss / 2**20:7.0f} MiB  (load {load:.1f}, inputs cached {cached:.1%})",
+                flush=True,
+            )
             if r == 0 and not args.no_check and not name.startswith("floor"):
                 d, n, missing = count_differing(out, prev, cur, args.alpha)
                 exact[name] = {"differing": d, "compared": n, "missing_tensors": missing}
     shutil.rmtree(out, ignore_errors=True)
 
-    floor, tuned = (summary([x["seconds"] for x in runs[k]])["median"] if k in runs else float("nan")
-                    for k in ("floor", "floor-tuned"))
+    floor, tuned = (
+        summary([x["seconds"] for x in runs[k]])["median"] if k in runs else float("nan")
+        for k in ("floor", "floor-tuned")
+    )
     rows, results = [], {}
     for name, rs in runs.items():
         s = summary([x["seconds"] for x in rs])
         rss, anon = max(x["peak_rss"] for x in rs), max(x["peak_anon"] for x in rs)
         ex = exact.get(name)
-        off = ("n/a" if ex is None else f"{ex['differing'] / max(1, ex['compared']):.3%}"
-               + (f" ({ex['missing_tensors']} tensors missing)" if ex and ex["missing_tensors"] else ""))
-        results[name] = {"seconds": s, "ratio_to_floor": s["median"] / floor,
-                         "ratio_to_floor_tuned": s["median"] / tuned, "peak_rss": rss, "peak_anon": anon,
-                         "gb_per_s": (in_bytes + out_bytes) / s["median"] / 1e9, "exactness": ex, "runs": rs}
-        rows.append([name, f"{s['median']:.2f}", f"{s['min']:.2f}-{s['max']:.2f}", f"{s['median'] / floor:.2f}",
-                     f"{s['median'] / tuned:.2f}",
-                     f"{rss / 2**30:.2f} GiB", f"{anon / 2**30:.2f} GiB",
-                     f"{(in_bytes + out_bytes) / s['median'] / 1e9:.2f}", off])
+        off = (
+            "n/a"
+            if ex is None
+            else f"{ex['differing'] / max(1, ex['compared']):.3%}"
+            + (f" ({ex['missing_tensors']} tensors missing)" if ex and ex["missing_tensors"] else "")
+        )
+        results[name] = {
+            "seconds": s,
+            "ratio_to_floor": s["median"] / floor,
+            "ratio_to_floor_tuned": s["median"] / tuned,
+            "peak_rss": rss,
+            "peak_anon": anon,
+            "gb_per_s": (in_bytes + out_bytes) / s["median"] / 1e9,
+            "exactness": ex,
+            "runs": rs,
+        }
+        rows.append(
+            [
+                name,
+                f"{s['median']:.2f}",
+                f"{s['min']:.2f}-{s['max']:.2f}",
+                f"{s['median'] / floor:.2f}",
+                f"{s['median'] / tuned:.2f}",
+                f"{rss / 2**30:.2f} GiB",
+                f"{anon / 2**30:.2f} GiB",
+                f"{(in_bytes + out_bytes) / s['median'] / 1e9:.2f}",
+                off,
+            ]
+        )
     print()
-    print(table(["method", "wall s (median)", "spread", "x floor", "x floor-tuned", "peak RSS", "peak anon", "GB/s",
-                 "elements off vs fp32 formula"], rows))
+    print(
+        table(
+            [
+                "method",
+                "wall s (median)",
+                "spread",
+                "x floor",
+                "x floor-tuned",
+                "peak RSS",
+                "peak anon",
+                "GB/s",
+                "elements off vs fp32 formula",
+            ],
+            rows,
+        )
+    )
     for name in ("floor", "floor-tuned"):
         if name in runs:
-            print(f"\n{name} = cold read {summary([x['read_s'] for x in runs[name]])['median']:.2f} s + write and "
-                  f"fsync {summary([x['write_s'] for x in runs[name]])['median']:.2f} s (medians)", end="")
+            print(
+                f"\n{name} = cold read {summary([x['read_s'] for x in runs[name]])['median']:.2f} s + write and "
+                f"fsync {summary([x['write_s'] for x in runs[name]])['median']:.2f} s (medians)",
+                end="",
+            )
     print()
     loads = [x["load_before"] for rs in runs.values() for x in rs]
-    print(f"\n{in_bytes / 2e9:.2f} GB per side, {out_bytes / 1e9:.2f} GB written; GB/s counts "
-          f"{(in_bytes + out_bytes) / 1e9:.2f} GB moved; load average before runs {min(loads):.1f}-{max(loads):.1f} "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"\n{in_bytes / 2e9:.2f} GB per side, {out_bytes / 1e9:.2f} GB written; GB/s counts "
+        f"{(in_bytes + out_bytes) / 1e9:.2f} GB moved; load average before runs {min(loads):.1f}-{max(loads):.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.repo, capture_output=True, text=True)
-    report = {"bench": "merge_e2e", "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
-              "torch": torch.__version__, "commit": commit.stdout.strip(),
-              "config": {"shape": args.shape, "size_gb_per_side": in_bytes / 2e9, "files_per_side":
-                         len(weight_files(cur)), "alpha": args.alpha, "runs": args.runs,
-                         "bytes_read": in_bytes, "bytes_written": out_bytes},
-              "results": results}
+    report = {
+        "bench": "merge_e2e",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "commit": commit.stdout.strip(),
+        "config": {
+            "shape": args.shape,
+            "size_gb_per_side": in_bytes / 2e9,
+            "files_per_side": len(weight_files(cur)),
+            "alpha": args.alpha,
+            "runs": args.runs,
+            "bytes_read": in_bytes,
+            "bytes_written": out_bytes,
+        },
+        "results": results,
+    }
     path = args.json or args.scratch / "results" / f"merge_e2e-{args.shape}-{in_bytes / 2e9:.1f}GB.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

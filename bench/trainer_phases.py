@@ -27,12 +27,30 @@ from apo_trainer.oracle import CallableOracle  # noqa: E402
 from tests.trainer.tiny import make_tokenizer, word_sum  # noqa: E402
 
 SHAPES = {
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=128),
-    "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=4, vocab_size=4096),
-    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=4096,
+    ),
+    "tinyllama": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -41,8 +59,9 @@ def build(folder: Path, shape: str, n_prompts: int, seed: int) -> tuple[Path, Pa
 
     dims = SHAPES[shape]
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        **dims, max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
@@ -62,17 +81,32 @@ def phase_times(args: argparse.Namespace, policy: Path, prompts: Path, out: Path
     from apo_trainer.loop import run
 
     cuda = torch.cuda.is_available()
-    cfg = APOConfig.from_dict(dict(
-        model=str(policy), prompts=str(prompts), output_dir=str(out), rounds=args.rounds, alpha=0.3,
-        samples_per_prompt=args.k, max_new_tokens=args.max_new_tokens, prompts_per_round=args.prompts_per_round,
-        generation_batch_size=args.generation_batch_size, batch_size=args.batch_size, learning_rate=1e-5,
-        mixed_precision="bf16" if cuda else "no", logprob_batch_size=16, oracle_batch_size=256))
+    cfg = APOConfig.from_dict(
+        dict(
+            model=str(policy),
+            prompts=str(prompts),
+            output_dir=str(out),
+            rounds=args.rounds,
+            alpha=0.3,
+            samples_per_prompt=args.k,
+            max_new_tokens=args.max_new_tokens,
+            prompts_per_round=args.prompts_per_round,
+            generation_batch_size=args.generation_batch_size,
+            batch_size=args.batch_size,
+            learning_rate=1e-5,
+            mixed_precision="bf16" if cuda else "no",
+            logprob_batch_size=16,
+            oracle_batch_size=256,
+        )
+    )
     start = time.perf_counter()
     records = run(cfg, CallableOracle(word_sum), quiet=True)
     wall = time.perf_counter() - start
     phases = ("sample", "judge", "reference", "data", "train", "extrapolate")
-    print(f"\nphase wall times (s), {args.prompts_per_round} prompts x K={args.k}, {args.max_new_tokens} new tokens, "
-          f"sampler {records[0].get('sampler')}")
+    print(
+        f"\nphase wall times (s), {args.prompts_per_round} prompts x K={args.k}, {args.max_new_tokens} new tokens, "
+        f"sampler {records[0].get('sampler')}"
+    )
     print("round  " + "  ".join(f"{p:>11}" for p in phases) + "        total  new tok/s")
     for r in records:
         cells = "  ".join(f"{r[f'time_{p}']:11.2f}" if f"time_{p}" in r else f"{'-':>11}" for p in phases)
@@ -87,11 +121,15 @@ def sampling_ratio(args: argparse.Namespace, policy: Path, prompts: Path) -> Non
     from apo_trainer.sample import encode_prompt, generate_transformers, generate_vllm, vllm_available
 
     tok = make_tokenizer(vocab_size=SHAPES[args.shape]["vocab_size"])
-    texts = load_prompts(prompts)[:args.prompts_per_round]
+    texts = load_prompts(prompts)[: args.prompts_per_round]
     ids = [encode_prompt(tok, p, False) for p in texts]
-    cfg = APOConfig(samples_per_prompt=args.k, max_new_tokens=args.max_new_tokens,
-                    min_new_tokens=args.max_new_tokens, generation_batch_size=args.generation_batch_size,
-                    mixed_precision="bf16")
+    cfg = APOConfig(
+        samples_per_prompt=args.k,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.max_new_tokens,
+        generation_batch_size=args.generation_batch_size,
+        mixed_precision="bf16",
+    )
     model = AutoModelForCausalLM.from_pretrained(str(policy), dtype=torch.bfloat16).cuda()
     new_tokens = len(ids) * args.k * args.max_new_tokens
 
@@ -106,21 +144,29 @@ def sampling_ratio(args: argparse.Namespace, policy: Path, prompts: Path) -> Non
     plain = timed(False)
     static_first = timed(True)
     static = timed(True)
-    print(f"\nsampling on {torch.cuda.get_device_name()}: {len(ids)} prompts x K={args.k} x {args.max_new_tokens} "
-          f"tokens, batch {args.generation_batch_size} sequences, bf16")
+    print(
+        f"\nsampling on {torch.cuda.get_device_name()}: {len(ids)} prompts x K={args.k} x {args.max_new_tokens} "
+        f"tokens, batch {args.generation_batch_size} sequences, bf16"
+    )
     print(f"  generate, dynamic cache (baseline)   {new_tokens / plain:10.0f} new tok/s   {plain:7.1f} s   1.00x")
-    print(f"  generate, static cache, 1st (compile) {new_tokens / static_first:10.0f} new tok/s   "
-          f"{static_first:7.1f} s   {plain / static_first:.2f}x")
-    print(f"  generate, static cache, compiled      {new_tokens / static:10.0f} new tok/s   {static:7.1f} s   "
-          f"{plain / static:.2f}x")
+    print(
+        f"  generate, static cache, 1st (compile) {new_tokens / static_first:10.0f} new tok/s   "
+        f"{static_first:7.1f} s   {plain / static_first:.2f}x"
+    )
+    print(
+        f"  generate, static cache, compiled      {new_tokens / static:10.0f} new tok/s   {static:7.1f} s   "
+        f"{plain / static:.2f}x"
+    )
     if vllm_available():
         del model
         torch.cuda.empty_cache()
         t0 = time.perf_counter()
         generate_vllm(policy, str(policy), ids, k=args.k, config=cfg, seed=0, eos=[], quiet=True)
         vl = time.perf_counter() - t0
-        print(f"  vLLM (engine start included)          {new_tokens / vl:10.0f} new tok/s   {vl:7.1f} s   "
-              f"{plain / vl:.2f}x")
+        print(
+            f"  vLLM (engine start included)          {new_tokens / vl:10.0f} new tok/s   {vl:7.1f} s   "
+            f"{plain / vl:.2f}x"
+        )
     else:
         print("  vLLM: not importable, skipped")
 

@@ -40,8 +40,10 @@ def weights(folder: Path) -> dict[str, bytes]:
 
 def test_cli_and_engine_start_without_torch():
     """The CLI starts prefetching before torch loads: its modules must not import torch themselves."""
-    code = ("import sys, apo_merge.cli, apo_merge.engine, apo_merge.api\n"
-            "assert 'torch' not in sys.modules, 'torch imported at start-up'")
+    code = (
+        "import sys, apo_merge.cli, apo_merge.engine, apo_merge.api\n"
+        "assert 'torch' not in sys.modules, 'torch imported at start-up'"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
@@ -225,7 +227,10 @@ def test_cuda_pipeline_chunks_mixed_dtypes_copies_and_overflow(pair, tmp_path, m
 
     for name, value in (("p16", -60000.0), ("c16", 60000.0)):
         (tmp_path / name).mkdir()
-        save_file({"w": torch.full((2500,), value, dtype=torch.float16)}, tmp_path / name / "model.safetensors",
-                  metadata={"format": "pt"})
+        save_file(
+            {"w": torch.full((2500,), value, dtype=torch.float16)},
+            tmp_path / name / "model.safetensors",
+            metadata={"format": "pt"},
+        )
     report = apo_merge.api.run_merge(tmp_path / "p16", tmp_path / "c16", 0.3, tmp_path / "o16", device="cuda")
     assert report.new_nonfinite == 2500

@@ -34,8 +34,16 @@ BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.flo
 DTYPES = (BF16, FP16, FP32, FP64)
 ALL_TRIPLES = list(itertools.product(DTYPES, DTYPES, DTYPES))  # (prev, cur, out)
 TRIPLES = [(d, d, d) for d in DTYPES] + [
-    (FP32, BF16, BF16), (BF16, FP32, FP32), (BF16, BF16, FP16), (BF16, BF16, FP32), (FP64, FP32, FP32),
-    (FP32, FP64, FP64), (FP32, FP32, BF16), (FP64, FP64, BF16), (FP64, FP32, FP16), (FP16, BF16, BF16),
+    (FP32, BF16, BF16),
+    (BF16, FP32, FP32),
+    (BF16, BF16, FP16),
+    (BF16, BF16, FP32),
+    (FP64, FP32, FP32),
+    (FP32, FP64, FP64),
+    (FP32, FP32, BF16),
+    (FP64, FP64, BF16),
+    (FP64, FP32, FP16),
+    (FP16, BF16, BF16),
 ]
 ALPHAS = (0.3, -0.5, 0.0, 1e-3, 2.0)
 SHAPES = ((0,), (1,), (7,), (4095,), (4097,), (5, 123), (123, 5))
@@ -54,11 +62,14 @@ def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
     diff = (bits(a).flatten() != bits(b).flatten()).nonzero().flatten()
     if diff.numel():
         i = diff[0].item()
-        raise AssertionError(f"{diff.numel()} elements differ, first at flat index {i}: "
-                             f"{a.flatten()[i].item()!r} vs {b.flatten()[i].item()!r}")
+        raise AssertionError(
+            f"{diff.numel()} elements differ, first at flat index {i}: "
+            f"{a.flatten()[i].item()!r} vs {b.flatten()[i].item()!r}"
+        )
 
 
 # --- the float64 reference ----------------------------------------------------------------------------------
+
 
 def _overflow_threshold(dtype: torch.dtype) -> float:
     mant, _, emax = _FORMAT[dtype]
@@ -103,13 +114,16 @@ def assert_within_bound(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor
     limit = _overflow_threshold(out.dtype)
     must_overflow = v.abs() - slack >= limit
     may_overflow = v.abs() + slack >= limit
-    assert torch.equal(y[must_overflow], torch.copysign(torch.full_like(y[must_overflow], float("inf")),
-                                                        v[must_overflow])), "results past the range must be inf"
+    assert torch.equal(
+        y[must_overflow], torch.copysign(torch.full_like(y[must_overflow], float("inf")), v[must_overflow])
+    ), "results past the range must be inf"
     ok = (y - v).abs() <= _ulp(v, out.dtype) / 2 + slack
     ok |= must_overflow | (may_overflow & y.isinf() & (torch.sign(y) == torch.sign(v)))
     bad = (~ok).nonzero().flatten()
-    assert bad.numel() == 0, (f"{bad.numel()} of {v.numel()} elements outside the bound, e.g. exact "
-                              f"{v[bad[0]].item()!r} got {y[bad[0]].item()!r}")
+    assert bad.numel() == 0, (
+        f"{bad.numel()} of {v.numel()} elements outside the bound, e.g. exact "
+        f"{v[bad[0]].item()!r} got {y[bad[0]].item()!r}"
+    )
 
 
 def round_nearest_even(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -136,6 +150,7 @@ def contract(prev: torch.Tensor, cur: torch.Tensor, alpha: float, out_dtype: tor
     if FP64 in (prev.dtype, cur.dtype, out_dtype):
         r = c if alpha == 0.0 else c + alpha * (c - p)  # float64 ops round like the kernel's
     else:
+
         def rnd(x: torch.Tensor) -> torch.Tensor:  # fp32 rounding of an exact (or harmlessly rounded) value
             return x.float().double()
 
@@ -147,23 +162,63 @@ def contract(prev: torch.Tensor, cur: torch.Tensor, alpha: float, out_dtype: tor
 
 
 def test_round_nearest_even_oracle():
-    x = torch.tensor([1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-8 + 2.0**-30), 2.0**-134, 3 * 2.0**-135, 3.3963e38,
-                      65519.0, 65520.0, -0.0, float("nan")], dtype=FP64)
-    assert round_nearest_even(x, BF16).tolist()[:8] == [1.0, 1 + 2.0**-6, -(1 + 2.0**-7), 0.0, 2.0**-133,
-                                                        float("inf"), 65536.0, 65536.0]
+    x = torch.tensor(
+        [
+            1 + 2.0**-8,
+            1 + 3 * 2.0**-8,
+            -(1 + 2.0**-8 + 2.0**-30),
+            2.0**-134,
+            3 * 2.0**-135,
+            3.3963e38,
+            65519.0,
+            65520.0,
+            -0.0,
+            float("nan"),
+        ],
+        dtype=FP64,
+    )
+    assert round_nearest_even(x, BF16).tolist()[:8] == [
+        1.0,
+        1 + 2.0**-6,
+        -(1 + 2.0**-7),
+        0.0,
+        2.0**-133,
+        float("inf"),
+        65536.0,
+        65536.0,
+    ]
     assert round_nearest_even(x, FP16).tolist()[6:8] == [65504.0, float("inf")]
     assert str(round_nearest_even(x, BF16)[8].item()) == "-0.0"
 
 
 # --- inputs --------------------------------------------------------------------------------------------------
 
+
 def specials(dtype: torch.dtype) -> torch.Tensor:
     """Signed zeros, subnormals, normal extremes, overflow-prone magnitudes, inf, NaN (incl. a non-canonical one)."""
     fi = torch.finfo(dtype)
     mant = _FORMAT[dtype][0]
     sub_min = fi.tiny * 2.0**-mant
-    vals = [0.0, -0.0, sub_min, -sub_min, fi.tiny - sub_min, fi.tiny, -fi.tiny, 1.0, -1.0, 0.3, 1 + fi.eps,
-            fi.max, -fi.max, fi.max / 2, -fi.max / 3, float("inf"), float("-inf"), float("nan")]
+    vals = [
+        0.0,
+        -0.0,
+        sub_min,
+        -sub_min,
+        fi.tiny - sub_min,
+        fi.tiny,
+        -fi.tiny,
+        1.0,
+        -1.0,
+        0.3,
+        1 + fi.eps,
+        fi.max,
+        -fi.max,
+        fi.max / 2,
+        -fi.max / 3,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+    ]
     if dtype != FP64:
         vals += [3e38, -2e38, 65504.0, 60000.0, -40000.0, 1e-40, 6e-8]
     t = torch.tensor(vals, dtype=FP64).to(dtype)
@@ -178,8 +233,9 @@ def special_grid(prev_dtype: torch.dtype, cur_dtype: torch.dtype) -> tuple[torch
     return sp.repeat_interleave(sc.numel()), sc.repeat(sp.numel())
 
 
-def randoms(shape: tuple[int, ...], prev_dtype: torch.dtype, cur_dtype: torch.dtype,
-            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def randoms(
+    shape: tuple[int, ...], prev_dtype: torch.dtype, cur_dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights-like values over many binades, cur close to prev (as after a round of training)."""
     g = torch.Generator().manual_seed(seed)
     scale = 2.0 ** torch.randint(-12, 4, shape, generator=g).double()
@@ -193,6 +249,7 @@ def _name(triple) -> str:
 
 
 # --- accuracy --------------------------------------------------------------------------------------------------
+
 
 def test_supported_dtypes():
     assert set(supported_dtypes()) == set(DTYPES)
@@ -254,6 +311,7 @@ def test_bf16_math_and_lerp_are_not_exact():
 
 # --- the Triton kernel under the interpreter vs the CPU twin ------------------------------------------------
 
+
 @pytest.mark.parametrize("triple", ALL_TRIPLES, ids=_name)
 def test_interpreter_bit_identical_to_twin_all_dtypes(triple):
     pd, cd, od = triple
@@ -314,9 +372,11 @@ def test_interpreter_rounds_bf16_and_fp16_to_nearest_even():
 
 # --- aliasing, layouts, chunking, threads ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["auto", "triton"])
-@pytest.mark.parametrize("triple", [(BF16, BF16, BF16), (FP32, BF16, BF16), (BF16, FP32, FP32), (FP64, FP64, FP64)],
-                         ids=_name)
+@pytest.mark.parametrize(
+    "triple", [(BF16, BF16, BF16), (FP32, BF16, BF16), (BF16, FP32, FP32), (FP64, FP64, FP64)], ids=_name
+)
 def test_in_place(triple, backend):
     pd, cd, od = triple
     prev, cur = randoms((4097,), pd, cd)
@@ -401,10 +461,19 @@ def test_requires_grad_parameters_in_place():
 
 # --- many tensors: grouped launches -------------------------------------------------------------------------
 
+
 def _model_like(seed: int = 0):
     """A mixed list: small aligned tensors (grouped), odd sizes and views (alone), two dtype triples."""
-    specs = [((64,), BF16, BF16), ((16, 8), BF16, BF16), ((7,), BF16, BF16), ((48,), FP32, BF16),
-             ((4096 + 16,), BF16, BF16), ((30, 5), FP32, BF16), ((9000,), BF16, BF16), ((96,), FP32, BF16)]
+    specs = [
+        ((64,), BF16, BF16),
+        ((16, 8), BF16, BF16),
+        ((7,), BF16, BF16),
+        ((48,), FP32, BF16),
+        ((4096 + 16,), BF16, BF16),
+        ((30, 5), FP32, BF16),
+        ((9000,), BF16, BF16),
+        ((96,), FP32, BF16),
+    ]
     prevs, curs = [], []
     for i, (shape, pd, cd) in enumerate(specs):
         p, c = randoms(shape, pd, cd, seed=seed + i)
@@ -421,8 +490,9 @@ def test_many_grouped_bit_identical_to_per_tensor(monkeypatch):
     expected = [extrapolate(p, c, 0.3) for p, c in zip(prevs, curs, strict=True)]
     groups = []
     launch = _triton._launch_grouped
-    monkeypatch.setattr(_triton, "_launch_grouped", lambda members, *a: groups.append(len(members)) or
-                        launch(members, *a))
+    monkeypatch.setattr(
+        _triton, "_launch_grouped", lambda members, *a: groups.append(len(members)) or launch(members, *a)
+    )
     monkeypatch.setattr(_triton, "_GROUP_MAX_NUMEL", 5000)  # 9000 elements: a launch of its own
     for backend in ("auto", "triton"):
         outs = [torch.empty_like(c) for c in curs]
@@ -445,6 +515,7 @@ def test_many_validates_everything_before_writing():
 
 # --- the compiled kernel, checked without a GPU ---------------------------------------------------------------
 
+
 def _compile_sm90(args: tuple, const: dict) -> str:
     """What ``_kernel[grid](*args, **const, **launch options)`` compiles to on an H100/H200, without a GPU: the same
     argument binding, specialization and options as ``JITFunction.run``, then PTX for sm_90."""
@@ -458,14 +529,19 @@ def _compile_sm90(args: tuple, const: dict) -> str:
     backend = make_backend(target)
     kernel = _triton._kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kwargs = {**const, **_triton._launch_options(), "debug": False,
-              "instrumentation_mode": knobs.compilation.instrumentation_mode,
-              "fpsan_homomorphic_casts": knobs.compilation.fpsan_homomorphic_casts}
+    kwargs = {
+        **const,
+        **_triton._launch_options(),
+        "debug": False,
+        "instrumentation_mode": knobs.compilation.instrumentation_mode,
+        "fpsan_homomorphic_casts": knobs.compilation.fpsan_homomorphic_casts,
+    }
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     assert options.enable_fp_fusion is False
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                          options=options.__dict__).asm["ptx"]
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__).asm[
+        "ptx"
+    ]
 
 
 def test_compiles_for_sm90_without_fma():
@@ -496,6 +572,7 @@ def test_compiles_for_sm90_without_fma():
 
 
 # --- CUDA ------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("triple", ALL_TRIPLES, ids=_name)
@@ -538,8 +615,9 @@ def test_cuda_grouped_bit_identical_to_per_tensor(monkeypatch):
     expected = [extrapolate(p, c, 0.3) for p, c in zip(prevs, curs, strict=True)]
     groups = []
     launch = _triton._launch_grouped
-    monkeypatch.setattr(_triton, "_launch_grouped", lambda members, *a: groups.append(len(members)) or
-                        launch(members, *a))
+    monkeypatch.setattr(
+        _triton, "_launch_grouped", lambda members, *a: groups.append(len(members)) or launch(members, *a)
+    )
     prevs_g, curs_g = [p.cuda() for p in prevs], [c.cuda() for c in curs]
     odd_p, odd_c = randoms((33,), BF16, BF16, seed=98)  # a view 2 bytes into its storage: must not be grouped
     prevs_g.append(odd_p.cuda()[1:])

@@ -136,8 +136,10 @@ def test_non_finite_alpha_is_usage_error(pair, tmp_path, alpha):
 def test_non_floating_tensors_copied_from_cur(tmp_path):
     for name, seed in (("prev", 0), ("cur", 1)):
         torch.manual_seed(seed)
-        save_file({"w": torch.randn(5, 3), "steps": torch.arange(seed, seed + 4), "mask": torch.rand(6) > 0.5},
-                  str(tmp_path / f"{name}.st"))
+        save_file(
+            {"w": torch.randn(5, 3), "steps": torch.arange(seed, seed + 4), "mask": torch.rand(6) > 0.5},
+            str(tmp_path / f"{name}.st"),
+        )
         (tmp_path / name).mkdir()
         os.replace(tmp_path / f"{name}.st", tmp_path / name / "model.safetensors")
     out = apo_merge.extrapolate(tmp_path / "prev", tmp_path / "cur", 0.3, tmp_path / "out")
@@ -176,7 +178,10 @@ def test_single_file_prev_with_sharded_cur_and_reshard(pair, tmp_path):
         assert size < 30_000 + 4096 or len(load_file(out / f)) == 1
     one = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "one", max_shard_size="5GB")
     assert sorted(p.name for p in one.iterdir() if p.suffix in (".safetensors", ".json")) == [
-        "config.json", "generation_config.json", "model.safetensors"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     assert load_dir(one).keys() == load_dir(out).keys()
 
 
@@ -353,11 +358,21 @@ def test_version_help_and_cuda_request():
 def test_console_entry_point_subprocess(pair, tmp_path):
     prev, cur = pair(torch.bfloat16)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "apo_merge", str(prev), str(cur), "--alpha", "0.3", "-o",
-                        str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    p = subprocess.run(
+        [sys.executable, "-m", "apo_merge", str(prev), str(cur), "--alpha", "0.3", "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
-    p = subprocess.run([sys.executable, "-m", "apo_merge", str(prev), str(tmp_path / "nope"), "--alpha", "0.3"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    p = subprocess.run(
+        [sys.executable, "-m", "apo_merge", str(prev), str(tmp_path / "nope"), "--alpha", "0.3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
 
 

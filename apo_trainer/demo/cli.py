@@ -16,20 +16,29 @@ SPPO_BETA = 0.01
 def demo(
     rounds: Annotated[int, typer.Option(min=1, help="APO rounds per run.")] = 3,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per method (spread over seeds is reported).")] = 3,
-    alphas: Annotated[str, typer.Option(help="Comma-separated extrapolation weights; 0 is plain iterative "
-                                             "DPO/SPPO.")] = "0,0.3",
+    alphas: Annotated[
+        str, typer.Option(help="Comma-separated extrapolation weights; 0 is plain iterative DPO/SPPO.")
+    ] = "0,0.3",
     loss: Annotated[str, typer.Option(help="Preference loss: dpo or sppo.")] = "dpo",
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (a rerun with the same settings "
-                                                                "resumes).")] = Path("apo-demo"),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output folder (a rerun with the same settings resumes).")
+    ] = Path("apo-demo"),
     prompts_per_round: Annotated[int, typer.Option(min=8, help="Fresh prompts per round.")] = 512,
     samples: Annotated[int, typer.Option(min=2, help="Samples per prompt.")] = 8,
-    beta: Annotated[float | None, typer.Option(help="Loss temperature (default 0.1 for DPO, "
-                                                    f"{SPPO_BETA:g} for SPPO).")] = None,
-    free_length: Annotated[bool, typer.Option(help="Let the policy choose its response length (end-of-sequence "
-                                                   "token) instead of exactly 12 words.")] = False,
+    beta: Annotated[
+        float | None, typer.Option(help=f"Loss temperature (default 0.1 for DPO, {SPPO_BETA:g} for SPPO).")
+    ] = None,
+    free_length: Annotated[
+        bool,
+        typer.Option(
+            help="Let the policy choose its response length (end-of-sequence token) instead of exactly 12 words."
+        ),
+    ] = False,
     warmup_steps: Annotated[int, typer.Option(min=0, help="Supervised warm-up steps of the starting policy.")] = 150,
-    jobs: Annotated[int | None, typer.Option(min=1, help="Runs at once, each in its own process (default: one "
-                                                         "per CPU core, at most 4).")] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(min=1, help="Runs at once, each in its own process (default: one per CPU core, at most 4)."),
+    ] = None,
 ) -> None:
     """Run iterative DPO (alpha 0) and APO (alpha 0.3) from the same warmed-up toy policy and report.
 
@@ -45,25 +54,37 @@ def demo(
     from apo_trainer.errors import TrainError
 
     if importlib.util.find_spec("matplotlib") is None:
-        typer.echo("apo-train demo: error: the report's plot needs matplotlib; install it with "
-                   "pip install 'apo-merge[demo]'", err=True)
+        typer.echo(
+            "apo-train demo: error: the report's plot needs matplotlib; install it with pip install 'apo-merge[demo]'",
+            err=True,
+        )
         raise typer.Exit(2)
     alpha_values = _parse_alphas(alphas)
     if loss not in ("dpo", "sppo"):
         raise typer.BadParameter(f"unknown loss {loss!r}; use dpo or sppo", param_hint="--loss")
-    settings = DemoSettings(output=output, rounds=rounds, seeds=seeds, alphas=alpha_values, loss=loss,
-                            prompts_per_round=prompts_per_round, samples_per_prompt=samples,
-                            beta=beta if beta is not None else (0.1 if loss == "dpo" else SPPO_BETA),
-                            task=ToyTask(free_length=free_length, warmup_steps=warmup_steps))
+    settings = DemoSettings(
+        output=output,
+        rounds=rounds,
+        seeds=seeds,
+        alphas=alpha_values,
+        loss=loss,
+        prompts_per_round=prompts_per_round,
+        samples_per_prompt=samples,
+        beta=beta if beta is not None else (0.1 if loss == "dpo" else SPPO_BETA),
+        task=ToyTask(free_length=free_length, warmup_steps=warmup_steps),
+    )
     console = Console()
     total = len(alpha_values) * seeds * (rounds + 1)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
         bar = progress.add_task("rounds", total=total)
 
         def on_record(label: str, record: dict) -> None:
-            progress.console.print(f"{label}: round {record['round']}  reward {record['mean_score']:.3f}  "
-                                   f"length {record['mean_length']:.1f}  KL {record['kl_to_init']:.2f}")
+            progress.console.print(
+                f"{label}: round {record['round']}  reward {record['mean_score']:.3f}  "
+                f"length {record['mean_length']:.1f}  KL {record['kl_to_init']:.2f}"
+            )
             progress.advance(bar)
 
         try:
@@ -86,9 +107,9 @@ def _parse_alphas(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers, e.g. 0,0.3",
-                                 param_hint="--alphas") from None
+        raise typer.BadParameter(
+            f"{text!r} is not a comma-separated list of numbers, e.g. 0,0.3", param_hint="--alphas"
+        ) from None
     if not values or any(a < 0 for a in values):
         raise typer.BadParameter("give at least one alpha, none negative, e.g. 0,0.3", param_hint="--alphas")
     return values
-

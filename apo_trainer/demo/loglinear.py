@@ -40,8 +40,14 @@ class LogLinearProblem:
         return torch.softmax(self.features @ theta, dim=-1)
 
 
-def make_problem(n_prompts: int = 16, n_responses: int = 64, dim: int = 8, beta: float = 0.1, seed: int = 0,
-                 weights: torch.Tensor | None = None) -> LogLinearProblem:
+def make_problem(
+    n_prompts: int = 16,
+    n_responses: int = 64,
+    dim: int = 8,
+    beta: float = 0.1,
+    seed: int = 0,
+    weights: torch.Tensor | None = None,
+) -> LogLinearProblem:
     """A random problem: feature 0 is uniform on [0, 1], the others standard normal.
 
     Without ``weights`` the reward is feature 0, so rewards are spread evenly up to the best response, the regime
@@ -80,8 +86,15 @@ def dpo_population_step(problem: LogLinearProblem, theta: torch.Tensor, iteratio
     Its minimiser is the proximal step ``theta + w / beta``: DPO with a moving reference is a proximal point method.
     """
     x = theta.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=iterations, tolerance_grad=1e-14, tolerance_change=1e-16,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [x],
+        lr=1.0,
+        max_iter=iterations,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -93,8 +106,7 @@ def dpo_population_step(problem: LogLinearProblem, theta: torch.Tensor, iteratio
     return x.detach()
 
 
-def apo_parameters(problem: LogLinearProblem, alpha: float, rounds: int,
-                   anchor: Anchor = "raw") -> list[torch.Tensor]:
+def apo_parameters(problem: LogLinearProblem, alpha: float, rounds: int, anchor: Anchor = "raw") -> list[torch.Tensor]:
     """theta_0 .. theta_rounds of APO with exact steps, in parameter space.
 
     ``anchor="raw"`` is the paper's rule theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - theta_hat_t);

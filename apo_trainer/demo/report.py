@@ -63,8 +63,14 @@ def table_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for key, reward_cells in sums["mean_score"].items():
         for t, cell in enumerate(reward_cells):
-            rows.append([method_name(*key), str(t), *(str(sums[m][key][t]) for m in METRICS),
-                         " ".join(f"{v:.3f}" for v in cell.values)])
+            rows.append(
+                [
+                    method_name(*key),
+                    str(t),
+                    *(str(sums[m][key][t]) for m in METRICS),
+                    " ".join(f"{v:.3f}" for v in cell.values),
+                ]
+            )
     return header, rows
 
 
@@ -99,18 +105,24 @@ def verdict(runs: Sequence[Run]) -> list[str]:
         else:
             word = "shows no clear difference"
         name, base_name = method_name(loss, alpha), method_name(loss, 0.0)
-        out.append(f"**{name} {word} against {base_name} on this run.** After {t} rounds its true reward is "
-                   f"{cells[t]} against {base[t]} (difference {statistics.fmean(diffs):+.3f}; ahead in {ahead} "
-                   f"of {len(diffs)} seeds, paired by seed).")
+        out.append(
+            f"**{name} {word} against {base_name} on this run.** After {t} rounds its true reward is "
+            f"{cells[t]} against {base[t]} (difference {statistics.fmean(diffs):+.3f}; ahead in {ahead} "
+            f"of {len(diffs)} seeds, paired by seed)."
+        )
         reached = next((s for s in range(1, t + 1) if cells[s].mean >= base[t].mean), None)
         if reached is not None and reached < t:
-            out.append(f"It reached the baseline's round-{t} reward ({base[t].mean:.3f}) at round {reached}, "
-                       f"{t - reached} round(s) earlier.")
+            out.append(
+                f"It reached the baseline's round-{t} reward ({base[t].mean:.3f}) at round {reached}, "
+                f"{t - reached} round(s) earlier."
+            )
         elif reached is None:
             out.append(f"It did not reach the baseline's round-{t} reward ({base[t].mean:.3f}).")
         k, kb = kls[(loss, alpha)][t], kls[(loss, 0.0)][t]
-        out.append(f"Its KL to the start after {t} rounds is {k} against {kb}: the extrapolation moves the policy "
-                   f"{'further from' if k.mean > kb.mean else 'no further from'} the starting model.")
+        out.append(
+            f"Its KL to the start after {t} rounds is {k} against {kb}: the extrapolation moves the policy "
+            f"{'further from' if k.mean > kb.mean else 'no further from'} the starting model."
+        )
     return out
 
 

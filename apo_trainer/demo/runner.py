@@ -61,15 +61,29 @@ def trainer_config(settings: DemoSettings, start: Path, prompts: Path, alpha: fl
 
     task = settings.task
     return APOConfig(
-        model=str(start), prompts=str(prompts),
+        model=str(start),
+        prompts=str(prompts),
         oracle="callable:apo_trainer.demo.task:" + ("rewards_free_length" if task.free_length else "rewards"),
-        output_dir=str(run_folder(settings, alpha, seed)), rounds=settings.rounds, alpha=alpha, loss=settings.loss,
-        beta=settings.beta, learning_rate=settings.learning_rate, lr_scheduler="constant", warmup_ratio=0.0,
-        epochs_per_round=settings.epochs_per_round, batch_size=settings.batch_size, grad_accum=1,
-        samples_per_prompt=settings.samples_per_prompt, prompts_per_round=settings.prompts_per_round,
+        output_dir=str(run_folder(settings, alpha, seed)),
+        rounds=settings.rounds,
+        alpha=alpha,
+        loss=settings.loss,
+        beta=settings.beta,
+        learning_rate=settings.learning_rate,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        epochs_per_round=settings.epochs_per_round,
+        batch_size=settings.batch_size,
+        grad_accum=1,
+        samples_per_prompt=settings.samples_per_prompt,
+        prompts_per_round=settings.prompts_per_round,
         max_new_tokens=task.response_words + (4 if task.free_length else 0),
         min_new_tokens=1 if task.free_length else task.response_words,
-        temperature=1.0, top_p=1.0, generation_batch_size=512, logprob_batch_size=256, seed=seed,
+        temperature=1.0,
+        top_p=1.0,
+        generation_batch_size=512,
+        logprob_batch_size=256,
+        seed=seed,
     )
 
 
@@ -87,20 +101,28 @@ def prepare(settings: DemoSettings, log: Callable[[str], None] = print) -> tuple
     stamp.write_text(json.dumps(settings.to_json(), indent=1) + "\n")
     prompts = out / "prompts.jsonl"
     if not prompts.exists():
-        write_prompts(prompts, make_prompts((settings.rounds + 1) * settings.prompts_per_round, settings.task,
-                                            seed=START_SEED + 1))
+        write_prompts(
+            prompts,
+            make_prompts((settings.rounds + 1) * settings.prompts_per_round, settings.task, seed=START_SEED + 1),
+        )
     start = out / "start"
     if not (start / "config.json").exists():
-        log(f"warm-up: {settings.task.warmup_steps} supervised steps on copy-with-p={settings.task.copy_prob} "
-            "responses")
+        log(
+            f"warm-up: {settings.task.warmup_steps} supervised steps on copy-with-p={settings.task.copy_prob} responses"
+        )
         t0 = time.perf_counter()
         make_start(start, settings.task, START_SEED)
         log(f"warm-up done in {time.perf_counter() - t0:.0f} s")
     return start, prompts
 
 
-def run_demo(settings: DemoSettings, *, jobs: int | None = None, log: Callable[[str], None] = print,
-             on_record: Callable[[str, dict], None] | None = None) -> list[Run]:
+def run_demo(
+    settings: DemoSettings,
+    *,
+    jobs: int | None = None,
+    log: Callable[[str], None] = print,
+    on_record: Callable[[str, dict], None] | None = None,
+) -> list[Run]:
     """Run every (alpha, seed) of ``settings`` from one warmed-up start and write report.md and report.png.
 
     ``jobs`` runs go at once, each in its own process with cpu_count / jobs torch threads (default: one per
@@ -112,10 +134,14 @@ def run_demo(settings: DemoSettings, *, jobs: int | None = None, log: Callable[[
     cpus = os.cpu_count() or 1
     jobs = max(1, min(jobs or min(cpus, 4), len(settings.alphas) * settings.seeds))
     threads = max(1, cpus // jobs)
-    work = {(alpha, seed): trainer_config(settings, start, prompts, alpha, seed)
-            for alpha in settings.alphas for seed in range(1, settings.seeds + 1)}
-    labels = {Path(c.output_dir) / "metrics.jsonl": f"{method_name(settings.loss, a)}, seed {s}"
-              for (a, s), c in work.items()}
+    work = {
+        (alpha, seed): trainer_config(settings, start, prompts, alpha, seed)
+        for alpha in settings.alphas
+        for seed in range(1, settings.seeds + 1)
+    }
+    labels = {
+        Path(c.output_dir) / "metrics.jsonl": f"{method_name(settings.loss, a)}, seed {s}" for (a, s), c in work.items()
+    }
     results: dict[tuple[float, int], list[dict]] = {}
     with _watch(labels, on_record or (lambda label, rec: None)):
         if jobs == 1:
@@ -124,8 +150,7 @@ def run_demo(settings: DemoSettings, *, jobs: int | None = None, log: Callable[[
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(jobs, mp_context=context) as pool:
-                futures = {key: pool.submit(_run_one, config, settings.task, threads)
-                           for key, config in work.items()}
+                futures = {key: pool.submit(_run_one, config, settings.task, threads) for key, config in work.items()}
                 results = {key: f.result() for key, f in futures.items()}
     runs = [Run(settings.loss, alpha, seed, results[(alpha, seed)]) for alpha, seed in work]
     write_report(settings, runs, time.perf_counter() - t0)
@@ -163,13 +188,19 @@ def write_report(settings: DemoSettings, runs: list[Run], seconds: float | None 
     """OUTPUT/report.md (table, verdict, how to reproduce) and OUTPUT/report.png."""
     out = settings.output
     task = settings.task
-    title = (f"toy copy task: {settings.seeds} seed(s) per method (band: ±1 sd), {settings.prompts_per_round} "
-             f"prompts x {settings.samples_per_prompt} samples per round, {settings.loss.upper()} beta "
-             f"{settings.beta:g}")
+    title = (
+        f"toy copy task: {settings.seeds} seed(s) per method (band: ±1 sd), {settings.prompts_per_round} "
+        f"prompts x {settings.samples_per_prompt} samples per round, {settings.loss.upper()} beta "
+        f"{settings.beta:g}"
+    )
     plot(runs, out / "report.png", title)
     header, rows = table_rows(runs)
-    length = (f"free length (end-of-sequence chosen by the policy, warm-up lengths {task.min_response_words}-"
-              f"{task.response_words})" if task.free_length else f"exactly {task.response_words} words")
+    length = (
+        f"free length (end-of-sequence chosen by the policy, warm-up lengths {task.min_response_words}-"
+        f"{task.response_words})"
+        if task.free_length
+        else f"exactly {task.response_words} words"
+    )
     text = [
         "# APO demo: a known-reward toy task",
         "",
@@ -203,11 +234,18 @@ def write_report(settings: DemoSettings, runs: list[Run], seconds: float | None 
 
 def _cli_args(settings: DemoSettings) -> str:
     task = settings.task
-    args = [f"--rounds {settings.rounds}", f"--seeds {settings.seeds}",
-            "--alphas " + ",".join(f"{a:g}" for a in settings.alphas), f"--loss {settings.loss}",
-            f"--beta {settings.beta:g}", f"--prompts-per-round {settings.prompts_per_round}",
-            f"--samples {settings.samples_per_prompt}", f"--warmup-steps {task.warmup_steps}",
-            "--free-length" if task.free_length else "--no-free-length", f"--output {settings.output}"]
+    args = [
+        f"--rounds {settings.rounds}",
+        f"--seeds {settings.seeds}",
+        "--alphas " + ",".join(f"{a:g}" for a in settings.alphas),
+        f"--loss {settings.loss}",
+        f"--beta {settings.beta:g}",
+        f"--prompts-per-round {settings.prompts_per_round}",
+        f"--samples {settings.samples_per_prompt}",
+        f"--warmup-steps {task.warmup_steps}",
+        "--free-length" if task.free_length else "--no-free-length",
+        f"--output {settings.output}",
+    ]
     return " ".join(args)
 
 
@@ -245,7 +283,7 @@ class _watch:
     def _poll(self) -> None:
         for path, label in self.paths.items():
             lines = _lines(path)
-            for line in lines[self._seen[path]:]:
+            for line in lines[self._seen[path] :]:
                 self.callback(label, json.loads(line))
             self._seen[path] = len(lines)
 

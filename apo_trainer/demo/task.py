@@ -103,23 +103,33 @@ def build_tokenizer():
     vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK,
-                                   padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left"
+    )
 
 
 def build_model(tokenizer, task: ToyTask, seed: int):
     """A 2-layer, width-128 GPT-2 (about 0.4 M parameters), randomly initialised from ``seed``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=128, n_layer=2, n_head=4,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=128,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
 
 
-def warmup(model, tokenizer, task: ToyTask, seed: int,
-           progress: Callable[[int, float], None] | None = None) -> list[float]:
+def warmup(
+    model, tokenizer, task: ToyTask, seed: int, progress: Callable[[int, float], None] | None = None
+) -> list[float]:
     """Supervised warm-up on sampled (prompt, response) pairs; the loss covers response tokens only.
 
     Runs on one torch thread. Returns the loss per step.
@@ -157,8 +167,7 @@ def warmup_response(prompt: str, task: ToyTask, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def make_start(folder: Path, task: ToyTask, seed: int,
-               progress: Callable[[int, float], None] | None = None) -> Path:
+def make_start(folder: Path, task: ToyTask, seed: int, progress: Callable[[int, float], None] | None = None) -> Path:
     """Build, warm up and save the starting policy with its tokenizer in ``folder`` (a Hugging Face folder)."""
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, task, seed)

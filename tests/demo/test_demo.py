@@ -72,13 +72,24 @@ def test_bad_alphas_are_a_usage_error(tmp_path):
 
 
 def _run(alpha: float, seed: int, scores: list[float]) -> Run:
-    return Run("dpo", alpha, seed, [{"round": t, "mean_score": s, "mean_length": 12.0, "kl_to_init": t * (1 + alpha)}
-                                    for t, s in enumerate(scores)])
+    return Run(
+        "dpo",
+        alpha,
+        seed,
+        [
+            {"round": t, "mean_score": s, "mean_length": 12.0, "kl_to_init": t * (1 + alpha)}
+            for t, s in enumerate(scores)
+        ],
+    )
 
 
 def test_summary_and_verdict_follow_the_numbers():
-    runs = [_run(0.0, 1, [0.2, 0.3, 0.4]), _run(0.0, 2, [0.2, 0.32, 0.42]),
-            _run(0.3, 1, [0.2, 0.35, 0.5]), _run(0.3, 2, [0.2, 0.36, 0.41])]
+    runs = [
+        _run(0.0, 1, [0.2, 0.3, 0.4]),
+        _run(0.0, 2, [0.2, 0.32, 0.42]),
+        _run(0.3, 1, [0.2, 0.35, 0.5]),
+        _run(0.3, 2, [0.2, 0.36, 0.41]),
+    ]
     cells = summarise(runs, "mean_score")[("dpo", 0.3)]
     assert cells[2].mean == pytest.approx(0.455) and cells[2].values == (0.5, 0.41)
     assert cells[2].sd == pytest.approx(0.0636396, abs=1e-6)

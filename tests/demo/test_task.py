@@ -22,15 +22,18 @@ from apo_trainer.demo.task import (
 )
 
 
-@pytest.mark.parametrize(("prompt", "response", "min_words", "expected"), [
-    ("a b c d =", "a b c d a b c d a b c d", 0, 1.0),
-    ("a b c d =", "e f g h e f g h e f g h", 12, 0.0),
-    ("a b c d =", "a x b b", 0, 0.75),
-    ("a b c d =", "= = a z", 0, 0.25),  # the separator is a word, never a prompt word
-    ("a b c d =", "a <eos>", 0, 1.0),  # special tokens are not words
-    ("a b c d =", "a b c", 12, 0.25),  # fixed length: dropped tokens count as misses
-    ("a b c d =", "", 0, 0.0),
-])
+@pytest.mark.parametrize(
+    ("prompt", "response", "min_words", "expected"),
+    [
+        ("a b c d =", "a b c d a b c d a b c d", 0, 1.0),
+        ("a b c d =", "e f g h e f g h e f g h", 12, 0.0),
+        ("a b c d =", "a x b b", 0, 0.75),
+        ("a b c d =", "= = a z", 0, 0.25),  # the separator is a word, never a prompt word
+        ("a b c d =", "a <eos>", 0, 1.0),  # special tokens are not words
+        ("a b c d =", "a b c", 12, 0.25),  # fixed length: dropped tokens count as misses
+        ("a b c d =", "", 0, 0.0),
+    ],
+)
 def test_reward_is_the_fraction_of_copied_words(prompt, response, min_words, expected):
     assert reward(prompt, response, min_words) == expected
 

@@ -19,8 +19,14 @@ def blob_id(name: str, data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def fill_cache(cache: Path, repo_id: str, folder: Path, commit: str, refs: tuple[str, ...] = ("main",),
-               extra_tree: dict[str, bytes] | None = None) -> Path:
+def fill_cache(
+    cache: Path,
+    repo_id: str,
+    folder: Path,
+    commit: str,
+    refs: tuple[str, ...] = ("main",),
+    extra_tree: dict[str, bytes] | None = None,
+) -> Path:
     """Put ``folder``'s files into ``cache`` as commit ``commit`` of ``repo_id``; return the snapshot folder.
 
     ``extra_tree``: files the commit has on the Hub but the cache lacks (recorded in the cached tree listing,
@@ -43,12 +49,22 @@ def fill_cache(cache: Path, repo_id: str, folder: Path, commit: str, refs: tuple
     if extra_tree is not None:
         from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 
-        entries = {n: TreeCacheEntry(size=s, blob_id=b, lfs_sha256=b if n.endswith(LFS_SUFFIXES) else None,
-                                     lfs_size=s if n.endswith(LFS_SUFFIXES) else None)
-                   for n, (s, b) in tree.items()}
+        entries = {
+            n: TreeCacheEntry(
+                size=s,
+                blob_id=b,
+                lfs_sha256=b if n.endswith(LFS_SUFFIXES) else None,
+                lfs_size=s if n.endswith(LFS_SUFFIXES) else None,
+            )
+            for n, (s, b) in tree.items()
+        }
         for n, data in extra_tree.items():
             b = blob_id(n, data)
-            entries[n] = TreeCacheEntry(size=len(data), blob_id=b, lfs_sha256=b if n.endswith(LFS_SUFFIXES) else None,
-                                        lfs_size=len(data) if n.endswith(LFS_SUFFIXES) else None)
+            entries[n] = TreeCacheEntry(
+                size=len(data),
+                blob_id=b,
+                lfs_sha256=b if n.endswith(LFS_SUFFIXES) else None,
+                lfs_size=len(data) if n.endswith(LFS_SUFFIXES) else None,
+            )
         write_tree_cache(str(repo), commit, entries)
     return snapshot

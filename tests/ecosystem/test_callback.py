@@ -28,15 +28,25 @@ class _Data(torch.utils.data.Dataset):
 
 
 def _train_round(model, apo, out_dir, seed: int) -> None:
-    args = TrainingArguments(output_dir=str(out_dir), max_steps=2, per_device_train_batch_size=4,
-                             learning_rate=5e-2, save_strategy="no", report_to=[], use_cpu=True,
-                             disable_tqdm=True, logging_strategy="no", seed=seed)
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        seed=seed,
+    )
     Trainer(model=model, args=args, train_dataset=_Data(seed), callbacks=[apo]).train()
 
 
 def _cli_merge(prev, cur, out) -> dict[str, torch.Tensor]:
-    result = CliRunner().invoke(cli.app, [str(prev), str(cur), "--alpha", str(ALPHA), "-o", str(out), "-q",
-                                          "--device", "cpu"])
+    result = CliRunner().invoke(
+        cli.app, [str(prev), str(cur), "--alpha", str(ALPHA), "-o", str(out), "-q", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.stderr
     return load_file(out / "model.safetensors")
 
@@ -68,8 +78,9 @@ def test_rounds_equal_the_cli_on_the_raw_checkpoints(tmp_path):
     assert apo.rounds == 2
 
     # Round 3 in "another process": the callback knows theta_hat_2 only from disk.
-    _train_round(model, APOCallback(ALPHA, prev=tmp_path / "raw-2", save_raw=tmp_path / "raw-3"),
-                 tmp_path / "trainer", seed=3)
+    _train_round(
+        model, APOCallback(ALPHA, prev=tmp_path / "raw-2", save_raw=tmp_path / "raw-3"), tmp_path / "trainer", seed=3
+    )
     _assert_bitwise(model, _cli_merge(tmp_path / "raw-2", tmp_path / "raw-3", tmp_path / "apo-3"))
 
 

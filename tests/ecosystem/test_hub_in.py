@@ -28,8 +28,11 @@ DEAD_ENDPOINT = "http://127.0.0.1:9"  # refused at once, should anything try the
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hub-models")
-    return {"a": make_checkpoint(root / "a", seed=0), "b": make_checkpoint(root / "b", seed=1),
-            "b_dev": make_checkpoint(root / "b_dev", seed=2, max_shard_size="20KB")}
+    return {
+        "a": make_checkpoint(root / "a", seed=0),
+        "b": make_checkpoint(root / "b", seed=1),
+        "b_dev": make_checkpoint(root / "b_dev", seed=2, max_shard_size="20KB"),
+    }
 
 
 @pytest.fixture
@@ -55,8 +58,9 @@ def test_cache_layout_is_the_one_huggingface_hub_reads(cache):
     assert {f.file_name for f in revisions[COMMIT_B_DEV].files} >= {"model.safetensors.index.json", "config.json"}
 
 
-@pytest.mark.parametrize("spec, commit", [("org/b", COMMIT_B), ("org/b@dev", COMMIT_B_DEV),
-                                          (f"org/b@{COMMIT_B}", COMMIT_B)])
+@pytest.mark.parametrize(
+    "spec, commit", [("org/b", COMMIT_B), ("org/b@dev", COMMIT_B_DEV), (f"org/b@{COMMIT_B}", COMMIT_B)]
+)
 def test_resolves_repo_ids_and_revisions_offline(cache, spec, commit):
     src = sources.resolve(spec)
     repo_cache = cache / "models--org--b"
@@ -111,20 +115,58 @@ def test_symlink_leaving_the_repo_cache_is_refused(cache, tmp_path, models):
 
 
 def test_fetch_patterns_take_weights_and_side_files_never_pickles():
-    repo_files = ["model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-                  "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                  "tokenizer.model", "special_tokens_map.json", "chat_template.jinja", "merges.txt", "vocab.json",
-                  "LICENSE", "adapter_config.json", "adapter_model.safetensors",
-                  "pytorch_model.bin", "pytorch_model.bin.index.json", "training_args.bin", "model.pt",
-                  "original/consolidated.00.pth", "original/params.json", "onnx/model.onnx", "model.gguf",
-                  "flax_model.msgpack", "tf_model.h5", "README.md", ".gitattributes"]
-    kept = set(filter_repo_objects(repo_files, allow_patterns=sources.HUB_ALLOW_PATTERNS,
-                                   ignore_patterns=sources.HUB_IGNORE_PATTERNS))
-    assert kept == {"model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-                    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                    "tokenizer.model", "special_tokens_map.json", "chat_template.jinja", "merges.txt", "vocab.json",
-                    "LICENSE", "adapter_config.json", "adapter_model.safetensors",
-                    "pytorch_model.bin.index.json"}
+    repo_files = [
+        "model.safetensors",
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "merges.txt",
+        "vocab.json",
+        "LICENSE",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "training_args.bin",
+        "model.pt",
+        "original/consolidated.00.pth",
+        "original/params.json",
+        "onnx/model.onnx",
+        "model.gguf",
+        "flax_model.msgpack",
+        "tf_model.h5",
+        "README.md",
+        ".gitattributes",
+    ]
+    kept = set(
+        filter_repo_objects(
+            repo_files, allow_patterns=sources.HUB_ALLOW_PATTERNS, ignore_patterns=sources.HUB_IGNORE_PATTERNS
+        )
+    )
+    assert kept == {
+        "model.safetensors",
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "merges.txt",
+        "vocab.json",
+        "LICENSE",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "pytorch_model.bin.index.json",
+    }
 
 
 def test_offline_snapshot_may_lack_the_files_apo_merge_does_not_fetch(tmp_path, models, monkeypatch):
@@ -143,9 +185,27 @@ def test_cli_honours_hf_hub_offline_and_hf_hub_cache_from_the_environment(tmp_pa
     fill_cache(cache, "org/a", models["a"], COMMIT_A)
     fill_cache(cache, "org/b", models["b"], COMMIT_B)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": DEAD_ENDPOINT}
-    run = subprocess.run([sys.executable, "-m", "apo_merge", "org/a", "org/b", "--alpha", "0.5", "-o",
-                          str(tmp_path / "out"), "-q", "--device", "cpu"], env=env, capture_output=True, text=True,
-                         cwd=Path(__file__).parents[2], timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "apo_merge",
+            "org/a",
+            "org/b",
+            "--alpha",
+            "0.5",
+            "-o",
+            str(tmp_path / "out"),
+            "-q",
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     local = run_merge(models["a"], models["b"], 0.5, tmp_path / "local", device="cpu")
     card = (tmp_path / "out" / "README.md").read_text()

@@ -43,8 +43,10 @@ class RecordingApi:
         if self.fail is not None:
             raise self.fail
         rev = kwargs.get("revision") or "main"
-        return SimpleNamespace(commit_url=f"https://hf.co/{kwargs['repo_id']}/commit/{rev}",
-                               pr_url="https://hf.co/pr/1" if kwargs.get("create_pr") else None)
+        return SimpleNamespace(
+            commit_url=f"https://hf.co/{kwargs['repo_id']}/commit/{rev}",
+            pr_url="https://hf.co/pr/1" if kwargs.get("create_pr") else None,
+        )
 
 
 @pytest.fixture
@@ -83,18 +85,44 @@ def _assert_no_token(result, out: Path, caplog) -> None:
 def test_merge_then_push_makes_the_hf_upload_calls(api, pair, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "out"
-    result = _invoke([str(pair[0]), str(pair[1]), "--alpha", "0.3", "-o", str(out), "--device", "cpu",
-                      "--push-to-hub", "me/apo", "--private", "--revision", "round-2",
-                      "--commit-message", "APO round 2", "--commit-description", "alpha 0.3", "--token", TOKEN])
+    result = _invoke(
+        [
+            str(pair[0]),
+            str(pair[1]),
+            "--alpha",
+            "0.3",
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--push-to-hub",
+            "me/apo",
+            "--private",
+            "--revision",
+            "round-2",
+            "--commit-message",
+            "APO round 2",
+            "--commit-description",
+            "alpha 0.3",
+            "--token",
+            TOKEN,
+        ]
+    )
     assert result.exit_code == 0, result.stderr
     assert [c[0] for c in api.calls] == ["HfApi", "create_repo", "create_branch", "upload_folder"]
     assert api.calls[0][1] == {"token": TOKEN}
     assert api.calls[1][1] == {"repo_id": "me/apo", "private": True, "exist_ok": True}
     assert api.calls[2][1] == {"repo_id": "me/apo", "branch": "round-2", "exist_ok": True}
     upload = api.calls[3][1]
-    assert upload == {"repo_id": "me/apo", "folder_path": out, "revision": "round-2", "create_pr": False,
-                      "commit_message": "APO round 2", "commit_description": "alpha 0.3",
-                      "files": sorted(p.name for p in out.iterdir())}
+    assert upload == {
+        "repo_id": "me/apo",
+        "folder_path": out,
+        "revision": "round-2",
+        "create_pr": False,
+        "commit_message": "APO round 2",
+        "commit_description": "alpha 0.3",
+        "files": sorted(p.name for p in out.iterdir()),
+    }
     assert "README.md" in upload["files"] and "model.safetensors" in upload["files"]
     assert "https://hf.co/me/apo/commit/round-2" in result.stdout
     _assert_complete(out)
@@ -103,8 +131,21 @@ def test_merge_then_push_makes_the_hf_upload_calls(api, pair, tmp_path, caplog):
 
 def test_pull_request_skips_the_branch_and_defaults_stay_unset(api, pair, tmp_path):
     out = tmp_path / "out"
-    result = _invoke([str(pair[0]), str(pair[1]), "--alpha", "0.3", "-o", str(out), "--push-to-hub", "me/apo",
-                      "--create-pr", "--device", "cpu"])
+    result = _invoke(
+        [
+            str(pair[0]),
+            str(pair[1]),
+            "--alpha",
+            "0.3",
+            "-o",
+            str(out),
+            "--push-to-hub",
+            "me/apo",
+            "--create-pr",
+            "--device",
+            "cpu",
+        ]
+    )
     assert result.exit_code == 0, result.stderr
     assert [c[0] for c in api.calls] == ["HfApi", "create_repo", "upload_folder"]
     assert api.calls[0][1] == {"token": None} and api.calls[1][1]["private"] is None
@@ -116,17 +157,35 @@ def test_upload_failure_keeps_out_exits_1_and_prints_the_retry_command(api, pair
     caplog.set_level(logging.DEBUG)
     api.fail = ConnectionError(f"connection reset while sending Authorization: Bearer {TOKEN}")
     out = tmp_path / "my out"
-    result = _invoke([str(pair[0]), str(pair[1]), "--alpha", "0.3", "-o", str(out), "--device", "cpu",
-                      "--push-to-hub", "me/apo", "--revision", "dev", "--commit-message", "round 3 (apo)",
-                      "--token", TOKEN])
+    result = _invoke(
+        [
+            str(pair[0]),
+            str(pair[1]),
+            "--alpha",
+            "0.3",
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--push-to-hub",
+            "me/apo",
+            "--revision",
+            "dev",
+            "--commit-message",
+            "round 3 (apo)",
+            "--token",
+            TOKEN,
+        ]
+    )
     assert result.exit_code == 1
     err = result.stderr
     assert "ConnectionError: connection reset" in err and "the folder is complete" in err
     _assert_complete(out)
     _assert_no_token(result, out, caplog)
     command = err.split("retry the upload alone with: ", 1)[1].split(" (after", 1)[0].strip()
-    assert command == shlex.join(["apo-merge", "push", str(out), "me/apo", "--revision", "dev",
-                                  "--commit-message", "round 3 (apo)"])
+    assert command == shlex.join(
+        ["apo-merge", "push", str(out), "me/apo", "--revision", "dev", "--commit-message", "round 3 (apo)"]
+    )
     # the printed command, run as is, does the upload alone
     api.calls, api.fail = [], None
     retry = _invoke(shlex.split(command)[1:])
@@ -163,14 +222,29 @@ def test_push_folder_for_trainers(api, tmp_path):
 def test_retry_command_quotes_and_never_holds_the_token():
     options = PushOptions("me/x", private=True, commit_description="it's $HOME; rm -rf /", create_pr=True)
     cmd = options.retry_command(Path("out dir"))
-    assert shlex.split(cmd) == ["apo-merge", "push", "out dir", "me/x", "--private", "--commit-description",
-                                "it's $HOME; rm -rf /", "--create-pr"]
+    assert shlex.split(cmd) == [
+        "apo-merge",
+        "push",
+        "out dir",
+        "me/x",
+        "--private",
+        "--commit-description",
+        "it's $HOME; rm -rf /",
+        "--create-pr",
+    ]
 
 
 def test_python_api_pushes_after_the_merge(api, pair, tmp_path):
     from apo_merge.api import run_merge
 
-    report = run_merge(pair[0], pair[1], 0.3, tmp_path / "out", device="cpu", token=TOKEN,
-                       push_to_hub=PushOptions("me/apo", create_pr=True))
+    report = run_merge(
+        pair[0],
+        pair[1],
+        0.3,
+        tmp_path / "out",
+        device="cpu",
+        token=TOKEN,
+        push_to_hub=PushOptions("me/apo", create_pr=True),
+    )
     assert report.pushed == "https://hf.co/pr/1"
     assert api.calls[0][1] == {"token": TOKEN} and api.calls[-1][1]["folder_path"] == tmp_path / "out"

@@ -19,17 +19,22 @@ from tests.checkpoints import make_checkpoint
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hash-inputs")
-    return {"prev": make_checkpoint(root / "prev", seed=0, dtype=torch.bfloat16, max_shard_size="30KB"),
-            "cur": make_checkpoint(root / "cur", seed=1, dtype=torch.bfloat16, max_shard_size="30KB"),
-            "single": make_checkpoint(root / "single", seed=2, dtype=torch.bfloat16)}
+    return {
+        "prev": make_checkpoint(root / "prev", seed=0, dtype=torch.bfloat16, max_shard_size="30KB"),
+        "cur": make_checkpoint(root / "cur", seed=1, dtype=torch.bfloat16, max_shard_size="30KB"),
+        "single": make_checkpoint(root / "single", seed=2, dtype=torch.bfloat16),
+    }
 
 
 def _sha256sum_listing(folder) -> str:
     """The card's documented command, run by the shell."""
-    names = sorted((p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".safetensors.index.json"))),
-                   key=str.encode)
-    run = subprocess.run(["sh", "-c", 'sha256sum "$@" | sha256sum', "sh", *names], cwd=folder, capture_output=True,
-                         text=True, check=True)
+    names = sorted(
+        (p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".safetensors.index.json"))),
+        key=str.encode,
+    )
+    run = subprocess.run(
+        ["sh", "-c", 'sha256sum "$@" | sha256sum', "sh", *names], cwd=folder, capture_output=True, text=True, check=True
+    )
     return run.stdout.split()[0]
 
 
@@ -43,7 +48,10 @@ def test_card_hashes_are_the_documented_sha256sum_listing(inputs, tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"| cur content sha256 | `{_sha256sum_listing(inputs['cur'])}` |" in card
     for f in report.input_hashes["cur"].files:
-        assert f"| cur | `{f.name}` | {f.size} | `{hashlib.sha256((inputs['cur'] / f.name).read_bytes()).hexdigest()}` |" in card
+        assert (
+            f"| cur | `{f.name}` | {f.size} | `{hashlib.sha256((inputs['cur'] / f.name).read_bytes()).hexdigest()}` |"
+            in card
+        )
 
 
 def _count_finish_reads(monkeypatch) -> list[int]:
@@ -84,7 +92,7 @@ def test_stream_hasher_ignores_out_of_order_and_repeated_bytes(tmp_path):
     header = read_header(path)
     h = inputhash.StreamHasher([header], [header])
     start = header.data_start
-    chunks = [(o, data[o:o + 1000]) for o in range(start, len(data), 1000)]
+    chunks = [(o, data[o : o + 1000]) for o in range(start, len(data), 1000)]
     order = chunks[:3] + chunks[5:7] + chunks[3:5] + chunks[2:3]  # a gap, then the gap, then a repeat
     for offset, chunk in order:
         h.update(path, offset, memoryview(chunk))

@@ -42,11 +42,18 @@ def setup(tmp_path_factory):
     # Pair 1: different ranks, trained lora_B biases.
     plain = dict(target_modules=["q_proj", "v_proj"], lora_alpha=8, lora_bias=True)
     # Pair 2: rsLoRA, per-module rank / alpha patterns, an embedding LoRA and a fully trained lm_head.
-    fancy = dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj", "embed_tokens"],
-                 rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3},
-                 modules_to_save=["lm_head"])
+    fancy = dict(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "o_proj", "embed_tokens"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+        modules_to_save=["lm_head"],
+    )
     return {
-        "root": root, "base": base,
+        "root": root,
+        "base": base,
         "plain": (_adapter(base, root / "p-prev", 1, r=4, **plain), _adapter(base, root / "p-cur", 2, r=6, **plain)),
         "fancy": (_adapter(base, root / "f-prev", 3, **fancy), _adapter(base, root / "f-cur", 4, **fancy)),
         "ids": torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)),

@@ -23,11 +23,14 @@ LABEL = "fuzz.safetensors"
 DTYPES = sorted(ITEMSIZE)
 _MAX_DIFFERENTIAL_BYTES = 1 << 20
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
-                         st.text(max_size=8))
-json_values = st.recursive(json_scalars, lambda kids: st.one_of(st.lists(kids, max_size=4),
-                                                                st.dictionaries(st.text(max_size=6), kids,
-                                                                                max_size=4)), max_leaves=12)
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=8)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=6), kids, max_size=4)),
+    max_leaves=12,
+)
 names = st.text(min_size=0, max_size=12).filter(lambda s: s != "__metadata__")
 
 
@@ -64,8 +67,9 @@ def mutated_headers(draw) -> tuple[bytes, int]:
     header = json.loads(json.dumps(header))
     tensors = [k for k in header if k != "__metadata__"]
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["field", "offset", "dim", "drop_key", "add_key", "metadata", "size",
-                                     "entry", "rename"]))
+        kind = draw(
+            st.sampled_from(["field", "offset", "dim", "drop_key", "add_key", "metadata", "size", "entry", "rename"])
+        )
         entries = [k for k in header if k != "__metadata__" and isinstance(header[k], dict)]
         name = draw(st.sampled_from(entries)) if entries else None
         if kind == "field" and name is not None:
@@ -74,14 +78,18 @@ def mutated_headers(draw) -> tuple[bytes, int]:
             offsets = header[name].get("data_offsets")
             if isinstance(offsets, list) and offsets:
                 i = draw(st.integers(0, len(offsets) - 1))
-                offsets[i] = draw(st.one_of(st.integers(-3, 3).map(lambda d, o=offsets[i]: o + d if
-                                                                   isinstance(o, int) else d),
-                                            st.integers(-(2**66), 2**66)))
+                offsets[i] = draw(
+                    st.one_of(
+                        st.integers(-3, 3).map(lambda d, o=offsets[i]: o + d if isinstance(o, int) else d),
+                        st.integers(-(2**66), 2**66),
+                    )
+                )
         elif kind == "dim" and name is not None:
             shape = header[name].get("shape")
             if isinstance(shape, list):
-                shape.insert(draw(st.integers(0, len(shape))), draw(st.one_of(st.integers(-2, 8),
-                                                                              st.integers(0, 2**70))))
+                shape.insert(
+                    draw(st.integers(0, len(shape))), draw(st.one_of(st.integers(-2, 8), st.integers(0, 2**70)))
+                )
         elif kind == "drop_key" and name is not None and isinstance(header[name], dict) and header[name]:
             header[name].pop(draw(st.sampled_from(sorted(header[name]))))
         elif kind == "add_key" and name is not None and isinstance(header[name], dict):
@@ -99,9 +107,9 @@ def mutated_headers(draw) -> tuple[bytes, int]:
         op = draw(st.sampled_from(["flip", "delete", "insert", "truncate", "surrogate", "duplicate"]))
         i = draw(st.integers(0, max(len(raw) - 1, 0)))
         if op == "flip" and raw:
-            raw = raw[:i] + bytes([raw[i] ^ (1 << draw(st.integers(0, 7)))]) + raw[i + 1:]
+            raw = raw[:i] + bytes([raw[i] ^ (1 << draw(st.integers(0, 7)))]) + raw[i + 1 :]
         elif op == "delete":
-            raw = raw[:i] + raw[i + draw(st.integers(1, 8)):]
+            raw = raw[:i] + raw[i + draw(st.integers(1, 8)) :]
         elif op == "insert":
             raw = raw[:i] + draw(st.binary(min_size=1, max_size=4)) + raw[i:]
         elif op == "truncate":
@@ -144,16 +152,19 @@ def _checkpoint(label: str, raw: bytes, data_size: int, tensors: dict[str, Tenso
     return Checkpoint(Path(label), label, [fh], {n: (fh, t) for n, t in tensors.items()})
 
 
-plan_options = st.fixed_dictionaries({
-    "alpha": st.floats(allow_nan=False, allow_infinity=False, width=32),
-    "dtype": st.sampled_from(["keep", "bf16", "fp16", "fp32", "int8"]),
-    "max_shard_size": st.one_of(st.none(), st.integers(-2, 200), st.sampled_from(["1KB", "0.5KiB", "2B", "x"])),
-    "on_missing": st.sampled_from(["error", "copy", "skip"]),
-})
+plan_options = st.fixed_dictionaries(
+    {
+        "alpha": st.floats(allow_nan=False, allow_infinity=False, width=32),
+        "dtype": st.sampled_from(["keep", "bf16", "fp16", "fp32", "int8"]),
+        "max_shard_size": st.one_of(st.none(), st.integers(-2, 200), st.sampled_from(["1KB", "0.5KiB", "2B", "x"])),
+        "on_missing": st.sampled_from(["error", "copy", "skip"]),
+    }
+)
 
 
-def check_plan(prev: tuple[bytes, int, dict[str, TensorInfo]], cur: tuple[bytes, int, dict[str, TensorInfo]],
-               options: dict) -> None:
+def check_plan(
+    prev: tuple[bytes, int, dict[str, TensorInfo]], cur: tuple[bytes, int, dict[str, TensorInfo]], options: dict
+) -> None:
     """make_plan either refuses with MergeError or lays out files whose headers the hardened parser accepts."""
     options = dict(options)
     alpha = options.pop("alpha")

@@ -78,8 +78,9 @@ def apo_merge_cmd(*args: object) -> list[str]:
 
 def run_cli(*args: object, timeout: float = 120, **kwargs) -> Result:
     """Run ``python -m apo_merge ARGS`` in a fresh process."""
-    p = subprocess.run(apo_merge_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                       env=cli_env(), **kwargs)
+    p = subprocess.run(
+        apo_merge_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=cli_env(), **kwargs
+    )
     return Result(p.returncode, p.stdout, p.stderr)
 
 

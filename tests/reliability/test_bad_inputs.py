@@ -146,15 +146,29 @@ def shape_times_dtype_differs_from_byte_range(w):
 
 @case()
 def data_offsets_overlap(w):
-    w.cur_file.write_bytes(st_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12))
+    w.cur_file.write_bytes(
+        st_bytes(
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+        )
+    )
     return 1, [str(w.cur_file), "overlap"]
 
 
 @case()
 def data_offsets_with_hole(w):
-    w.cur_file.write_bytes(st_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}}, b"\0" * 20))
+    w.cur_file.write_bytes(
+        st_bytes(
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]},
+            },
+            b"\0" * 20,
+        )
+    )
     return 1, [str(w.cur_file), "hole"]
 
 
@@ -192,8 +206,12 @@ def duplicate_tensor_names(w):
 
 @case()
 def metadata_with_non_string_value(w):
-    w.cur_file.write_bytes(st_bytes({"__metadata__": {"format": "pt", "step": 3},
-                                     "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, F32_2))
+    w.cur_file.write_bytes(
+        st_bytes(
+            {"__metadata__": {"format": "pt", "step": 3}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            F32_2,
+        )
+    )
     return 1, [str(w.cur_file), "__metadata__ must map strings to strings"]
 
 
@@ -280,30 +298,36 @@ def shard_holds_a_tensor_the_index_omits(w):
 @case("shard", in_subprocess=True)
 def index_shard_path_with_dotdot(w):
     target = f"../{w.prev.name}/{SHARD1}"
-    index = w.edit_index(lambda ix: ix["weight_map"].update({k: target for k, v in ix["weight_map"].items()
-                                                             if v == SHARD1}))
+    index = w.edit_index(
+        lambda ix: ix["weight_map"].update({k: target for k, v in ix["weight_map"].items() if v == SHARD1})
+    )
     return 1, [str(index), repr(target), "path traversal refused"]
 
 
 @case("shard")
 def index_shard_absolute_path(w):
     target = str(w.prev / SHARD1)
-    index = w.edit_index(lambda ix: ix["weight_map"].update({k: target for k, v in ix["weight_map"].items()
-                                                             if v == SHARD1}))
+    index = w.edit_index(
+        lambda ix: ix["weight_map"].update({k: target for k, v in ix["weight_map"].items() if v == SHARD1})
+    )
     return 1, [str(index), "path traversal refused"]
 
 
 @case("shard")
 def index_shard_name_with_nul(w):
-    index = w.edit_index(lambda ix: ix["weight_map"].update({k: "a\0b.safetensors" for k, v in
-                                                             ix["weight_map"].items() if v == SHARD1}))
+    index = w.edit_index(
+        lambda ix: ix["weight_map"].update({k: "a\0b.safetensors" for k, v in ix["weight_map"].items() if v == SHARD1})
+    )
     return 1, [str(index), "path traversal refused"]
 
 
 @case("shard")
 def index_shard_name_with_lone_surrogate(w):
-    index = w.edit_index(lambda ix: ix["weight_map"].update({k: "\ud800.safetensors" for k, v in
-                                                             ix["weight_map"].items() if v == SHARD1}))
+    index = w.edit_index(
+        lambda ix: ix["weight_map"].update(
+            {k: "\ud800.safetensors" for k, v in ix["weight_map"].items() if v == SHARD1}
+        )
+    )
     return 1, [str(index), "path traversal refused"]
 
 

@@ -60,8 +60,10 @@ def _write_checkpoint(root: Path, seed: int) -> None:
     weight_map = {}
     for s in range(N_SHARDS):
         name = f"model-{s + 1:05d}-of-{N_SHARDS:05d}.safetensors"
-        tensors = {f"layers.{s}.w{k}": ("F32", list(SHAPE), torch.randn(SHAPE, generator=g).numpy().tobytes())
-                   for k in range(N_TENSORS)}
+        tensors = {
+            f"layers.{s}.w{k}": ("F32", list(SHAPE), torch.randn(SHAPE, generator=g).numpy().tobytes())
+            for k in range(N_TENSORS)
+        }
         (root / name).write_bytes(st_tensors(tensors))
         weight_map.update(dict.fromkeys(tensors, name))
     (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -81,8 +83,9 @@ def _start(big_or_paths, out: Path, *extra: str, alpha: str = "0.3", preexec=Non
         if preexec:
             preexec()
 
-    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=child_setup)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=child_setup
+    )
 
 
 def _finish(p: subprocess.Popen, timeout: float = 300) -> Result:
@@ -129,7 +132,7 @@ def _inputs_unchanged(big: Big) -> None:
 
 
 def _out_state(out: Path, big: Big, old_allowed: bool = False) -> str:
-    """"absent", or "new" / "old" for a complete output (verify passes, weights equal an undisturbed run's)."""
+    """ "absent", or "new" / "old" for a complete output (verify passes, weights equal an undisturbed run's)."""
     if not out.exists():
         return "absent"
     verify_output(out)  # raises MergeError on any mismatch
@@ -265,11 +268,14 @@ def _tiny_pair(root: Path, sizes: list[int], side_file_bytes: int = 0) -> tuple[
     return paths[0], paths[1]
 
 
-@pytest.mark.parametrize("where,sizes,side,limit", [
-    ("first weight file", [64 * 1024], 0, 32 * 1024),  # posix_fallocate fails first (EFBIG)
-    ("second shard", [256, 64 * 1024], 0, 32 * 1024),  # after a finished first file
-    ("side file copy", [256], 256 * 1024, 64 * 1024),  # weights fit, tokenizer.json does not
-])
+@pytest.mark.parametrize(
+    "where,sizes,side,limit",
+    [
+        ("first weight file", [64 * 1024], 0, 32 * 1024),  # posix_fallocate fails first (EFBIG)
+        ("second shard", [256, 64 * 1024], 0, 32 * 1024),  # after a finished first file
+        ("side file copy", [256], 256 * 1024, 64 * 1024),  # weights fit, tokenizer.json does not
+    ],
+)
 def test_file_size_limit_fails_cleanly(tmp_path, where, sizes, side, limit):
     prev, cur = _tiny_pair(tmp_path, sizes, side)
     out = tmp_path / "out"

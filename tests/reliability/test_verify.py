@@ -110,8 +110,7 @@ def _edit_index(out, edit) -> None:
 def test_verify_index_missing_a_name(sharded_out):
     name = next(iter(read_header(sharded_out / SHARD2).tensors))
     _edit_index(sharded_out, lambda ix: ix["weight_map"].pop(name))
-    assert_one_line_error(_verify(sharded_out), 1, str(sharded_out / SHARD2), repr(name),
-                          "the index does not map")
+    assert_one_line_error(_verify(sharded_out), 1, str(sharded_out / SHARD2), repr(name), "the index does not map")
 
 
 def test_verify_index_maps_a_name_to_the_wrong_shard(sharded_out):
@@ -157,10 +156,12 @@ def _overflowing_pair(tmp_path):
     prev.mkdir()
     cur.mkdir()
     nan = torch.tensor([float("nan")], dtype=torch.float16)
-    (prev / "model.safetensors").write_bytes(st_tensors({
-        "w": ("F16", [3], (-F16_MAX_ISH).numpy().tobytes()), "n": ("F16", [1], nan.numpy().tobytes())}))
-    (cur / "model.safetensors").write_bytes(st_tensors({
-        "w": ("F16", [3], F16_MAX_ISH.numpy().tobytes()), "n": ("F16", [1], nan.numpy().tobytes())}))
+    (prev / "model.safetensors").write_bytes(
+        st_tensors({"w": ("F16", [3], (-F16_MAX_ISH).numpy().tobytes()), "n": ("F16", [1], nan.numpy().tobytes())})
+    )
+    (cur / "model.safetensors").write_bytes(
+        st_tensors({"w": ("F16", [3], F16_MAX_ISH.numpy().tobytes()), "n": ("F16", [1], nan.numpy().tobytes())})
+    )
     return prev, cur
 
 
@@ -186,8 +187,9 @@ def test_strict_makes_nonfinite_outputs_an_error(tmp_path, keep_sigterm):
 
 def test_strict_passes_when_all_outputs_are_finite(tiny_checkpoints, tmp_path):
     out = tmp_path / "out"
-    report = run_merge(tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"], 0.3, out,
-                       device="cpu", strict=True)
+    report = run_merge(
+        tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"], 0.3, out, device="cpu", strict=True
+    )
     assert report.new_nonfinite == 0 and _verify(out).code == 0
 
 
@@ -195,7 +197,7 @@ def test_strict_passes_when_all_outputs_are_finite(tiny_checkpoints, tmp_path):
 def _data(path):
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return raw[8 + n:]
+    return raw[8 + n :]
 
 
 def test_same_folder_as_prev_and_cur_reproduces_cur(tiny_checkpoints, tmp_path):
@@ -220,8 +222,9 @@ def test_same_folder_special_values(tmp_path, dtype, code, alpha):
     cur.mkdir()
     x = torch.tensor(SPECIALS, dtype=torch.float32).to(dtype)
     assert torch.signbit(x[1]) and x[1] == 0
-    (cur / "model.safetensors").write_bytes(st_tensors({"w": (code, [len(SPECIALS)], x.view(torch.uint8)
-                                                                  .numpy().tobytes())}))
+    (cur / "model.safetensors").write_bytes(
+        st_tensors({"w": (code, [len(SPECIALS)], x.view(torch.uint8).numpy().tobytes())})
+    )
     out = tmp_path / "out"
     run_merge(cur, cur, alpha, out, device="cpu")
     y = torch.frombuffer(bytearray(_data(out / "model.safetensors")), dtype=dtype)
@@ -232,5 +235,7 @@ def test_same_folder_special_values(tmp_path, dtype, code, alpha):
         expected[(x == 0) & torch.signbit(x)] = 0.0
     assert torch.equal(y.isnan(), expected.isnan())
     finite = ~expected.isnan()
-    assert torch.equal(y[finite].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       expected[finite].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(
+        y[finite].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        expected[finite].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )

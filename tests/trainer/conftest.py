@@ -30,10 +30,22 @@ def tiny(tmp_path_factory) -> Path:
 
 def tiny_config(tiny: Path, out: Path, **overrides) -> APOConfig:
     """A config that runs a round in about a second on the CPU."""
-    values = dict(model=str(tiny / "policy"), prompts=str(tiny / "prompts.jsonl"),
-                  oracle="callable:tests.trainer.tiny:word_sum", output_dir=str(out), rounds=2,
-                  samples_per_prompt=4, max_new_tokens=6, prompts_per_round=6, learning_rate=1e-2, beta=0.5,
-                  batch_size=2, grad_accum=2, warmup_ratio=0.0, seed=3)
+    values = dict(
+        model=str(tiny / "policy"),
+        prompts=str(tiny / "prompts.jsonl"),
+        oracle="callable:tests.trainer.tiny:word_sum",
+        output_dir=str(out),
+        rounds=2,
+        samples_per_prompt=4,
+        max_new_tokens=6,
+        prompts_per_round=6,
+        learning_rate=1e-2,
+        beta=0.5,
+        batch_size=2,
+        grad_accum=2,
+        warmup_ratio=0.0,
+        seed=3,
+    )
     values.update(overrides)
     return APOConfig.from_dict(values)
 

@@ -25,18 +25,21 @@ def test_yaml_and_overrides(tmp_path):
     assert APOConfig.from_yaml(path).alpha == 0.0
 
 
-@pytest.mark.parametrize("text, overrides, needle", [
-    ("lerning_rate: 1e-6\n", [], "unknown config key 'lerning_rate' (did you mean 'learning_rate'?)"),
-    ("rounds: 2.5\n", [], "'rounds' must be int, got float"),
-    ("rounds: true\n", [], "'rounds' must be int, got bool"),
-    ("alpha: high\n", [], "'alpha' must be float, got str"),
-    ("loss: ipo\n", [], "'loss' must be one of dpo, sppo"),
-    ("- a\n- b\n", [], "expected a mapping"),
-    ("a: [\n", [], "not valid YAML"),
-    ("", ["alpha"], "expected key=value"),
-    ("", ["nope=1"], "unknown config key 'nope'"),
-    ("", ["final_eval=maybe"], "'final_eval' must be bool"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, needle",
+    [
+        ("lerning_rate: 1e-6\n", [], "unknown config key 'lerning_rate' (did you mean 'learning_rate'?)"),
+        ("rounds: 2.5\n", [], "'rounds' must be int, got float"),
+        ("rounds: true\n", [], "'rounds' must be int, got bool"),
+        ("alpha: high\n", [], "'alpha' must be float, got str"),
+        ("loss: ipo\n", [], "'loss' must be one of dpo, sppo"),
+        ("- a\n- b\n", [], "expected a mapping"),
+        ("a: [\n", [], "not valid YAML"),
+        ("", ["alpha"], "expected key=value"),
+        ("", ["nope=1"], "unknown config key 'nope'"),
+        ("", ["final_eval=maybe"], "'final_eval' must be bool"),
+    ],
+)
 def test_bad_config_is_one_line_config_error(tmp_path, text, overrides, needle):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -45,24 +48,30 @@ def test_bad_config_is_one_line_config_error(tmp_path, text, overrides, needle):
     assert needle in e.value.message and "\n" not in e.value.message and e.value.exit_code == 2
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    ({"prompts": "/nonexistent/prompts.jsonl"}, "prompts file /nonexistent/prompts.jsonl does not exist"),
-    ({"oracle": "callable:no_such_module_xyz:f"}, "cannot import oracle module 'no_such_module_xyz'"),
-    ({"oracle": "callable:tests.trainer.tiny:missing"}, "has no attribute 'missing'"),
-    ({"oracle": "callable:tests.trainer.tiny:WORDS"}, "is not callable"),
-    ({"oracle": "judge-me"}, "must be 'reward-model:PATH' or 'callable:module:function'"),
-    ({"oracle": "reward-model:/nonexistent/rm"}, "neither an existing folder nor a Hub id"),
-    ({"oracle": ""}, "'oracle' is required"),
-    ({"model": "./missing-model"}, "neither an existing folder nor a Hub id"),
-    ({"samples_per_prompt": 1}, "'samples_per_prompt' must be at least 2"),
-    ({"alpha": -0.1}, "'alpha' must not be negative"),
-    ({"beta": float("nan")}, "'beta' must be finite"),
-    ({"min_new_tokens": 9}, "'min_new_tokens' exceeds 'max_new_tokens'"),
-    ({"push_to_hub": True}, "push_to_hub needs 'hub_repo_id'"),
-    pytest.param({"sampler": "vllm"}, "sampler 'vllm' needs the vllm package",
-                 marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm installed")),
-    ({"log_with": "tensorbored"}, "log_with tracker 'tensorbored' is unknown"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"prompts": "/nonexistent/prompts.jsonl"}, "prompts file /nonexistent/prompts.jsonl does not exist"),
+        ({"oracle": "callable:no_such_module_xyz:f"}, "cannot import oracle module 'no_such_module_xyz'"),
+        ({"oracle": "callable:tests.trainer.tiny:missing"}, "has no attribute 'missing'"),
+        ({"oracle": "callable:tests.trainer.tiny:WORDS"}, "is not callable"),
+        ({"oracle": "judge-me"}, "must be 'reward-model:PATH' or 'callable:module:function'"),
+        ({"oracle": "reward-model:/nonexistent/rm"}, "neither an existing folder nor a Hub id"),
+        ({"oracle": ""}, "'oracle' is required"),
+        ({"model": "./missing-model"}, "neither an existing folder nor a Hub id"),
+        ({"samples_per_prompt": 1}, "'samples_per_prompt' must be at least 2"),
+        ({"alpha": -0.1}, "'alpha' must not be negative"),
+        ({"beta": float("nan")}, "'beta' must be finite"),
+        ({"min_new_tokens": 9}, "'min_new_tokens' exceeds 'max_new_tokens'"),
+        ({"push_to_hub": True}, "push_to_hub needs 'hub_repo_id'"),
+        pytest.param(
+            {"sampler": "vllm"},
+            "sampler 'vllm' needs the vllm package",
+            marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm installed"),
+        ),
+        ({"log_with": "tensorbored"}, "log_with tracker 'tensorbored' is unknown"),
+    ],
+)
 def test_validate_refuses_before_work(tiny, tmp_path, overrides, needle):
     cfg = tiny_config(tiny, tmp_path / "out", **overrides)
     with pytest.raises(ConfigError) as e:
@@ -91,9 +100,11 @@ def test_cli_bad_config_exits_2_with_one_line_on_stderr(tiny, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(tiny, tmp_path / "out").to_dict()))
     runner = CliRunner()
-    for args, needle in [(["--set", "rounds=two"], "'rounds' must be int"),
-                         (["--set", "oracle=callable:nope_mod:f"], "cannot import oracle module 'nope_mod'"),
-                         (["--set", "prompts=/no/such.jsonl"], "does not exist")]:
+    for args, needle in [
+        (["--set", "rounds=two"], "'rounds' must be int"),
+        (["--set", "oracle=callable:nope_mod:f"], "cannot import oracle module 'nope_mod'"),
+        (["--set", "prompts=/no/such.jsonl"], "does not exist"),
+    ]:
         result = runner.invoke(app, ["run", str(cfg), *args])
         assert result.exit_code == 2, result.output
         lines = result.stderr.strip().splitlines()
@@ -108,8 +119,11 @@ def test_cli_config_command_prints_the_reference():
     assert result.exit_code == 0 and "learning_rate: 5.0e-07" in result.stdout
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).parents[2] / "examples").glob("*.yaml")
-                                        if not p.name.startswith("accelerate")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (Path(__file__).parents[2] / "examples").glob("*.yaml") if not p.name.startswith("accelerate")),
+    ids=lambda p: p.name,
+)
 def test_example_configs_load(path):
     cfg = APOConfig.from_yaml(path)
     assert cfg.model and cfg.prompts and cfg.oracle

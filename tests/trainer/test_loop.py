@@ -20,8 +20,15 @@ def test_records_cover_rounds_0_to_T(reference_run):
     out, records = reference_run
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records:
-        for key in ("mean_score", "std_score", "mean_length", "kl_to_init", "time_sample", "time_judge",
-                    "time_reference"):
+        for key in (
+            "mean_score",
+            "std_score",
+            "mean_length",
+            "kl_to_init",
+            "time_sample",
+            "time_judge",
+            "time_reference",
+        ):
             assert isinstance(r[key], float) and math.isfinite(r[key]), key
         assert r["prompts"] == 6 and r["samples"] == 24
     assert records[0]["kl_to_init"] == 0.0
@@ -78,10 +85,21 @@ def test_resume_after_a_fault_in_every_phase_gives_the_same_bytes(tiny, tmp_path
     ref_out, ref_records = reference_run
     out = tmp_path / "out"
     cfg = tiny_config(tiny, out, alpha=0.3)
-    faults = [(0, "sample", "mid"), (0, "judge", "end"), (0, "reference", "mid"), (0, "data", "end"),
-              (0, "train", "mid"), (0, "extrapolate", "end"), (1, "sample", "end"), (1, "judge", "mid"),
-              (1, "reference", "end"), (1, "data", "mid"), (1, "train", "end"), (1, "extrapolate", "mid"),
-              (2, "reference", "mid")]
+    faults = [
+        (0, "sample", "mid"),
+        (0, "judge", "end"),
+        (0, "reference", "mid"),
+        (0, "data", "end"),
+        (0, "train", "mid"),
+        (0, "extrapolate", "end"),
+        (1, "sample", "end"),
+        (1, "judge", "mid"),
+        (1, "reference", "end"),
+        (1, "data", "mid"),
+        (1, "train", "end"),
+        (1, "extrapolate", "mid"),
+        (2, "reference", "mid"),
+    ]
     for t, phase, where in faults:
         monkeypatch.setenv(FAULT_ENV, f"{t}:{phase}:{where}:raise")
         with pytest.raises(RuntimeError, match="injected fault"):
@@ -165,14 +183,16 @@ def test_push_to_hub_uploads_each_round_policy_privately(tiny, tmp_path, monkeyp
     out = tmp_path / "out"
     run(tiny_config(tiny, out, rounds=2, final_eval=False, push_to_hub=True, hub_repo_id="me/apo-tiny"), quiet=True)
     uploads = [c for c in calls if c[0] == "upload"]
-    assert uploads == [("upload", "me/apo-tiny", str(out / f"round-{t}" / "policy"), f"round-{t + 1}")
-                       for t in range(2)]
+    assert uploads == [
+        ("upload", "me/apo-tiny", str(out / f"round-{t}" / "policy"), f"round-{t + 1}") for t in range(2)
+    ]
     assert ("create", "me/apo-tiny", True) in calls and ("branch", "round-2") in calls
 
     FakeApi.fail = True  # a failed upload warns with the retry command and training goes on
     out2 = tmp_path / "out2"
-    records = run(tiny_config(tiny, out2, rounds=1, final_eval=False, push_to_hub=True, hub_repo_id="me/apo-tiny"),
-                  quiet=True)
+    records = run(
+        tiny_config(tiny, out2, rounds=1, final_eval=False, push_to_hub=True, hub_repo_id="me/apo-tiny"), quiet=True
+    )
     assert len(records) == 1 and (out2 / "round-0" / "policy").is_dir()
     printed = capsys.readouterr()
     assert "apo-merge push" in printed.out + printed.err

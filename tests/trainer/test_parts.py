@@ -110,16 +110,19 @@ def test_reward_model_oracle_scores_with_the_scalar_head(tmp_path):
         load_oracle(f"reward-model:{tmp_path / 'rm2'}")
 
 
-@pytest.mark.parametrize("requested, cuda, procs, vllm, want", [
-    ("auto", False, 1, False, "generate"),
-    ("auto", False, 1, True, "generate"),
-    ("auto", True, 1, False, "static"),
-    ("auto", True, 1, True, "vllm"),
-    ("auto", True, 2, True, "static"),
-    ("generate", True, 1, True, "generate"),
-    ("static", False, 1, False, "static"),
-    ("vllm", True, 1, True, "vllm"),
-])
+@pytest.mark.parametrize(
+    "requested, cuda, procs, vllm, want",
+    [
+        ("auto", False, 1, False, "generate"),
+        ("auto", False, 1, True, "generate"),
+        ("auto", True, 1, False, "static"),
+        ("auto", True, 1, True, "vllm"),
+        ("auto", True, 2, True, "static"),
+        ("generate", True, 1, True, "generate"),
+        ("static", False, 1, False, "static"),
+        ("vllm", True, 1, True, "vllm"),
+    ],
+)
 def test_sampler_selection(requested, cuda, procs, vllm, want):
     assert select_sampler(requested, cuda=cuda, num_processes=procs, vllm_available=vllm) == want
 
@@ -202,8 +205,10 @@ class _FakeVLLM:
                 fake.calls.append((kw, prompts, params))
                 out = []
                 for p in prompts:
-                    rows = [_ns(token_ids=[10 + j, 11], finish_reason="stop" if j % 2 else "length")
-                            for j in range(params["n"])]
+                    rows = [
+                        _ns(token_ids=[10 + j, 11], finish_reason="stop" if j % 2 else "length")
+                        for j in range(params["n"])
+                    ]
                     out.append(_ns(outputs=rows, prompt=p))
                 return out
 

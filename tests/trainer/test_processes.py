@@ -39,12 +39,24 @@ def test_sigkill_in_every_phase_then_rerun_gives_the_same_bytes(tiny, tmp_path, 
     out = tmp_path / "out"
     cfg = _write_config(tmp_path / "run.yaml", tiny_config(tiny, out, alpha=0.3))
     cmd = [sys.executable, "-m", "apo_trainer", "run", str(cfg), "--quiet"]
-    kills = [(0, "sample", "mid"), (0, "judge", "end"), (0, "reference", "mid"), (0, "data", "end"),
-             (0, "train", "mid"), (1, "extrapolate", "mid")]
+    kills = [
+        (0, "sample", "mid"),
+        (0, "judge", "end"),
+        (0, "reference", "mid"),
+        (0, "data", "end"),
+        (0, "train", "mid"),
+        (1, "extrapolate", "mid"),
+    ]
     assert {p for _, p, _ in kills} == set(PHASES)
     for t, phase, where in kills:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(**{FAULT_ENV: f"{t}:{phase}:{where}:kill"}),
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=_env(**{FAULT_ENV: f"{t}:{phase}:{where}:kill"}),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
         assert RunStore(out).done(t, phase) is None
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
@@ -56,15 +68,31 @@ def test_sigkill_in_every_phase_then_rerun_gives_the_same_bytes(tiny, tmp_path, 
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch_complete_a_round_and_agree(tiny, tmp_path):
     out = tmp_path / "out"
-    cfg = _write_config(tmp_path / "run.yaml",
-                        tiny_config(tiny, out, rounds=1, final_eval=False, prompts_per_round=7, grad_accum=1))
+    cfg = _write_config(
+        tmp_path / "run.yaml", tiny_config(tiny, out, rounds=1, final_eval=False, prompts_per_round=7, grad_accum=1)
+    )
     # `accelerate launch --cpu` starts several processes only through MPI; --multi_gpu with ACCELERATE_USE_CPU=1
     # starts them with torchrun on the CPU (gloo).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "apo_trainer", "run", str(cfg), "--quiet"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "apo_trainer",
+        "run",
+        str(cfg),
+        "--quiet",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = json.loads((out / "round-0" / "done" / "train.json").read_text())
     assert train["processes"] == 2

@@ -11,8 +11,10 @@ from tests.checkpoints import make_model
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 _CHAT = ["user", "assistant", ":", ";"]
 WORDS = [f"w{i}" for i in range(128 - len(SPECIALS) - len(_CHAT))]
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
-                 "{% if add_generation_prompt %}assistant : {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} ; {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
 
 
 def make_tokenizer(chat_template: bool = False, vocab_size: int = 128):
@@ -25,8 +27,9 @@ def make_tokenizer(chat_template: bool = False, vocab_size: int = 128):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
     return fast
