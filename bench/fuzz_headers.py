@@ -2,7 +2,7 @@
 
     python bench/fuzz_headers.py [--examples 100000] [--seed 0]
 
-Runs the properties of tests/reliability/header_strategies.py (the CI test runs the same ones a few thousand
+Runs the properties of tests/merge/header_strategies.py (the CI test runs the same ones a few thousand
 times) and reports how many examples ran and every failure: any exception other than MergeError, or a broken
 invariant (accepted header that does not tile its buffer, that the reference reader refuses, or a plan whose
 output header the parser refuses). Exit status 1 when anything failed.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tests.reliability.header_strategies import (  # noqa: E402
+from tests.merge.header_strategies import (  # noqa: E402
     check_parse,
     check_plan,
     header_pairs,

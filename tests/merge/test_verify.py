@@ -11,7 +11,7 @@ import torch
 
 from apo_merge.api import run_merge
 from apo_merge.header import read_header
-from tests.reliability.helpers import (
+from tests.merge.helpers import (
     Result,
     assert_one_line_error,
     leftovers,

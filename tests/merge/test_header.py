@@ -7,7 +7,7 @@ import json
 
 from hypothesis import HealthCheck, given, settings
 
-from tests.reliability.header_strategies import (
+from tests.merge.header_strategies import (
     check_parse,
     check_plan,
     header_pairs,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.helpers import (
+from tests.merge.helpers import (
     assert_one_line_error,
     leftovers,
     run_cli,

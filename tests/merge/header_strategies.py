@@ -1,6 +1,6 @@
 """Hypothesis strategies for safetensors headers (random, valid, and mutated) and the properties they must keep.
 
-Shared by tests/reliability/test_fuzz_headers.py (a few thousand examples in CI) and bench/fuzz_headers.py
+Shared by tests/merge/test_fuzz_headers.py (a few thousand examples in CI) and bench/fuzz_headers.py
 (100,000). The one allowed failure type is MergeError; anything else escaping the parser or the planner is a bug.
 """
 

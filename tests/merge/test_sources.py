@@ -19,7 +19,7 @@ from apo_merge.api import run_merge
 from apo_merge.card import recorded_files
 from apo_merge.errors import MergeError
 from tests.checkpoints import make_checkpoint
-from tests.ecosystem.hubcache import fill_cache
+from tests.merge.hubcache import fill_cache
 
 COMMIT_A, COMMIT_B, COMMIT_B_DEV = "a" * 40, "b" * 40, "c" * 40
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # refused at once, should anything try the network

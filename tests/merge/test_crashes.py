@@ -26,7 +26,7 @@ from apo_merge.api import run_merge
 from apo_merge.errors import MergeError
 from apo_merge.output import StagedFolder, _process_start, remove_stale_temporaries
 from apo_merge.verify import file_sha256, verify_output
-from tests.reliability.helpers import (
+from tests.merge.helpers import (
     REPO,
     Result,
     apo_merge_cmd,
