@@ -9,21 +9,33 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["APOCallback", "extrapolate", "extrapolate_state_dict", "extrapolate_tensors_", "MergeError", "__version__"]
+__all__ = [
+    "APOCallback",
+    "extrapolate_checkpoints",
+    "extrapolate",
+    "extrapolate_state_dict",
+    "extrapolate_tensors_",
+    "MergeError",
+    "MergeOptions",
+    "__version__",
+]
 
 _LAZY = {
     "APOCallback": "apo_merge.callback",
-    "extrapolate": "apo_merge.api",
+    "extrapolate_checkpoints": "apo_merge.api",
+    "extrapolate": "apo_merge.api",  # the former name of extrapolate_checkpoints, positional
+    "MergeOptions": "apo_merge.options",
     "MergeError": "apo_merge.errors",
     "extrapolate_state_dict": "apo_merge.memory",
     "extrapolate_tensors_": "apo_merge.memory",
 }
 
 if TYPE_CHECKING:
-    from apo_merge.api import extrapolate
+    from apo_merge.api import extrapolate, extrapolate_checkpoints
     from apo_merge.callback import APOCallback
     from apo_merge.errors import MergeError
     from apo_merge.memory import extrapolate_state_dict, extrapolate_tensors_
+    from apo_merge.options import MergeOptions
 
 
 def __getattr__(name: str) -> Any:

@@ -1,37 +1,29 @@
-"""The Python API: ``extrapolate(prev, cur, alpha, output)`` -> the output folder. The CLI calls the same code."""
+"""The Python API: ``extrapolate_checkpoints(prev=, cur=, alpha=, output=)`` -> the output folder, and ``run_merge``
+-> a report. The CLI calls the same code."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from apo_merge import card, inputhash, sources
-from apo_merge.checkpoint import Checkpoint, is_inside, open_checkpoint
+from apo_merge import card, sources
 from apo_merge.errors import MergeError, usage_error
 from apo_merge.hub import PushOptions
-from apo_merge.output import StagedFolder, check_replaceable
-from apo_merge.plan import MergePlan, OnMissing, OutDtype, make_plan
+from apo_merge.io import hashing
+from apo_merge.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, is_inside, open_checkpoint
+from apo_merge.io.output import StagedFolder, check_replaceable
+from apo_merge.options import MergeOptions
+from apo_merge.plan import MergePlan, make_plan
 
-WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".pkl",
-    ".gguf",
-    ".h5",
-    ".msgpack",
-    ".onnx",
-    ".npz",
-    ".ot",
-)
+if TYPE_CHECKING:
+    from apo_merge.engine import Kernel
+    from apo_merge.io.prefetch import Prefetcher
 
 
 @dataclass
@@ -50,7 +42,7 @@ class MergeReport:
     ignored_prev_only: list[str] = field(default_factory=list)
     copied_files: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
-    input_hashes: dict[str, inputhash.InputDigest] = field(default_factory=dict)  # "prev" / "cur" (/ "base")
+    input_hashes: dict[str, hashing.InputDigest] = field(default_factory=dict)  # "prev" / "cur" (/ "base")
     kind: str = "checkpoint"  # or "lora adapter", "merged lora" (--merge-into)
     pushed: str | None = None  # the Hub commit or pull request URL after --push-to-hub
 
@@ -63,20 +55,6 @@ def default_output(cur: sources.Source, alpha: float) -> Path:
     """``<CUR name>-apo<alpha>`` beside CUR (in the working folder when CUR came from the Hub)."""
     name = f"{(cur.hub_id or cur.path.resolve().name).split('/')[-1]}-apo{alpha:g}"
     return Path(name) if cur.hub_id else cur.path.resolve().parent / name
-
-
-def resolve_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise usage_error(f"--device {device!r} is not one of auto, cpu, cuda")
-    if device == "cpu":
-        return "cpu"
-    import torch
-
-    if not torch.cuda.is_available():
-        if device == "auto":
-            return "cpu"
-        raise usage_error("--device cuda: no CUDA device is available; use --device cpu or auto")
-    return "cuda" if device == "auto" else device
 
 
 def _check_output(out: Path, inputs: list[sources.Source], overwrite: bool) -> None:
@@ -115,70 +93,45 @@ def _copy_side_files(root: Path, weights: set[str], trusted_root: Path, dest: Pa
     return copied, skipped
 
 
+@dataclass(frozen=True)
+class _Hooks:
+    """What a run is given besides its options: callbacks and the resources it may share with its caller."""
+
+    progress: Callable[[int], None] | None = None  # called with each count of bytes written
+    on_plan: Callable[[MergePlan], None] | None = None  # called once the output is laid out
+    kernel: Kernel | None = None  # the engine's kernel (default: apo_kernels.extrapolate_)
+    prefetcher: Prefetcher | None = None  # the CLI's, started before torch loads
+
+
 def run_merge(
     prev: str | os.PathLike,
     cur: str | os.PathLike,
-    alpha: float,
+    options: MergeOptions,
     output: str | os.PathLike | None = None,
     *,
-    device: str = "auto",
-    dtype: OutDtype = "keep",
-    max_shard_size: int | str | None = None,
-    overwrite: bool = False,
-    on_missing: OnMissing = "error",
-    strict: bool = False,
-    merge_into: str | os.PathLike | None = None,
-    token: str | bool | None = None,
-    push_to_hub: str | PushOptions | None = None,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[MergePlan], None] | None = None,
+    kernel: Kernel | None = None,
+    prefetcher: Prefetcher | None = None,
 ) -> MergeReport:
-    """Merge (and push, if asked) and return a report; see ``extrapolate`` for the arguments."""
+    """Merge (and push, if ``options.push_to_hub``) and return a report; see ``extrapolate_checkpoints``."""
     t0 = time.perf_counter()
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise usage_error(f"--alpha {alpha!r} is not a finite number; use e.g. --alpha 0.3")
-    alpha = float(alpha)
-    src_prev, src_cur = sources.resolve(prev, token=token), sources.resolve(cur, token=token)
-    out = Path(output).expanduser() if output is not None else default_output(src_cur, alpha)
-    _check_output(out, [src_prev, src_cur], overwrite)
+    hooks = _Hooks(progress, on_plan, kernel, prefetcher)
+    src_prev, src_cur = sources.resolve(prev, token=options.token), sources.resolve(cur, token=options.token)
+    out = Path(output).expanduser() if output is not None else default_output(src_cur, options.alpha)
+    _check_output(out, [src_prev, src_cur], options.overwrite)
     if src_prev.is_adapter or src_cur.is_adapter:
-        report = _merge_adapters(
-            src_prev,
-            src_cur,
-            alpha,
-            out,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            strict=strict,
-            merge_into=merge_into,
-            token=token,
-            progress=progress,
-            on_plan=on_plan,
-        )
-    elif merge_into is not None:
+        report = _merge_adapters(src_prev, src_cur, out, options, hooks)
+    elif options.merge_into is not None:
         raise usage_error("--merge-into applies to LoRA adapters, but PREV and CUR are full checkpoints; drop it")
     else:
-        report = _merge_checkpoints(
-            src_prev,
-            src_cur,
-            alpha,
-            out,
-            device=device,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            on_missing=on_missing,
-            strict=strict,
-            progress=progress,
-            on_plan=on_plan,
-        )
+        report = _merge_checkpoints(src_prev, src_cur, out, options, hooks)
     report.seconds = time.perf_counter() - t0
-    if push_to_hub is not None:
+    if options.push_to_hub is not None:
         from apo_merge import hub
 
-        options = PushOptions(push_to_hub) if isinstance(push_to_hub, str) else push_to_hub
-        report.pushed = hub.push(out, options, token=token)
+        push = options.push_to_hub
+        report.pushed = hub.push(out, PushOptions(push) if isinstance(push, str) else push, token=options.token)
     return report
 
 
@@ -194,41 +147,29 @@ def _metadata(alpha: float, src_prev: sources.Source, src_cur: sources.Source) -
 
 
 def _merge_checkpoints(
-    src_prev: sources.Source,
-    src_cur: sources.Source,
-    alpha: float,
-    out: Path,
-    *,
-    device: str,
-    dtype: OutDtype,
-    max_shard_size: int | str | None,
-    overwrite: bool,
-    on_missing: OnMissing,
-    strict: bool,
-    progress: Callable[[int], None] | None,
-    on_plan: Callable[[MergePlan], None] | None,
+    src_prev: sources.Source, src_cur: sources.Source, out: Path, options: MergeOptions, hooks: _Hooks
 ) -> MergeReport:
-    dev = resolve_device(device)
+    from apo_merge.engine import execute, resolve_device
+
+    options = options.replace(device=resolve_device(options.device))
     ckpt_prev = open_checkpoint(src_prev.path, src_prev.label, src_prev.trusted_root)
     ckpt_cur = open_checkpoint(src_cur.path, src_cur.label, src_cur.trusted_root)
-    plan = make_plan(
-        ckpt_prev,
-        ckpt_cur,
-        alpha,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        on_missing=on_missing,
-        metadata=_metadata(alpha, src_prev, src_cur),
-    )
-    if on_plan:
-        on_plan(plan)
+    plan = make_plan(ckpt_prev, ckpt_cur, options, metadata=_metadata(options.alpha, src_prev, src_cur))
+    if hooks.on_plan:
+        hooks.on_plan(plan)
 
-    from apo_merge.engine import execute
-
-    staged = StagedFolder(out, overwrite)
-    with staged as tmp, inputhash.StreamHasher(ckpt_prev.files, ckpt_cur.files) as hasher:
-        stats = execute(plan, tmp, device=dev, progress=progress, on_read=hasher.update)
-        if strict and stats.new_nonfinite:
+    staged = StagedFolder(out, options.overwrite)
+    with staged as tmp, hashing.StreamHasher(ckpt_prev.files, ckpt_cur.files) as hasher:
+        stats = execute(
+            plan,
+            tmp,
+            options,
+            kernel=hooks.kernel,
+            prefetcher=hooks.prefetcher,
+            progress=hooks.progress,
+            on_read=hasher.update,
+        )
+        if options.strict and stats.new_nonfinite:
             raise MergeError(
                 f"{stats.new_nonfinite} output values are inf or NaN although both inputs were "
                 "finite (--strict); lower --alpha or use --dtype fp32"
@@ -236,10 +177,10 @@ def _merge_checkpoints(
         copied, skipped = _copy_side_files(ckpt_cur.root, ckpt_cur.weight_file_names, src_cur.trusted_root, tmp)
         hashes = hasher.finish()
         info = card.CardInfo(
-            alpha=alpha,
+            alpha=options.alpha,
             prev=src_prev.description,
             cur=src_cur.description,
-            dtype=dtype,
+            dtype=options.dtype,
             files={f.name: (f.size, stats.sha256[f.name]) for f in plan.files},
             base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
             input_hashes={"prev": _checkpoint_digest(ckpt_prev, hashes), "cur": _checkpoint_digest(ckpt_cur, hashes)},
@@ -247,7 +188,7 @@ def _merge_checkpoints(
         _finish(staged, plan.index, info)
     return MergeReport(
         output=out,
-        device=dev,
+        device=options.device,
         n_tensors=plan.n_tensors,
         n_extrapolated=plan.n_extrapolated,
         bytes_written=stats.bytes_written,
@@ -270,27 +211,15 @@ def _finish(staged: StagedFolder, index: dict | None, info: card.CardInfo) -> No
     staged.commit()
 
 
-def _checkpoint_digest(ckpt: Checkpoint, hashes: dict[Path, tuple[int, str]]) -> inputhash.InputDigest:
+def _checkpoint_digest(ckpt: Checkpoint, hashes: dict[Path, tuple[int, str]]) -> hashing.InputDigest:
     files = {f.path.name: hashes[f.path] for f in ckpt.files}
     if ckpt.index_name:
-        files[ckpt.index_name] = inputhash.hash_file(ckpt.root / ckpt.index_name)
-    return inputhash.digest(files)
+        files[ckpt.index_name] = hashing.hash_file(ckpt.root / ckpt.index_name)
+    return hashing.digest(files)
 
 
 def _merge_adapters(
-    src_prev: sources.Source,
-    src_cur: sources.Source,
-    alpha: float,
-    out: Path,
-    *,
-    dtype: OutDtype,
-    max_shard_size: int | str | None,
-    overwrite: bool,
-    strict: bool,
-    merge_into: str | os.PathLike | None,
-    token: str | bool | None,
-    progress: Callable[[int], None] | None,
-    on_plan: Callable[[MergePlan], None] | None,
+    src_prev: sources.Source, src_cur: sources.Source, out: Path, options: MergeOptions, hooks: _Hooks
 ) -> MergeReport:
     for src, other in ((src_prev, src_cur), (src_cur, src_prev)):
         if not src.is_adapter:
@@ -301,38 +230,29 @@ def _merge_adapters(
     from apo_merge import lora
 
     prev_a, cur_a = lora.open_adapter(src_prev), lora.open_adapter(src_cur)
-    meta = _metadata(alpha, src_prev, src_cur)
+    meta = _metadata(options.alpha, src_prev, src_cur)
     base_models = [s.hub_id for s in (src_prev, src_cur) if s.hub_id]
     # Side files: BASE's (config, tokenizer) first when merging into it, then CUR's, whose tokenizer wins.
     side = [(src_cur.path, {lora.ADAPTER_WEIGHTS, sources.ADAPTER_CONFIG}, src_cur.trusted_root)]
     base = None
-    if merge_into is not None:
-        src_base = sources.resolve(merge_into, token=token)
+    if options.merge_into is not None:
+        src_base = sources.resolve(options.merge_into, token=options.token)
         if src_base.is_adapter:
             raise usage_error(f"--merge-into {src_base.label}: is an adapter; give the base model")
         base = open_checkpoint(src_base.path, src_base.label, src_base.trusted_root)
         meta["apo_merge_into"] = src_base.description
         base_models += [src_base.hub_id] if src_base.hub_id else []
         side.insert(0, (base.root, base.weight_file_names, src_base.trusted_root))
-    elif max_shard_size is not None:
+    elif options.max_shard_size is not None:
         raise usage_error("--max-shard-size applies to full weights; an adapter is written as one file")
 
-    staged = StagedFolder(out, overwrite)
+    staged = StagedFolder(out, options.overwrite)
     with staged as tmp:
         if base is None:
-            res = lora.write_adapter(prev_a, cur_a, alpha, tmp, dtype=dtype, strict=strict, metadata=meta)
+            res = lora.write_adapter(prev_a, cur_a, tmp, options, metadata=meta)
         else:
             res = lora.write_merged(
-                prev_a,
-                cur_a,
-                alpha,
-                base,
-                tmp,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                metadata=meta,
-                progress=progress,
-                on_plan=on_plan,
+                prev_a, cur_a, base, tmp, options, metadata=meta, progress=hooks.progress, on_plan=hooks.on_plan
             )
         copied, skipped = [], []
         for root, weights, trusted in side:
@@ -342,10 +262,10 @@ def _merge_adapters(
         if res.base_digest is not None:
             hashes["base"] = res.base_digest
         info = card.CardInfo(
-            alpha=alpha,
+            alpha=options.alpha,
             prev=src_prev.description,
             cur=src_cur.description,
-            dtype=dtype,
+            dtype=options.dtype,
             files=res.files,
             base_models=base_models,
             input_hashes=hashes,
@@ -367,21 +287,39 @@ def _merge_adapters(
     )
 
 
-def extrapolate(
-    prev: str | os.PathLike, cur: str | os.PathLike, alpha: float, output: str | os.PathLike | None = None, **options
+def extrapolate_checkpoints(
+    *,
+    prev: str | os.PathLike,
+    cur: str | os.PathLike,
+    alpha: float,
+    output: str | os.PathLike | None = None,
+    options: MergeOptions | None = None,
+    progress: Callable[[int], None] | None = None,
+    **fields: Any,
 ) -> Path:
     """Write ``cur + alpha * (cur - prev)`` for two checkpoints and return the output folder.
 
-    ``prev`` and ``cur`` are checkpoint folders (one model.safetensors, or shards with an index), Hub repo ids
-    (``org/name`` or ``org/name@revision``; a local folder of that name wins), or two PEFT LoRA adapters (the
-    output is then one exact adapter, or full weights with ``merge_into=BASE``). Options:
-    ``device`` ("auto" | "cpu" | "cuda"), ``dtype`` ("keep" | "bf16" | "fp16" | "fp32"), ``max_shard_size``
-    (e.g. "5GB": re-shard in HF naming; default keeps CUR's layout), ``overwrite``, ``on_missing``
-    ("error" | "copy"), ``strict`` (inf/NaN from finite inputs is an error), ``merge_into`` (LoRA only),
-    ``token`` (Hub downloads and uploads), ``push_to_hub`` (a repo id or ``apo_merge.hub.PushOptions``),
-    ``progress`` (called with bytes).
+    ``prev`` and ``cur`` (keyword-only: a swapped pair silently computes another model) are checkpoint folders
+    (one model.safetensors, or shards with an index), Hub repo ids (``org/name`` or ``org/name@revision``; a
+    local folder of that name wins), or two PEFT LoRA adapters (the output is then one exact adapter, or full
+    weights with ``merge_into=BASE``). ``output`` defaults to ``<CUR>-apo<alpha>`` beside CUR. The other settings
+    are the fields of ``apo_merge.options.MergeOptions``, given as keywords or as ``options`` (``alpha`` wins
+    over ``options.alpha``): ``device`` ("auto" | "cpu" | "cuda"), ``dtype`` ("keep" | "bf16" | "fp16" |
+    "fp32"), ``max_shard_size`` (e.g. "5GB": re-shard in HF naming; default keeps CUR's layout), ``overwrite``,
+    ``on_missing`` ("error" | "copy"), ``strict`` (inf/NaN from finite inputs is an error), ``merge_into``
+    (LoRA only), ``token`` (Hub downloads and uploads), ``push_to_hub`` (a repo id or
+    ``apo_merge.hub.PushOptions``). ``progress`` is called with each count of bytes written.
 
-    >>> extrapolate("runs/round-1", "runs/round-2", 0.3, "runs/round-2-apo")  # doctest: +SKIP
+    >>> extrapolate_checkpoints(prev="runs/round-1", cur="runs/round-2", alpha=0.3, output="runs/round-2-apo")
+    ... # doctest: +SKIP
     PosixPath('runs/round-2-apo')
     """
-    return run_merge(prev, cur, alpha, output, **options).output
+    options = options.replace(alpha=alpha, **fields) if options is not None else MergeOptions(alpha, **fields)
+    return run_merge(prev, cur, options, output, progress=progress).output
+
+
+def extrapolate(
+    prev: str | os.PathLike, cur: str | os.PathLike, alpha: float, output: str | os.PathLike | None = None, **fields
+) -> Path:
+    """Alias of ``extrapolate_checkpoints`` with positional (prev, cur, alpha, output), kept for existing code."""
+    return extrapolate_checkpoints(prev=prev, cur=cur, alpha=alpha, output=output, **fields)

@@ -126,7 +126,7 @@ def _groups(names: list[str], live: dict[str, torch.Tensor]):
 def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from apo_merge.checkpoint import open_checkpoint
+    from apo_merge.io.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(folder)
     out: dict[str, torch.Tensor] = {}
@@ -139,6 +139,8 @@ def _save(model: torch.nn.Module, raw: dict[str, torch.Tensor], folder: Path) ->
     """Write the raw weights as a checkpoint folder, replacing ``folder`` only once complete."""
     from safetensors.torch import save_file
 
+    from apo_merge.io.files import replace_atomically
+
     tmp = folder.parent / f".{folder.name}.apo-raw-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -146,6 +148,4 @@ def _save(model: torch.nn.Module, raw: dict[str, torch.Tensor], folder: Path) ->
         model.save_pretrained(tmp, state_dict=dict(raw))  # it edits the dict it is given
     else:
         save_file(raw, tmp / "model.safetensors", metadata={"format": "pt"})
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    replace_atomically(tmp, folder)  # a crash leaves the old raw weights or the new, never neither

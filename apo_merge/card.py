@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass, field
 
 from apo_merge import __version__
-from apo_merge.inputhash import InputDigest
-from apo_merge.output import CARD_MARK
+from apo_merge.io.hashing import InputDigest
+from apo_merge.io.output import CARD_MARK
 
 HASH_DEFINITION = (
     "An input's content sha256 is the SHA-256 of its `sha256sum` listing: the lines `<sha256 of file>  <file name>` "

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import signal
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from apo_merge import __version__
+from apo_merge.options import choice_enum, help_text
 
 EXAMPLE = """Example:
 
@@ -25,22 +25,8 @@ tools = typer.Typer(
 SUBCOMMANDS = ("verify", "push")
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Dtype(str, Enum):
-    keep = "keep"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
-
-
-class OnMissing(str, Enum):
-    error = "error"
-    copy = "copy"
+# The choices of --device, --dtype and --on-missing, from MergeOptions' fields (which validate them too).
+Device, Dtype, OnMissing = choice_enum("device"), choice_enum("dtype"), choice_enum("on_missing")
 
 
 PrivateOpt = Annotated[
@@ -50,12 +36,7 @@ RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch to commit to; 
 CommitMessageOpt = Annotated[str | None, typer.Option(help="Summary line of the Hub commit.")]
 CommitDescriptionOpt = Annotated[str | None, typer.Option(help="Description of the Hub commit.")]
 CreatePrOpt = Annotated[bool, typer.Option("--create-pr", help="Open a Hub pull request instead of committing.")]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Hugging Face token [default: HF_TOKEN or the saved login]; never printed or stored.", show_default=False
-    ),
-]
+TokenOpt = Annotated[str | None, typer.Option(help=help_text("token"), show_default=False)]
 
 
 class _Terminated(BaseException):
@@ -100,30 +81,18 @@ def merge(
         str,
         typer.Argument(metavar="CUR", help="Current round's raw checkpoint (theta_hat_t+1), of the same kind as PREV."),
     ],
-    alpha: Annotated[float, typer.Option(help="Extrapolation weight; 0 copies CUR, negative moves toward PREV.")],
+    alpha: Annotated[float, typer.Option(help=help_text("alpha"))],
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Output folder [default: <CUR>-apo<ALPHA> beside CUR].")
     ] = None,
-    device: Annotated[Device, typer.Option(help="Where to compute; auto uses CUDA when present.")] = Device.auto,
-    dtype: Annotated[Dtype, typer.Option(help="Output dtype of floating tensors; keep = CUR's.")] = Dtype.keep,
-    max_shard_size: Annotated[
-        str | None, typer.Option(help="Re-shard in HF naming, e.g. 5GB [default: keep CUR's files].")
-    ] = None,
-    on_missing: Annotated[
-        OnMissing, typer.Option(help="Tensors in only one input: error, or copy CUR's unchanged.")
-    ] = OnMissing.error,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing OUT (an earlier apo-merge output) atomically.")
-    ] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Fail if finite inputs give inf/NaN outputs.")] = False,
+    device: Annotated[Device, typer.Option(help=help_text("device"))] = Device.auto,
+    dtype: Annotated[Dtype, typer.Option(help=help_text("dtype"))] = Dtype.keep,
+    max_shard_size: Annotated[str | None, typer.Option(help=help_text("max_shard_size"))] = None,
+    on_missing: Annotated[OnMissing, typer.Option(help=help_text("on_missing"))] = OnMissing.error,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=help_text("overwrite"))] = False,
+    strict: Annotated[bool, typer.Option("--strict", help=help_text("strict"))] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    merge_into: Annotated[
-        str | None,
-        typer.Option(
-            metavar="BASE",
-            help="LoRA adapters only: write BASE + the extrapolated delta as full weights instead of an adapter.",
-        ),
-    ] = None,
+    merge_into: Annotated[str | None, typer.Option(metavar="BASE", help=help_text("merge_into"))] = None,
     push_to_hub: Annotated[
         str | None, typer.Option(metavar="REPO_ID", help="Upload OUT to this Hub model repo once it is complete.")
     ] = None,
@@ -137,11 +106,13 @@ def merge(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
-    from apo_merge.engine import prefetch_checkpoints
     from apo_merge.errors import MergeError
     from apo_merge.hub import PushOptions
+    from apo_merge.io.prefetch import Prefetcher
+    from apo_merge.options import MergeOptions
 
-    prefetch_checkpoints(prev, cur)  # the disk streams the inputs in while torch loads
+    prefetcher = Prefetcher()
+    prefetcher.checkpoints(prev, cur)  # the disk streams the inputs in while torch loads
 
     def on_term(signum, frame):
         raise _Terminated()
@@ -161,23 +132,18 @@ def merge(
         fail(f"{hub_flags[0]} applies to the upload; add --push-to-hub REPO_ID", 2)
     signal.signal(signal.SIGTERM, on_term)
     try:
-        report = _run(
-            prev,
-            cur,
+        options = MergeOptions(
             alpha,
-            output,
-            dict(
-                device=device.value,
-                dtype=dtype.value,
-                max_shard_size=max_shard_size,
-                on_missing=on_missing.value,
-                overwrite=overwrite,
-                strict=strict,
-                merge_into=merge_into,
-                token=token,
-            ),
-            quiet,
+            device=device.value,
+            dtype=dtype.value,
+            max_shard_size=max_shard_size,
+            on_missing=on_missing.value,
+            overwrite=overwrite,
+            strict=strict,
+            merge_into=merge_into,
+            token=token,
         )
+        report = _run(prev, cur, options, output, quiet, prefetcher)
     except MergeError as e:
         fail(e.message, e.exit_code)
     except KeyboardInterrupt:
@@ -264,7 +230,7 @@ def push_command(
     )
 
 
-def _run(prev, cur, alpha, output, options, quiet):
+def _run(prev, cur, options, output, quiet, prefetcher):
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -279,7 +245,7 @@ def _run(prev, cur, alpha, output, options, quiet):
 
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
-        return run_merge(prev, cur, alpha, output, **options)
+        return run_merge(prev, cur, options, output, prefetcher=prefetcher)
     with Progress(
         TextColumn("merging"),
         BarColumn(),
@@ -294,7 +260,9 @@ def _run(prev, cur, alpha, output, options, quiet):
         def on_plan(plan) -> None:
             bar.update(task, total=plan.total_bytes)
 
-        return run_merge(prev, cur, alpha, output, progress=lambda n: bar.advance(task, n), on_plan=on_plan, **options)
+        return run_merge(
+            prev, cur, options, output, progress=lambda n: bar.advance(task, n), on_plan=on_plan, prefetcher=prefetcher
+        )
 
 
 @tools.command(

@@ -1,20 +1,18 @@
 """Stream a MergePlan's bytes through the kernel: read -> compute -> write -> hash, overlapped on threads.
 
-- prefetch: a daemon thread asks the kernel to read the inputs ahead (POSIX_FADV_WILLNEED, PREV and CUR side by
-  side, in read order), starting before torch is imported, so the disk streams while the process starts. It
-  stays at most half the available memory ahead of the reader; the pages are reclaimable page cache.
 - read: pread into a small ring of reusable buffers (pinned when the GPU computes): anonymous memory does not
-  grow with checkpoint size and no input page is mapped.
+  grow with checkpoint size and no input page is mapped. A ``Prefetcher`` (apo_merge.io.prefetch) streams the
+  inputs into the page cache ahead of these reads.
 - compute: on the CPU, worker threads with one torch thread each (OpenMP threads spinning next to the I/O
   threads cost more than they give on small machines); on a GPU, pinned slots, two CUDA streams with their
   own device buffers (copies of one chunk overlap the kernel of the other) and an event per chunk that the
-  writer waits on, so the compute thread never synchronises.
-- write: chunks in order (workers may finish out of order) with pwrite, and writeback started every
-  WRITEBACK_BYTES with sync_file_range, the pages behind it dropped once on disk: the final fsync has little
-  left to do and the page cache does not fill with dirty output.
+  writer waits on, so the compute thread never synchronises. The kernel is a parameter (default: apo_kernels'
+  ``extrapolate_``).
+- write: chunks in order (workers may finish out of order) through apo_merge.io.writer's SafetensorsWriter,
+  which keeps writeback moving behind the writes.
 - hash: SHA-256 of each output file (for the model card), in order, beside the writes.
 
-torch loads lazily, so that ``prefetch_checkpoints`` can start before it.
+torch loads lazily, so that the CLI's prefetch can start before it.
 """
 
 from __future__ import annotations
@@ -27,14 +25,18 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from apo_merge.errors import MergeError
-from apo_merge.header import ITEMSIZE, FileHeader
-from apo_merge.plan import MergePlan, OutFile, Piece
+from apo_merge.errors import usage_error
+from apo_merge.io.dtypes import ITEMSIZE, torch_dtype
+from apo_merge.io.header import FileHeader
+from apo_merge.io.prefetch import Prefetcher
+from apo_merge.io.writer import SafetensorsWriter, advise, pread_exact
+from apo_merge.options import MergeOptions
+from apo_merge.plan import MergePlan, Piece
 
 if TYPE_CHECKING:
     import torch
@@ -42,29 +44,12 @@ if TYPE_CHECKING:
 CHUNK_ELEMS = 1 << 20  # elements per task on the CPU (the twin works through it in cache-sized pieces)
 GPU_CHUNK_ELEMS = 1 << 22  # per task on a GPU: fewer, larger copies and launches
 COPY_CHUNK_BYTES = 1 << 22  # per task of a tensor copied unchanged
-WRITEBACK_BYTES = 1 << 26  # start writeback of the output every this many bytes
-PREFETCH_STEP = 4 << 20  # one WILLNEED reads at most the device's readahead size (often 4-8 MiB)
-# Pieces in flight at once: enough for the disk's bandwidth, few enough that the reads on the critical path
-# (headers, file-system metadata for the output, torch's own files) do not queue behind gigabytes of readahead.
-PREFETCH_DEPTH = 16
 MAX_CPU_WORKERS = 4
 GPU_SLOTS = 5
 
-# The kernel, imported with torch when the first merge starts (tests may swap it).
-extrapolate_: Callable[..., Any] | None = None
-
 OnRead = Callable[[Path, int, memoryview], None]
-
-_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
-_TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-
-
-def __getattr__(name: str) -> Any:
-    if name == "TORCH_DTYPES":  # {safetensors dtype: torch dtype}, built on use: this module loads before torch
-        import torch
-
-        return {k: getattr(torch, v) for k, v in _TORCH_DTYPE_NAMES.items()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# kernel(out, prev, cur, alpha): writes cur + alpha * (cur - prev) into out (apo_kernels.extrapolate_'s contract)
+Kernel = Callable[[Any, Any, Any, float], Any]
 
 
 class _Stopped(Exception):
@@ -79,163 +64,17 @@ class EngineStats:
     new_nonfinite: int = 0  # non-finite outputs whose inputs were both finite
 
 
-# -- prefetch -------------------------------------------------------------------------------------------------
-_read_bytes = 0  # input bytes the engine's readers have consumed (the prefetch window slides with it)
-_prefetched: dict[str, float] = {}  # real path -> when its prefetch started
-_prefetch_lock = threading.Lock()
-_PREFETCH_PATIENCE_S = 60.0  # a prefetcher whose readers stopped reading gives up after this long
-_PREFETCH_FRESH_S = 60.0  # a file prefetched this recently is not prefetched again
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a CUDA device is available, else ``cpu``; a CUDA request without one is refused."""
+    if device == "cpu":
+        return "cpu"
+    import torch
 
-
-def _advise(fd: int, offset: int, length: int, advice: str) -> None:
-    """posix_fadvise where the platform has it: a hint, the merge is correct without it."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, getattr(os, f"POSIX_FADV_{advice}"))
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 1 << 30
-
-
-def prefetch(*streams: Sequence[Path]) -> None:
-    """Start reading files into the page cache in a background thread; a hint only (errors are ignored).
-
-    Each stream is a list of files read in that order; streams advance together (PREV and CUR are read side by
-    side), at most half the available memory ahead of the merge's reads. Files prefetched in the last minute
-    (e.g. by the CLI, before the engine asks again) are skipped.
-    """
-    now = time.monotonic()
-    with _prefetch_lock:
-        todo = []
-        for stream in streams:
-            fresh = [
-                Path(p) for p in stream if now - _prefetched.get(os.path.realpath(p), -math.inf) > _PREFETCH_FRESH_S
-            ]
-            _prefetched.update((os.path.realpath(p), now) for p in fresh)
-            todo.append(fresh)
-    if any(todo):
-        threading.Thread(
-            target=_prefetch, args=(todo, _available_memory() // 2), name="apo-prefetch", daemon=True
-        ).start()
-
-
-def prefetch_checkpoints(*folders: str | os.PathLike) -> None:
-    """``prefetch`` the weight files of local checkpoint folders (the CLI calls it first, before torch loads)."""
-
-    def run() -> None:
-        from apo_merge.checkpoint import open_checkpoint
-
-        streams = []
-        for folder in folders:
-            # Not a local checkpoint, or a broken one: the merge itself reports it.
-            with contextlib.suppress(Exception):
-                streams.append([h.path for h in open_checkpoint(folder).files])
-        prefetch(*streams)
-
-    threading.Thread(target=run, name="apo-prefetch-open", daemon=True).start()
-
-
-def _prefetch(streams: list[list[Path]], budget: int) -> None:
-    # Cut every stream into PREFETCH_STEP pieces and issue them in order of their position within their stream,
-    # so that the streams advance in proportion to their sizes, as the merge reads them.
-    fds: dict[Path, int] = {}
-    try:
-        pieces = []
-        for stream in streams:
-            sizes = []
-            for path in stream:
-                fds[path] = os.open(path, os.O_RDONLY)
-                sizes.append(os.fstat(fds[path]).st_size)
-            total, at = max(1, sum(sizes)), 0
-            for path, size in zip(stream, sizes):
-                for off in range(0, size, PREFETCH_STEP):
-                    pieces.append(((at + off) / total, fds[path], off, min(PREFETCH_STEP, size - off)))
-                at += size
-        pieces.sort(key=lambda p: p[0])
-        issued, base = 0, _read_bytes
-        for i, (_, fd, off, n) in enumerate(pieces):
-            last, since = _read_bytes, time.monotonic()
-            while issued - (_read_bytes - base) > budget:  # far enough ahead: wait for the readers
-                if _read_bytes != last:
-                    last, since = _read_bytes, time.monotonic()
-                elif time.monotonic() - since > _PREFETCH_PATIENCE_S:
-                    return
-                time.sleep(0.05)
-            _advise(fd, off, n, "WILLNEED")
-            issued += n
-            if i >= PREFETCH_DEPTH:  # wait for an older piece to arrive: reading its last byte blocks until then
-                _, old_fd, old_off, old_n = pieces[i - PREFETCH_DEPTH]
-                os.pread(old_fd, 1, old_off + old_n - 1)
-    except OSError:
-        pass
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
-# -- writeback ------------------------------------------------------------------------------------------------
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-
-
-class _OutWriter:
-    """One output file written front to back, with writeback kept moving behind the writes."""
-
-    def __init__(self, path: Path, f: OutFile) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self.end = self.started = self.dropped = 0  # written / handed to writeback / on disk and dropped
-        try:
-            try:  # reserve the space now: a full disk fails here, before hours of work
-                os.posix_fallocate(self.fd, 0, f.size)
-            except OSError as e:
-                if e.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: the filesystem cannot preallocate
-                    raise
-            self.write(memoryview(f.header), 0)
-        except BaseException:
-            self.close()
-            raise
-
-    def write(self, data: memoryview, offset: int) -> None:
-        written = 0
-        while written < len(data):
-            written += os.pwrite(self.fd, data[written:], offset + written)
-        self.end = offset + len(data)
-        if _SYNC_FILE_RANGE is not None and self.end - self.started >= WRITEBACK_BYTES:
-            # Start writing the new window, then wait for the previous one and drop its pages: the disk always
-            # has a window in flight and at most two windows of output sit in memory.
-            _SYNC_FILE_RANGE(self.fd, self.started, self.end - self.started, _SFR_WRITE)
-            if self.started > self.dropped:
-                _SYNC_FILE_RANGE(
-                    self.fd, self.dropped, self.started - self.dropped, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER
-                )
-                _advise(self.fd, self.dropped, self.started - self.dropped, "DONTNEED")
-                self.dropped = self.started
-            self.started = self.end
-
-    def finish(self) -> None:
-        os.fsync(self.fd)
-        _advise(self.fd, 0, 0, "DONTNEED")
-        self.close()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+    if not torch.cuda.is_available():
+        if device == "auto":
+            return "cpu"
+        raise usage_error("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return "cuda" if device == "auto" else device
 
 
 # -- the pipeline ---------------------------------------------------------------------------------------------
@@ -278,21 +117,6 @@ def _tasks(plan: MergePlan, chunk_elems: int) -> Iterator[_Task]:
                 seq += 1
 
 
-def pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    """Fill ``view`` from ``fd`` at ``offset``; a file that ends early is a MergeError naming ``path``."""
-    global _read_bytes
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise MergeError(
-                f"{path}: file ended early at byte {offset + got} (changed or truncated while "
-                "merging); check the input and rerun"
-            )
-        got += n
-    _read_bytes += got  # a hint for the prefetcher: races between readers only blur it
-
-
 def _on(device: torch.device) -> contextlib.AbstractContextManager:
     import torch
 
@@ -307,14 +131,9 @@ def _nbytes(task: _Task) -> tuple[int, int, int]:
 
 def _operands(task: _Task, out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor) -> list[torch.Tensor]:
     """The chunk's (out, prev, cur) in their dtypes, viewed over byte buffers that hold it from offset 0."""
-    import torch
-
     piece = task.piece
     dtypes = (piece.dtype, piece.prev[1].dtype, piece.cur[1].dtype)
-    return [
-        buf[:n].view(getattr(torch, _TORCH_DTYPE_NAMES[d]))
-        for buf, n, d in zip((out, prev, cur), _nbytes(task), dtypes)
-    ]
+    return [buf[:n].view(torch_dtype(d)) for buf, n, d in zip((out, prev, cur), _nbytes(task), dtypes)]
 
 
 class _Pipeline:
@@ -323,11 +142,13 @@ class _Pipeline:
         plan: MergePlan,
         out_dir: Path,
         device: torch.device,
+        kernel: Kernel,
+        prefetcher: Prefetcher,
         progress: Callable[[int], None] | None,
-        on_read: OnRead | None = None,
+        on_read: OnRead | None,
     ) -> None:
         self.plan, self.out_dir, self.device, self.progress = plan, out_dir, device, progress
-        self.on_read = on_read
+        self.kernel, self.prefetcher, self.on_read = kernel, prefetcher, on_read
         self.gpu = device.type == "cuda"
         self.chunk_elems = GPU_CHUNK_ELEMS if self.gpu else CHUNK_ELEMS
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -357,7 +178,7 @@ class _Pipeline:
     def _fd(self, path: Path) -> int:
         if path not in self.fds:
             fd = os.open(path, os.O_RDONLY)
-            _advise(fd, 0, 0, "SEQUENTIAL")
+            advise(fd, 0, 0, "SEQUENTIAL")
             self.fds[path] = fd
         return self.fds[path]
 
@@ -372,6 +193,7 @@ class _Pipeline:
     def _pread(self, header: FileHeader, view: memoryview, data_offset: int) -> None:
         offset = header.data_start + data_offset
         pread_exact(self._fd(header.path), view, offset, header.path)
+        self.prefetcher.consumed(len(view))
         if self.on_read is not None:
             self.on_read(header.path, offset, view)
 
@@ -401,7 +223,7 @@ class _Pipeline:
                 if not task.copy:
                     slot = task.slot
                     out, prev, cur = _operands(task, slot.out, slot.prev, slot.cur)
-                    extrapolate_(out, prev, cur, alpha)
+                    self.kernel(out, prev, cur, alpha)
                     found += _new_nonfinite(torch, out, prev, cur)
                 self.to_write.put(task)
         finally:
@@ -433,7 +255,7 @@ class _Pipeline:
                             d_cur[:cb].copy_(slot.cur[:cb], non_blocking=True)
                             d_prev[:pb].copy_(slot.prev[:pb], non_blocking=True)
                             out, prev, cur = _operands(task, d_out, d_prev, d_cur)
-                            extrapolate_(out, prev, cur, alpha)
+                            self.kernel(out, prev, cur, alpha)
                             found[i] += (
                                 torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)
                             ).sum()
@@ -465,7 +287,7 @@ class _Pipeline:
                             self._finish(current, index)
                         index = task.out_index
                         f = self.plan.files[index]
-                        current = _OutWriter(self.out_dir / f.name, f)
+                        current = SafetensorsWriter(self.out_dir / f.name, f.header, f.size)
                         self.to_hash.put((f.name, memoryview(f.header), None))
                         self._advance(len(f.header))
                     if task.ready is not None:
@@ -502,7 +324,7 @@ class _Pipeline:
         if self.progress:
             self.progress(n)
 
-    def _finish(self, writer: _OutWriter, index: int) -> None:
+    def _finish(self, writer: SafetensorsWriter, index: int) -> None:
         writer.finish()
         self.to_hash.put((self.plan.files[index].name, None, None))
 
@@ -568,30 +390,33 @@ def _new_nonfinite(torch, out: torch.Tensor, prev: torch.Tensor, cur: torch.Tens
 def execute(
     plan: MergePlan,
     out_dir: Path,
+    options: MergeOptions,
     *,
-    device: torch.device | str = "cpu",
+    kernel: Kernel | None = None,
+    prefetcher: Prefetcher | None = None,
     progress: Callable[[int], None] | None = None,
     on_read: OnRead | None = None,
 ) -> EngineStats:
     """Write every file of ``plan`` into ``out_dir`` (which must exist and be empty of those names).
 
-    ``on_read(path, offset, data)`` is called on the reader thread after each read of an input file: ``data``
-    holds the bytes at absolute ``offset`` and is valid only during the call (e.g. to hash the inputs).
-    OSError propagates: output.StagedFolder, which knows the user's OUT, turns it into a MergeError.
+    ``options.device`` is where to compute (``auto`` is resolved here); ``kernel`` computes each chunk (default:
+    apo_kernels' ``extrapolate_``); ``prefetcher`` is the one the caller may have started already (the CLI
+    does, before torch loads). ``on_read(path, offset, data)`` is called on the reader thread after each read
+    of an input file: ``data`` holds the bytes at absolute ``offset`` and is valid only during the call (e.g.
+    to hash the inputs). OSError propagates: io.output.StagedFolder, which knows the user's OUT, turns it into
+    a MergeError.
     """
-    global extrapolate_
-    prefetch([h.path for h in plan.prev.files], [h.path for h in plan.cur.files])
+    prefetcher = prefetcher or Prefetcher()
+    prefetcher.prefetch([h.path for h in plan.prev.files], [h.path for h in plan.cur.files])
     import torch
 
-    if extrapolate_ is None:
+    if kernel is None:
         from apo_kernels import extrapolate_ as kernel
-
-        extrapolate_ = kernel
-    device = torch.device(device)
+    device = torch.device(resolve_device(options.device))
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # one per worker thread, for the merge only (the setting is process-wide)
     try:
-        return _Pipeline(plan, Path(out_dir), device, progress, on_read).run()
+        return _Pipeline(plan, Path(out_dir), device, kernel, prefetcher, progress, on_read).run()
     finally:
         torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from apo_merge.card import recorded_files
 from apo_merge.errors import MergeError, usage_error
-from apo_merge.output import CARD_MARK
+from apo_merge.io.output import CARD_MARK
 
 
 @dataclass(frozen=True)

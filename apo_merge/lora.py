@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 
 from apo_kernels import extrapolate
-from apo_merge.checkpoint import Checkpoint, is_inside
-from apo_merge.engine import TORCH_DTYPES, pread_exact
 from apo_merge.errors import MergeError, usage_error
-from apo_merge.inputhash import InputDigest, StreamHasher, digest, hash_file
-from apo_merge.plan import MergePlan, OutFile, make_plan
+from apo_merge.io.checkpoint import Checkpoint, is_inside
+from apo_merge.io.dtypes import torch_dtype
+from apo_merge.io.hashing import InputDigest, StreamHasher, digest, hash_file
+from apo_merge.io.writer import SafetensorsWriter, pread_exact
+from apo_merge.options import MergeOptions
+from apo_merge.plan import Layout, OutFile, Piece, lay_out, output_dtype
 from apo_merge.sources import ADAPTER_CONFIG, Source
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -69,7 +71,6 @@ _VARIANTS = (
     "monteclora_config",
     "velora_config",
 )
-_OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -247,7 +248,7 @@ def extrapolate_adapters(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """The exact extrapolated adapter: (tensors as PEFT saves them, adapter_config.json content)."""
     mp, mc, wp, wc = _matched(prev, cur)
-    out_dtype = _OUT_DTYPES.get(dtype)
+    out_dtype = torch_dtype(dtype)  # None for keep
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for name, c in mc.items():
@@ -332,7 +333,7 @@ class _Merger:
         change = self.changes.get(name)
         if change is None and out_dtype == base_dtype:
             return raw
-        src, dst = TORCH_DTYPES.get(base_dtype), TORCH_DTYPES.get(out_dtype)
+        src, dst = torch_dtype(base_dtype), torch_dtype(out_dtype)
         if src is None:
             raise MergeError(
                 f"--merge-into: base tensor {name} has dtype {base_dtype}, which apo-merge cannot "
@@ -371,21 +372,14 @@ class Written:
 
 
 def write_adapter(
-    prev: Adapter,
-    cur: Adapter,
-    alpha: float,
-    dest: Path,
-    *,
-    dtype: str = "keep",
-    strict: bool = False,
-    metadata: dict[str, str],
+    prev: Adapter, cur: Adapter, dest: Path, options: MergeOptions, *, metadata: dict[str, str]
 ) -> Written:
     """Write the exact extrapolated adapter (adapter_model.safetensors + adapter_config.json) into ``dest``."""
     from safetensors.torch import save_file
 
-    tensors, config = extrapolate_adapters(prev, cur, alpha, dtype)
+    tensors, config = extrapolate_adapters(prev, cur, options.alpha, options.dtype)
     bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors.values() if t.is_floating_point())
-    if strict and bad:
+    if options.strict and bad:
         raise MergeError(f"{bad} adapter values are inf or NaN (--strict); lower --alpha")
     save_file(tensors, dest / ADAPTER_WEIGHTS, metadata={"format": "pt", **metadata})
     (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -412,37 +406,34 @@ def write_adapter(
 def write_merged(
     prev: Adapter,
     cur: Adapter,
-    alpha: float,
     base: Checkpoint,
     dest: Path,
+    options: MergeOptions,
     *,
-    dtype: str = "keep",
-    max_shard_size: int | str | None = None,
     metadata: dict[str, str],
     progress: Callable[[int], None] | None = None,
-    on_plan: Callable[[MergePlan], None] | None = None,
+    on_plan: Callable[[Layout], None] | None = None,
 ) -> Written:
     """Write BASE + the extrapolated adapter delta as full weights into ``dest`` (BASE's tensors and layout).
 
     One tensor in memory at a time; BASE is read once, in file order, and hashed on the way.
     """
-    merger = _Merger(prev, cur, alpha)
+    merger = _Merger(prev, cur, options.alpha)
     missing = sorted(n for n in merger.changes if n not in base.tensors)
     if missing:
         raise MergeError(
             f"--merge-into {base.label}: the base has no tensor {', '.join(missing[:5])} that the "
             "adapters change; give the base model the adapters were trained on"
         )
-    # The output keeps BASE's tensors and shapes: a plan of BASE against itself lays it out.
-    plan = make_plan(base, base, alpha, dtype=dtype, max_shard_size=max_shard_size, metadata=metadata)
+    layout = _base_layout(base, options, metadata)
     if on_plan:
-        on_plan(plan)
+        on_plan(layout)
     sha: dict[str, str] = {}
     written = 0
     fds: dict[Path, int] = {}
     try:
         with StreamHasher(base.files) as hasher:
-            for f in plan.files:
+            for f in layout.files:
                 sha[f.name], n = _write_file(f, dest, merger, hasher, fds, progress)
                 written += n
             hashes = hasher.finish()
@@ -459,14 +450,23 @@ def write_merged(
         "`W = W_base + (1 + alpha) delta_cur - alpha delta_prev`",
     )
     return Written(
-        {f.name: (f.size, sha[f.name]) for f in plan.files},
-        plan.n_tensors,
+        {f.name: (f.size, sha[f.name]) for f in layout.files},
+        layout.n_tensors,
         len(merger.changes),
         written,
-        plan.index,
+        layout.index,
         digest(files),
         card,
     )
+
+
+def _base_layout(base: Checkpoint, options: MergeOptions, metadata: dict[str, str]) -> Layout:
+    """The output keeps BASE's tensors, shapes and files (or re-shards them); ``--dtype`` as for a merge."""
+    pieces = [
+        Piece(name, output_dtype(name, info, None, options.dtype)[0], info.shape, 0, (header, info), None)
+        for name, (header, info) in base.tensors.items()
+    ]
+    return lay_out(pieces, base, options.max_shard_size, metadata)
 
 
 def _write_file(
@@ -477,12 +477,11 @@ def _write_file(
     fds: dict[Path, int],
     progress: Callable[[int], None] | None,
 ) -> tuple[str, int]:
-    """Write one output file tensor by tensor; return its sha256 and size."""
-    fd = os.open(dest / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    """Write one output file tensor by tensor through the shared writer; return its sha256 and size."""
+    writer = SafetensorsWriter(dest / f.name, f.header, f.size)
     h = hashlib.sha256(f.header)
     written = len(f.header)
     try:
-        _write_all(fd, f.header)
         for piece in f.pieces:
             header, info = piece.cur
             if header.path not in fds:
@@ -492,18 +491,12 @@ def _write_file(
             pread_exact(fds[header.path], memoryview(raw), offset, header.path)
             hasher.update(header.path, offset, memoryview(raw))
             data = merger.tensor(piece.name, raw, info.dtype, info.shape, piece.dtype)
-            _write_all(fd, data)
+            writer.write(data, piece.offset)
             h.update(data)
             written += len(data)
             if progress:
                 progress(len(data))
-        os.fsync(fd)
+        writer.finish()
     finally:
-        os.close(fd)
+        writer.close()
     return h.hexdigest(), written
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
-from typing import Literal
 
-from apo_merge.checkpoint import SINGLE_NAME, Checkpoint
-from apo_merge.errors import MergeError, usage_error
-from apo_merge.header import FLOAT_DTYPES, ITEMSIZE, FileHeader, TensorInfo
+from apo_merge.errors import MergeError
+from apo_merge.io.checkpoint import SINGLE_NAME, Checkpoint
+from apo_merge.io.dtypes import FLOAT_DTYPES, ITEMSIZE, OUT_DTYPES
+from apo_merge.io.header import FileHeader, TensorInfo
+from apo_merge.options import MergeOptions
 
-OutDtype = Literal["keep", "bf16", "fp16", "fp32"]
-OnMissing = Literal["error", "copy"]
-_DTYPE_NAMES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 _MAX_LISTED = 10
 
 
@@ -53,14 +50,11 @@ class OutFile:
 
 
 @dataclass
-class MergePlan:
-    prev: Checkpoint
-    cur: Checkpoint
-    alpha: float
+class Layout:
+    """Output files with their headers and pieces, and the index content when sharded."""
+
     files: list[OutFile]
     index: dict | None  # model.safetensors.index.json content, when sharded
-    copied_cur_only: list[str] = field(default_factory=list)
-    ignored_prev_only: list[str] = field(default_factory=list)
 
     @property
     def n_tensors(self) -> int:
@@ -70,34 +64,20 @@ class MergePlan:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+
+@dataclass(kw_only=True)
+class MergePlan(Layout):
+    """A Layout whose pieces read PREV and CUR (``prev is None``: copied from CUR)."""
+
+    prev: Checkpoint
+    cur: Checkpoint
+    alpha: float
+    copied_cur_only: list[str] = field(default_factory=list)
+    ignored_prev_only: list[str] = field(default_factory=list)
+
     @property
     def n_extrapolated(self) -> int:
         return sum(p.prev is not None for f in self.files for p in f.pieces)
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, 1000 -> 1000 (the units huggingface_hub accepts)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), flags=re.IGNORECASE)
-    if not m:
-        raise usage_error(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
-    unit = (m.group(2) or "B").upper()
-    scale = {
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }[unit]
-    size = int(float(m.group(1)) * scale)
-    if size <= 0:
-        raise usage_error(f"--max-shard-size {text!r} must be positive")
-    return size
 
 
 def _listed(names: list[str]) -> str:
@@ -105,12 +85,12 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:_MAX_LISTED]) + more
 
 
-def _out_dtype(name: str, cur: TensorInfo, prev: TensorInfo | None, dtype: OutDtype) -> tuple[str, bool]:
-    """Output dtype and whether the tensor is extrapolated (else copied from CUR)."""
+def output_dtype(name: str, cur: TensorInfo, prev: TensorInfo | None, dtype: str) -> tuple[str, bool]:
+    """Output dtype under ``--dtype dtype`` and whether the tensor is extrapolated (else copied from CUR)."""
     if cur.dtype in FLOAT_DTYPES:
         if prev is not None and prev.dtype not in FLOAT_DTYPES:
             raise MergeError(f"{name}: dtype {prev.dtype} in PREV but {cur.dtype} in CUR; both must be floating")
-        return (cur.dtype if dtype == "keep" else _DTYPE_NAMES[dtype]), prev is not None
+        return (cur.dtype if dtype == "keep" else OUT_DTYPES[dtype]), prev is not None
     if cur.dtype.startswith(("F8", "C")):
         raise MergeError(
             f"{name}: dtype {cur.dtype} is not supported (quantized or complex weights); "
@@ -136,21 +116,56 @@ def _shard_names(n: int) -> list[str]:
     return [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def lay_out(pieces: list[Piece], layout: Checkpoint, max_shard_size: int | None, metadata: dict[str, str]) -> Layout:
+    """Place ``pieces`` (in this order; their offsets are ignored) into output files and build the index.
+
+    Without ``max_shard_size`` each piece goes to the file named like the one its ``cur`` source lives in (the
+    ``layout`` checkpoint's files: CUR's for a merge, BASE's for a LoRA merge); with it, into HF-named shards of
+    at most that many bytes (a larger tensor gets a shard of its own).
+    """
+    groups: list[list[Piece]] = []
+    if max_shard_size is None:
+        by_file: dict[str, list[Piece]] = {}
+        for piece in pieces:
+            by_file.setdefault(piece.cur[0].path.name, []).append(piece)
+        groups = list(by_file.values())
+        names = list(by_file) if layout.index_name else [layout.files[0].path.name]
+    else:
+        size = 0
+        for piece in pieces:
+            if not groups or (groups[-1] and size + piece.nbytes > max_shard_size):
+                groups.append([])
+                size = 0
+            groups[-1].append(piece)
+            size += piece.nbytes
+        groups = groups or [[]]
+        names = _shard_names(len(groups))
+
+    meta = {"format": "pt", **metadata}
+    files: list[OutFile] = []
+    for fname, group in zip(names, groups):
+        entries, begin = [], 0
+        for piece in group:
+            entries.append((piece, begin))
+            begin += piece.nbytes
+        header = _header_bytes(entries, meta)
+        placed = [Piece(pc.name, pc.dtype, pc.shape, len(header) + b, pc.cur, pc.prev) for pc, b in entries]
+        files.append(OutFile(fname, header, placed))
+
+    index = None
+    if len(files) > 1 or (max_shard_size is None and layout.index_name):
+        index = {
+            "metadata": {"total_size": sum(p.nbytes for f in files for p in f.pieces)},
+            "weight_map": dict(sorted((p.name, f.name) for f in files for p in f.pieces)),
+        }
+    return Layout(files, index)
+
+
 def make_plan(
-    prev: Checkpoint,
-    cur: Checkpoint,
-    alpha: float,
-    *,
-    dtype: OutDtype = "keep",
-    max_shard_size: int | str | None = None,
-    on_missing: OnMissing = "error",
-    metadata: dict[str, str] | None = None,
+    prev: Checkpoint, cur: Checkpoint, options: MergeOptions, *, metadata: dict[str, str] | None = None
 ) -> MergePlan:
     """Match tensors by name across PREV and CUR and lay out the output files."""
-    if dtype not in ("keep", *_DTYPE_NAMES):
-        raise usage_error(f"--dtype {dtype!r} is not one of keep, bf16, fp16, fp32")
-    if on_missing not in ("error", "copy"):
-        raise usage_error(f"--on-missing {on_missing!r} is not one of error, copy")
+    on_missing = options.on_missing
     if not cur.tensors:
         raise MergeError(f"{cur.label}: holds no tensors; give a checkpoint with weights")
     cur_only = [n for n in cur.tensors if n not in prev.tensors]
@@ -176,56 +191,18 @@ def make_plan(
             "both must be checkpoints of the same architecture"
         )
 
-    # (name, out dtype, shape, cur source, prev source or None), in CUR's layout order.
-    specs: list[tuple[str, str, tuple[int, ...], tuple[FileHeader, TensorInfo], tuple | None]] = []
+    pieces = []  # in CUR's layout order, not yet placed
     for name, (header, info) in cur.tensors.items():
         p = prev.tensors.get(name)
-        out_dtype, extrapolated = _out_dtype(name, info, p[1] if p else None, dtype)
-        specs.append((name, out_dtype, info.shape, (header, info), p if extrapolated else None))
-
-    def size_of(spec) -> int:
-        return math.prod(spec[2]) * ITEMSIZE[spec[1]]
-
-    groups: list[list] = []
-    if max_shard_size is None:
-        by_file: dict[str, list] = {}
-        for spec in specs:
-            by_file.setdefault(spec[3][0].path.name, []).append(spec)
-        groups = list(by_file.values())
-        names = list(by_file) if cur.index_name else [cur.files[0].path.name]
-    else:
-        limit = parse_size(max_shard_size)
-        for spec in specs:
-            if not groups or (groups[-1] and sum(map(size_of, groups[-1])) + size_of(spec) > limit):
-                groups.append([])
-            groups[-1].append(spec)
-        groups = groups or [[]]
-        names = _shard_names(len(groups))
-
-    meta = {"format": "pt", **(metadata or {})}
-    files: list[OutFile] = []
-    for fname, group in zip(names, groups):
-        entries, begin = [], 0
-        for name, out_dtype, shape, c, p in group:
-            piece = Piece(name, out_dtype, shape, 0, c, p)
-            entries.append((piece, begin))
-            begin += piece.nbytes
-        header = _header_bytes(entries, meta)
-        pieces = [Piece(pc.name, pc.dtype, pc.shape, len(header) + b, pc.cur, pc.prev) for pc, b in entries]
-        files.append(OutFile(fname, header, pieces))
-
-    index = None
-    if len(files) > 1 or (max_shard_size is None and cur.index_name):
-        index = {
-            "metadata": {"total_size": sum(p.nbytes for f in files for p in f.pieces)},
-            "weight_map": dict(sorted((p.name, f.name) for f in files for p in f.pieces)),
-        }
+        out_dtype, extrapolated = output_dtype(name, info, p[1] if p else None, options.dtype)
+        pieces.append(Piece(name, out_dtype, info.shape, 0, (header, info), p if extrapolated else None))
+    layout = lay_out(pieces, cur, options.max_shard_size, metadata or {})
     return MergePlan(
-        prev,
-        cur,
-        alpha,
-        files,
-        index,
+        files=layout.files,
+        index=layout.index,
+        prev=prev,
+        cur=cur,
+        alpha=options.alpha,
         copied_cur_only=cur_only if on_missing == "copy" else [],
         ignored_prev_only=prev_only if on_missing == "copy" else [],
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apo_merge.errors import MergeError
+from apo_merge.io.checkpoint import WEIGHT_SUFFIXES
 
 # fnmatch patterns, as huggingface_hub applies them: `*` also matches `/`, hence the "*/*" ignore (top level only).
 HUB_ALLOW_PATTERNS = [
@@ -30,20 +31,7 @@ HUB_ALLOW_PATTERNS = [
     "NOTICE*",
     "USE_POLICY*",
 ]
-HUB_IGNORE_PATTERNS = [
-    "*/*",
-    "*.bin",
-    "*.pt",
-    "*.pth",
-    "*.ckpt",
-    "*.pkl",
-    "*.msgpack",
-    "*.h5",
-    "*.gguf",
-    "*.onnx",
-    "*.ot",
-    "*.npz",
-]
+HUB_IGNORE_PATTERNS = ["*/*", *(f"*{suffix}" for suffix in WEIGHT_SUFFIXES if suffix != ".safetensors")]
 
 ADAPTER_CONFIG = "adapter_config.json"  # marks a PEFT adapter folder
 

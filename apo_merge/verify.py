@@ -7,17 +7,16 @@ the recorded ones. The first mismatch is a MergeError naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from apo_merge.card import recorded_files
-from apo_merge.checkpoint import INDEX_NAME, open_checkpoint
 from apo_merge.errors import MergeError
-from apo_merge.output import CARD_MARK
+from apo_merge.io.checkpoint import INDEX_NAME, open_checkpoint
+from apo_merge.io.hashing import hash_file
+from apo_merge.io.output import CARD_MARK
 
-_READ_BYTES = 1 << 23
 CARD_NAME = "README.md"
 
 
@@ -32,15 +31,6 @@ class VerifyReport:
     @property
     def total_bytes(self) -> int:
         return sum(size for size, _ in self.files.values())
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 8 MiB pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _recorded(root: Path) -> dict[str, tuple[int, str]]:
@@ -97,7 +87,7 @@ def verify_output(folder: str | Path) -> VerifyReport:
                 f"{path}: {actual_size} bytes but the model card records {size}; "
                 "the file changed after the merge, re-run it"
             )
-        actual = file_sha256(path)
+        _, actual = hash_file(path)
         if actual != sha:
             raise MergeError(
                 f"{path}: SHA-256 {actual[:16]}... differs from the {sha[:16]}... recorded in the model "

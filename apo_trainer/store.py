@@ -12,7 +12,8 @@ Layout of OUTPUT (``config.output_dir``)::
     round-<t>/policy/           extrapolate: theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - theta_hat_t)
     round-<t>/done/<phase>.json marker written last, holding the phase's summary and seconds
 
-A result is written under a temporary name and renamed into place; the marker follows. A phase whose marker is
+A result is written under a temporary name and put in place in one step (``replace_atomically``: a crash leaves
+the old or the new result, never neither); the marker follows. A phase whose marker is
 missing is redone from scratch on the next run, so a crash (even SIGKILL) loses at most the phase in flight.
 """
 
@@ -21,52 +22,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from apo_merge.io.files import replace_atomically
 from apo_trainer.errors import TrainError
 
 PHASES = ("sample", "judge", "reference", "data", "train", "extrapolate")
-FAULT_ENV = "APO_TRAIN_FAULT"
 _TMP_PREFIX = ".tmp-"
 
-
-def fault_point(round_index: int, phase: str, where: str) -> None:
-    """Testing hook: ``APO_TRAIN_FAULT=<round>:<phase>:<mid|end>:<raise|kill>`` fails here on purpose.
-
-    ``mid`` is just before a phase result is renamed into place (temporary files exist), ``end`` after the result
-    is in place but before the done marker. ``kill`` sends SIGKILL to this process; ``raise`` raises RuntimeError.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if len(parts) != 4 or parts[:3] != [str(round_index), phase, where]:
-        return
-    if parts[3] == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected fault ({FAULT_ENV}={spec})")
+# Test seam: when set, called as ``fault_hook(round_index, phase, where)`` at each fault point, so that tests can
+# fail there on purpose. ``where`` is "mid" (just before a phase result is put in place; temporary files exist)
+# or "end" (after the result is in place, before the done marker).
+fault_hook: Callable[[int, str, str], None] | None = None
 
 
-def _fsync_tree(path: Path) -> None:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fault_point(round_index: int, phase: str, where: str) -> None:
+    if fault_hook is not None:
+        fault_hook(round_index, phase, where)
 
 
 class RunStore:
@@ -119,7 +94,7 @@ class RunStore:
         return json.loads(m.read_text(encoding="utf-8"))
 
     def mark_done(self, t: int, phase: str, summary: dict[str, Any]) -> None:
-        fault_point(t, phase, "end")
+        _fault_point(t, phase, "end")
         self.write_text(self.marker(t, phase), json.dumps(summary, sort_keys=True) + "\n")
 
     # ---------------------------------------------------------------- atomic writes
@@ -127,14 +102,10 @@ class RunStore:
         return final.with_name(f"{_TMP_PREFIX}{final.name}-{os.getpid()}")
 
     def commit(self, tmp: Path, final: Path, *, round_index: int | None = None, phase: str | None = None) -> None:
-        """Move a finished temporary file or folder into place (fsync first); replaces a stale result."""
+        """Put a finished temporary file or folder in place in one step (fsynced first), replacing a stale result."""
         if round_index is not None and phase is not None:
-            fault_point(round_index, phase, "mid")
-        _fsync_tree(tmp)
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+            _fault_point(round_index, phase, "mid")
+        replace_atomically(tmp, final)
 
     def write_text(self, final: Path, text: str, *, round_index: int | None = None, phase: str | None = None) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)

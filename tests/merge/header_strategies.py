@@ -14,9 +14,11 @@ from pathlib import Path
 from hypothesis import strategies as st
 from safetensors import deserialize
 
-from apo_merge.checkpoint import Checkpoint
 from apo_merge.errors import MergeError
-from apo_merge.header import FLOAT_DTYPES, ITEMSIZE, FileHeader, TensorInfo, parse_header
+from apo_merge.io.checkpoint import Checkpoint
+from apo_merge.io.dtypes import FLOAT_DTYPES, ITEMSIZE
+from apo_merge.io.header import FileHeader, TensorInfo, parse_header
+from apo_merge.options import MergeOptions
 from apo_merge.plan import make_plan
 
 LABEL = "fuzz.safetensors"
@@ -169,7 +171,7 @@ def check_plan(
     options = dict(options)
     alpha = options.pop("alpha")
     try:
-        plan = make_plan(_checkpoint("prev", *prev), _checkpoint("cur", *cur), alpha, **options)
+        plan = make_plan(_checkpoint("prev", *prev), _checkpoint("cur", *cur), MergeOptions(alpha, **options))
     except MergeError as e:
         assert "Traceback" not in e.message
         return

@@ -19,7 +19,11 @@ from typer.testing import CliRunner
 
 import apo_merge
 from apo_kernels import extrapolate_ as kernel_extrapolate_
+from apo_merge.api import run_merge
 from apo_merge.cli import app
+from apo_merge.errors import MergeError
+from apo_merge.io import writer
+from apo_merge.options import MergeOptions
 from tests.checkpoints import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,10 +209,10 @@ def test_loads_with_from_pretrained_and_metadata(pair, tmp_path):
     (cur / "pytorch_model.bin").write_bytes(b"pickle")
     out = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-    expected = load_dir(out)
-    for name, param in model.state_dict().items():
-        if name in expected:
-            assert torch.equal(param, expected[name])
+    expected, loaded = load_dir(out), model.state_dict()
+    assert expected and set(expected) <= set(loaded), sorted(set(expected) - set(loaded))
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
     for name in ("config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"):
@@ -291,15 +295,60 @@ def test_corrupt_inputs_fail_cleanly(pair, tmp_path):
 
 def test_error_during_write_leaves_no_output(pair, tmp_path, monkeypatch):
     prev, cur = pair(torch.bfloat16)
-    import apo_merge.engine as engine
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine.os, "pwrite", boom)
+    monkeypatch.setattr(writer.os, "pwrite", boom)
     r = merge(prev, cur, "--alpha", "0.3", "-o", tmp_path / "out")
     assert r.exit_code == 1 and "No space left on device" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cur", "prev"]
+
+
+def test_folder_api_names_prev_and_cur_and_takes_options(pair, tmp_path):
+    prev, cur = pair(torch.float32)
+    P, C = load_dir(prev), load_dir(cur)
+    out = apo_merge.extrapolate_checkpoints(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "kw", dtype="bf16")
+    O = load_dir(out)
+    assert O.keys() == C.keys()
+    for name in C:
+        assert torch.equal(bits(O[name]), bits(formula(P[name], C[name], 0.3, torch.bfloat16))), name
+    # options as one object; the explicit alpha wins over options.alpha
+    options = MergeOptions(0.7, dtype="bf16")
+    again = apo_merge.extrapolate_checkpoints(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "obj", options=options)
+    assert weights_of(again) == weights_of(out)
+    assert weights_of(apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "alias", dtype="bf16")) == weights_of(out)
+    with pytest.raises(TypeError):
+        apo_merge.extrapolate_checkpoints(prev, cur, 0.3)  # prev and cur must be named
+    with pytest.raises(MergeError, match="--dtype 'int8'"):
+        apo_merge.extrapolate_checkpoints(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "bad", dtype="int8")
+    assert not (tmp_path / "bad").exists()
+
+
+def weights_of(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.glob("*.safetensors"))}
+
+
+def test_merge_options_validate_once_and_feed_the_cli_choices():
+    from apo_merge import cli
+    from apo_merge.options import choices
+
+    options = MergeOptions(1, max_shard_size="2KiB")
+    assert options.alpha == 1.0 and isinstance(options.alpha, float) and options.max_shard_size == 2048
+    assert "token" not in repr(MergeOptions(0.3, token="hf_secret")) and "hf_secret" not in repr(options)
+    for field, enum in (("device", cli.Device), ("dtype", cli.Dtype), ("on_missing", cli.OnMissing)):
+        assert tuple(e.value for e in enum) == choices(field)
+    for bad, match in (
+        (dict(alpha=float("nan")), "--alpha nan is not a finite number"),
+        (dict(alpha=0.3, device="tpu"), "--device 'tpu' is not one of auto, cpu, cuda"),
+        (dict(alpha=0.3, on_missing="skip"), "--on-missing 'skip' is not one of error, copy"),
+        (dict(alpha=0.3, max_shard_size="5 apples"), "--max-shard-size '5 apples' is not a size"),
+        (dict(alpha=0.3, max_shard_size="9" * 400), "--max-shard-size .* is too large"),
+    ):
+        with pytest.raises(MergeError, match=match) as e:
+            MergeOptions(**bad)
+        assert e.value.exit_code == 2
+    assert MergeOptions(0.3, device="cuda:1").device == "cuda:1"
 
 
 def test_chunked_streaming_matches_whole_tensor(pair, tmp_path, monkeypatch):
@@ -314,14 +363,12 @@ def test_chunked_streaming_matches_whole_tensor(pair, tmp_path, monkeypatch):
         assert (chunked / f.name).read_bytes() == f.read_bytes()
 
 
-def test_triton_path_bit_identical_to_cpu_twin(pair, tmp_path, monkeypatch):
+def test_triton_path_bit_identical_to_cpu_twin(pair, tmp_path):
     """The same merge through the Triton kernel (interpreter on the CPU) writes identical bytes."""
-    import apo_merge.engine as engine
-
     prev, cur = pair(torch.bfloat16, prev_dtype=torch.float32, num_hidden_layers=1)
     cpu = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "cpu")
-    monkeypatch.setattr(engine, "extrapolate_", functools.partial(kernel_extrapolate_, backend="triton"))
-    tri = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "triton")
+    triton = functools.partial(kernel_extrapolate_, backend="triton")
+    tri = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "triton", kernel=triton).output
     for f in cpu.glob("*.safetensors"):
         assert (tri / f.name).read_bytes() == f.read_bytes()
 

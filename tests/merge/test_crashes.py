@@ -24,8 +24,10 @@ import torch
 
 from apo_merge.api import run_merge
 from apo_merge.errors import MergeError
-from apo_merge.output import StagedFolder, _process_start, remove_stale_temporaries
-from apo_merge.verify import file_sha256, verify_output
+from apo_merge.io.hashing import hash_file
+from apo_merge.io.output import StagedFolder, _process_start, remove_stale_temporaries
+from apo_merge.options import MergeOptions
+from apo_merge.verify import verify_output
 from tests.merge.helpers import (
     REPO,
     Result,
@@ -71,7 +73,7 @@ def _write_checkpoint(root: Path, seed: int) -> None:
 
 
 def _weights(out: Path) -> dict[str, str]:
-    return {p.name: file_sha256(p) for p in sorted(out.glob("*.safetensors"))}
+    return {p.name: hash_file(p)[1] for p in sorted(out.glob("*.safetensors"))}
 
 
 def _start(big_or_paths, out: Path, *extra: str, alpha: str = "0.3", preexec=None) -> subprocess.Popen:
@@ -112,7 +114,7 @@ def big(tmp_path_factory) -> Big:
     _write_checkpoint(prev, 0)
     _write_checkpoint(cur, 1)
     old_out = root / "old"
-    run_merge(prev, cur, 0.5, old_out, device="cpu")
+    run_merge(prev, cur, MergeOptions(0.5, device="cpu"), old_out)
     out = root / "baseline"
     t0 = time.monotonic()
     p = _start((prev, cur), out)
@@ -314,7 +316,7 @@ def test_interrupt_while_the_stage_threads_start(tiny_checkpoints, tmp_path, mon
     monkeypatch.setattr(engine.threading, "Thread", InterruptedWriterStart)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run_merge(tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"], 0.3, out, device="cpu")
+        run_merge(tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"], MergeOptions(0.3, device="cpu"), out)
     assert not [t for t in threading.enumerate() if t.name == "apo-read"]
     assert not out.exists() and leftovers(out) == []
 

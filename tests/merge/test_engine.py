@@ -18,7 +18,11 @@ from safetensors.torch import save_file
 import apo_merge
 import apo_merge.engine as engine
 from apo_kernels import extrapolate_ as kernel_extrapolate_
+from apo_merge.api import run_merge
 from apo_merge.errors import MergeError
+from apo_merge.io import prefetch, writer
+from apo_merge.io.prefetch import Prefetcher
+from apo_merge.options import MergeOptions
 from tests.checkpoints import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +45,7 @@ def weights(folder: Path) -> dict[str, bytes]:
 def test_cli_and_engine_start_without_torch():
     """The CLI starts prefetching before torch loads: its modules must not import torch themselves."""
     code = (
-        "import sys, apo_merge.cli, apo_merge.engine, apo_merge.api\n"
+        "import sys, apo_merge.cli, apo_merge.engine, apo_merge.api, apo_merge.io.prefetch\n"
         "assert 'torch' not in sys.modules, 'torch imported at start-up'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -76,9 +80,8 @@ def test_workers_finishing_out_of_order_still_write_in_order(pair, tmp_path, mon
         init(self, *args, **kwargs)
         self.to_write = Recording()
 
-    monkeypatch.setattr(engine, "extrapolate_", slow_first)
     monkeypatch.setattr(engine._Pipeline, "__init__", recording_init)
-    report = apo_merge.api.run_merge(prev, cur, 0.3, tmp_path / "parallel")
+    report = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "parallel", kernel=slow_first)
     assert arrivals != sorted(arrivals), "the chunks should have reached the writer out of order"
     assert weights(report.output) == weights(reference)
     for name, data in weights(report.output).items():
@@ -88,7 +91,7 @@ def test_workers_finishing_out_of_order_still_write_in_order(pair, tmp_path, mon
 def test_writeback_windows_and_plain_fallback(pair, tmp_path, monkeypatch):
     prev, cur = pair()
     reference = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "reference")
-    real = engine._SYNC_FILE_RANGE
+    real = writer.SYNC_FILE_RANGE
     if real is None:
         pytest.skip("no sync_file_range on this platform")
     flags: list[int] = []
@@ -97,12 +100,12 @@ def test_writeback_windows_and_plain_fallback(pair, tmp_path, monkeypatch):
         flags.append(flag)
         return real(fd, offset, nbytes, flag)
 
-    monkeypatch.setattr(engine, "WRITEBACK_BYTES", 4096)
-    monkeypatch.setattr(engine, "_SYNC_FILE_RANGE", recording)
-    windows = apo_merge.api.run_merge(prev, cur, 0.3, tmp_path / "windows")
-    assert engine._SFR_WRITE in flags and engine._SFR_WAIT_BEFORE | engine._SFR_WRITE | engine._SFR_WAIT_AFTER in flags
-    monkeypatch.setattr(engine, "_SYNC_FILE_RANGE", None)
-    plain = apo_merge.api.run_merge(prev, cur, 0.3, tmp_path / "plain")
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 4096)
+    monkeypatch.setattr(writer, "SYNC_FILE_RANGE", recording)
+    windows = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "windows")
+    assert writer.SFR_WRITE in flags and writer.SFR_WAIT_BEFORE | writer.SFR_WRITE | writer.SFR_WAIT_AFTER in flags
+    monkeypatch.setattr(writer, "SYNC_FILE_RANGE", None)
+    plain = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "plain")
     assert weights(windows.output) == weights(plain.output) == weights(reference)
     assert windows.sha256 == plain.sha256
 
@@ -116,20 +119,20 @@ def _record_fadvise(monkeypatch) -> list[tuple[str, int, int]]:
             calls.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset, length))
         return real(fd, offset, length, advice)
 
-    monkeypatch.setattr(engine.os, "posix_fadvise", recording)
+    monkeypatch.setattr(writer.os, "posix_fadvise", recording)
     return calls
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_prefetch_covers_inputs_side_by_side_and_stays_within_budget(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "PREFETCH_STEP", 1000)
-    monkeypatch.setattr(engine, "PREFETCH_DEPTH", 2)  # waits for older pieces too
+    monkeypatch.setattr(prefetch, "PREFETCH_STEP", 1000)
+    monkeypatch.setattr(prefetch, "PREFETCH_DEPTH", 2)  # waits for older pieces too
     small, big1, big2 = tmp_path / "small", tmp_path / "big1", tmp_path / "big2"
     small.write_bytes(b"s" * 4000)
     big1.write_bytes(b"b" * 5000)
     big2.write_bytes(b"c" * 3500)
     calls = _record_fadvise(monkeypatch)
-    engine._prefetch([[small], [big1, big2]], budget=1 << 30)
+    Prefetcher().run([[small], [big1, big2]], budget=1 << 30)
     covered = {name: sum(n for f, _, n in calls if f == name) for name in ("small", "big1", "big2")}
     assert covered == {"small": 4000, "big1": 5000, "big2": 3500}
     # Side by side: the small stream (4 pieces) is spread over the big one (9 pieces), not read first or last.
@@ -137,8 +140,8 @@ def test_prefetch_covers_inputs_side_by_side_and_stays_within_budget(tmp_path, m
     assert order[0] in ("small", "big1") and order.index("big2") < max(i for i, f in enumerate(order) if f == "small")
 
     calls.clear()
-    monkeypatch.setattr(engine, "_PREFETCH_PATIENCE_S", 0.05)
-    engine._prefetch([[big1]], budget=0)  # nobody reads: it issues one piece, waits, then gives up
+    monkeypatch.setattr(prefetch, "PATIENCE_S", 0.05)
+    Prefetcher().run([[big1]], budget=0)  # nobody reads: it issues one piece, waits, then gives up
     assert len(calls) == 1
 
 
@@ -150,15 +153,30 @@ def _wait_for_prefetchers() -> None:
 
 def test_prefetch_checkpoints_ignores_what_is_not_a_checkpoint_and_is_not_repeated(pair, tmp_path, monkeypatch):
     prev, _ = pair()
-    monkeypatch.setattr(engine, "_prefetched", {})
     calls = _record_fadvise(monkeypatch)
-    engine.prefetch_checkpoints(tmp_path / "missing", tmp_path, prev)
+    prefetcher = Prefetcher()
+    prefetcher.checkpoints(tmp_path / "missing", tmp_path, prev)
     _wait_for_prefetchers()
     assert {f for f, _, _ in calls} == {p.name for p in prev.glob("*.safetensors")}
     calls.clear()
-    engine.prefetch(list(prev.glob("*.safetensors")))  # as the engine does once the CLI has started it
+    prefetcher.prefetch(list(prev.glob("*.safetensors")))  # as the engine does once the CLI has started it
     _wait_for_prefetchers()
     assert calls == []
+    Prefetcher().prefetch(list(prev.glob("*.safetensors")))  # another merge's prefetcher: its own state
+    _wait_for_prefetchers()
+    assert {f for f, _, _ in calls} == {p.name for p in prev.glob("*.safetensors")}
+
+
+def test_each_merge_slides_its_own_prefetch_window(pair, tmp_path):
+    """Reads are counted by the merge's own Prefetcher (none is shared between concurrent merges)."""
+    prev, cur = pair()
+    mine, other = Prefetcher(), Prefetcher()
+    report = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "out", prefetcher=mine)
+    inputs = sum(p.stat().st_size for p in cur.glob("*.safetensors")) + sum(
+        p.stat().st_size for p in prev.glob("*.safetensors")
+    )
+    assert 0 < mine.read_bytes <= inputs and other.read_bytes == 0
+    assert report.bytes_written > 0
 
 
 def test_failure_in_one_worker_stops_every_stage(pair, tmp_path, monkeypatch):
@@ -173,9 +191,8 @@ def test_failure_in_one_worker_stops_every_stage(pair, tmp_path, monkeypatch):
             raise RuntimeError("kernel failed")
         return kernel_extrapolate_(out, prev, cur, alpha)
 
-    monkeypatch.setattr(engine, "extrapolate_", failing)
     with pytest.raises(RuntimeError, match="kernel failed"):
-        apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "out")
+        run_merge(prev, cur, MergeOptions(0.3), tmp_path / "out", kernel=failing)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cur", "prev"]
     assert not [t for t in threading.enumerate() if t.name.startswith(("apo-read", "apo-write", "apo-compute"))]
 
@@ -194,10 +211,10 @@ def test_overflow_reported_and_strict(tmp_path):
         (tmp_path / name).mkdir()
         tensors = {"w": torch.full((3000,), value, dtype=torch.float16), "b": torch.ones(7, dtype=torch.float16)}
         save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
-    report = apo_merge.api.run_merge(tmp_path / "prev", tmp_path / "cur", 0.3, tmp_path / "out")
+    report = run_merge(tmp_path / "prev", tmp_path / "cur", MergeOptions(0.3), tmp_path / "out")
     assert report.new_nonfinite == 3000
     with pytest.raises(MergeError, match="inf or NaN"):
-        apo_merge.api.run_merge(tmp_path / "prev", tmp_path / "cur", 0.3, tmp_path / "strict", strict=True)
+        run_merge(tmp_path / "prev", tmp_path / "cur", MergeOptions(0.3, strict=True), tmp_path / "strict")
     assert not (tmp_path / "strict").exists()
 
 
@@ -220,8 +237,8 @@ def test_cuda_pipeline_chunks_mixed_dtypes_copies_and_overflow(pair, tmp_path, m
     monkeypatch.setattr(engine, "GPU_CHUNK_ELEMS", 1000)  # odd tails, many chunks, both device buffer sets
     monkeypatch.setattr(engine, "COPY_CHUNK_BYTES", 600)
     monkeypatch.setattr(engine, "GPU_SLOTS", 2)
-    cpu = apo_merge.api.run_merge(prev, cur, 0.3, tmp_path / "cpu", device="cpu", on_missing="copy")
-    gpu = apo_merge.api.run_merge(prev, cur, 0.3, tmp_path / "gpu", device="cuda", on_missing="copy")
+    cpu = run_merge(prev, cur, MergeOptions(0.3, device="cpu", on_missing="copy"), tmp_path / "cpu")
+    gpu = run_merge(prev, cur, MergeOptions(0.3, device="cuda", on_missing="copy"), tmp_path / "gpu")
     assert weights(gpu.output) == weights(cpu.output)
     assert gpu.sha256 == cpu.sha256
 
@@ -232,5 +249,5 @@ def test_cuda_pipeline_chunks_mixed_dtypes_copies_and_overflow(pair, tmp_path, m
             tmp_path / name / "model.safetensors",
             metadata={"format": "pt"},
         )
-    report = apo_merge.api.run_merge(tmp_path / "p16", tmp_path / "c16", 0.3, tmp_path / "o16", device="cuda")
+    report = run_merge(tmp_path / "p16", tmp_path / "c16", MergeOptions(0.3, device="cuda"), tmp_path / "o16")
     assert report.new_nonfinite == 2500

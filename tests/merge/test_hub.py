@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from apo_merge import cli
 from apo_merge.card import recorded_files
 from apo_merge.hub import PushOptions, push_folder
-from apo_merge.inputhash import hash_file
+from apo_merge.io.hashing import hash_file
 from tests.checkpoints import make_checkpoint
 
 TOKEN = "hf_SeCrEtT0kenDoNotLeak123"
@@ -236,15 +236,13 @@ def test_retry_command_quotes_and_never_holds_the_token():
 
 def test_python_api_pushes_after_the_merge(api, pair, tmp_path):
     from apo_merge.api import run_merge
+    from apo_merge.options import MergeOptions
 
     report = run_merge(
         pair[0],
         pair[1],
-        0.3,
+        MergeOptions(0.3, device="cpu", token=TOKEN, push_to_hub=PushOptions("me/apo", create_pr=True)),
         tmp_path / "out",
-        device="cpu",
-        token=TOKEN,
-        push_to_hub=PushOptions("me/apo", create_pr=True),
     )
     assert report.pushed == "https://hf.co/pr/1"
     assert api.calls[0][1] == {"token": TOKEN} and api.calls[-1][1]["folder_path"] == tmp_path / "out"

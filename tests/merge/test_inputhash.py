@@ -10,9 +10,10 @@ import subprocess
 import pytest
 import torch
 
-from apo_merge import inputhash
 from apo_merge.api import run_merge
-from apo_merge.header import read_header
+from apo_merge.io import hashing
+from apo_merge.io.header import read_header
+from apo_merge.options import MergeOptions
 from tests.checkpoints import make_checkpoint
 
 
@@ -40,7 +41,7 @@ def _sha256sum_listing(folder) -> str:
 
 @pytest.mark.skipif(shutil.which("sha256sum") is None, reason="needs coreutils sha256sum")
 def test_card_hashes_are_the_documented_sha256sum_listing(inputs, tmp_path):
-    report = run_merge(inputs["single"], inputs["cur"], 0.3, tmp_path / "out", device="cpu")
+    report = run_merge(inputs["single"], inputs["cur"], MergeOptions(0.3, device="cpu"), tmp_path / "out")
     assert report.input_hashes["prev"].sha256 == _sha256sum_listing(inputs["single"])
     assert report.input_hashes["cur"].sha256 == _sha256sum_listing(inputs["cur"])
     names = [f.name for f in report.input_hashes["cur"].files]
@@ -56,7 +57,7 @@ def test_card_hashes_are_the_documented_sha256sum_listing(inputs, tmp_path):
 
 def _count_finish_reads(monkeypatch) -> list[int]:
     read: list[int] = []
-    real = inputhash.hash_file
+    real = hashing.hash_file
 
     def counting(path, start=0, hasher=None):
         size, digest = real(path, start, hasher)
@@ -64,13 +65,13 @@ def _count_finish_reads(monkeypatch) -> list[int]:
             read.append(size - start)
         return size, digest
 
-    monkeypatch.setattr(inputhash, "hash_file", counting)
+    monkeypatch.setattr(hashing, "hash_file", counting)
     return read
 
 
 def test_same_layout_inputs_are_hashed_from_the_engine_reads_alone(inputs, tmp_path, monkeypatch):
     read = _count_finish_reads(monkeypatch)
-    report = run_merge(inputs["prev"], inputs["cur"], 0.3, tmp_path / "out", device="cpu")
+    report = run_merge(inputs["prev"], inputs["cur"], MergeOptions(0.3, device="cpu"), tmp_path / "out")
     n_shards = len(list(inputs["cur"].glob("*.safetensors")))
     assert n_shards > 1 and read == [0] * (2 * n_shards)  # nothing read again (the index is hashed separately)
     for role in ("prev", "cur"):
@@ -80,7 +81,7 @@ def test_same_layout_inputs_are_hashed_from_the_engine_reads_alone(inputs, tmp_p
 
 def test_differently_laid_out_prev_is_completed_from_disk(inputs, tmp_path, monkeypatch):
     read = _count_finish_reads(monkeypatch)
-    report = run_merge(inputs["single"], inputs["cur"], 0.3, tmp_path / "out", device="cpu")
+    report = run_merge(inputs["single"], inputs["cur"], MergeOptions(0.3, device="cpu"), tmp_path / "out")
     assert sum(read) > 0
     f = report.input_hashes["prev"].files[0]
     assert f.sha256 == hashlib.sha256((inputs["single"] / "model.safetensors").read_bytes()).hexdigest()
@@ -90,7 +91,7 @@ def test_stream_hasher_ignores_out_of_order_and_repeated_bytes(tmp_path):
     path = make_checkpoint(tmp_path / "m", seed=3) / "model.safetensors"
     data = path.read_bytes()
     header = read_header(path)
-    h = inputhash.StreamHasher([header], [header])
+    h = hashing.StreamHasher([header], [header])
     start = header.data_start
     chunks = [(o, data[o : o + 1000]) for o in range(start, len(data), 1000)]
     order = chunks[:3] + chunks[5:7] + chunks[3:5] + chunks[2:3]  # a gap, then the gap, then a repeat

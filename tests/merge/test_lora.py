@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from apo_merge import extrapolate_state_dict  # noqa: E402
-from apo_merge.api import run_merge  # noqa: E402
+from apo_merge.api import run_merge
 from apo_merge.errors import MergeError  # noqa: E402
+from apo_merge.options import MergeOptions  # noqa: E402
 from tests.checkpoints import make_checkpoint  # noqa: E402
 
 ALPHA = 0.3
@@ -88,7 +89,7 @@ def _adapter_logits(setup, adapter: Path) -> torch.Tensor:
 def test_extrapolated_adapter_is_exact_and_the_naive_one_is_not(setup, pair, tmp_path):
     prev, cur = setup[pair]
     out = tmp_path / "apo"
-    report = run_merge(prev, cur, ALPHA, out)
+    report = run_merge(prev, cur, MergeOptions(ALPHA), out)
     assert report.kind == "lora adapter"
     _, want = _reference(setup, pair)
     got = _adapter_logits(setup, out)
@@ -121,7 +122,7 @@ def test_extrapolated_adapter_is_exact_and_the_naive_one_is_not(setup, pair, tmp
 def test_merge_into_writes_the_extrapolated_full_weights(setup, tmp_path):
     prev, cur = setup["fancy"]
     out = tmp_path / "full"
-    report = run_merge(prev, cur, ALPHA, out, merge_into=setup["base"])
+    report = run_merge(prev, cur, MergeOptions(ALPHA, merge_into=setup["base"]), out)
     assert report.kind == "merged lora"
     want_state, want_logits = _reference(setup, "fancy")
     got = load_file(out / "model.safetensors")
@@ -139,7 +140,7 @@ def test_merge_into_bf16_base_rounds_once(setup, tmp_path):
     LlamaForCausalLM.from_pretrained(setup["base"]).to(torch.bfloat16).save_pretrained(base16)
     for d in (prev, cur):  # the adapters name their base; give the bf16 copy the same name
         shutil.copytree(d, tmp_path / d.name)
-    run_merge(tmp_path / prev.name, tmp_path / cur.name, ALPHA, tmp_path / "out", merge_into=base16)
+    run_merge(tmp_path / prev.name, tmp_path / cur.name, MergeOptions(ALPHA, merge_into=base16), tmp_path / "out")
     want, _ = _reference(setup, "plain")  # fp32 base; the bf16 base differs from it by its own rounding
     base_fp32 = load_file(setup["base"] / "model.safetensors")
     base_bf16 = load_file(base16 / "model.safetensors")
@@ -162,15 +163,15 @@ def test_refuses_adapters_that_cannot_be_combined_exactly(setup, tmp_path):
     prev, cur = setup["plain"]
     other_base = _with_config(cur, tmp_path / "other-base", base_model_name_or_path="org/other-model")
     with pytest.raises(MergeError, match="different base models"):
-        run_merge(prev, other_base, ALPHA, tmp_path / "o1")
+        run_merge(prev, other_base, MergeOptions(ALPHA), tmp_path / "o1")
     other_targets = _with_config(cur, tmp_path / "other-targets", target_modules=["q_proj", "k_proj"])
     with pytest.raises(MergeError, match="target modules"):
-        run_merge(prev, other_targets, ALPHA, tmp_path / "o2")
+        run_merge(prev, other_targets, MergeOptions(ALPHA), tmp_path / "o2")
     dora = _with_config(cur, tmp_path / "dora", use_dora=True)
     with pytest.raises(MergeError, match="DoRA"):
-        run_merge(prev, dora, ALPHA, tmp_path / "o3")
+        run_merge(prev, dora, MergeOptions(ALPHA), tmp_path / "o3")
     with pytest.raises(MergeError, match="full checkpoint but .* is a LoRA adapter"):
-        run_merge(setup["base"], cur, ALPHA, tmp_path / "o4")
+        run_merge(setup["base"], cur, MergeOptions(ALPHA), tmp_path / "o4")
     with pytest.raises(MergeError, match="--merge-into applies to LoRA adapters"):
-        run_merge(setup["base"], setup["base"], ALPHA, tmp_path / "o5", merge_into=setup["base"])
+        run_merge(setup["base"], setup["base"], MergeOptions(ALPHA, merge_into=setup["base"]), tmp_path / "o5")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))

@@ -18,6 +18,7 @@ from apo_merge import sources
 from apo_merge.api import run_merge
 from apo_merge.card import recorded_files
 from apo_merge.errors import MergeError
+from apo_merge.options import MergeOptions
 from tests.checkpoints import make_checkpoint
 from tests.merge.hubcache import fill_cache
 
@@ -70,8 +71,8 @@ def test_resolves_repo_ids_and_revisions_offline(cache, spec, commit):
 
 
 def test_merge_from_the_hub_equals_the_local_merge_and_cards_the_ids(cache, models, tmp_path):
-    hub = run_merge("org/a", "org/b@dev", 0.3, tmp_path / "hub-out", device="cpu")
-    local = run_merge(models["a"], models["b_dev"], 0.3, tmp_path / "local-out", device="cpu")
+    hub = run_merge("org/a", "org/b@dev", MergeOptions(0.3, device="cpu"), tmp_path / "hub-out")
+    local = run_merge(models["a"], models["b_dev"], MergeOptions(0.3, device="cpu"), tmp_path / "local-out")
     assert set(hub.sha256) == set(local.sha256) and len(hub.sha256) > 1  # b_dev is sharded
     assert _tensors(tmp_path / "hub-out") == _tensors(tmp_path / "local-out")
     card = (tmp_path / "hub-out" / "README.md").read_text()
@@ -101,7 +102,7 @@ def test_non_repo_ids_stay_local_paths(cache):
     for spec in ("./org/b", "runs", "/abs/x/y", "a/b/c", "org/b@x@y"):
         assert sources.resolve(spec).hub_id is None
     with pytest.raises(MergeError, match="no such folder"):
-        run_merge("runs", "./org/b", 0.3, "out")
+        run_merge("runs", "./org/b", MergeOptions(0.3), "out")
 
 
 def test_symlink_leaving_the_repo_cache_is_refused(cache, tmp_path, models):
@@ -111,7 +112,7 @@ def test_symlink_leaving_the_repo_cache_is_refused(cache, tmp_path, models):
     (snapshot / "model.safetensors").unlink()
     (snapshot / "model.safetensors").symlink_to(outside)
     with pytest.raises(MergeError, match="symlink leading outside"):
-        run_merge("org/a", "org/b", 0.3, tmp_path / "out")
+        run_merge("org/a", "org/b", MergeOptions(0.3), tmp_path / "out")
 
 
 def test_fetch_patterns_take_weights_and_side_files_never_pickles():
@@ -207,7 +208,7 @@ def test_cli_honours_hf_hub_offline_and_hf_hub_cache_from_the_environment(tmp_pa
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    local = run_merge(models["a"], models["b"], 0.5, tmp_path / "local", device="cpu")
+    local = run_merge(models["a"], models["b"], MergeOptions(0.5, device="cpu"), tmp_path / "local")
     card = (tmp_path / "out" / "README.md").read_text()
     assert set(recorded_files(card)) == set(local.sha256)
     assert _tensors(tmp_path / "out") == _tensors(tmp_path / "local")

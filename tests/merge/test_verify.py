@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from apo_merge.api import run_merge
-from apo_merge.header import read_header
+from apo_merge.io.header import read_header
+from apo_merge.options import MergeOptions
 from tests.merge.helpers import (
     Result,
     assert_one_line_error,
@@ -32,7 +33,7 @@ def _verify(out) -> Result:
 @pytest.fixture
 def sharded_out(tiny_checkpoints, tmp_path):
     out = tmp_path / "out"
-    run_merge(tiny_checkpoints["shard_prev"], tiny_checkpoints["shard_cur"], 0.3, out, device="cpu")
+    run_merge(tiny_checkpoints["shard_prev"], tiny_checkpoints["shard_cur"], MergeOptions(0.3, device="cpu"), out)
     return out
 
 
@@ -44,7 +45,7 @@ def test_verify_passes_on_a_fresh_output_through_the_real_cli(sharded_out):
 
 def test_verify_single_file_output(tiny_checkpoints, tmp_path):
     out = tmp_path / "out"
-    run_merge(tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"], 0.3, out, device="cpu")
+    run_merge(tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"], MergeOptions(0.3, device="cpu"), out)
     res = _verify(out)
     assert res.code == 0 and "OK, 1 file(s), 21 tensors" in res.stdout
 
@@ -64,7 +65,7 @@ def test_verify_lora_adapter_output(tmp_path):
         model.save_pretrained(tmp_path / f"a{seed}")
         adapters.append(tmp_path / f"a{seed}")
     out = tmp_path / "out"
-    run_merge(adapters[0], adapters[1], 0.3, out)
+    run_merge(adapters[0], adapters[1], MergeOptions(0.3), out)
     res = _verify(out)
     assert res.code == 0 and "OK, 1 file(s)" in res.stdout, res.stderr
     weights = out / "adapter_model.safetensors"
@@ -188,7 +189,10 @@ def test_strict_makes_nonfinite_outputs_an_error(tmp_path, keep_sigterm):
 def test_strict_passes_when_all_outputs_are_finite(tiny_checkpoints, tmp_path):
     out = tmp_path / "out"
     report = run_merge(
-        tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"], 0.3, out, device="cpu", strict=True
+        tiny_checkpoints["single_prev"],
+        tiny_checkpoints["single_cur"],
+        MergeOptions(0.3, device="cpu", strict=True),
+        out,
     )
     assert report.new_nonfinite == 0 and _verify(out).code == 0
 
@@ -226,7 +230,7 @@ def test_same_folder_special_values(tmp_path, dtype, code, alpha):
         st_tensors({"w": (code, [len(SPECIALS)], x.view(torch.uint8).numpy().tobytes())})
     )
     out = tmp_path / "out"
-    run_merge(cur, cur, alpha, out, device="cpu")
+    run_merge(cur, cur, MergeOptions(alpha, device="cpu"), out)
     y = torch.frombuffer(bytearray(_data(out / "model.safetensors")), dtype=dtype)
     expected = x.clone()
     if alpha != 0:

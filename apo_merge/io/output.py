@@ -10,7 +10,6 @@ unprovable folders behind when a kill lands between mkdir and its write).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
@@ -19,10 +18,10 @@ import shutil
 from pathlib import Path
 
 from apo_merge.errors import MergeError, usage_error
+from apo_merge.io.files import RENAME_NOREPLACE, fsync_dir, fsync_tree, remove, renameat2, replace_atomically
 
 CARD_MARK = "<!-- apo-merge -->"
 _TMP_SUFFIX = re.compile(r"(\d+)-(\d+)-[0-9a-f]{8}")  # <pid>-<process start time>-<random>
-_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
 
 
 def _process_start(pid: int) -> str | None:
@@ -94,35 +93,6 @@ def io_error(e: OSError, out: Path) -> MergeError:
     return MergeError(f"{out}: merge failed: {e.strerror or e}{code}{meaning}{at}; {fix}")
 
 
-def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """True if done; False if the kernel or filesystem lacks renameat2 (caller falls back)."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL):
-        return False
-    raise OSError(err, os.strerror(err), str(dst))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def check_replaceable(out: Path) -> None:
     """With --overwrite, only an empty folder or an earlier apo-merge output may be replaced."""
     if not out.is_dir() or out.is_symlink():
@@ -162,39 +132,26 @@ class StagedFolder:
         return self.tmp
 
     def commit(self) -> None:
-        for f in self.tmp.iterdir():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(self.tmp)
         if self.out.exists() or self.out.is_symlink():
             if not self.overwrite:
                 raise usage_error(f"{self.out}: appeared while merging (another process?); nothing was replaced")
-            if not _renameat2(self.tmp, self.out, _RENAME_EXCHANGE):
-                old = self.out.parent / f".{self.out.name}.apo-old-{os.getpid()}"
-                os.rename(self.out, old)
-                os.rename(self.tmp, self.out)
-                self.tmp = old
+            replace_atomically(self.tmp, self.out)  # the old OUT lands at self.tmp and is removed there
             self.committed = True
-            _remove(self.tmp)  # the old OUT now lives here
-        else:
-            try:
-                done = _renameat2(self.tmp, self.out, _RENAME_NOREPLACE)
-            except FileExistsError:
-                raise usage_error(
-                    f"{self.out}: appeared while merging (another process?); nothing was replaced"
-                ) from None
-            if not done:
-                if self.out.exists():
-                    raise usage_error(f"{self.out}: appeared while merging (another process?); nothing was replaced")
-                os.rename(self.tmp, self.out)
-            self.committed = True
-        _fsync_dir(self.out.parent)
+            return
+        fsync_tree(self.tmp)
+        try:
+            done = renameat2(self.tmp, self.out, RENAME_NOREPLACE)
+        except FileExistsError:
+            raise usage_error(f"{self.out}: appeared while merging (another process?); nothing was replaced") from None
+        if not done:
+            if self.out.exists():
+                raise usage_error(f"{self.out}: appeared while merging (another process?); nothing was replaced")
+            os.rename(self.tmp, self.out)
+        self.committed = True
+        fsync_dir(self.out.parent)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed:
-            _remove(self.tmp)
+            remove(self.tmp)
         if isinstance(exc, OSError):
             raise io_error(exc, self.out) from None

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apo_merge.errors import MergeError
-from apo_merge.header import FileHeader, TensorInfo, read_header
+from apo_merge.io.header import FileHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights whose loading can run code
+# Every weight-file suffix apo-merge knows: never copied as a side file, never fetched from the Hub but safetensors.
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".gguf", ".h5", ".msgpack", ".onnx", ".npz", ".ot")
 
 
 @dataclass

@@ -15,31 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apo_merge.errors import MergeError
+from apo_merge.io.dtypes import ITEMSIZE
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's cap
 
-ITEMSIZE: dict[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "F8_E8M0": 1,
-    "F8_E4M3FNUZ": 1,
-    "F8_E5M2FNUZ": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-    "C64": 8,
-}
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 

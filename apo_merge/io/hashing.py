@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from apo_merge.header import FileHeader
+from apo_merge.io.header import FileHeader
 
 _CHUNK = 1 << 23
 

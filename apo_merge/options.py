@@ -1,0 +1,127 @@
+"""MergeOptions: every setting of one merge, with its help text and choices, validated once.
+
+The CLI builds its options from these fields (the help and the choices of ``--device``, ``--dtype`` and
+``--on-missing`` come from here) and the pipeline takes the object whole::
+
+    options = MergeOptions(0.3, dtype="bf16", max_shard_size="5GB")
+    run_merge("runs/round-1", "runs/round-2", options, "runs/round-2-apo")
+
+Invalid values raise MergeError (exit code 2) from the constructor, before any input is opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from apo_merge.errors import usage_error
+from apo_merge.io.dtypes import OUT_DTYPES
+
+if TYPE_CHECKING:
+    from apo_merge.hub import PushOptions
+
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def _f(default: Any, help: str, *, choices: tuple[str, ...] | None = None, repr: bool = True) -> Any:
+    return field(default=default, repr=repr, metadata={"help": help, "choices": choices})
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, 1000 -> 1000 (the units huggingface_hub accepts)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), flags=re.IGNORECASE)
+        if not m:
+            raise usage_error(f"--max-shard-size {_short(text)} is not a size; write e.g. 5GB, 500MB or 2GiB")
+        number = float(m.group(1))
+        if not math.isfinite(number) or number > 2**63:
+            raise usage_error(f"--max-shard-size {_short(text)} is too large; write e.g. 5GB")
+        size = int(number * _SIZE_UNITS[(m.group(2) or "B").upper()])
+    if size <= 0:
+        raise usage_error(f"--max-shard-size {_short(text)} must be positive")
+    return size
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to merge (what to merge, PREV, CUR and OUT, are arguments of ``run_merge``). See each field's help."""
+
+    alpha: float = field(metadata={"help": "Extrapolation weight; 0 copies CUR, negative moves toward PREV."})
+    device: str = _f("auto", "Where to compute; auto uses CUDA when present.", choices=("auto", "cpu", "cuda"))
+    dtype: str = _f("keep", "Output dtype of floating tensors; keep = CUR's.", choices=("keep", *OUT_DTYPES))
+    max_shard_size: int | None = _f(None, "Re-shard in HF naming, e.g. 5GB [default: keep CUR's files].")
+    on_missing: str = _f(
+        "error", "Tensors in only one input: error, or copy CUR's unchanged.", choices=("error", "copy")
+    )
+    overwrite: bool = _f(False, "Replace an existing OUT (an earlier apo-merge output) atomically.")
+    strict: bool = _f(False, "Fail if finite inputs give inf/NaN outputs.")
+    merge_into: str | os.PathLike | None = _f(
+        None, "LoRA adapters only: write BASE + the extrapolated delta as full weights instead of an adapter."
+    )
+    token: str | bool | None = _f(
+        None, "Hugging Face token [default: HF_TOKEN or the saved login]; never printed or stored.", repr=False
+    )
+    push_to_hub: str | PushOptions | None = _f(
+        None, "Upload OUT to this Hub model repo (a repo id or apo_merge.hub.PushOptions) once it is complete."
+    )
+
+    def __post_init__(self) -> None:
+        alpha = self.alpha
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise usage_error(f"--alpha {_short(alpha)} is not a finite number; use e.g. --alpha 0.3")
+        object.__setattr__(self, "alpha", float(alpha))
+        device = self.device
+        if not isinstance(device, str) or (device not in choices("device") and not re.fullmatch(r"cuda:\d+", device)):
+            raise usage_error(f"--device {_short(device)} is not one of {', '.join(choices('device'))}")
+        for name in ("dtype", "on_missing"):
+            value = getattr(self, name)
+            if value not in choices(name):
+                flag = "--" + name.replace("_", "-")
+                raise usage_error(f"{flag} {_short(value)} is not one of {', '.join(choices(name))}")
+        if self.max_shard_size is not None:
+            object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
+
+    def replace(self, **changes: Any) -> MergeOptions:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _field(name: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(MergeOptions)}[name]
+
+
+def choices(name: str) -> tuple[str, ...]:
+    """The allowed values of a MergeOptions field (``device``, ``dtype``, ``on_missing``)."""
+    return _field(name).metadata["choices"]
+
+
+def help_text(name: str) -> str:
+    return _field(name).metadata["help"]
+
+
+def choice_enum(name: str) -> type[Enum]:
+    """A str Enum of a field's choices, for the CLI's option parser (which shows and checks them)."""
+    values = choices(name)
+    return Enum(name.title().replace("_", ""), {v: v for v in values}, type=str)
