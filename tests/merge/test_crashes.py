@@ -349,3 +349,25 @@ def test_stale_temporaries_removed_only_when_provably_orphaned(tmp_path):
     assert removed == {n for n, gone in folders.items() if gone}
     assert all((tmp_path / n).exists() for n, gone in folders.items() if not gone)
     assert target.is_dir() and (tmp_path / f".out.apo-tmp-{dead}-124-0123abcd").is_symlink()
+
+
+def test_sigkill_during_callback_saves_never_loses_the_raw_weights(tmp_path):
+    """APOCallback's save_raw folder (the theta_hat_t the next APO step needs) is old or new at every moment."""
+    from safetensors.torch import load_file
+
+    from apo_merge.callback import _save
+    from tests.killing import sigkill_while_saving
+
+    folder = tmp_path / "raw"
+
+    def save(version: int) -> None:
+        raw = {f"layer{i}.weight": torch.full((64, 64), float(version)) for i in range(8)}
+        _save(torch.nn.Module(), raw, folder)
+
+    def version_of(folder: Path) -> int:
+        values = {float(t.unique().item()) for t in load_file(folder / "model.safetensors").values()}
+        assert len(values) == 1, values
+        return int(values.pop())
+
+    finished = sigkill_while_saving(save, folder, ["model.safetensors"], version_of, trials=20, seed=0)
+    assert max(finished) > 1  # kills landed after several saves, not only at the first

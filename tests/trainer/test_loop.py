@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from apo_merge import extrapolate_state_dict
+from apo_trainer import store
 from apo_trainer import train as train_module
 from apo_trainer.errors import ConfigError, TrainError
 from apo_trainer.loop import run
-from apo_trainer.store import FAULT_ENV, PHASES, RunStore
+from apo_trainer.store import PHASES, RunStore
 from tests.trainer.conftest import tiny_config
 from tests.trainer.helpers import artifacts, weights
 
@@ -81,6 +82,14 @@ def test_tied_embeddings_are_extrapolated_once_with_sppo(tmp_path):
     assert all(torch.equal(theta[n], want[n]) for n in want)
 
 
+def _fail_at(t: int, phase: str, where: str):
+    def hook(round_index: int, at_phase: str, at: str) -> None:
+        if (round_index, at_phase, at) == (t, phase, where):
+            raise RuntimeError(f"injected fault at {t}:{phase}:{where}")
+
+    return hook
+
+
 def test_resume_after_a_fault_in_every_phase_gives_the_same_bytes(tiny, tmp_path, reference_run, monkeypatch):
     ref_out, ref_records = reference_run
     out = tmp_path / "out"
@@ -101,11 +110,11 @@ def test_resume_after_a_fault_in_every_phase_gives_the_same_bytes(tiny, tmp_path
         (2, "reference", "mid"),
     ]
     for t, phase, where in faults:
-        monkeypatch.setenv(FAULT_ENV, f"{t}:{phase}:{where}:raise")
+        monkeypatch.setattr(store, "fault_hook", _fail_at(t, phase, where))
         with pytest.raises(RuntimeError, match="injected fault"):
             run(cfg, quiet=True)
         assert RunStore(out).done(t, phase) is None
-    monkeypatch.delenv(FAULT_ENV)
+    monkeypatch.setattr(store, "fault_hook", None)
     records = run(cfg, quiet=True)
     assert artifacts(out) == artifacts(ref_out)
     assert not list(out.rglob(".tmp-*"))

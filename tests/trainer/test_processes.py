@@ -14,15 +14,28 @@ import torch
 import yaml
 
 from apo_merge import extrapolate_state_dict
-from apo_trainer.store import FAULT_ENV, PHASES, RunStore
+from apo_trainer.store import PHASES, RunStore
 from tests.trainer.conftest import tiny_config
 from tests.trainer.helpers import artifacts, weights
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# `apo-train run CONFIG --quiet` with SIGKILL at one fault point (round, phase, where), set through the store's seam.
+KILL_AT = """
+import os, signal, sys
+from apo_trainer import store
+from apo_trainer.cli import main
+
+target = (int(sys.argv[1]), sys.argv[2], sys.argv[3])
+store.fault_hook = lambda *at: at == target and os.kill(os.getpid(), signal.SIGKILL)
+sys.argv = ["apo-train", "run", sys.argv[4], "--quiet"]
+main()
+"""
+
+
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    env = dict(os.environ)
     # One thread, like the in-process reference run: results depend on the thread count.
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
     return env
@@ -50,9 +63,9 @@ def test_sigkill_in_every_phase_then_rerun_gives_the_same_bytes(tiny, tmp_path, 
     assert {p for _, p, _ in kills} == set(PHASES)
     for t, phase, where in kills:
         proc = subprocess.run(
-            cmd,
+            [sys.executable, "-c", KILL_AT, str(t), phase, where, str(cfg)],
             cwd=ROOT,
-            env=_env(**{FAULT_ENV: f"{t}:{phase}:{where}:kill"}),
+            env=_env(),
             capture_output=True,
             text=True,
             timeout=300,
