@@ -19,7 +19,7 @@ from apo_merge.io import hashing
 from apo_merge.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, is_inside, open_checkpoint
 from apo_merge.io.output import StagedFolder, check_replaceable
 from apo_merge.options import MergeOptions
-from apo_merge.plan import MergePlan, make_plan
+from apo_merge.plan import Layout, make_plan
 
 if TYPE_CHECKING:
     from apo_merge.engine import Kernel
@@ -98,7 +98,7 @@ class _Hooks:
     """What a run is given besides its options: callbacks and the resources it may share with its caller."""
 
     progress: Callable[[int], None] | None = None  # called with each count of bytes written
-    on_plan: Callable[[MergePlan], None] | None = None  # called once the output is laid out
+    on_plan: Callable[[Layout], None] | None = None  # called once the output is laid out (a MergePlan for a merge)
     kernel: Kernel | None = None  # the engine's kernel (default: apo_kernels.extrapolate_)
     prefetcher: Prefetcher | None = None  # the CLI's, started before torch loads
 
@@ -110,11 +110,13 @@ def run_merge(
     output: str | os.PathLike | None = None,
     *,
     progress: Callable[[int], None] | None = None,
-    on_plan: Callable[[MergePlan], None] | None = None,
+    on_plan: Callable[[Layout], None] | None = None,
     kernel: Kernel | None = None,
     prefetcher: Prefetcher | None = None,
 ) -> MergeReport:
     """Merge (and push, if ``options.push_to_hub``) and return a report; see ``extrapolate_checkpoints``."""
+    if not isinstance(options, MergeOptions):
+        raise TypeError(f"run_merge takes a MergeOptions (e.g. MergeOptions(alpha=0.3)), not {type(options).__name__}")
     t0 = time.perf_counter()
     hooks = _Hooks(progress, on_plan, kernel, prefetcher)
     src_prev, src_cur = sources.resolve(prev, token=options.token), sources.resolve(cur, token=options.token)
