@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
@@ -71,29 +72,46 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def replace_atomically(tmp: Path, final: Path) -> None:
+def replace_atomically(tmp: Path, final: Path, *, old_ok: Callable[[Path], bool] | None = None) -> bool:
     """Put the finished file or folder ``tmp`` at ``final`` in one step, replacing what is there.
 
     ``tmp`` is fsynced first; an existing ``final`` is exchanged with it (renameat2 RENAME_EXCHANGE), the parent
     folder fsynced, and only then is the old content (now at ``tmp``) removed. Without renameat2 (old kernels,
     some filesystems) a folder is moved aside to ``.<name>.apo-old-<pid>`` and the new one renamed in: the old
     content then survives a crash under that name. ``tmp`` and ``final`` must be in the same folder.
+
+    ``old_ok(path)`` is asked about the old content once it is out of the way (what was at ``final`` at the
+    moment of the exchange, not at some earlier check); when it says no, the old content goes back to ``final``,
+    the new back to ``tmp``, and the result is False.
     """
     tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp)
-    old = None
+    old, exchanged = None, False
     if os.path.lexists(final):
         if renameat2(tmp, final, RENAME_EXCHANGE):
-            old = tmp
+            old, exchanged = tmp, True
         elif final.is_dir() and not final.is_symlink():
             old = final.parent / f".{final.name}.apo-old-{os.getpid()}"
             remove(old)
             os.rename(final, old)
             os.rename(tmp, final)
         else:
-            os.replace(tmp, final)  # a file over a file: rename is atomic
+            old = None if old_ok is None else final.parent / f".{final.name}.apo-old-{os.getpid()}"
+            if old is not None:  # a file to check first: move it aside, as for a folder
+                os.rename(final, old)
+                os.rename(tmp, final)
+            else:
+                os.replace(tmp, final)  # a file over a file: rename is atomic
     else:
         os.replace(tmp, final)
+    if old is not None and old_ok is not None and not old_ok(old):
+        if exchanged:
+            renameat2(tmp, final, RENAME_EXCHANGE)
+        else:
+            os.rename(final, tmp)
+            os.rename(old, final)
+        return False
     fsync_dir(final.parent)
     if old is not None:
         remove(old)
+    return True

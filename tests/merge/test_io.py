@@ -76,3 +76,20 @@ def test_writer_writes_at_offsets_and_reserves_the_size(tmp_path):
     assert data == header + b"abcdef" and hash_file(tmp_path / "f")[0] == len(data)
     with pytest.raises(FileExistsError):  # never writes over an existing file
         SafetensorsWriter(tmp_path / "f", header, len(header))
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
+def test_replace_atomically_puts_back_what_the_check_refuses(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(files, "renameat2", lambda *a: False)
+    _folder(tmp_path / "out", a="user's")
+    seen: list[str] = []
+
+    def old_ok(old: Path) -> bool:
+        seen.append((old / "a").read_text())
+        return False
+
+    assert not replace_atomically(_folder(tmp_path / ".tmp", a="new"), tmp_path / "out", old_ok=old_ok)
+    assert seen == ["user's"] and _state(tmp_path) == {"out": {"a": "user's"}, ".tmp": {"a": "new"}}
+    assert replace_atomically(tmp_path / ".tmp", tmp_path / "out", old_ok=lambda old: True)
+    assert _state(tmp_path) == {"out": {"a": "new"}}
