@@ -9,21 +9,30 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["APOCallback", "extrapolate", "extrapolate_state_dict", "extrapolate_tensors_", "MergeError", "__version__"]
+__all__ = [
+    "APOCallback",
+    "extrapolate",
+    "extrapolate_state_dict",
+    "extrapolate_state_dict_",
+    "extrapolate_tensors_",
+    "MergeError",
+    "__version__",
+]
 
 _LAZY = {
     "APOCallback": "apo_merge.callback",
     "extrapolate": "apo_merge.api",
     "MergeError": "apo_merge.errors",
-    "extrapolate_state_dict": "apo_merge.memory",
-    "extrapolate_tensors_": "apo_merge.memory",
+    "extrapolate_state_dict": "apo_merge.state",
+    "extrapolate_state_dict_": "apo_merge.state",
+    "extrapolate_tensors_": "apo_merge.state",
 }
 
 if TYPE_CHECKING:
     from apo_merge.api import extrapolate
     from apo_merge.callback import APOCallback
     from apo_merge.errors import MergeError
-    from apo_merge.memory import extrapolate_state_dict, extrapolate_tensors_
+    from apo_merge.state import extrapolate_state_dict, extrapolate_state_dict_, extrapolate_tensors_
 
 
 def __getattr__(name: str) -> Any:
