@@ -85,8 +85,7 @@ def test_supported_dtypes_round_trip_and_no_other_is_taken(backend):
         size = torch.empty(0, dtype=d).element_size()
         raw = torch.arange(4 * size, dtype=torch.uint8)
         odd, keep, fine = raw.view(d), raw.clone(), torch.ones(4)
-        for role, args in (("prev", (odd, fine, fine)), ("cur", (fine, odd, fine)), ("out", (fine, fine, odd))):
-            out, prev, cur = args[2], args[0], args[1]
+        for role, prev, cur, out in (("prev", odd, fine, fine), ("cur", fine, odd, fine), ("out", fine, fine, odd)):
             with pytest.raises(TypeError, match=f"{role} has dtype {d}; supported: "):
                 extrapolate_(out, prev, cur, 0.3, backend=backend)
         assert torch.equal(raw, keep)
