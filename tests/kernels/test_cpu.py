@@ -58,6 +58,17 @@ def test_split_across_threads(monkeypatch):
     assert_bits_equal(cur, whole)
 
 
+def test_parameters_split_across_threads(monkeypatch):
+    # The worker threads do not inherit ops' no_grad: a parameter updated in place there must arrive detached.
+    monkeypatch.setattr(_cpu, "_SPLIT_MIN", 4096)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    prev, cur = randoms((10 * 4097 + 3,), FP32, BF16)
+    w = torch.nn.Parameter(cur.clone())
+    extrapolate_(w, prev, w, 0.3)
+    assert w.requires_grad
+    assert_bits_equal(w.detach(), extrapolate(prev, cur, 0.3))
+
+
 def test_twin_threads_do_not_share_scratch():
     pairs = [randoms((300_000,), BF16, BF16, seed=s) for s in range(4)]
     expected = [extrapolate(p, c, 0.3) for p, c in pairs]
