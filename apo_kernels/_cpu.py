@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from apo_kernels._numerics import BITS_DTYPE, CANONICAL_NAN, compute_dtype, round_alpha
+from apo_kernels._numerics import BITS_DTYPE, CANONICAL_NAN
 
 _CHUNK = 1 << 15  # elements per op: torch's intra-op grain size (32768), so ops run inline; 2 x 128 KiB scratch
 _CHUNK_ONE_THREAD = 1 << 18  # with torch.set_num_threads(1): ~1.8x less CPU per byte than 2**15 (2 x 1 MiB)
@@ -58,36 +58,37 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``out = cur + alpha * (cur - prev)`` with torch ops (CPU; any device works); arguments already validated."""
-    wide = compute_dtype(prev.dtype, cur.dtype, out.dtype)
-    a = round_alpha(alpha, wide)
-    if a == 0.0 and out.dtype == cur.dtype:
-        return out.copy_(cur)
+def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, a: float, wide: torch.dtype) -> None:
+    """``out = cur + a * (cur - prev)`` with torch ops (CPU; any device works) in the compute dtype ``wide``.
+
+    ``apo_kernels.ops`` has validated the tensors, rounded ``a`` to ``wide`` and handled the alpha == 0 copy.
+    """
     n = out.numel()
     if n == 0:
-        return out
-    p = prev.contiguous().view(-1)
-    c = cur.contiguous().view(-1)
-    o = out.view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
+        return
+    # Detached: worker threads do not inherit no_grad, and parameters (requires_grad) are updated in place.
+    p = prev.detach().contiguous().view(-1)
+    c = cur.detach().contiguous().view(-1)
+    o = out.detach().view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
     threads = torch.get_num_threads() if o.device.type == "cpu" else 1
     chunk = _CHUNK if threads > 1 else _CHUNK_ONE_THREAD
     parts = min(threads, n // _SPLIT_MIN)
     if parts > 1:
         step = -(-n // parts // chunk) * chunk
-        jobs = [_workers().submit(_range, o, p, c, a, s, min(n, s + step), chunk) for s in range(step, n, step)]
-        _range(o, p, c, a, 0, step, chunk)
+        jobs = [_workers().submit(_range, o, p, c, a, wide, s, min(n, s + step), chunk) for s in range(step, n, step)]
+        _range(o, p, c, a, wide, 0, step, chunk)
         for job in jobs:
             job.result()
     else:
-        _range(o, p, c, a, 0, n, chunk)
+        _range(o, p, c, a, wide, 0, n, chunk)
     if not out.is_contiguous():
         out.copy_(o.view(out.shape))
-    return out
 
 
-def _range(o: torch.Tensor, p: torch.Tensor, c: torch.Tensor, a: float, start: int, stop: int, chunk: int) -> None:
-    c_buf, d_buf = _buffers(compute_dtype(p.dtype, c.dtype, o.dtype), o.device, chunk)
+def _range(
+    o: torch.Tensor, p: torch.Tensor, c: torch.Tensor, a: float, wide: torch.dtype, start: int, stop: int, chunk: int
+) -> None:
+    c_buf, d_buf = _buffers(wide, o.device, chunk)
     pieces = (t[start:stop].split(chunk) for t in (o, p, c))  # one call per range, not three per chunk
     for oc, pc, cc in zip(*pieces, strict=True):
         m = oc.numel()

@@ -1,9 +1,9 @@
-"""What both backends must agree on: the compute dtype, alpha's single rounding, canonical NaN bit patterns."""
+"""Tables both backends share: the supported dtypes, their bit-pattern views, the canonical NaNs.
+
+The per-call decisions (compute dtype, alpha's single rounding, alpha == 0) are taken once, in ``apo_kernels.ops``.
+"""
 
 from __future__ import annotations
-
-import math
-import struct
 
 import torch
 
@@ -24,19 +24,3 @@ CANONICAL_NAN: dict[torch.dtype, int] = {
     torch.float32: 0x7FC00000,
     torch.float64: 0x7FF8000000000000,
 }
-
-
-def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 if any of the given dtypes is float64, else float32."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def round_alpha(alpha: float, wide: torch.dtype) -> float:
-    """``alpha`` rounded to nearest-even in ``wide`` (overflowing to inf), returned as an exact Python float."""
-    alpha = float(alpha)
-    if wide == torch.float64:
-        return alpha
-    try:
-        return struct.unpack("<f", struct.pack("<f", alpha))[0]  # C's double -> float conversion
-    except OverflowError:
-        return math.copysign(math.inf, alpha)

@@ -20,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from apo_kernels._numerics import compute_dtype, round_alpha
-
 _BLOCK = 4096  # elements per program; BLOCK * element size is a multiple of 16 bytes for every dtype
 _NUM_WARPS = 8
 # Tensors up to this many elements are grouped into one launch per dtype triple (a launch costs a few us of GPU
@@ -225,33 +223,31 @@ def _launch_grouped(
     _run((table.shape[0],), p, c, o, table, 0, alpha, wide)
 
 
-def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``out = cur + alpha * (cur - prev)`` with the kernel; arguments already validated by ``apo_kernels.ops``."""
-    wide = compute_dtype(prev.dtype, cur.dtype, out.dtype)
-    a = round_alpha(alpha, wide)
-    if a == 0.0 and out.dtype == cur.dtype:
-        return out.copy_(cur)
+def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, a: float, wide: torch.dtype) -> None:
+    """``out = cur + a * (cur - prev)`` with the kernel, computing in ``wide``.
+
+    ``apo_kernels.ops`` has validated the tensors, rounded ``a`` to ``wide`` and handled the alpha == 0 copy.
+    """
     _launch_one(out, prev, cur, a, wide)
-    return out
 
 
-def extrapolate_many_(
-    outs: Sequence[torch.Tensor], prevs: Sequence[torch.Tensor], curs: Sequence[torch.Tensor], alpha: float
-) -> None:
-    """``extrapolate_`` over lists: small tensors grouped per (device, dtypes) into one launch, large ones alone."""
+def extrapolate_many_(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.dtype]]) -> None:
+    """``extrapolate_`` over ``(out, prev, cur, a, wide)`` jobs: small tensors grouped per (device, dtypes) into
+    one launch (a, wide follow from the dtypes), large ones alone."""
     groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-    for o, p, c in zip(outs, prevs, curs, strict=True):
-        wide = compute_dtype(p.dtype, c.dtype, o.dtype)
-        if round_alpha(alpha, wide) == 0.0 or not _groupable(o, p, c) or not _can_group(o.device):
-            extrapolate_(o, p, c, alpha)
+    decided: dict[tuple, tuple[float, torch.dtype]] = {}
+    for o, p, c, a, wide in jobs:
+        if not _groupable(o, p, c) or not _can_group(o.device):
+            _launch_one(o, p, c, a, wide)
         else:
-            groups.setdefault((o.device, o.dtype, p.dtype, c.dtype), []).append((o, p, c))
-    for (_, out_dtype, prev_dtype, cur_dtype), members in groups.items():
-        wide = compute_dtype(prev_dtype, cur_dtype, out_dtype)
+            key = (o.device, o.dtype, p.dtype, c.dtype)
+            groups.setdefault(key, []).append((o, p, c))
+            decided[key] = (a, wide)
+    for key, members in groups.items():
         if len(members) == 1:
-            _launch_one(*members[0], round_alpha(alpha, wide), wide)
+            _launch_one(*members[0], *decided[key])
         else:
-            _launch_grouped(members, round_alpha(alpha, wide), wide)
+            _launch_grouped(members, *decided[key])
 
 
 def _can_group(device: torch.device) -> bool:

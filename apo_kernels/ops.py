@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 from typing import Literal
 
@@ -22,6 +24,33 @@ _BACKENDS = ("auto", "torch", "triton")
 def supported_dtypes() -> tuple[torch.dtype, ...]:
     """Floating dtypes the kernels read and write."""
     return FLOAT_DTYPES
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 if any of the given dtypes is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def round_alpha(alpha: float, wide: torch.dtype) -> float:
+    """``alpha`` rounded to nearest-even in ``wide`` (overflowing to inf), returned as an exact Python float."""
+    alpha = float(alpha)
+    if wide == torch.float64:
+        return alpha
+    try:
+        return struct.unpack("<f", struct.pack("<f", alpha))[0]  # C's double -> float conversion
+    except OverflowError:
+        return math.copysign(math.inf, alpha)
+
+
+def _decide(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float) -> tuple[torch.dtype, float]:
+    """The values every backend takes as given: the compute dtype and alpha rounded once into it."""
+    wide = compute_dtype(prev.dtype, cur.dtype, out.dtype)
+    return wide, round_alpha(alpha, wide)
+
+
+def _copies_cur(out: torch.Tensor, cur: torch.Tensor, a: float) -> bool:
+    # alpha == 0 into cur's own dtype: cur's bytes (NaN payloads included), even where prev is inf or NaN.
+    return a == 0.0 and out.dtype == cur.dtype
 
 
 def _extent(t: torch.Tensor) -> tuple[int, int]:
@@ -79,11 +108,16 @@ def extrapolate_(
     tensor([1.5000, 1.5000, 1.5000], dtype=torch.bfloat16)
     """
     _check(out, prev, cur, backend)
+    wide, a = _decide(out, prev, cur, alpha)
+    if _copies_cur(out, cur, a):
+        return out.copy_(cur)
     if _use_triton(cur.device, backend):
         from apo_kernels import _triton
 
-        return _triton.extrapolate_(out, prev, cur, float(alpha))
-    return _cpu.extrapolate_(out, prev, cur, float(alpha))
+        _triton.extrapolate_(out, prev, cur, a, wide)
+    else:
+        _cpu.extrapolate_(out, prev, cur, a, wide)
+    return out
 
 
 def extrapolate(
@@ -122,13 +156,16 @@ def extrapolate_many_(
         raise ValueError(f"list lengths differ: {len(outs)} outs, {len(prevs)} prevs, {len(curs)} curs")
     for o, p, c in zip(outs, prevs, curs, strict=True):
         _check(o, p, c, backend)
-    kernel = [i for i, c in enumerate(curs) if _use_triton(c.device, backend)]
+    kernel, twin = [], []
+    for o, p, c in zip(outs, prevs, curs, strict=True):
+        wide, a = _decide(o, p, c, alpha)
+        if _copies_cur(o, c, a):
+            o.copy_(c)
+        else:
+            (kernel if _use_triton(c.device, backend) else twin).append((o, p, c, a, wide))
     if kernel:
         from apo_kernels import _triton
 
-        _triton.extrapolate_many_(
-            [outs[i] for i in kernel], [prevs[i] for i in kernel], [curs[i] for i in kernel], float(alpha)
-        )
-    for o, p, c in zip(outs, prevs, curs, strict=True):
-        if not _use_triton(c.device, backend):
-            _cpu.extrapolate_(o, p, c, float(alpha))
+        _triton.extrapolate_many_(kernel)
+    for job in twin:
+        _cpu.extrapolate_(*job)

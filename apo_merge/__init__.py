@@ -14,6 +14,7 @@ __all__ = [
     "extrapolate_checkpoints",
     "extrapolate",
     "extrapolate_state_dict",
+    "extrapolate_state_dict_",
     "extrapolate_tensors_",
     "MergeError",
     "MergeOptions",
@@ -26,16 +27,17 @@ _LAZY = {
     "extrapolate": "apo_merge.api",  # the former name of extrapolate_checkpoints, positional
     "MergeOptions": "apo_merge.options",
     "MergeError": "apo_merge.errors",
-    "extrapolate_state_dict": "apo_merge.memory",
-    "extrapolate_tensors_": "apo_merge.memory",
+    "extrapolate_state_dict": "apo_merge.state",
+    "extrapolate_state_dict_": "apo_merge.state",
+    "extrapolate_tensors_": "apo_merge.state",
 }
 
 if TYPE_CHECKING:
     from apo_merge.api import extrapolate, extrapolate_checkpoints
     from apo_merge.callback import APOCallback
     from apo_merge.errors import MergeError
-    from apo_merge.memory import extrapolate_state_dict, extrapolate_tensors_
     from apo_merge.options import MergeOptions
+    from apo_merge.state import extrapolate_state_dict, extrapolate_state_dict_, extrapolate_tensors_
 
 
 def __getattr__(name: str) -> Any:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from apo_merge.memory import extrapolate_tensors_
-
-_GROUP_BYTES = 1 << 28  # prev tensors moved to the device per extrapolate_tensors_ call
+from apo_merge.state import StateMismatchError, extrapolate_state_dict_, matching_tensors, tensors_once
 
 
 class APOCallback(TrainerCallback):
@@ -60,32 +59,25 @@ class APOCallback(TrainerCallback):
         return self._prev
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        live = _tensors(model)
-        if self._prev is None:
-            self._prev = {n: t.detach().to("cpu", copy=True) for n, t in live.items()}
-        missing = sorted(set(live) - set(self._prev))
-        if missing:
-            raise ValueError(
-                f"APOCallback: the previous raw weights lack {', '.join(missing[:5])}; pass the "
-                "checkpoint of the same model as prev"
-            )
+        live = _state(model)
+        with _mismatch_as_callback_error():
+            if self._prev is None:
+                self._prev = _raw_copy(live)
+            matching_tensors(prev=self._prev, cur=live)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        live = _tensors(model)
-        raw = {n: t.detach().to("cpu", copy=True) for n, t in live.items()}
-        if self.save_raw is not None and getattr(state, "is_world_process_zero", True):
-            _save(model, raw, self.save_raw)
-        names = list(live)
-        for group in _groups(names, live):
-            cur = [live[n] for n in group]
-            prev = [self._prev[n].to(live[n].device, non_blocking=True) for n in group]
-            extrapolate_tensors_(cur, prev, self.alpha)
+        live = _state(model)
+        with _mismatch_as_callback_error():
+            raw = _raw_copy(live)
+            if self.save_raw is not None and getattr(state, "is_world_process_zero", True):
+                _save(model, raw, self.save_raw)
+            extrapolate_state_dict_(prev=self._prev, cur=live, alpha=self.alpha)
         self._prev = raw
         self.rounds += 1
 
 
-def _tensors(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
-    """The model's floating tensors by state-dict name, each storage once (tied weights are one tensor)."""
+def _state(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """The model's state dict, tensors detached (in-place updates reach the model); refuses LoRA and sharded models."""
     if model is None:
         raise ValueError("APOCallback: the trainer passed no model")
     if hasattr(model, "peft_config"):
@@ -93,34 +85,33 @@ def _tensors(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
             "APOCallback: extrapolating a LoRA model's factors in place is not the APO step; save "
             "each round's adapter and run `apo-merge PREV CUR` (writes the exact adapter)"
         )
-    seen: set[tuple[int, int]] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
+    state = model.state_dict(keep_vars=True)
+    for t in state.values():
         if type(t).__name__ == "DTensor" or hasattr(t, "ds_id") or getattr(t, "_is_flat_param", False):
             raise ValueError(
                 "APOCallback: the model is sharded (FSDP / ZeRO-3); save checkpoints and run "
                 "apo-merge between rounds instead"
             )
-        if not t.is_floating_point():
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.data
-    return out
+    return {n: t.detach() for n, t in state.items()}
 
 
-def _groups(names: list[str], live: dict[str, torch.Tensor]):
-    group, size = [], 0
-    for n in names:
-        group.append(n)
-        size += live[n].numel() * live[n].element_size()
-        if size >= _GROUP_BYTES:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
+def _raw_copy(live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of the floating tensors, each memory once (a tied weight under its first name)."""
+    names, _ = tensors_once(live)
+    return {n: live[n].to("cpu", copy=True) for n in names}
+
+
+@contextmanager
+def _mismatch_as_callback_error():
+    try:
+        yield
+    except StateMismatchError as e:
+        if e.kind == "names":
+            raise ValueError(
+                f"APOCallback: the previous raw weights and the model differ in tensor names "
+                f"({', '.join(e.names[:5])}); pass the checkpoint of the same model as prev"
+            ) from None
+        raise ValueError(f"APOCallback: {e}") from None
 
 
 def _load_folder(folder: Path) -> dict[str, torch.Tensor]:

@@ -13,11 +13,9 @@ from typing import Any
 
 import torch
 
-from apo_merge import extrapolate_tensors_
+from apo_merge.state import StateMismatchError, extrapolate_state_dict_
 from apo_trainer.errors import TrainError
 from apo_trainer.runtime import RunContext, free_memory
-
-_GROUP_BYTES = 1 << 28
 
 
 def previous_raw(ctx: RunContext, t: int) -> str:
@@ -25,41 +23,24 @@ def previous_raw(ctx: RunContext, t: int) -> str:
     return ctx.initial_model() if t == 0 else str(ctx.store.trained(t - 1))
 
 
-def extrapolate_state_(cur: dict[str, torch.Tensor], prev: dict[str, torch.Tensor], alpha: float) -> int:
+def extrapolate_state_(*, prev: dict[str, torch.Tensor], cur: dict[str, torch.Tensor], alpha: float) -> int:
     """In place on ``cur``'s floating tensors: ``cur <- cur + alpha * (cur - prev)``; returns the tensor count.
 
-    Tensors sharing storage (tied embeddings) are updated once. ``prev`` tensors move to each ``cur`` tensor's
-    device in groups of about 256 MiB.
+    ``apo_merge.extrapolate_state_dict_`` (tied tensors once, prev moved to cur's device in groups), with the
+    mismatches worded for apo-train's users.
     """
-    missing = sorted(set(cur) ^ set(prev))
-    if missing:
-        raise TrainError(
-            f"theta_hat_t and theta_hat_t+1 differ in tensor names ({', '.join(missing[:5])}); both "
-            "must be checkpoints of the same architecture"
-        )
-    seen: set[int] = set()
-    names = []
-    for name, c in cur.items():
-        if not c.is_floating_point() or c.numel() == 0 or c.data_ptr() in seen:
-            continue
-        if prev[name].shape != c.shape:
+    try:
+        return extrapolate_state_dict_(prev=prev, cur=cur, alpha=alpha)
+    except StateMismatchError as e:
+        if e.kind == "names":
             raise TrainError(
-                f"{name}: shape {tuple(prev[name].shape)} in theta_hat_t, {tuple(c.shape)} in theta_hat_t+1"
-            )
-        seen.add(c.data_ptr())
-        names.append(name)
-    group: list[str] = []
-    size = 0
-    for name in [*names, None]:
-        if name is not None:
-            group.append(name)
-            size += cur[name].numel() * cur[name].element_size()
-        if group and (name is None or size >= _GROUP_BYTES):
-            curs = [cur[n] for n in group]
-            prevs = [prev[n].to(cur[n].device, non_blocking=True) for n in group]
-            extrapolate_tensors_(curs, prevs, alpha)
-            group, size = [], 0
-    return len(names)
+                f"theta_hat_t and theta_hat_t+1 differ in tensor names ({', '.join(e.names[:5])}); both "
+                "must be checkpoints of the same architecture"
+            ) from None
+        if e.kind == "shape":
+            (name,), (prev_shape, cur_shape) = e.names, e.shapes
+            raise TrainError(f"{name}: shape {prev_shape} in theta_hat_t, {cur_shape} in theta_hat_t+1") from None
+        raise TrainError(f"theta_hat_t (prev) and theta_hat_t+1 (cur) do not match: {e}") from None
 
 
 @torch.no_grad()
@@ -77,7 +58,7 @@ def run(ctx: RunContext, t: int, model: Any | None) -> dict[str, Any]:
         state = holder.state_dict()
     if ctx.is_main:
         prev = AutoModelForCausalLM.from_pretrained(previous_raw(ctx, t), dtype=ctx.dtype).state_dict()
-        summary["tensors"] = extrapolate_state_(state, prev, ctx.config.alpha)
+        summary["tensors"] = extrapolate_state_(prev=prev, cur=state, alpha=ctx.config.alpha)
         summary["device"] = str(next(iter(state.values())).device)
         del prev
         tmp = store.tmp_path(store.policy(t))

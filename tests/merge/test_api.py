@@ -427,12 +427,12 @@ def test_in_memory_api():
     torch.manual_seed(0)
     prev = {"w": torch.randn(17, 5, dtype=torch.bfloat16), "n": torch.arange(3)}
     cur = {"w": torch.randn(17, 5, dtype=torch.bfloat16), "n": torch.arange(3) + 1}
-    out = apo_merge.extrapolate_state_dict(prev, cur, 0.3)
+    out = apo_merge.extrapolate_state_dict(prev=prev, cur=cur, alpha=0.3)
     assert torch.equal(bits(out["w"]), bits(formula(prev["w"], cur["w"], 0.3, torch.bfloat16)))
     assert torch.equal(out["n"], cur["n"])
     params = [cur["w"].clone()]
-    apo_merge.extrapolate_tensors_(params, [prev["w"]], 0.3)
+    apo_merge.extrapolate_tensors_(prev=[prev["w"]], cur=params, alpha=0.3)
     assert torch.equal(bits(params[0]), bits(out["w"]))
     with pytest.raises(ValueError, match="only one"):
-        apo_merge.extrapolate_state_dict({"a": torch.ones(1)}, {"b": torch.ones(1)}, 0.3)
+        apo_merge.extrapolate_state_dict(prev={"a": torch.ones(1)}, cur={"b": torch.ones(1)}, alpha=0.3)
     assert math.isfinite(float(out["w"].float().sum()))

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 from typer.testing import CliRunner
 
+import apo_merge
 from apo_merge import APOCallback, cli
 from tests.checkpoints import make_model
 
@@ -89,3 +90,28 @@ def test_refuses_peft_models():
     model = peft.get_peft_model(make_model(seed=0), peft.LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="apo-merge PREV CUR"):
         APOCallback(ALPHA).on_train_begin(None, None, None, model=model)
+
+
+def test_refuses_prev_of_another_model_before_training(tmp_path):
+    model = make_model(seed=0)
+    prev = {n: t.clone() for n, t in model.state_dict().items() if n != "model.norm.weight"}
+    with pytest.raises(ValueError, match=r"differ in tensor names \(model.norm.weight\); pass the checkpoint"):
+        APOCallback(ALPHA, prev=prev).on_train_begin(None, None, None, model=model)
+    prev["model.norm.weight"] = torch.ones(3)
+    with pytest.raises(ValueError, match=r"APOCallback: model.norm.weight: shape \(3,\) in prev"):
+        APOCallback(ALPHA, prev=prev).on_train_begin(None, None, None, model=model)
+
+
+def test_state_dict_prev_and_tied_weights_step_once():
+    model = make_model(seed=0, tie_word_embeddings=True)
+    prev = {n: t + 0.25 for n, t in model.state_dict().items() if n != "lm_head.weight" and t.is_floating_point()}
+    want = apo_merge.extrapolate_state_dict(prev=prev, cur=model.state_dict(), alpha=ALPHA)
+    apo = APOCallback(ALPHA, prev=prev)
+    apo.on_train_begin(None, None, None, model=model)
+    raw = {n: t.clone() for n, t in model.state_dict().items()}
+    apo.on_train_end(None, None, None, model=model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(torch.equal(model.state_dict()[n], want[n]) for n in want)
+    assert "lm_head.weight" not in apo.prev_raw and torch.equal(
+        apo.prev_raw["model.norm.weight"], raw["model.norm.weight"]
+    )

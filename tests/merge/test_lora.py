@@ -75,7 +75,9 @@ def _merged_state(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
 def _reference(setup, pair: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Extrapolate the two adapters' merged full weights: the definition of the APO step."""
     prev, cur = setup[pair]
-    state = extrapolate_state_dict(_merged_state(setup["base"], prev), _merged_state(setup["base"], cur), ALPHA)
+    state = extrapolate_state_dict(
+        prev=_merged_state(setup["base"], prev), cur=_merged_state(setup["base"], cur), alpha=ALPHA
+    )
     model = LlamaForCausalLM.from_pretrained(setup["base"])
     model.load_state_dict(state)
     return state, _logits(model, setup["ids"])

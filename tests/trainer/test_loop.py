@@ -46,7 +46,7 @@ def test_checkpoints_satisfy_the_apo_step_bit_for_bit(tiny, reference_run):
     raw = [weights(tiny / "policy"), weights(out / "round-0" / "trained"), weights(out / "round-1" / "trained")]
     for t in range(2):
         theta = weights(out / f"round-{t}" / "policy")
-        want = extrapolate_state_dict(raw[t], raw[t + 1], 0.3)
+        want = extrapolate_state_dict(prev=raw[t], cur=raw[t + 1], alpha=0.3)
         assert theta.keys() == want.keys()
         for name in theta:
             assert theta[name].dtype == want[name].dtype
@@ -54,7 +54,7 @@ def test_checkpoints_satisfy_the_apo_step_bit_for_bit(tiny, reference_run):
     # The step is against the raw theta_hat_1, not the extrapolated theta_1 (which differs from it).
     theta_1 = weights(out / "round-0" / "policy")
     assert any(not torch.equal(theta_1[n], raw[1][n]) for n in theta_1)
-    wrong = extrapolate_state_dict(theta_1, raw[2], 0.3)
+    wrong = extrapolate_state_dict(prev=theta_1, cur=raw[2], alpha=0.3)
     theta_2 = weights(out / "round-1" / "policy")
     assert any(not torch.equal(theta_2[n], wrong[n]) for n in theta_2)
 
@@ -78,7 +78,7 @@ def test_tied_embeddings_are_extrapolated_once_with_sppo(tmp_path):
     prev, hat = weights(tmp_path / "policy"), weights(out / "round-0" / "trained")
     theta = weights(out / "round-0" / "policy")
     assert "lm_head.weight" not in theta
-    want = extrapolate_state_dict(prev, hat, 0.5)
+    want = extrapolate_state_dict(prev=prev, cur=hat, alpha=0.5)
     assert all(torch.equal(theta[n], want[n]) for n in want)
 
 

@@ -114,6 +114,6 @@ def test_two_processes_under_accelerate_launch_complete_a_round_and_agree(tiny, 
     assert train["train_pairs"] <= 7 and train["steps"] == 2
     rows = [json.loads(line) for line in (out / "round-0" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 7 and all(len(r["response_ids"]) == 4 for r in rows)
-    want = extrapolate_state_dict(weights(tiny / "policy"), weights(out / "round-0" / "trained"), 0.3)
+    want = extrapolate_state_dict(prev=weights(tiny / "policy"), cur=weights(out / "round-0" / "trained"), alpha=0.3)
     got = weights(out / "round-0" / "policy")
     assert all(torch.equal(got[n], want[n]) for n in want)
