@@ -26,7 +26,7 @@ import torch
 from apo_kernels import extrapolate
 from apo_merge.checkpoint import Checkpoint, is_inside
 from apo_merge.engine import TORCH_DTYPES, pread_exact
-from apo_merge.errors import MergeError, usage_error
+from apo_merge.errors import MergeError
 from apo_merge.inputhash import InputDigest, StreamHasher, digest, hash_file
 from apo_merge.plan import MergePlan, OutFile, make_plan
 from apo_merge.sources import ADAPTER_CONFIG, Source
@@ -322,7 +322,7 @@ class _Merger:
                 self.changes.setdefault(f"{name}.bias", _Change()).bias = name
         for key in self.wc:
             if key.endswith("trainable_tokens_delta"):
-                raise usage_error(
+                raise MergeError(
                     "--merge-into does not support trainable-token adapters; write the extrapolated adapter instead"
                 )
             self.changes.setdefault(_base_name(key), _Change()).whole = key

@@ -18,7 +18,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from apo_merge.errors import MergeError, usage_error
+from apo_merge.errors import MergeError
 
 CARD_MARK = "<!-- apo-merge -->"
 _TMP_SUFFIX = re.compile(r"(\d+)-(\d+)-[0-9a-f]{8}")  # <pid>-<process start time>-<random>
@@ -126,7 +126,7 @@ def _remove(path: Path) -> None:
 def check_replaceable(out: Path) -> None:
     """With --overwrite, only an empty folder or an earlier apo-merge output may be replaced."""
     if not out.is_dir() or out.is_symlink():
-        raise usage_error(f"{out}: exists and is not a folder; remove it or choose another -o")
+        raise MergeError(f"{out}: exists and is not a folder; remove it or choose another -o")
     if not any(out.iterdir()):
         return
     card = out / "README.md"
@@ -135,7 +135,7 @@ def check_replaceable(out: Path) -> None:
     except OSError:
         ours = False
     if not ours:
-        raise usage_error(
+        raise MergeError(
             f"{out}: exists and is not an apo-merge output, so --overwrite will not replace it; "
             "remove it yourself or choose another -o"
         )
@@ -171,7 +171,7 @@ class StagedFolder:
         _fsync_dir(self.tmp)
         if self.out.exists() or self.out.is_symlink():
             if not self.overwrite:
-                raise usage_error(f"{self.out}: appeared while merging (another process?); nothing was replaced")
+                raise MergeError(f"{self.out}: appeared while merging (another process?); nothing was replaced")
             if not _renameat2(self.tmp, self.out, _RENAME_EXCHANGE):
                 old = self.out.parent / f".{self.out.name}.apo-old-{os.getpid()}"
                 os.rename(self.out, old)
@@ -183,12 +183,12 @@ class StagedFolder:
             try:
                 done = _renameat2(self.tmp, self.out, _RENAME_NOREPLACE)
             except FileExistsError:
-                raise usage_error(
+                raise MergeError(
                     f"{self.out}: appeared while merging (another process?); nothing was replaced"
                 ) from None
             if not done:
                 if self.out.exists():
-                    raise usage_error(f"{self.out}: appeared while merging (another process?); nothing was replaced")
+                    raise MergeError(f"{self.out}: appeared while merging (another process?); nothing was replaced")
                 os.rename(self.tmp, self.out)
             self.committed = True
         _fsync_dir(self.out.parent)
