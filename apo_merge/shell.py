@@ -79,12 +79,10 @@ def say(text: str) -> None:
 
 
 def _stdout_lost(e: OSError) -> StdoutLost:
+    finished = f"; the work itself finished: {'; '.join(_done)}" if _done else ""
     if e.errno == errno.EPIPE:
-        cause = "stdout was closed by its reader (broken pipe) before the result was written"
-    else:
-        cause = f"cannot write the result to stdout ({e.strerror or e})"
-    done = "; ".join(_done)
-    return StdoutLost(cause + (f"; the work itself finished: {done}" if done else ""), EXIT_FAILURE)
+        return StdoutLost(f"stdout was closed by its reader (broken pipe) before the result was written{finished}")
+    return StdoutLost(f"cannot write the result to stdout ({e.strerror or e}){finished}")
 
 
 def interrupted(e: BaseException, then: str, action: str = "") -> UserError:
