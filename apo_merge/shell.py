@@ -69,10 +69,10 @@ def completed(what: str) -> None:
     _done.append(what)
 
 
-def say(text: str) -> None:
-    """Print one line of the command's result on stdout; a write that fails raises ``StdoutLost``."""
+def say(text: str, end: str = "\n") -> None:
+    """Print the command's result on stdout; a write that fails raises ``StdoutLost``."""
     try:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(text + end)
         sys.stdout.flush()
     except OSError as e:
         raise _stdout_lost(e) from None
@@ -138,9 +138,17 @@ def _flush_stdout() -> None:
         raise _stdout_lost(e) from None
 
 
-def _silence_stdout() -> None:
-    # After a failed write the buffer keeps its bytes; the interpreter's own flush at exit would fail again and
-    # turn the exit code into 120. Point stdout at /dev/null so that flush succeeds (the bytes go nowhere).
+def _flush_or_silence_stdout() -> None:
+    """After any ending: flush what the command printed; if stdout cannot take it, make it a sink.
+
+    A failed write leaves its bytes in the buffer; the interpreter's own flush at exit would fail again, print
+    "Exception ignored" and turn the exit code into 120. Pointing stdout at /dev/null lets that flush succeed.
+    """
+    try:
+        sys.stdout.flush()
+        return
+    except (OSError, ValueError):
+        pass
     try:
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, sys.stdout.fileno())
@@ -184,8 +192,7 @@ def run_cli(prog: str, command: Any, args: Sequence[str] | None = None, *, owns_
             if owns_process:  # a Python-level no-op first: it absorbs a signal already caught but not yet run
                 signal.signal(signal.SIGINT, _ignore)
                 signal.signal(signal.SIGTERM, _ignore)
-            if isinstance(e, StdoutLost):
-                _silence_stdout()
+            _flush_or_silence_stdout()
             code, line = _outcome(prog, e)
         if line is not None:
             try:

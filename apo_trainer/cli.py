@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from apo_merge.shell import Terminated, interrupted, run_cli, shell_group
+from apo_merge.shell import Terminated, interrupted, run_cli, say, shell_group
 
 PROG = "apo-train"
 app = typer.Typer(
@@ -81,7 +81,7 @@ def config_reference(
     """Print every config key with its default and help, as a YAML file to start from."""
     from apo_trainer.config import APOConfig
 
-    typer.echo(APOConfig.reference_markdown() if markdown else APOConfig.reference_yaml(), nl=False)
+    say(APOConfig.reference_markdown() if markdown else APOConfig.reference_yaml(), end="")
 
 
 def _register_optional_commands() -> None:
