@@ -11,6 +11,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -182,7 +183,11 @@ def run_cli(prog: str, command: Any, args: Sequence[str] | None = None, *, owns_
         command = typer.main.get_command(command)
     args = list(sys.argv[1:] if args is None else args)
     del _done[:]
-    old_int, old_term = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _on_term)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can be handled there only
+    owns_process = owns_process and main_thread
+    old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    if main_thread:
+        signal.signal(signal.SIGTERM, _on_term)
     code, line = EXIT_FAILURE, None
     try:
         try:
@@ -207,7 +212,7 @@ def run_cli(prog: str, command: Any, args: Sequence[str] | None = None, *, owns_
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             _forget_caught_interrupt()
-        else:
+        elif main_thread:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
     sys.exit(code)
