@@ -12,7 +12,16 @@ import typer
 
 from apo_merge import __version__
 from apo_merge.errors import usage_error
-from apo_merge.shell import Terminated, completed, interrupted, run_cli, say, shell_command, shell_group
+from apo_merge.shell import (
+    Terminated,
+    completed,
+    interrupted,
+    interruption,
+    run_cli,
+    say,
+    shell_command,
+    shell_group,
+)
 
 EXAMPLE = """Example:
 
@@ -172,8 +181,11 @@ def merge(
             ),
             quiet,
         )
-    except (KeyboardInterrupt, Terminated) as e:
-        raise interrupted(e, NOTHING_LEFT) from None
+    except BaseException as e:
+        signal = interruption(e)
+        if signal is None:
+            raise
+        raise interrupted(signal, NOTHING_LEFT) from None
     completed(f"{report.output} is complete")
     notes = []
     if report.copied_cur_only:

@@ -35,8 +35,28 @@ class Terminated(BaseException):
     """SIGTERM, turned into an exception so that cleanup (finally blocks, context managers) runs."""
 
 
+_received: list[int] = []  # the signals that reached this run (SIGINT, SIGTERM)
+_owning: list[bool] = [False]  # run_cli owns the process (the console scripts)
+
+
 def _on_term(signum, frame) -> NoReturn:
+    _received.append(signum)
     raise Terminated()
+
+
+def _on_int(signum, frame) -> NoReturn:
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def interruption(e: BaseException) -> BaseException | None:
+    """``e`` if it is Ctrl-C or SIGTERM, or the signal's exception when ``e`` is what a signal tore on its way
+    (a Ctrl-C inside ``import torch`` can surface as an ImportError); None for any other ending."""
+    if isinstance(e, (KeyboardInterrupt, Terminated)):
+        return e
+    if _received and not isinstance(e, UserError):
+        return Terminated() if _received[-1] == signal.SIGTERM else KeyboardInterrupt()
+    return None
 
 
 def shorten(text: str, limit: int) -> str:
@@ -66,8 +86,14 @@ _done: list[str] = []  # what is complete, for the message should stdout fail af
 
 
 def completed(what: str) -> None:
-    """Record that ``what`` is done (e.g. "runs/x-apo is complete"), for a later stdout failure's message."""
+    """Record that ``what`` is done (e.g. "runs/x-apo is complete"), for a later stdout failure's message.
+
+    From here on Ctrl-C and SIGTERM cannot undo anything: the console scripts ignore them, report and exit 0.
+    """
     _done.append(what)
+    if _owning[0]:
+        signal.signal(signal.SIGINT, _ignore)
+        signal.signal(signal.SIGTERM, _ignore)
 
 
 def say(text: str, end: str = "\n") -> None:
@@ -186,8 +212,12 @@ def run_cli(prog: str, command: Any, args: Sequence[str] | None = None, *, owns_
     main_thread = threading.current_thread() is threading.main_thread()  # signals can be handled there only
     owns_process = owns_process and main_thread
     old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    del _received[:]
+    _owning[0] = owns_process
     if main_thread:
         signal.signal(signal.SIGTERM, _on_term)
+        if old_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_int)
     code, line = EXIT_FAILURE, None
     try:
         try:
@@ -208,6 +238,7 @@ def run_cli(prog: str, command: Any, args: Sequence[str] | None = None, *, owns_
     except (KeyboardInterrupt, Terminated) as e:  # in-process only: a second signal while the first was reported
         code = code if line is not None else (EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED)
     finally:
+        _owning[0] = False
         if owns_process:  # SIG_IGN, unlike a Python handler, survives interpreter finalization
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

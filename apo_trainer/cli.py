@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from apo_merge.shell import Terminated, interrupted, run_cli, say, shell_group
+from apo_merge.shell import interrupted, interruption, run_cli, say, shell_group
 
 PROG = "apo-train"
 app = typer.Typer(
@@ -70,8 +70,11 @@ def run(
 
     try:
         run_loop(cfg, quiet=quiet, allow_changed_config=allow_changed_config)
-    except (KeyboardInterrupt, Terminated) as e:
-        raise interrupted(e, "rerun the same command to resume") from None
+    except BaseException as e:
+        stop = interruption(e)
+        if stop is None:
+            raise
+        raise interrupted(stop, "rerun the same command to resume") from None
 
 
 @app.command("config")

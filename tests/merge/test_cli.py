@@ -279,3 +279,17 @@ def test_errors_doc_lists_every_error_with_its_code():
     assert codes == {0, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED}
     assert {code for code, _, _ in errortable.rows()} <= codes
     assert len(errortable.rows()) > 100  # the scan found the errors (a broken scan would find none)
+
+
+def test_an_error_a_signal_tore_is_reported_as_the_interruption(monkeypatch):
+    """A Ctrl-C inside `import torch` can surface as an ImportError: once a signal arrived, such an ending is the
+    interruption (exit 130 with its message), never a traceback; a UserError keeps its own message."""
+    from apo_merge import shell
+
+    monkeypatch.setattr(shell, "_received", [signal.SIGINT])
+    assert isinstance(shell.interruption(ImportError("cannot load module more than once")), KeyboardInterrupt)
+    assert shell.interruption(MergeError("x")) is None
+    monkeypatch.setattr(shell, "_received", [signal.SIGTERM])
+    assert isinstance(shell.interruption(ImportError("x")), Terminated)
+    monkeypatch.setattr(shell, "_received", [])
+    assert shell.interruption(ImportError("x")) is None
