@@ -65,10 +65,10 @@ def _check_output(out: Path, inputs: list[sources.Source], overwrite: bool) -> N
             raise usage_error(f"input {src.label} is inside output {out}; choose another -o")
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise usage_error(f"{out}: already exists; pass --overwrite to replace it or choose another -o")
+            raise MergeError(f"{out}: already exists; pass --overwrite to replace it or choose another -o")
         check_replaceable(out)
     if not out.parent.is_dir():
-        raise usage_error(f"{out.parent}: no such folder for the output; create it or choose another -o")
+        raise MergeError(f"{out.parent}: no such folder for the output; create it or choose another -o")
 
 
 def _copy_side_files(root: Path, weights: set[str], trusted_root: Path, dest: Path) -> tuple[list[str], list[str]]:
@@ -125,7 +125,7 @@ def run_merge(
     if src_prev.is_adapter or src_cur.is_adapter:
         report = _merge_adapters(src_prev, src_cur, out, options, hooks)
     elif options.merge_into is not None:
-        raise usage_error("--merge-into applies to LoRA adapters, but PREV and CUR are full checkpoints; drop it")
+        raise MergeError("--merge-into applies to LoRA adapters, but PREV and CUR are full checkpoints; drop it")
     else:
         report = _merge_checkpoints(src_prev, src_cur, out, options, hooks)
     report.seconds = time.perf_counter() - t0
@@ -240,13 +240,13 @@ def _merge_adapters(
     if options.merge_into is not None:
         src_base = sources.resolve(options.merge_into, token=options.token)
         if src_base.is_adapter:
-            raise usage_error(f"--merge-into {src_base.label}: is an adapter; give the base model")
+            raise MergeError(f"--merge-into {src_base.label}: is an adapter; give the base model")
         base = open_checkpoint(src_base.path, src_base.label, src_base.trusted_root)
         meta["apo_merge_into"] = src_base.description
         base_models += [src_base.hub_id] if src_base.hub_id else []
         side.insert(0, (base.root, base.weight_file_names, src_base.trusted_root))
     elif options.max_shard_size is not None:
-        raise usage_error("--max-shard-size applies to full weights; an adapter is written as one file")
+        raise MergeError("--max-shard-size applies to full weights; an adapter is written as one file")
 
     staged = StagedFolder(out, options.overwrite)
     with staged as tmp:

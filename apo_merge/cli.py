@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import signal
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,17 +10,36 @@ from typing import Annotated
 import typer
 
 from apo_merge import __version__
+from apo_merge.errors import usage_error
 from apo_merge.options import choice_enum, help_text
+from apo_merge.shell import (
+    Terminated,
+    completed,
+    interrupted,
+    interruption,
+    run_cli,
+    say,
+    shell_command,
+    shell_group,
+)
 
 EXAMPLE = """Example:
 
     apo-merge runs/round-1 runs/round-2 --alpha 0.3 -o runs/round-2-apo
 
-Other commands: `apo-merge verify OUT` re-checks an output; `apo-merge push OUT REPO_ID` uploads one."""
+Other commands: `apo-merge verify OUT` re-checks an output; `apo-merge push OUT REPO_ID` uploads one. A PREV
+folder literally named verify or push is merged, not taken for the command, whenever a file or folder of that
+name exists in the working folder (write ./verify to make that plain)."""
 
+PROG = "apo-merge"
+NOTHING_LEFT = "no partial output was left and the inputs are unchanged"
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
 tools = typer.Typer(
-    add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False, help="apo-merge maintenance commands."
+    cls=shell_group(PROG),
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="apo-merge maintenance commands.",
 )
 SUBCOMMANDS = ("verify", "push")
 
@@ -39,21 +58,10 @@ CreatePrOpt = Annotated[bool, typer.Option("--create-pr", help="Open a Hub pull 
 TokenOpt = Annotated[str | None, typer.Option(help=help_text("token"), show_default=False)]
 
 
-class _Terminated(BaseException):
-    """SIGTERM, turned into an exception so that cleanup runs."""
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"apo-merge {__version__}")
         raise typer.Exit()
-
-
-def fail(message: str, code: int) -> None:
-    """Print a one-line error on stderr and exit with ``code``."""
-    one_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # names from files may hold \n
-    typer.echo(f"apo-merge: error: {one_line}", err=True)
-    raise typer.Exit(code)
 
 
 def _human(nbytes: float) -> str:
@@ -65,6 +73,7 @@ def _human(nbytes: float) -> str:
 
 
 @app.command(
+    cls=shell_command(PROG),
     help=f"Write CUR + ALPHA * (CUR - PREV) for two Hugging Face safetensors checkpoints.\n\n{EXAMPLE}",
     no_args_is_help=True,
 )
@@ -106,17 +115,12 @@ def merge(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
-    from apo_merge.errors import MergeError
     from apo_merge.hub import PushOptions
     from apo_merge.io.prefetch import Prefetcher
     from apo_merge.options import MergeOptions
 
     prefetcher = Prefetcher()
     prefetcher.checkpoints(prev, cur)  # the disk streams the inputs in while torch loads
-
-    def on_term(signum, frame):
-        raise _Terminated()
-
     hub_flags = [
         f
         for f, on in (
@@ -129,8 +133,7 @@ def merge(
         if on
     ]
     if hub_flags and push_to_hub is None:
-        fail(f"{hub_flags[0]} applies to the upload; add --push-to-hub REPO_ID", 2)
-    signal.signal(signal.SIGTERM, on_term)
+        raise usage_error(f"{hub_flags[0]} applies to the upload; add --push-to-hub REPO_ID")
     try:
         options = MergeOptions(
             alpha,
@@ -144,12 +147,12 @@ def merge(
             token=token,
         )
         report = _run(prev, cur, options, output, quiet, prefetcher)
-    except MergeError as e:
-        fail(e.message, e.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted; no partial output was left and the inputs are unchanged", 130)
-    except _Terminated:
-        fail("terminated; no partial output was left and the inputs are unchanged", 143)
+    except BaseException as e:
+        signal = interruption(e)
+        if signal is None:
+            raise
+        raise interrupted(signal, NOTHING_LEFT) from None
+    completed(f"{report.output} is complete")
     notes = []
     if report.copied_cur_only:
         notes.append(f"{len(report.copied_cur_only)} CUR-only tensors copied unchanged")
@@ -160,7 +163,7 @@ def merge(
     if report.new_nonfinite:
         notes.append(f"warning: {report.new_nonfinite} inf/NaN values from finite inputs")
     copied = report.n_tensors - report.n_extrapolated
-    typer.echo(
+    say(
         f"apo-merge: {report.n_tensors} tensors ({report.n_extrapolated} extrapolated, {copied} copied), "
         f"{_human(report.bytes_written)} in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s) on "
         f"{report.device}" + "".join(f"; {n}" for n in notes) + f" -> {report.output}"
@@ -181,16 +184,14 @@ def merge(
 
 
 def _push(folder: Path, options, token: str | None) -> None:
-    from apo_merge.errors import MergeError
     from apo_merge.hub import push
 
     try:
         url = push(folder, options, token=token)
-    except MergeError as e:
-        fail(e.message, e.exit_code)
-    except KeyboardInterrupt:
-        fail(f"upload interrupted; {folder} is complete; retry with: {options.retry_command(folder)}", 130)
-    typer.echo(f"apo-merge: uploaded {folder} -> {url}")
+    except (KeyboardInterrupt, Terminated) as e:
+        raise interrupted(e, f"{folder} is complete; retry with: {options.retry_command(folder)}", "upload") from None
+    completed(f"uploaded {folder} -> {url}")
+    say(f"apo-merge: uploaded {folder} -> {url}")
 
 
 @tools.callback()
@@ -271,29 +272,32 @@ def _run(prev, cur, options, output, quiet, prefetcher):
 def verify(
     folder: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of an apo-merge run.")],
 ) -> None:
-    from apo_merge.errors import MergeError
     from apo_merge.verify import verify_output
 
-    try:
-        report = verify_output(folder)
-    except MergeError as e:
-        fail(e.message, e.exit_code)
-    typer.echo(
+    report = verify_output(folder)
+    completed(f"{folder} passed verification")
+    say(
         f"apo-merge: {folder}: OK, {len(report.files)} file(s), {report.n_tensors} tensors, "
         f"{_human(report.total_bytes)}; every SHA-256 matches the model card"
     )
 
 
+def command_for(args: list[str]) -> typer.Typer:
+    """`verify` and `push` name the maintenance commands unless a file or folder of that name exists: then the
+    word is PREV, and the merge runs (a folder named like a command is never shadowed)."""
+    if args and args[0] in SUBCOMMANDS and not os.path.lexists(args[0]):
+        return tools
+    return app
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: `apo-merge PREV CUR ...`, or `apo-merge verify|push ...`."""
+    """Console entry point: `apo-merge PREV CUR ...`, or `apo-merge verify|push ...`; exits with the run's code.
+
+    With ``argv`` (tests, callers in the same process) the signal handlers are restored on return; without it
+    the process is ours to end (see ``run_cli``).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if args and args[0] in SUBCOMMANDS:
-            tools(args, prog_name="apo-merge")
-        else:
-            app(args, prog_name="apo-merge")
-    except KeyboardInterrupt:  # a second Ctrl-C while the first one's cleanup and exit run: still exit 130
-        sys.exit(130)
+    run_cli(PROG, command_for(args), args, owns_process=argv is None)
 
 
 if __name__ == "__main__":

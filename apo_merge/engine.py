@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from apo_merge.errors import usage_error
+from apo_merge.errors import MergeError
 from apo_merge.io.dtypes import ITEMSIZE, torch_dtype
 from apo_merge.io.header import FileHeader
 from apo_merge.io.prefetch import Prefetcher
@@ -73,7 +73,7 @@ def resolve_device(device: str) -> str:
     if not torch.cuda.is_available():
         if device == "auto":
             return "cpu"
-        raise usage_error("--device cuda: no CUDA device is available; use --device cpu or auto")
+        raise MergeError("--device cuda: no CUDA device is available; use --device cpu or auto")
     return "cuda" if device == "auto" else device
 
 

@@ -1,20 +1,37 @@
-"""The one error type that crosses from the core to the CLI."""
+"""The one error type that crosses from the core to the command line, shared by apo-merge and apo-train.
+
+Exit codes (docs/errors.md lists every condition): 2 when the command line itself is wrong (a value that does not
+parse or is out of range, an unknown or misplaced option, options that contradict each other), 1 for the state of
+the world (input files, the output location, the device, the network, a full disk), 130 for Ctrl-C, 143 for SIGTERM.
+"""
 
 from __future__ import annotations
 
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
-class MergeError(Exception):
-    """A failure with a one-line, user-facing message (cause and fix) and the process exit code to use.
 
-    ``exit_code`` is 2 for bad usage (arguments, output location) and 1 for runtime failures (bad input files,
-    I/O errors).
-    """
+class UserError(Exception):
+    """A failure with a one-line, user-facing message (cause and fix) and the process exit code to use."""
 
-    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
 
 
+class MergeError(UserError):
+    """A UserError raised by apo_merge (a subclass, so that API callers can still catch the merge's own errors).
+
+    ``exit_code`` is 2 when the command line is wrong (see ``usage_error``), 1 otherwise.
+    """
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message, exit_code)
+
+
 def usage_error(message: str) -> MergeError:
-    return MergeError(message, exit_code=2)
+    """The command line itself is wrong, whatever the files hold (exit code 2)."""
+    return MergeError(message, exit_code=EXIT_USAGE)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apo_merge.card import recorded_files
-from apo_merge.errors import MergeError, usage_error
+from apo_merge.errors import MergeError
 from apo_merge.io.output import CARD_MARK
 
 
@@ -77,7 +77,7 @@ def push(folder: str | os.PathLike, options: PushOptions, *, token: str | bool |
     """``push_folder`` with the options in one object."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise usage_error(f"{folder}: no such folder to upload; give the output folder of apo-merge")
+        raise MergeError(f"{folder}: no such folder to upload; give the output folder of apo-merge")
     _check_complete(folder)
     import huggingface_hub
 

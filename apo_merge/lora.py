@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from apo_kernels import extrapolate
-from apo_merge.errors import MergeError, usage_error
+from apo_merge.errors import MergeError
 from apo_merge.io.checkpoint import Checkpoint, is_inside
 from apo_merge.io.dtypes import torch_dtype
 from apo_merge.io.hashing import InputDigest, StreamHasher, digest, hash_file
@@ -323,7 +323,7 @@ class _Merger:
                 self.changes.setdefault(f"{name}.bias", _Change()).bias = name
         for key in self.wc:
             if key.endswith("trainable_tokens_delta"):
-                raise usage_error(
+                raise MergeError(
                     "--merge-into does not support trainable-token adapters; write the extrapolated adapter instead"
                 )
             self.changes.setdefault(_base_name(key), _Change()).whole = key

@@ -1,23 +1,25 @@
 """The ``apo-train`` command line: ``run CONFIG.yaml [--set key=value ...]``, ``config`` (print every key).
 
-Errors print one line on stderr; exit code 2 for bad configuration or usage, 1 for failures during the run,
-130 on Ctrl-C. ``apo-train demo`` is added by ``apo_trainer.demo.cli:demo`` when that module is present.
+Errors print one line on stderr (``apo_merge.shell.run_cli``); exit code 2 for a wrong command line or config,
+1 for the state of the world and failures during the run, 130 on Ctrl-C, 143 on SIGTERM (docs/errors.md).
+``apo-train demo`` is added by ``apo_trainer.demo.cli:demo`` when that module is present.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from apo_trainer.errors import TrainError
+from apo_merge.shell import interrupted, interruption, run_cli, say, shell_group
 
+PROG = "apo-train"
 app = typer.Typer(
-    name="apo-train",
+    name=PROG,
+    cls=shell_group(PROG),
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -42,11 +44,6 @@ def _root(
     """Run Accelerated Preference Optimization rounds (arXiv 2410.06293)."""
 
 
-def _fail(err: TrainError) -> typer.Exit:
-    typer.echo(f"apo-train: error: {err.message}", err=True)
-    return typer.Exit(err.exit_code)
-
-
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config file (see `apo-train config`).")],
@@ -67,17 +64,17 @@ def run(
     """Run (or resume) the APO rounds a config describes. Rerun the same command to resume after a crash."""
     from apo_trainer.config import APOConfig
 
-    try:
-        cfg = APOConfig.from_yaml(config, overrides or [])
-        cfg.validate()
-        from apo_trainer.loop import run as run_loop
+    cfg = APOConfig.from_yaml(config, overrides or [])
+    cfg.validate()
+    from apo_trainer.loop import run as run_loop
 
+    try:
         run_loop(cfg, quiet=quiet, allow_changed_config=allow_changed_config)
-    except TrainError as e:
-        raise _fail(e) from None
-    except KeyboardInterrupt:
-        typer.echo("apo-train: interrupted; rerun the same command to resume", err=True)
-        raise typer.Exit(130) from None
+    except BaseException as e:
+        stop = interruption(e)
+        if stop is None:
+            raise
+        raise interrupted(stop, "rerun the same command to resume") from None
 
 
 @app.command("config")
@@ -87,7 +84,7 @@ def config_reference(
     """Print every config key with its default and help, as a YAML file to start from."""
     from apo_trainer.config import APOConfig
 
-    typer.echo(APOConfig.reference_markdown() if markdown else APOConfig.reference_yaml(), nl=False)
+    say(APOConfig.reference_markdown() if markdown else APOConfig.reference_yaml(), end="")
 
 
 def _register_optional_commands() -> None:
@@ -103,10 +100,10 @@ def _register_optional_commands() -> None:
 _register_optional_commands()
 
 
-def main() -> None:
-    """Console-script entry point (``apo-train``)."""
-    app(prog_name="apo-train")
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``apo-train``); exits with the run's code (see ``apo_merge.shell.run_cli``)."""
+    run_cli(PROG, app, argv, owns_process=argv is None)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -177,7 +177,9 @@ class APOConfig:
             try:
                 text = p.read_text(encoding="utf-8")
             except OSError as e:
-                raise ConfigError(f"{p}: cannot read config file ({e.strerror or e}); check the path") from None
+                raise ConfigError(
+                    f"{p}: cannot read config file ({e.strerror or e}); check the path", exit_code=1
+                ) from None
             try:
                 loaded = yaml.safe_load(text)
             except yaml.YAMLError as e:
@@ -282,10 +284,13 @@ class APOConfig:
                 raise ConfigError(f"config: log_with tracker '{tracker}' is unknown; use one of {', '.join(_TRACKERS)}")
             if not any(importlib.util.find_spec(m) for m in modules):
                 raise ConfigError(
-                    f"config: log_with '{tracker}' needs the {modules[0]} package; install it or drop it from log_with"
+                    f"config: log_with '{tracker}' needs the {modules[0]} package; install it or drop it from log_with",
+                    exit_code=1,
                 )
         if self.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ConfigError("config: sampler 'vllm' needs the vllm package; install it or use sampler: auto")
+            raise ConfigError(
+                "config: sampler 'vllm' needs the vllm package; install it or use sampler: auto", exit_code=1
+            )
 
     # ---------------------------------------------------------------- output
     def to_dict(self) -> dict[str, Any]:
@@ -366,10 +371,14 @@ def _check_model_ref(key: str, ref: str, *, required: bool) -> None:
     p = Path(ref)
     if p.is_dir():
         if key != "tokenizer" and not (p / "config.json").is_file():
-            raise ConfigError(f"config: {key} folder {ref} has no config.json; point it at a Hugging Face model folder")
+            raise ConfigError(
+                f"config: {key} folder {ref} has no config.json; point it at a Hugging Face model folder", exit_code=1
+            )
         return
     if p.exists() or ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
-        raise ConfigError(f"config: {key} '{ref}' is neither an existing folder nor a Hub id; check the path")
+        raise ConfigError(
+            f"config: {key} '{ref}' is neither an existing folder nor a Hub id; check the path", exit_code=1
+        )
 
 
 def _check_prompts(path: str, prompt_field: str) -> None:
@@ -377,7 +386,7 @@ def _check_prompts(path: str, prompt_field: str) -> None:
         raise ConfigError("config: 'prompts' is required (a JSONL file with a 'prompt' field, or a folder)")
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"config: prompts file {path} does not exist; check the path")
+        raise ConfigError(f"config: prompts file {path} does not exist; check the path", exit_code=1)
     from apo_trainer.prompts import peek_prompt_source
 
     peek_prompt_source(p, prompt_field)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from apo_merge.errors import EXIT_FAILURE, EXIT_USAGE, UserError
 
-class TrainError(Exception):
-    """A failure a user can act on; ``exit_code`` 1 for runtime failures, 2 for bad usage or configuration."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
+class TrainError(UserError):
+    """A failure a user can act on; ``exit_code`` 1 for the state of the world, 2 for a wrong command line."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message, exit_code)
 
 
 class ConfigError(TrainError):
-    """Bad configuration, found before any work starts (exit code 2)."""
+    """The configuration (YAML file and --set) is wrong in itself, found before any work starts: exit code 2.
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, exit_code=2)
+    A config that is well formed but names something missing (a model folder, a prompts file, a package) passes
+    ``exit_code=1``: that is the state of the world, not the command line.
+    """
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message, exit_code)

@@ -152,7 +152,8 @@ def _check_config(store: RunStore, config: APOConfig, allow_changed: bool) -> No
             detail = ", ".join(f"{k}: {previous.get(k)!r} -> {config.to_dict().get(k)!r}" for k in changed[:4])
             raise ConfigError(
                 f"{store.root} was started with another config ({detail}); use a new output_dir, "
-                "restore those values, or pass --allow-changed-config"
+                "restore those values, or pass --allow-changed-config",
+                exit_code=1,
             )
         if not changed and previous == config.to_dict():
             return

@@ -47,14 +47,17 @@ def resolve_callable(target: str) -> Callable[..., Any]:
     except Exception as e:  # the user's module may fail in any way while importing
         raise ConfigError(
             f"config: cannot import oracle module '{module_name}' ({type(e).__name__}: {e}); "
-            "check the name and PYTHONPATH"
+            "check the name and PYTHONPATH",
+            exit_code=1,
         ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(f"config: module '{module_name}' has no attribute '{attr}'; check the oracle spec")
+            raise ConfigError(
+                f"config: module '{module_name}' has no attribute '{attr}'; check the oracle spec", exit_code=1
+            )
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ConfigError(f"config: oracle '{target}' is not callable")
+        raise ConfigError(f"config: oracle '{target}' is not callable", exit_code=1)
     return obj
 
 

@@ -14,7 +14,9 @@ def _jsonl_files(path: Path) -> list[Path]:
         return [path]
     files = sorted([*path.glob("*.jsonl"), *path.glob("*.json")])
     if not files:
-        raise ConfigError(f"config: prompts folder {path} holds no *.jsonl files (nor a datasets save_to_disk folder)")
+        raise ConfigError(
+            f"config: prompts folder {path} holds no *.jsonl files (nor a datasets save_to_disk folder)", exit_code=1
+        )
     return files
 
 
@@ -32,12 +34,13 @@ def _read_jsonl(path: Path, prompt_field: str, limit: int | None = None) -> list
                 obj = json.loads(line)
             except json.JSONDecodeError:
                 raise ConfigError(
-                    f"{path}:{lineno}: not a JSON object; prompts files hold one object per line"
+                    f"{path}:{lineno}: not a JSON object; prompts files hold one object per line", exit_code=1
                 ) from None
             if not isinstance(obj, dict) or not isinstance(obj.get(prompt_field), str):
                 raise ConfigError(
                     f"{path}:{lineno}: no string field '{prompt_field}'; set prompt_field to the "
-                    "field that holds the prompt"
+                    "field that holds the prompt",
+                    exit_code=1,
                 )
             out.append(obj[prompt_field])
             if limit is not None and len(out) >= limit:
@@ -50,13 +53,13 @@ def _read_datasets_folder(path: Path, prompt_field: str) -> list[str]:
         import datasets
     except ImportError:
         raise ConfigError(
-            f"config: {path} is a datasets folder; install `datasets` or export the prompts as JSONL"
+            f"config: {path} is a datasets folder; install `datasets` or export the prompts as JSONL", exit_code=1
         ) from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
     if prompt_field not in ds.column_names:
-        raise ConfigError(f"{path}: no column '{prompt_field}' (columns: {', '.join(ds.column_names)})")
+        raise ConfigError(f"{path}: no column '{prompt_field}' (columns: {', '.join(ds.column_names)})", exit_code=1)
     return [str(x) for x in ds[prompt_field]]
 
 
@@ -67,12 +70,12 @@ def peek_prompt_source(path: Path, prompt_field: str) -> None:
             import datasets  # noqa: F401
         except ImportError:
             raise ConfigError(
-                f"config: {path} is a datasets folder; install `datasets` or export the prompts as JSONL"
+                f"config: {path} is a datasets folder; install `datasets` or export the prompts as JSONL", exit_code=1
             ) from None
         return
     first = _jsonl_files(path)[0]
     if not _read_jsonl(first, prompt_field, limit=1):
-        raise ConfigError(f"config: prompts file {first} is empty")
+        raise ConfigError(f"config: prompts file {first} is empty", exit_code=1)
 
 
 def load_prompts(path: str | Path, prompt_field: str = "prompt") -> list[str]:
@@ -84,7 +87,7 @@ def load_prompts(path: str | Path, prompt_field: str = "prompt") -> list[str]:
     for f in _jsonl_files(p):
         prompts.extend(_read_jsonl(f, prompt_field))
     if not prompts:
-        raise ConfigError(f"config: no prompts in {p}")
+        raise ConfigError(f"config: no prompts in {p}", exit_code=1)
     return prompts
 
 

@@ -135,7 +135,8 @@ def load_tokenizer(config: APOConfig) -> PreTrainedTokenizerBase:
         if tok.eos_token_id is None:
             raise ConfigError(
                 f"config: tokenizer of {config.tokenizer or config.model} has neither a pad nor an "
-                "end-of-sequence token; set one"
+                "end-of-sequence token; set one",
+                exit_code=1,
             )
         tok.pad_token = tok.eos_token
     return tok

@@ -33,7 +33,9 @@ def select_sampler(requested: str, *, cuda: bool, num_processes: int, vllm_avail
         return "static" if cuda else "generate"
     if requested == "vllm":
         if not vllm_available:
-            raise ConfigError("config: sampler 'vllm' needs the vllm package; install it or use sampler: auto")
+            raise ConfigError(
+                "config: sampler 'vllm' needs the vllm package; install it or use sampler: auto", exit_code=1
+            )
         if num_processes > 1:
             raise ConfigError(
                 "config: sampler 'vllm' runs in a single process; launch one process or use sampler: static"
@@ -202,7 +204,9 @@ def run(ctx: RunContext, t: int, policy_path: str | Path) -> dict[str, Any]:
     encoded = [encode_prompt(ctx.tokenizer, ctx.prompts[i], cfg.chat_template) for i in picked]
     keep = [j for j, ids in enumerate(encoded) if len(ids) <= cfg.max_prompt_tokens]
     if not keep:
-        raise ConfigError(f"round {t}: every prompt is longer than max_prompt_tokens={cfg.max_prompt_tokens}")
+        raise ConfigError(
+            f"round {t}: every prompt is longer than max_prompt_tokens={cfg.max_prompt_tokens}", exit_code=1
+        )
     by_length = sorted(keep, key=lambda j: -len(encoded[j]))
     mine = by_length[ctx.rank :: acc.num_processes]
 

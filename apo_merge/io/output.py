@@ -17,7 +17,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from apo_merge.errors import MergeError, usage_error
+from apo_merge.errors import MergeError
 from apo_merge.io.files import RENAME_NOREPLACE, fsync_dir, fsync_tree, remove, renameat2, replace_atomically
 
 CARD_MARK = "<!-- apo-merge -->"
@@ -96,7 +96,7 @@ def io_error(e: OSError, out: Path) -> MergeError:
 def check_replaceable(out: Path) -> None:
     """With --overwrite, only an empty folder or an earlier apo-merge output may be replaced."""
     if not out.is_dir() or out.is_symlink():
-        raise usage_error(f"{out}: exists and is not a folder; remove it or choose another -o")
+        raise MergeError(f"{out}: exists and is not a folder; remove it or choose another -o")
     if not any(out.iterdir()):
         return
     card = out / "README.md"
@@ -105,7 +105,7 @@ def check_replaceable(out: Path) -> None:
     except OSError:
         ours = False
     if not ours:
-        raise usage_error(
+        raise MergeError(
             f"{out}: exists and is not an apo-merge output, so --overwrite will not replace it; "
             "remove it yourself or choose another -o"
         )
@@ -134,7 +134,7 @@ class StagedFolder:
     def commit(self) -> None:
         if self.out.exists() or self.out.is_symlink():
             if not self.overwrite:
-                raise usage_error(f"{self.out}: appeared while merging (another process?); nothing was replaced")
+                raise MergeError(f"{self.out}: appeared while merging (another process?); nothing was replaced")
             replace_atomically(self.tmp, self.out)  # the old OUT lands at self.tmp and is removed there
             self.committed = True
             return
@@ -142,10 +142,10 @@ class StagedFolder:
         try:
             done = renameat2(self.tmp, self.out, RENAME_NOREPLACE)
         except FileExistsError:
-            raise usage_error(f"{self.out}: appeared while merging (another process?); nothing was replaced") from None
+            raise MergeError(f"{self.out}: appeared while merging (another process?); nothing was replaced") from None
         if not done:
             if self.out.exists():
-                raise usage_error(f"{self.out}: appeared while merging (another process?); nothing was replaced")
+                raise MergeError(f"{self.out}: appeared while merging (another process?); nothing was replaced")
             os.rename(self.tmp, self.out)
         self.committed = True
         fsync_dir(self.out.parent)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from apo_trainer.demo.task import ToyTask
+from apo_trainer.errors import TrainError
 
 SPPO_BETA = 0.01
 
@@ -51,14 +52,9 @@ def demo(
 
     from apo_trainer.demo.report import table_rows, verdict
     from apo_trainer.demo.runner import DemoSettings, quiet_transformers, run_demo
-    from apo_trainer.errors import TrainError
 
-    if importlib.util.find_spec("matplotlib") is None:
-        typer.echo(
-            "apo-train demo: error: the report's plot needs matplotlib; install it with pip install 'apo-merge[demo]'",
-            err=True,
-        )
-        raise typer.Exit(2)
+    if importlib.util.find_spec("matplotlib") is None:  # a missing package: the state of the machine, exit 1
+        raise TrainError("demo: the report's plot needs matplotlib; install it with pip install 'apo-merge[demo]'")
     alpha_values = _parse_alphas(alphas)
     if loss not in ("dpo", "sppo"):
         raise typer.BadParameter(f"unknown loss {loss!r}; use dpo or sppo", param_hint="--loss")
@@ -87,12 +83,8 @@ def demo(
             )
             progress.advance(bar)
 
-        try:
-            with quiet_transformers():
-                runs = run_demo(settings, jobs=jobs, log=progress.console.print, on_record=on_record)
-        except TrainError as e:
-            typer.echo(f"apo-train demo: error: {e.message}", err=True)
-            raise typer.Exit(e.exit_code) from None
+        with quiet_transformers():
+            runs = run_demo(settings, jobs=jobs, log=progress.console.print, on_record=on_record)
     header, rows = table_rows(runs)
     table = Table(*header, title="true reward, length and KL per round (mean ± sd over seeds)")
     for row in rows:

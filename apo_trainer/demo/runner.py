@@ -97,7 +97,9 @@ def prepare(settings: DemoSettings, log: Callable[[str], None] = print) -> tuple
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / "demo.json"
     if stamp.exists() and json.loads(stamp.read_text()) != settings.to_json():
-        raise ConfigError(f"{out} holds a demo run with other settings; pass another --output or delete {out}")
+        raise ConfigError(
+            f"{out} holds a demo run with other settings; pass another --output or delete {out}", exit_code=1
+        )
     stamp.write_text(json.dumps(settings.to_json(), indent=1) + "\n")
     prompts = out / "prompts.jsonl"
     if not prompts.exists():

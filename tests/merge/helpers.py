@@ -85,18 +85,29 @@ def run_cli(*args: object, timeout: float = 120, **kwargs) -> Result:
 
 
 def run_cli_in_process(*args: object) -> Result:
-    """The same command line through typer's CliRunner (fast: no interpreter or torch start-up).
+    """The same command line through the real entry point ``apo_merge.cli.main`` in this process (fast: no
+    interpreter or torch start-up): its routing, its shell, its exit code and what it prints.
 
-    Exit codes and stderr are the real ones; an exception other than SystemExit would have been a traceback.
+    An exception other than SystemExit would have been a traceback.
     """
-    from typer.testing import CliRunner
+    from apo_merge.cli import main
 
-    from apo_merge.cli import SUBCOMMANDS, app, tools
+    return run_main(main, *args)
 
-    argv = [str(a) for a in args]
-    r = CliRunner().invoke(tools if argv and argv[0] in SUBCOMMANDS else app, argv)
-    assert r.exception is None or type(r.exception) is SystemExit, f"unhandled {r.exception!r}"
-    return Result(r.exit_code, r.stdout, r.stderr)
+
+def run_main(main, *args: object) -> Result:
+    """``main(argv)`` of a console script with stdout and stderr captured; its exit code from SystemExit."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(res: Result, code: int | tuple[int, ...], *needles: str) -> str:

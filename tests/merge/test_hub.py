@@ -9,13 +9,13 @@ from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
-from typer.testing import CliRunner
 
 from apo_merge import cli
 from apo_merge.card import recorded_files
 from apo_merge.hub import PushOptions, push_folder
 from apo_merge.io.hashing import hash_file
 from tests.checkpoints import make_checkpoint
+from tests.merge.helpers import run_main
 
 TOKEN = "hf_SeCrEtT0kenDoNotLeak123"
 
@@ -63,8 +63,8 @@ def pair(tmp_path_factory):
 
 
 def _invoke(args: list[str]):
-    app = cli.tools if args[0] in cli.SUBCOMMANDS else cli.app
-    return CliRunner().invoke(app, args)
+    """Through the console script's own entry point (its routing of `push` and `verify` included)."""
+    return run_main(cli.main, *args)
 
 
 def _assert_complete(out: Path) -> None:
@@ -108,7 +108,7 @@ def test_merge_then_push_makes_the_hf_upload_calls(api, pair, tmp_path, caplog):
             TOKEN,
         ]
     )
-    assert result.exit_code == 0, result.stderr
+    assert result.code == 0, result.stderr
     assert [c[0] for c in api.calls] == ["HfApi", "create_repo", "create_branch", "upload_folder"]
     assert api.calls[0][1] == {"token": TOKEN}
     assert api.calls[1][1] == {"repo_id": "me/apo", "private": True, "exist_ok": True}
@@ -146,7 +146,7 @@ def test_pull_request_skips_the_branch_and_defaults_stay_unset(api, pair, tmp_pa
             "cpu",
         ]
     )
-    assert result.exit_code == 0, result.stderr
+    assert result.code == 0, result.stderr
     assert [c[0] for c in api.calls] == ["HfApi", "create_repo", "upload_folder"]
     assert api.calls[0][1] == {"token": None} and api.calls[1][1]["private"] is None
     assert api.calls[2][1]["create_pr"] is True and api.calls[2][1]["revision"] is None
@@ -177,7 +177,7 @@ def test_upload_failure_keeps_out_exits_1_and_prints_the_retry_command(api, pair
             TOKEN,
         ]
     )
-    assert result.exit_code == 1
+    assert result.code == 1
     err = result.stderr
     assert "ConnectionError: connection reset" in err and "the folder is complete" in err
     _assert_complete(out)
@@ -189,24 +189,24 @@ def test_upload_failure_keeps_out_exits_1_and_prints_the_retry_command(api, pair
     # the printed command, run as is, does the upload alone
     api.calls, api.fail = [], None
     retry = _invoke(shlex.split(command)[1:])
-    assert retry.exit_code == 0, retry.stderr
+    assert retry.code == 0, retry.stderr
     assert [c[0] for c in api.calls] == ["HfApi", "create_repo", "create_branch", "upload_folder"]
     assert api.calls[3][1]["commit_message"] == "round 3 (apo)" and api.calls[3][1]["folder_path"] == out
 
 
 def test_push_refuses_an_incomplete_output(api, pair, tmp_path):
     out = tmp_path / "out"
-    assert _invoke([str(pair[0]), str(pair[1]), "--alpha", "0.3", "-o", str(out), "--device", "cpu"]).exit_code == 0
+    assert _invoke([str(pair[0]), str(pair[1]), "--alpha", "0.3", "-o", str(out), "--device", "cpu"]).code == 0
     with open(out / "model.safetensors", "ab") as f:
         f.write(b"x")
     result = _invoke(["push", str(out), "me/apo"])
-    assert result.exit_code == 1 and "model.safetensors is missing or not" in result.stderr
+    assert result.code == 1 and "model.safetensors is missing or not" in result.stderr
     assert api.calls == []
 
 
 def test_hub_options_without_push_to_hub_are_usage_errors(pair, tmp_path):
     result = _invoke([str(pair[0]), str(pair[1]), "--alpha", "0.3", "-o", str(tmp_path / "o"), "--private"])
-    assert result.exit_code == 2 and "--push-to-hub" in result.stderr
+    assert result.code == 2 and "--push-to-hub" in result.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -100,18 +100,18 @@ def test_cli_bad_config_exits_2_with_one_line_on_stderr(tiny, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(tiny, tmp_path / "out").to_dict()))
     runner = CliRunner()
-    for args, needle in [
-        (["--set", "rounds=two"], "'rounds' must be int"),
-        (["--set", "oracle=callable:nope_mod:f"], "cannot import oracle module 'nope_mod'"),
-        (["--set", "prompts=/no/such.jsonl"], "does not exist"),
+    for args, needle, code in [
+        (["--set", "rounds=two"], "'rounds' must be int", 2),  # the config itself is wrong
+        (["--set", "oracle=callable:nope_mod:f"], "cannot import oracle module 'nope_mod'", 1),  # what is installed
+        (["--set", "prompts=/no/such.jsonl"], "does not exist", 1),  # what is on disk
     ]:
         result = runner.invoke(app, ["run", str(cfg), *args])
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == code, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("apo-train: error: ") and needle in lines[0]
     assert not (tmp_path / "out").exists()
     missing = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
-    assert missing.exit_code == 2 and "cannot read config file" in missing.stderr
+    assert missing.exit_code == 1 and "cannot read config file" in missing.stderr
 
 
 def test_cli_config_command_prints_the_reference():
