@@ -23,7 +23,11 @@ _MAX_LISTED = 10
 
 @dataclass(frozen=True)
 class Piece:
-    """One output tensor: where its bytes go and where they come from (``prev is None``: copy CUR's bytes)."""
+    """One output tensor: where its bytes go and where they come from (``prev is None``: copy CUR's bytes).
+
+    ``convert``: a CUR-only tensor whose output dtype differs from CUR's; ``prev`` is then CUR itself and the
+    engine computes it with alpha 0, which is CUR rounded once to the output dtype (raw bytes would be garbage).
+    """
 
     name: str
     dtype: str
@@ -31,6 +35,7 @@ class Piece:
     offset: int  # absolute, in the output file
     cur: tuple[FileHeader, TensorInfo]
     prev: tuple[FileHeader, TensorInfo] | None
+    convert: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -72,7 +77,7 @@ class MergePlan:
 
     @property
     def n_extrapolated(self) -> int:
-        return sum(p.prev is not None for f in self.files for p in f.pieces)
+        return sum(p.prev is not None and not p.convert for f in self.files for p in f.pieces)
 
 
 def parse_size(text: str | int) -> int:
@@ -176,12 +181,14 @@ def make_plan(
             "both must be checkpoints of the same architecture"
         )
 
-    # (name, out dtype, shape, cur source, prev source or None), in CUR's layout order.
-    specs: list[tuple[str, str, tuple[int, ...], tuple[FileHeader, TensorInfo], tuple | None]] = []
+    # (name, out dtype, shape, cur source, prev source or None, convert), in CUR's layout order.
+    specs: list[tuple[str, str, tuple[int, ...], tuple[FileHeader, TensorInfo], tuple | None, bool]] = []
     for name, (header, info) in cur.tensors.items():
         p = prev.tensors.get(name)
         out_dtype, extrapolated = _out_dtype(name, info, p[1] if p else None, dtype)
-        specs.append((name, out_dtype, info.shape, (header, info), p if extrapolated else None))
+        convert = not extrapolated and out_dtype != info.dtype  # CUR-only float tensor under --dtype
+        source = p if extrapolated else (header, info) if convert else None
+        specs.append((name, out_dtype, info.shape, (header, info), source, convert))
 
     def size_of(spec) -> int:
         return math.prod(spec[2]) * ITEMSIZE[spec[1]]
@@ -206,12 +213,12 @@ def make_plan(
     files: list[OutFile] = []
     for fname, group in zip(names, groups):
         entries, begin = [], 0
-        for name, out_dtype, shape, c, p in group:
-            piece = Piece(name, out_dtype, shape, 0, c, p)
+        for name, out_dtype, shape, c, p, convert in group:
+            piece = Piece(name, out_dtype, shape, 0, c, p, convert)
             entries.append((piece, begin))
             begin += piece.nbytes
         header = _header_bytes(entries, meta)
-        pieces = [Piece(pc.name, pc.dtype, pc.shape, len(header) + b, pc.cur, pc.prev) for pc, b in entries]
+        pieces = [Piece(pc.name, pc.dtype, pc.shape, len(header) + b, pc.cur, pc.prev, pc.convert) for pc, b in entries]
         files.append(OutFile(fname, header, pieces))
 
     index = None

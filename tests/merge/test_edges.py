@@ -1,0 +1,93 @@
+"""Issue 15's edges: paths that used to exit 0 with a wrong result or lose a user's folder, each pinned here."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from apo_merge.api import run_merge
+from tests.merge.helpers import st_tensors
+
+TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+ST = {v: k for k, v in TORCH.items()}
+
+
+def _data(path: Path) -> bytes:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return raw[8 + n :]
+
+
+def _write(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {
+        n: (ST[t.dtype], list(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes()) for n, t in tensors.items()
+    }
+    (folder / "model.safetensors").write_bytes(st_tensors(spec))
+    return folder
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+# -- --on-missing copy with --dtype: a CUR-only float tensor is converted with one rounding --------------------------
+SPECIAL = [
+    1.0,
+    2.0,
+    3.0,
+    -4.5,
+    1.0 + 2**-9 + 2**-20,
+    1.0 + 2**-8 + 2**-30,
+    -0.0,
+    float("inf"),
+    float("nan"),
+    3.0e38,
+    1e-40,
+]
+
+
+@pytest.mark.parametrize("out_dtype,src", [("bf16", "F32"), ("fp32", "BF16"), ("fp16", "F32"), ("bf16", "F64")])
+def test_on_missing_copy_converts_cur_only_tensors_exactly(tmp_path, out_dtype, src):
+    shared = torch.linspace(-1, 1, 6, dtype=torch.float32)
+    x64 = torch.tensor(SPECIAL, dtype=torch.float64)
+    extra = x64.to(TORCH[src])
+    tail = torch.tensor([7.0, 8.0, 9.0, 10.0], dtype=torch.float32)  # read past the end of `extra` shows here
+    prev = _write(tmp_path / "prev", {"shared": shared, "tail": tail})
+    cur = _write(tmp_path / "cur", {"extra": extra, "shared": shared * 2, "tail": tail})
+    out = tmp_path / "out"
+    report = run_merge(prev, cur, 0.3, out, device="cpu", dtype=out_dtype, on_missing="copy")
+    assert report.copied_cur_only == ["extra"]
+    got = _read(out / "model.safetensors")["extra"]
+    want_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[out_dtype]
+    assert got.dtype == want_dtype
+    # float64 reference: the CUR value (exact in float64), rounded once to nearest-even in the output dtype.
+    exact = extra.double()
+    if want_dtype == torch.float32 or src != "F64":
+        want = exact.to(torch.float32).to(want_dtype)  # exact -> fp32 is exact here, one rounding after it
+    else:
+        want = torch.tensor([float(v) for v in exact], dtype=torch.float64)
+        want = torch.stack([_round_once(v.item(), want_dtype) for v in want])
+    assert torch.equal(got.isnan(), want.isnan())
+    ok = ~want.isnan()
+    bits = {torch.float32: torch.int32}.get(want_dtype, torch.int16)
+    assert torch.equal(got[ok].view(bits), want[ok].view(bits))
+    assert torch.equal(_read(out / "model.safetensors")["tail"], tail)
+
+
+def _round_once(v: float, dtype: torch.dtype) -> torch.Tensor:
+    """float64 -> dtype with a single round-to-nearest-even (not through fp32): the nearer of the two neighbours."""
+    if v != v or v in (float("inf"), float("-inf")) or v == 0:
+        return torch.tensor(v, dtype=dtype)
+    lo = torch.tensor(v, dtype=torch.float64).to(torch.float32).to(dtype)
+    cands = {lo.view(torch.int16).item() + d for d in (-1, 0, 1)} & set(range(-(2**15), 2**15))
+    best = min(
+        (torch.tensor([c], dtype=torch.int16).view(dtype)[0] for c in cands),
+        key=lambda t: (abs(t.double().item() - v), t.view(torch.int16).item() & 1),
+    )
+    return best
