@@ -215,6 +215,11 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, torch.Tens
                 f"lora_alpha={lora_alpha!r}, but its tensors have rank {rank}; fix the config"
             )
         scaling = lora_alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+        if p.get("bias") is not None and cfg.get("lora_bias") is not True:
+            raise MergeError(
+                f"{adapter.label}: LoRA layer {name} holds a lora_B.bias but {ADAPTER_CONFIG}'s lora_bias is not "
+                "true, so PEFT would ignore it; fix lora_bias in the config or remove the tensor"
+            )
         modules[name] = _Module(p["kind"], A, B, p.get("bias"), scaling)
     return modules, whole
 
@@ -230,10 +235,38 @@ def _matched(prev: Adapter, cur: Adapter):
                 f"PREV and CUR adapters hold different {what} ({', '.join(only[:5])}); both rounds "
                 "must train the same LoRA layout"
             )
+    for name, c in mc.items():  # a lora_B.bias in one round only: the other's is PEFT's zero init (lora_bias true)
+        p = mp[name]
+        if (c.bias is None) != (p.bias is None):
+            if c.bias is None:
+                c.bias = torch.zeros_like(p.bias)
+            else:
+                p.bias = torch.zeros_like(c.bias)
+        if c.bias is not None and c.bias.shape != p.bias.shape:
+            raise MergeError(
+                f"LoRA layer {name}: lora_B.bias has shape {list(p.bias.shape)} in PREV but "
+                f"{list(c.bias.shape)} in CUR; both rounds must train the same LoRA layout"
+            )
     for key, c in wc.items():
         if wp[key].shape != c.shape:
             raise MergeError(f"{key}: shape {list(wp[key].shape)} in PREV, {list(c.shape)} in CUR")
     return mp, mc, wp, wc
+
+
+def _check_factors(name: str, p: _Module, c: _Module) -> None:
+    """PREV's and CUR's factors must stack: same input and output sizes (ranks may differ)."""
+    if (
+        c.A.dim() != p.A.dim()
+        or c.B.dim() != p.B.dim()
+        or c.A.shape[1:] != p.A.shape[1:]
+        or c.B.shape[0] != p.B.shape[0]
+        or c.B.shape[2:] != p.B.shape[2:]
+    ):
+        raise MergeError(
+            f"LoRA layer {name}: factor shapes differ between PREV and CUR "
+            f"({list(p.B.shape)} x {list(p.A.shape)} vs {list(c.B.shape)} x {list(c.A.shape)}); "
+            "both rounds must train the same LoRA layout"
+        )
 
 
 def _whole(p: torch.Tensor, c: torch.Tensor, alpha: float, dtype: torch.dtype | None) -> torch.Tensor:
@@ -252,11 +285,7 @@ def extrapolate_adapters(
     ranks: dict[str, int] = {}
     for name, c in mc.items():
         p = mp[name]
-        if c.A.shape[1:] != p.A.shape[1:] or c.B.shape[0] != p.B.shape[0] or c.B.shape[2:] != p.B.shape[2:]:
-            raise MergeError(
-                f"LoRA layer {name}: factor shapes differ between PREV and CUR "
-                f"({list(p.B.shape)} x {list(p.A.shape)} vs {list(c.B.shape)} x {list(c.A.shape)})"
-            )
+        _check_factors(name, p, c)
         dt = out_dtype or torch.promote_types(c.A.dtype, p.A.dtype)
         a_key, b_key = (
             ("lora_embedding_A", "lora_embedding_B") if c.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
@@ -326,6 +355,28 @@ class _Merger:
                     "--merge-into does not support trainable-token adapters; write the extrapolated adapter instead"
                 )
             self.changes.setdefault(_base_name(key), _Change()).whole = key
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape every part of the change to base tensor ``name`` has (checked before any arithmetic)."""
+        change, shapes = self.changes[name], {}
+        if change.whole is not None:
+            shapes["the extrapolated tensor"] = tuple(self.wc[change.whole].shape)
+        if change.lora is not None:
+            c, p = self.mc[change.lora], self.mp[change.lora]
+            if c.A.dim() != 2 or p.A.dim() != 2:
+                raise MergeError(
+                    "--merge-into supports LoRA on Linear and Embedding layers only (this adapter has "
+                    "convolution layers); write the extrapolated adapter instead"
+                )
+            _check_factors(change.lora, p, c)
+            rows, cols = c.B.shape[0], c.A.shape[1]
+            shapes["the LoRA update"] = (cols, rows) if c.kind == "embedding" or self.fan_in_fan_out else (rows, cols)
+        if change.bias is not None:  # (PREV's and CUR's bias shapes were matched in _matched)
+            shapes["the lora_B bias update"] = tuple(self.mc[change.bias].bias.shape)
+        if len(set(shapes.values())) > 1:
+            parts = ", ".join(f"{what} {list(s)}" for what, s in shapes.items())
+            raise MergeError(f"--merge-into: the adapters' changes to {name} disagree in shape ({parts}); re-save them")
+        return next(iter(shapes.values()))
 
     def tensor(self, name: str, raw: bytearray, base_dtype: str, shape: tuple[int, ...], out_dtype: str) -> bytes:
         """The output bytes of base tensor ``name``: fp32 math (fp64 for fp64 weights), one rounding."""
@@ -433,6 +484,13 @@ def write_merged(
             f"--merge-into {base.label}: the base has no tensor {', '.join(missing[:5])} that the "
             "adapters change; give the base model the adapters were trained on"
         )
+    for name in sorted(merger.changes):  # before any output exists, and before any addition could broadcast
+        want, have = merger.shape(name), base.tensors[name][1].shape
+        if want != have:
+            raise MergeError(
+                f"--merge-into {base.label}: {name} has shape {list(have)} in the base but the adapters change "
+                f"it with shape {list(want)}; give the base model the adapters were trained on"
+            )
     # The output keeps BASE's tensors and shapes: a plan of BASE against itself lays it out.
     plan = make_plan(base, base, alpha, dtype=dtype, max_shard_size=max_shard_size, metadata=metadata)
     if on_plan:

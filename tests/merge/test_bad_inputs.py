@@ -8,7 +8,7 @@ import os
 import pickle
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -35,10 +35,22 @@ class Work:
     cur: Path
     out: Path
     alpha: str = "0.3"
+    extra: list[str] = field(default_factory=list)  # more options on the command line
 
     @property
     def args(self) -> list[str]:
-        return [str(self.prev), str(self.cur), "--alpha", self.alpha, "-o", str(self.out), "--device", "cpu", "-q"]
+        return [
+            str(self.prev),
+            str(self.cur),
+            "--alpha",
+            self.alpha,
+            "-o",
+            str(self.out),
+            "--device",
+            "cpu",
+            "-q",
+            *self.extra,
+        ]
 
     @property
     def cur_file(self) -> Path:
@@ -442,6 +454,67 @@ def quantized_fp8_weights(w):
 def checkpoint_without_tensors(w):
     _pair(w, {}, {})
     return 1, [str(w.cur), "holds no tensors"]
+
+
+# -- LoRA adapters (hand-built: a base with one [16, 16] weight "layer.weight") -------------------------------------
+def f32(*shape: int, seed: int = 0) -> tuple[str, list[int], bytes]:
+    import torch
+
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return ("F32", list(shape), t.numpy().tobytes())
+
+
+LORA_CONFIG = {
+    "peft_type": "LORA",
+    "r": 2,
+    "lora_alpha": 4,
+    "target_modules": ["layer"],
+    "base_model_name_or_path": "tiny/base",
+}
+
+
+def _adapter(folder: Path, tensors: dict, **config) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    full = {f"base_model.model.{k}": v for k, v in tensors.items()}
+    (folder / "adapter_model.safetensors").write_bytes(st_tensors(full))
+    (folder / "adapter_config.json").write_text(json.dumps({**LORA_CONFIG, **config}))
+    return folder
+
+
+def _lora_pair(w: Work, prev: dict, cur: dict, base_shape=(16, 16), **config) -> Path:
+    """PREV and CUR become adapters; returns a base checkpoint folder (outside both) holding layer.weight."""
+    _adapter(w.prev, prev, **config)
+    _adapter(w.cur, cur, **config)
+    base = w.root / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(st_tensors({"layer.weight": f32(*base_shape, seed=9)}))
+    return base
+
+
+LAYER = {"layer.lora_A.weight": f32(2, 16, seed=1), "layer.lora_B.weight": f32(16, 2, seed=2)}
+
+
+@case()
+def merge_into_update_broadcasts_over_the_base(w):
+    one_row = {"layer.lora_A.weight": f32(2, 16, seed=1), "layer.lora_B.weight": f32(1, 2, seed=2)}
+    w.extra = ["--merge-into", str(_lora_pair(w, one_row, one_row))]
+    return 1, ["layer.weight", "[16, 16] in the base", "[1, 16]"]
+
+
+@case()
+def merge_into_update_of_another_shape(w):
+    other = {"layer.lora_A.weight": f32(2, 8, seed=1), "layer.lora_B.weight": f32(3, 2, seed=2)}
+    w.extra = ["--merge-into", str(_lora_pair(w, other, other))]
+    return 1, ["layer.weight", "[16, 16] in the base", "[3, 8]"]
+
+
+@case()
+def lora_factor_shapes_differ_between_prev_and_cur(w):
+    other = {"layer.lora_A.weight": f32(2, 8, seed=1), "layer.lora_B.weight": f32(16, 2, seed=2)}
+    w.extra = ["--merge-into", str(_lora_pair(w, LAYER, other))]
+    return 1, ["LoRA layer layer", "factor shapes differ between PREV and CUR"]
 
 
 # -- the test ----------------------------------------------------------------------------------------------------
