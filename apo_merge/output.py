@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 
 from apo_merge.errors import MergeError, usage_error
@@ -94,6 +95,30 @@ def io_error(e: OSError, out: Path) -> MergeError:
     return MergeError(f"{out}: merge failed: {e.strerror or e}{code}{meaning}{at}; {fix}")
 
 
+def read_small_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; anything else (FIFO, device, folder) is refused.
+
+    O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it before any read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MergeError(f"{path}: is not a regular file (a folder, FIFO or device); replace it with a plain file")
+        if st.st_size > limit:
+            raise MergeError(f"{path}: {st.st_size} bytes is more than the {limit} this file may hold")
+        chunks, left = [], st.st_size + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise MergeError(f"{path}: more than the {limit} bytes this file may hold")
+        return data
+    finally:
+        os.close(fd)
+
+
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     """True if done; False if the kernel or filesystem lacks renameat2 (caller falls back)."""
     try:
@@ -123,18 +148,22 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _is_ours(folder: Path) -> bool:
+    """An empty folder, or one whose README.md (a regular file) is an apo-merge model card."""
+    if not any(folder.iterdir()):
+        return True
+    try:
+        text = read_small_file(folder / "README.md", 1 << 24)
+    except (OSError, MergeError):
+        return False
+    return CARD_MARK in text.decode("utf-8", errors="replace")
+
+
 def check_replaceable(out: Path) -> None:
     """With --overwrite, only an empty folder or an earlier apo-merge output may be replaced."""
     if not out.is_dir() or out.is_symlink():
         raise usage_error(f"{out}: exists and is not a folder; remove it or choose another -o")
-    if not any(out.iterdir()):
-        return
-    card = out / "README.md"
-    try:
-        ours = CARD_MARK in card.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        ours = False
-    if not ours:
+    if not _is_ours(out):
         raise usage_error(
             f"{out}: exists and is not an apo-merge output, so --overwrite will not replace it; "
             "remove it yourself or choose another -o"
@@ -172,11 +201,25 @@ class StagedFolder:
         if self.out.exists() or self.out.is_symlink():
             if not self.overwrite:
                 raise usage_error(f"{self.out}: appeared while merging (another process?); nothing was replaced")
-            if not _renameat2(self.tmp, self.out, _RENAME_EXCHANGE):
+            exchanged = _renameat2(self.tmp, self.out, _RENAME_EXCHANGE)
+            if not exchanged:
                 old = self.out.parent / f".{self.out.name}.apo-old-{os.getpid()}"
                 os.rename(self.out, old)
                 os.rename(self.tmp, self.out)
-                self.tmp = old
+                tmp, self.tmp = self.tmp, old
+            # What came out is checked now, not only at the start: a folder put at OUT during the merge is the
+            # user's, and goes back in place.
+            if self.tmp.is_symlink() or not self.tmp.is_dir() or not _is_ours(self.tmp):
+                if exchanged:
+                    _renameat2(self.tmp, self.out, _RENAME_EXCHANGE)
+                else:
+                    os.rename(self.out, tmp)
+                    os.rename(self.tmp, self.out)
+                    self.tmp = tmp
+                raise MergeError(
+                    f"{self.out}: was replaced during the merge by something that is not an apo-merge output; "
+                    "it was left in place and nothing was written; remove it yourself or choose another -o"
+                )
             self.committed = True
             _remove(self.tmp)  # the old OUT now lives here
         else:

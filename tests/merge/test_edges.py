@@ -91,3 +91,31 @@ def _round_once(v: float, dtype: torch.dtype) -> torch.Tensor:
         key=lambda t: (abs(t.double().item() - v), t.view(torch.int16).item() & 1),
     )
     return best
+
+
+# -- --overwrite checks what it replaces at the moment of the exchange ----------------------------------------------
+@pytest.mark.parametrize("before", ["absent", "earlier output"])
+def test_overwrite_keeps_a_folder_that_appeared_during_the_merge(tiny_checkpoints, tmp_path, before):
+    from apo_merge.errors import MergeError
+    from tests.merge.helpers import leftovers
+
+    prev, cur, out = tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"], tmp_path / "out"
+    if before == "earlier output":
+        run_merge(prev, cur, 0.3, out, device="cpu")
+    calls = []
+
+    def user_moves_in(n: int) -> None:  # while the merge writes, the user puts their own folder at OUT
+        if not calls:
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            out.mkdir()
+            (out / "notes.txt").write_text("mine")
+        calls.append(n)
+
+    with pytest.raises(MergeError, match="replaced during the merge"):
+        run_merge(prev, cur, 0.3, out, device="cpu", overwrite=True, progress=user_moves_in)
+    assert calls and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert leftovers(out) == []
