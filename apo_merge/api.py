@@ -310,6 +310,7 @@ def _merge_adapters(
         src_base = sources.resolve(merge_into, token=token)
         if src_base.is_adapter:
             raise usage_error(f"--merge-into {src_base.label}: is an adapter; give the base model")
+        _check_output(out, [src_base], overwrite)  # BASE is an input too: never written into or replaced
         base = open_checkpoint(src_base.path, src_base.label, src_base.trusted_root)
         meta["apo_merge_into"] = src_base.description
         base_models += [src_base.hub_id] if src_base.hub_id else []

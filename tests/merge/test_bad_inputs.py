@@ -517,6 +517,23 @@ def lora_factor_shapes_differ_between_prev_and_cur(w):
     return 1, ["LoRA layer layer", "factor shapes differ between PREV and CUR"]
 
 
+@case()
+def merge_into_output_inside_base(w):
+    base = _lora_pair(w, LAYER, LAYER)
+    w.out = base / "x"
+    w.extra = ["--merge-into", str(base)]
+    return 2, [str(w.out), "is inside input", str(base)]
+
+
+@case()
+def merge_into_output_is_base_with_overwrite(w):
+    base = _lora_pair(w, LAYER, LAYER)
+    (base / "README.md").write_text("<!-- apo-merge -->\n")  # even an earlier apo-merge output, once it is an input
+    w.out = base
+    w.extra = ["--merge-into", str(base), "--overwrite"]
+    return 2, [str(base), "is inside input"]
+
+
 # -- the test ----------------------------------------------------------------------------------------------------
 def _work(tmp_path: Path, tiny: dict[str, Path], layout: str) -> Work:
     prev, cur = tmp_path / "prev", tmp_path / "cur"
@@ -533,9 +550,10 @@ def test_there_are_at_least_30_cases():
 def test_bad_input_fails_cleanly(case: Case, tiny_checkpoints, tmp_path, keep_sigterm):
     w = _work(tmp_path, tiny_checkpoints, case.layout)
     code, needles = case.build(w)
-    before = tree_state(tmp_path, skip=w.out)
+    skip = None if w.out.exists() else w.out  # an OUT that is an input must stay as it was
+    before = tree_state(tmp_path, skip=skip)
     res = run_cli(*w.args, timeout=60) if case.in_subprocess else run_cli_in_process(*w.args)
     assert_one_line_error(res, code, *needles)
-    assert not w.out.exists() and not w.out.is_symlink()
+    assert skip is None or (not w.out.exists() and not w.out.is_symlink())
     assert leftovers(w.out) == []
-    assert tree_state(tmp_path, skip=w.out) == before  # inputs unchanged, and nothing was unpickled
+    assert tree_state(tmp_path, skip=skip) == before  # inputs unchanged, and nothing was unpickled
