@@ -67,9 +67,10 @@ def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha
     n = out.numel()
     if n == 0:
         return out
-    p = prev.contiguous().view(-1)
-    c = cur.contiguous().view(-1)
-    o = out.view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
+    # Detached: worker threads do not inherit no_grad, and parameters (requires_grad) are updated in place.
+    p = prev.detach().contiguous().view(-1)
+    c = cur.detach().contiguous().view(-1)
+    o = out.detach().view(-1) if out.is_contiguous() else torch.empty(n, dtype=out.dtype, device=out.device)
     threads = torch.get_num_threads() if o.device.type == "cpu" else 1
     chunk = _CHUNK if threads > 1 else _CHUNK_ONE_THREAD
     parts = min(threads, n // _SPLIT_MIN)

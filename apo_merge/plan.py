@@ -105,6 +105,12 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def _show(name: str, limit: int = 80) -> str:
+    """A name from a file, bounded for a one-line message (names can be megabytes long); repr escapes newlines."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _listed(names: list[str]) -> str:
     more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
     return ", ".join(names[:_MAX_LISTED]) + more

@@ -344,6 +344,15 @@ def index_shard_name_with_lone_surrogate(w):
 
 
 @case("shard")
+def shard_named_readme_md(w):
+    (w.cur / SHARD1).rename(w.cur / "README.md")  # the model card would overwrite it
+    w.edit_index(
+        lambda ix: ix["weight_map"].update({k: "README.md" for k, v in ix["weight_map"].items() if v == SHARD1})
+    )
+    return 1, [str(w.cur / INDEX), "'README.md'", "--max-shard-size"]
+
+
+@case("shard")
 def shard_symlink_leading_outside(w):
     outside = w.root / "outside"
     outside.mkdir()
