@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from apo_merge.checkpoint import SINGLE_NAME, Checkpoint
+from apo_merge.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from apo_merge.errors import MergeError, usage_error
 from apo_merge.header import FLOAT_DTYPES, ITEMSIZE, FileHeader, TensorInfo
 
@@ -206,6 +206,13 @@ def make_plan(
             by_file.setdefault(spec[3][0].path.name, []).append(spec)
         groups = list(by_file.values())
         names = list(by_file) if cur.index_name else [cur.files[0].path.name]
+        for fname in names:  # kept names must not collide with the card, the index or side files
+            if not fname.endswith(".safetensors") or fname == INDEX_NAME:
+                raise MergeError(
+                    f"{cur.root / (cur.index_name or fname)}: names shard {_show(fname)}, which the output cannot "
+                    "keep (a weight file must end in .safetensors; README.md would be replaced by the model card); "
+                    "rename the shard in the index, or re-shard with --max-shard-size"
+                )
     else:
         limit = parse_size(max_shard_size)
         for spec in specs:
