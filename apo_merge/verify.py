@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from apo_merge.card import recorded_files
+from apo_merge.card import SUMMARY_METADATA, recorded_files, recorded_summary
 from apo_merge.checkpoint import INDEX_NAME, open_checkpoint
 from apo_merge.errors import MergeError
 from apo_merge.output import CARD_MARK
@@ -43,7 +43,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _recorded(root: Path) -> dict[str, tuple[int, str]]:
+def _recorded(root: Path) -> tuple[dict[str, tuple[int, str]], str]:
     card = root / CARD_NAME
     try:
         text = card.read_text(encoding="utf-8", errors="replace")
@@ -60,7 +60,25 @@ def _recorded(root: Path) -> dict[str, tuple[int, str]]:
     recorded = recorded_files(text)
     if not recorded:
         raise MergeError(f"{card}: records no weight files; re-run the merge")
-    return recorded
+    return recorded, text
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_summary(card: Path, text: str, files) -> None:
+    """The card's alpha and inputs must be what every weight file's metadata records (both are written together)."""
+    summary = recorded_summary(text)
+    for f in files:
+        for row, key in SUMMARY_METADATA.items():
+            have, want = f.metadata.get(key), summary.get(row)
+            if have != want:
+                raise MergeError(
+                    f"{f.path}: metadata {key} is {_short(have)} but the model card records {row} {_short(want)} "
+                    f"({card}); the card or the file changed after the merge, re-run it"
+                )
 
 
 def verify_output(folder: str | Path) -> VerifyReport:
@@ -68,7 +86,7 @@ def verify_output(folder: str | Path) -> VerifyReport:
     root = Path(folder)
     if not root.is_dir():
         raise MergeError(f"{root}: no such folder; give the output folder of an apo-merge run")
-    recorded = _recorded(root)
+    recorded, card_text = _recorded(root)
     ckpt = open_checkpoint(root)  # every header and the index, through the hardened reader
 
     for name in sorted(recorded):
@@ -86,8 +104,15 @@ def verify_output(folder: str | Path) -> VerifyReport:
         raise MergeError(
             f"{root / INDEX_NAME}: does not name {unindexed[0]}, which the model card records; re-run the merge"
         )
+    unrecorded = sorted({f.path.name for f in ckpt.files} - weights)
+    if unrecorded:
+        raise MergeError(
+            f"{root / unrecorded[0]}: named by {INDEX_NAME} but a file the model card does not record; "
+            "remove it from the index or re-run the merge"
+        )
     if ckpt.index_name:
         _check_total_size(root / INDEX_NAME, ckpt.total_bytes)
+    _check_summary(root / CARD_NAME, card_text, ckpt.files)
 
     for name in sorted(recorded):
         path, (size, sha) = root / name, recorded[name]

@@ -239,3 +239,26 @@ def test_same_folder_special_values(tmp_path, dtype, code, alpha):
         y[finite].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
         expected[finite].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
     )
+
+
+# -- issue 15: what the index names and what the card claims ---------------------------------------------------------
+def test_verify_index_names_a_file_the_card_does_not_record(sharded_out):
+    (sharded_out / "ghost.bin").write_bytes(st_tensors({"ghost.weight": ("F32", [2], b"\0" * 8)}))
+    _edit_index(sharded_out, lambda ix: ix["weight_map"].update({"ghost.weight": "ghost.bin"}))
+    assert_one_line_error(_verify(sharded_out), 1, str(sharded_out / "ghost.bin"), "does not record")
+
+
+@pytest.mark.parametrize("row,edit", [("alpha", "0.5"), ("prev", "`/somewhere/else`"), ("cur", "`other`")])
+def test_verify_card_summary_edited(sharded_out, row, edit):
+    card = sharded_out / "README.md"
+    lines = card.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(f"| {row} | "))
+    lines[i] = f"| {row} | {edit} |"
+    card.write_text("\n".join(lines) + "\n")
+    assert_one_line_error(_verify(sharded_out), 1, f"apo_{row}", "model card records")
+
+
+def test_verify_card_summary_row_removed(sharded_out):
+    card = sharded_out / "README.md"
+    card.write_text("".join(line for line in card.read_text().splitlines(True) if not line.startswith("| alpha |")))
+    assert_one_line_error(_verify(sharded_out), 1, "apo_alpha", "model card records")
