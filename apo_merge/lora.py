@@ -27,11 +27,13 @@ from apo_kernels import extrapolate
 from apo_merge.checkpoint import Checkpoint, is_inside
 from apo_merge.engine import TORCH_DTYPES, pread_exact
 from apo_merge.errors import MergeError, usage_error
+from apo_merge.header import read_regular_file
 from apo_merge.inputhash import InputDigest, StreamHasher, digest, hash_file
 from apo_merge.plan import MergePlan, OutFile, make_plan
 from apo_merge.sources import ADAPTER_CONFIG, Source
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 24  # an adapter_config.json is a few KB
 _PREFIX = "base_model.model."
 # saved key suffix -> (factor, layer kind)
 _FACTORS = {
@@ -114,7 +116,11 @@ def open_adapter(src: Source) -> Adapter:
             raise MergeError(
                 f"{path}: is a symlink leading outside the adapter folder (refused); copy the real file into the folder"
             )
-    raw_config = config_path.read_bytes()
+    try:
+        raw_config = read_regular_file(config_path, MAX_CONFIG_BYTES)
+        raw = read_regular_file(weights)
+    except OSError as e:
+        raise MergeError(f"{label}: cannot read the adapter ({e.strerror or e}); check the files") from None
     try:
         config = json.loads(raw_config)
     except ValueError as e:
@@ -136,7 +142,6 @@ def open_adapter(src: Source) -> Adapter:
                 f"{label}: uses the LoRA variant {key}, which apo-merge cannot extrapolate exactly; "
                 "merge both adapters into the base (merge_and_unload) and extrapolate those"
             )
-    raw = weights.read_bytes()
     from safetensors import SafetensorError
     from safetensors.torch import load
 

@@ -16,12 +16,13 @@ import os
 import re
 import secrets
 import shutil
-import stat
 from pathlib import Path
 
 from apo_merge.errors import MergeError, usage_error
+from apo_merge.header import read_regular_file
 
 CARD_MARK = "<!-- apo-merge -->"
+MAX_CARD_BYTES = 1 << 26  # a card lists every weight file: generous, but a bound
 _TMP_SUFFIX = re.compile(r"(\d+)-(\d+)-[0-9a-f]{8}")  # <pid>-<process start time>-<random>
 _RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
 
@@ -95,30 +96,6 @@ def io_error(e: OSError, out: Path) -> MergeError:
     return MergeError(f"{out}: merge failed: {e.strerror or e}{code}{meaning}{at}; {fix}")
 
 
-def read_small_file(path: Path, limit: int) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes; anything else (FIFO, device, folder) is refused.
-
-    O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it before any read.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise MergeError(f"{path}: is not a regular file (a folder, FIFO or device); replace it with a plain file")
-        if st.st_size > limit:
-            raise MergeError(f"{path}: {st.st_size} bytes is more than the {limit} this file may hold")
-        chunks, left = [], st.st_size + 1
-        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > limit:
-            raise MergeError(f"{path}: more than the {limit} bytes this file may hold")
-        return data
-    finally:
-        os.close(fd)
-
-
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     """True if done; False if the kernel or filesystem lacks renameat2 (caller falls back)."""
     try:
@@ -153,7 +130,7 @@ def _is_ours(folder: Path) -> bool:
     if not any(folder.iterdir()):
         return True
     try:
-        text = read_small_file(folder / "README.md", 1 << 24)
+        text = read_regular_file(folder / "README.md", MAX_CARD_BYTES)
     except (OSError, MergeError):
         return False
     return CARD_MARK in text.decode("utf-8", errors="replace")

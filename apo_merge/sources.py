@@ -62,7 +62,7 @@ class Source:
     @property
     def is_adapter(self) -> bool:
         """A PEFT adapter folder (adapter_config.json) rather than a full checkpoint."""
-        return (self.path / ADAPTER_CONFIG).is_file()
+        return os.path.lexists(self.path / ADAPTER_CONFIG)  # any kind of file: a FIFO is refused when read
 
     @property
     def description(self) -> str:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apo_merge.card import SUMMARY_METADATA, recorded_files, recorded_summary
-from apo_merge.checkpoint import INDEX_NAME, open_checkpoint
+from apo_merge.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, open_checkpoint
 from apo_merge.errors import MergeError
-from apo_merge.output import CARD_MARK
+from apo_merge.header import read_regular_file
+from apo_merge.output import CARD_MARK, MAX_CARD_BYTES
 
 _READ_BYTES = 1 << 23
 CARD_NAME = "README.md"
@@ -46,7 +47,7 @@ def file_sha256(path: Path) -> str:
 def _recorded(root: Path) -> tuple[dict[str, tuple[int, str]], str]:
     card = root / CARD_NAME
     try:
-        text = card.read_text(encoding="utf-8", errors="replace")
+        text = read_regular_file(card, MAX_CARD_BYTES).decode("utf-8", errors="replace")
     except OSError as e:
         raise MergeError(
             f"{card}: cannot read the model card ({e.strerror or e}), so there are no recorded hashes "
@@ -132,7 +133,7 @@ def verify_output(folder: str | Path) -> VerifyReport:
 
 
 def _check_total_size(index_path: Path, total: int) -> None:
-    metadata = json.loads(index_path.read_text(encoding="utf-8")).get("metadata")
+    metadata = json.loads(read_regular_file(index_path, MAX_INDEX_BYTES).decode("utf-8")).get("metadata")
     recorded = metadata.get("total_size") if isinstance(metadata, dict) else None
     if recorded is not None and recorded != total:
         raise MergeError(

@@ -275,6 +275,38 @@ def index_nested_too_deeply(w):
     return 1, [str(w.cur / INDEX), "nested too deeply"]
 
 
+@case("shard", in_subprocess=True)  # a regression blocks in open(): the subprocess timeout fails the test
+def index_is_a_fifo(w):
+    (w.cur / INDEX).unlink()
+    os.mkfifo(w.cur / INDEX)
+    return 1, [str(w.cur / INDEX), "not a regular file"]
+
+
+@case(in_subprocess=True)
+def overwrite_where_out_has_a_fifo_readme(w):
+    w.out.mkdir()
+    (w.out / "weights.txt").write_text("mine")
+    os.mkfifo(w.out / "README.md")
+    w.extra = ["--overwrite"]
+    return 2, [str(w.out), "is not an apo-merge output"]
+
+
+@case(in_subprocess=True)
+def adapter_config_is_a_fifo(w):
+    _lora_pair(w, LAYER, LAYER)
+    (w.cur / "adapter_config.json").unlink()
+    os.mkfifo(w.cur / "adapter_config.json")
+    return 1, [str(w.cur / "adapter_config.json"), "not a regular file"]
+
+
+@case(in_subprocess=True)
+def adapter_weights_are_a_fifo(w):
+    _lora_pair(w, LAYER, LAYER)
+    (w.cur / "adapter_model.safetensors").unlink()
+    os.mkfifo(w.cur / "adapter_model.safetensors")
+    return 1, [str(w.cur), "no adapter_model.safetensors"]
+
+
 @case("shard")
 def index_without_weight_map(w):
     index = w.edit_index(lambda ix: ix.pop("weight_map"))

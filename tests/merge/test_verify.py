@@ -262,3 +262,12 @@ def test_verify_card_summary_row_removed(sharded_out):
     card = sharded_out / "README.md"
     card.write_text("".join(line for line in card.read_text().splitlines(True) if not line.startswith("| alpha |")))
     assert_one_line_error(_verify(sharded_out), 1, "apo_alpha", "model card records")
+
+
+def test_verify_card_that_is_a_fifo_does_not_hang(sharded_out):
+    import os
+
+    (sharded_out / "README.md").unlink()
+    os.mkfifo(sharded_out / "README.md")
+    res = run_cli("verify", sharded_out, timeout=60)  # a regression blocks in open(): the timeout fails the test
+    assert_one_line_error(res, 1, str(sharded_out / "README.md"), "not a regular file")
