@@ -85,11 +85,11 @@ def _check_output(out: Path, inputs: list[sources.Source], overwrite: bool) -> N
             raise usage_error(f"output {out} is inside input {src.label}; choose an -o outside both inputs")
         if is_inside(src.path, out):
             raise usage_error(f"input {src.label} is inside output {out}; choose another -o")
-    if out.exists() or out.is_symlink():
+    if sources.lexists(out, "output", exit_code=2):
         if not overwrite:
             raise usage_error(f"{out}: already exists; pass --overwrite to replace it or choose another -o")
         check_replaceable(out)
-    if not out.parent.is_dir():
+    if not sources.lexists(out.parent, "output folder", exit_code=2) or not out.parent.is_dir():
         raise usage_error(f"{out.parent}: no such folder for the output; create it or choose another -o")
 
 
@@ -130,6 +130,7 @@ def run_merge(
     merge_into: str | os.PathLike | None = None,
     token: str | bool | None = None,
     push_to_hub: str | PushOptions | None = None,
+    card_paths: sources.CardPaths = "relative",
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[MergePlan], None] | None = None,
 ) -> MergeReport:
@@ -138,6 +139,8 @@ def run_merge(
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise usage_error(f"--alpha {alpha!r} is not a finite number; use e.g. --alpha 0.3")
     alpha = float(alpha)
+    if card_paths not in ("relative", "absolute"):
+        raise usage_error(f"--card-paths {card_paths!r} is not one of relative, absolute")
     src_prev, src_cur = sources.resolve(prev, token=token), sources.resolve(cur, token=token)
     out = Path(output).expanduser() if output is not None else default_output(src_cur, alpha)
     _check_output(out, [src_prev, src_cur], overwrite)
@@ -153,6 +156,7 @@ def run_merge(
             strict=strict,
             merge_into=merge_into,
             token=token,
+            card_paths=card_paths,
             progress=progress,
             on_plan=on_plan,
         )
@@ -170,6 +174,7 @@ def run_merge(
             overwrite=overwrite,
             on_missing=on_missing,
             strict=strict,
+            card_paths=card_paths,
             progress=progress,
             on_plan=on_plan,
         )
@@ -182,15 +187,11 @@ def run_merge(
     return report
 
 
-def _metadata(alpha: float, src_prev: sources.Source, src_cur: sources.Source) -> dict[str, str]:
+def _metadata(alpha: float, prev: str, cur: str) -> dict[str, str]:
+    """What every weight file records (and the card repeats; ``verify`` compares the two)."""
     from apo_merge import __version__
 
-    return {
-        "apo_merge_version": __version__,
-        "apo_alpha": repr(alpha),
-        "apo_prev": src_prev.description,
-        "apo_cur": src_cur.description,
-    }
+    return {"apo_merge_version": __version__, "apo_alpha": repr(alpha), "apo_prev": prev, "apo_cur": cur}
 
 
 def _merge_checkpoints(
@@ -205,6 +206,7 @@ def _merge_checkpoints(
     overwrite: bool,
     on_missing: OnMissing,
     strict: bool,
+    card_paths: sources.CardPaths,
     progress: Callable[[int], None] | None,
     on_plan: Callable[[MergePlan], None] | None,
 ) -> MergeReport:
@@ -218,7 +220,7 @@ def _merge_checkpoints(
         dtype=dtype,
         max_shard_size=max_shard_size,
         on_missing=on_missing,
-        metadata=_metadata(alpha, src_prev, src_cur),
+        metadata=_metadata(alpha, src_prev.card_name(card_paths), src_cur.card_name(card_paths)),
     )
     if on_plan:
         on_plan(plan)
@@ -237,8 +239,8 @@ def _merge_checkpoints(
         hashes = hasher.finish()
         info = card.CardInfo(
             alpha=alpha,
-            prev=src_prev.description,
-            cur=src_cur.description,
+            prev=src_prev.card_name(card_paths),
+            cur=src_cur.card_name(card_paths),
             dtype=dtype,
             files={f.name: (f.size, stats.sha256[f.name]) for f in plan.files},
             base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
@@ -289,6 +291,7 @@ def _merge_adapters(
     strict: bool,
     merge_into: str | os.PathLike | None,
     token: str | bool | None,
+    card_paths: sources.CardPaths,
     progress: Callable[[int], None] | None,
     on_plan: Callable[[MergePlan], None] | None,
 ) -> MergeReport:
@@ -301,7 +304,7 @@ def _merge_adapters(
     from apo_merge import lora
 
     prev_a, cur_a = lora.open_adapter(src_prev), lora.open_adapter(src_cur)
-    meta = _metadata(alpha, src_prev, src_cur)
+    meta = _metadata(alpha, src_prev.card_name(card_paths), src_cur.card_name(card_paths))
     base_models = [s.hub_id for s in (src_prev, src_cur) if s.hub_id]
     # Side files: BASE's (config, tokenizer) first when merging into it, then CUR's, whose tokenizer wins.
     side = [(src_cur.path, {lora.ADAPTER_WEIGHTS, sources.ADAPTER_CONFIG}, src_cur.trusted_root)]
@@ -312,7 +315,7 @@ def _merge_adapters(
             raise usage_error(f"--merge-into {src_base.label}: is an adapter; give the base model")
         _check_output(out, [src_base], overwrite)  # BASE is an input too: never written into or replaced
         base = open_checkpoint(src_base.path, src_base.label, src_base.trusted_root)
-        meta["apo_merge_into"] = src_base.description
+        meta["apo_merge_into"] = src_base.card_name(card_paths)
         base_models += [src_base.hub_id] if src_base.hub_id else []
         side.insert(0, (base.root, base.weight_file_names, src_base.trusted_root))
     elif max_shard_size is not None:
@@ -344,8 +347,8 @@ def _merge_adapters(
             hashes["base"] = res.base_digest
         info = card.CardInfo(
             alpha=alpha,
-            prev=src_prev.description,
-            cur=src_cur.description,
+            prev=src_prev.card_name(card_paths),
+            cur=src_cur.card_name(card_paths),
             dtype=dtype,
             files=res.files,
             base_models=base_models,
@@ -380,6 +383,8 @@ def extrapolate(
     (e.g. "5GB": re-shard in HF naming; default keeps CUR's layout), ``overwrite``, ``on_missing``
     ("error" | "copy"), ``strict`` (inf/NaN from finite inputs is an error), ``merge_into`` (LoRA only),
     ``token`` (Hub downloads and uploads), ``push_to_hub`` (a repo id or ``apo_merge.hub.PushOptions``),
+    ``card_paths`` ("relative": the model card and file metadata name a local input by its path as given when
+    relative, else by its folder name; "absolute": by its absolute path; Hub inputs are always ``repo@commit``),
     ``progress`` (called with bytes).
 
     >>> extrapolate("runs/round-1", "runs/round-2", 0.3, "runs/round-2-apo")  # doctest: +SKIP

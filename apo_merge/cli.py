@@ -38,6 +38,11 @@ class Dtype(str, Enum):
     fp32 = "fp32"
 
 
+class CardPaths(str, Enum):
+    relative = "relative"
+    absolute = "absolute"
+
+
 class OnMissing(str, Enum):
     error = "error"
     copy = "copy"
@@ -127,6 +132,13 @@ def merge(
     push_to_hub: Annotated[
         str | None, typer.Option(metavar="REPO_ID", help="Upload OUT to this Hub model repo once it is complete.")
     ] = None,
+    card_paths: Annotated[
+        CardPaths,
+        typer.Option(
+            help="How the model card names local inputs: relative = the path as given when relative, else the "
+            "folder's name (never your file system); absolute = the absolute path. Hub inputs: repo@commit."
+        ),
+    ] = CardPaths.relative,
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
     commit_message: CommitMessageOpt = None,
@@ -175,6 +187,7 @@ def merge(
                 strict=strict,
                 merge_into=merge_into,
                 token=token,
+                card_paths=card_paths.value,
             ),
             quiet,
         )

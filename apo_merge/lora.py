@@ -29,7 +29,7 @@ from apo_merge.engine import TORCH_DTYPES, pread_exact
 from apo_merge.errors import MergeError, usage_error
 from apo_merge.header import read_regular_file
 from apo_merge.inputhash import InputDigest, StreamHasher, digest, hash_file
-from apo_merge.plan import MergePlan, OutFile, make_plan
+from apo_merge.plan import MergePlan, OutFile, make_plan, short
 from apo_merge.sources import ADAPTER_CONFIG, Source
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -123,6 +123,8 @@ def open_adapter(src: Source) -> Adapter:
         raise MergeError(f"{label}: cannot read the adapter ({e.strerror or e}); check the files") from None
     try:
         config = json.loads(raw_config)
+    except RecursionError:
+        raise MergeError(f"{config_path}: not valid JSON (nested too deeply); re-save the adapter") from None
     except ValueError as e:
         raise MergeError(f"{config_path}: not valid JSON ({e}); re-save the adapter") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
@@ -142,6 +144,7 @@ def open_adapter(src: Source) -> Adapter:
                 f"{label}: uses the LoRA variant {key}, which apo-merge cannot extrapolate exactly; "
                 "merge both adapters into the base (merge_and_unload) and extrapolate those"
             )
+    _check_config(label, config_path, config)
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -156,6 +159,39 @@ def open_adapter(src: Source) -> Adapter:
     return Adapter(label, root, config, tensors, digest(files))
 
 
+def _check_config(label: str, path: Path, config: dict) -> None:
+    """The fields apo-merge computes with must have PEFT's types: a hand-edited config gets one line, not a crash."""
+    for key in _UNORDERED:
+        value = config.get(key)
+        if value is not None and not (
+            isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise MergeError(
+                f"{path}: {key} must be a string or a list of strings, not {_short_value(value)}; fix the config"
+            )
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise MergeError(f"{path}: {key} must be an object, not {_short_value(patterns)}; fix the config")
+        for pattern in patterns:
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except (re.error, RecursionError, OverflowError):
+                raise MergeError(
+                    f"{path}: {key} key {_short_value(pattern)} is not a valid regular expression; fix the config"
+                ) from None
+
+
+def _short_value(value: object, limit: int = 60) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_compatible(prev: Adapter, cur: Adapter) -> None:
     """Both adapters must be LoRAs of the same base over the same modules."""
     for key in _SAME:
@@ -165,13 +201,14 @@ def check_compatible(prev: Adapter, cur: Adapter) -> None:
         if p != c:
             if key == "base_model_name_or_path":
                 raise MergeError(
-                    f"PREV and CUR are adapters of different base models ({p!r} vs {c!r}); "
+                    f"PREV and CUR are adapters of different base models ({_short_value(p)} vs {_short_value(c)}); "
                     "extrapolate adapters trained from one base (or fix base_model_name_or_path in "
                     f"{ADAPTER_CONFIG} if it is the same model)"
                 )
             what = "target modules" if key == "target_modules" else key
             raise MergeError(
-                f"PREV and CUR adapters differ in {what} ({p!r} vs {c!r}); both rounds must train the same LoRA layout"
+                f"PREV and CUR adapters differ in {what} ({_short_value(p)} vs {_short_value(c)}); "
+                "both rounds must train the same LoRA layout"
             )
 
 
@@ -196,7 +233,7 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, torch.Tens
         else:
             if any(part.startswith("lora_") for part in key.split(".")):
                 raise MergeError(
-                    f"{adapter.label}: tensor {key!r} belongs to a LoRA variant apo-merge cannot "
+                    f"{adapter.label}: tensor {short(key)!r} belongs to a LoRA variant apo-merge cannot "
                     "extrapolate exactly; merge the adapters into the base and extrapolate those"
                 )
             whole[key] = t
@@ -204,25 +241,30 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, torch.Tens
     modules = {}
     for name, p in parts.items():
         if "A" not in p or "B" not in p:
-            raise MergeError(f"{adapter.label}: LoRA layer {name} lacks its lora_A or lora_B tensor; re-save it")
+            raise MergeError(f"{adapter.label}: LoRA layer {short(name)} lacks its lora_A or lora_B tensor; re-save it")
         A, B = p["A"], p["B"]
-        rank = A.shape[0]
+        rank = A.shape[0] if A.dim() else 0
+        if rank == 0:
+            raise MergeError(
+                f"{adapter.label}: LoRA layer {short(name)} has rank 0 (an adapter that changes nothing); "
+                "give adapters of rank 1 or more"
+            )
         if B.dim() < 2 or B.shape[1] != rank:
             raise MergeError(
-                f"{adapter.label}: LoRA layer {name}: lora_A has rank {rank} but lora_B has shape "
+                f"{adapter.label}: LoRA layer {short(name)}: lora_A has rank {rank} but lora_B has shape "
                 f"{list(B.shape)}; re-save the adapter"
             )
         r = _pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r"))
         lora_alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha"))
         if r != rank or not isinstance(lora_alpha, (int, float)):
             raise MergeError(
-                f"{adapter.label}: {ADAPTER_CONFIG} gives layer {name} r={r!r}, "
+                f"{adapter.label}: {ADAPTER_CONFIG} gives layer {short(name)} r={r!r}, "
                 f"lora_alpha={lora_alpha!r}, but its tensors have rank {rank}; fix the config"
             )
         scaling = lora_alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
         if p.get("bias") is not None and cfg.get("lora_bias") is not True:
             raise MergeError(
-                f"{adapter.label}: LoRA layer {name} holds a lora_B.bias but {ADAPTER_CONFIG}'s lora_bias is not "
+                f"{adapter.label}: LoRA layer {short(name)} holds a lora_B.bias but {ADAPTER_CONFIG}'s lora_bias is not "
                 "true, so PEFT would ignore it; fix lora_bias in the config or remove the tensor"
             )
         modules[name] = _Module(p["kind"], A, B, p.get("bias"), scaling)
@@ -237,7 +279,7 @@ def _matched(prev: Adapter, cur: Adapter):
         if set(p) != set(c):
             only = sorted(set(p) ^ set(c))
             raise MergeError(
-                f"PREV and CUR adapters hold different {what} ({', '.join(only[:5])}); both rounds "
+                f"PREV and CUR adapters hold different {what} ({', '.join(map(short, only[:5]))}); both rounds "
                 "must train the same LoRA layout"
             )
     for name, c in mc.items():  # a lora_B.bias in one round only: the other's is PEFT's zero init (lora_bias true)
@@ -249,12 +291,15 @@ def _matched(prev: Adapter, cur: Adapter):
                 p.bias = torch.zeros_like(c.bias)
         if c.bias is not None and c.bias.shape != p.bias.shape:
             raise MergeError(
-                f"LoRA layer {name}: lora_B.bias has shape {list(p.bias.shape)} in PREV but "
+                f"LoRA layer {short(name)}: lora_B.bias has shape {list(p.bias.shape)} in PREV but "
                 f"{list(c.bias.shape)} in CUR; both rounds must train the same LoRA layout"
             )
     for key, c in wc.items():
         if wp[key].shape != c.shape:
-            raise MergeError(f"{key}: shape {list(wp[key].shape)} in PREV, {list(c.shape)} in CUR")
+            raise MergeError(
+                f"{short(key)}: shape {list(wp[key].shape)} in PREV, {list(c.shape)} in CUR; "
+                "both rounds must train the same LoRA layout"
+            )
     return mp, mc, wp, wc
 
 
@@ -268,7 +313,7 @@ def _check_factors(name: str, p: _Module, c: _Module) -> None:
         or c.B.shape[2:] != p.B.shape[2:]
     ):
         raise MergeError(
-            f"LoRA layer {name}: factor shapes differ between PREV and CUR "
+            f"LoRA layer {short(name)}: factor shapes differ between PREV and CUR "
             f"({list(p.B.shape)} x {list(p.A.shape)} vs {list(c.B.shape)} x {list(c.A.shape)}); "
             "both rounds must train the same LoRA layout"
         )
@@ -380,7 +425,9 @@ class _Merger:
             shapes["the lora_B bias update"] = tuple(self.mc[change.bias].bias.shape)
         if len(set(shapes.values())) > 1:
             parts = ", ".join(f"{what} {list(s)}" for what, s in shapes.items())
-            raise MergeError(f"--merge-into: the adapters' changes to {name} disagree in shape ({parts}); re-save them")
+            raise MergeError(
+                f"--merge-into: the adapters' changes to {short(name)} disagree in shape ({parts}); re-save them"
+            )
         return next(iter(shapes.values()))
 
     def tensor(self, name: str, raw: bytearray, base_dtype: str, shape: tuple[int, ...], out_dtype: str) -> bytes:
@@ -391,7 +438,7 @@ class _Merger:
         src, dst = TORCH_DTYPES.get(base_dtype), TORCH_DTYPES.get(out_dtype)
         if src is None:
             raise MergeError(
-                f"--merge-into: base tensor {name} has dtype {base_dtype}, which apo-merge cannot "
+                f"--merge-into: base tensor {short(name)} has dtype {base_dtype}, which apo-merge cannot "
                 "change; dequantize the base first"
             )
         compute = torch.float64 if torch.float64 in (src, dst) else torch.float32
@@ -407,7 +454,7 @@ class _Merger:
             w = w + (c.bias.to(compute) * ((1 + a) * c.scaling) - p.bias.to(compute) * (a * p.scaling))
         if tuple(w.shape) != shape:
             raise MergeError(
-                f"--merge-into: {name} has shape {list(shape)} in the base but the adapters give "
+                f"--merge-into: {short(name)} has shape {list(shape)} in the base but the adapters give "
                 f"{list(w.shape)}; give the base model the adapters were trained on"
             )
         return w.to(dst).contiguous().view(torch.uint8).numpy().tobytes()
@@ -486,14 +533,14 @@ def write_merged(
     missing = sorted(n for n in merger.changes if n not in base.tensors)
     if missing:
         raise MergeError(
-            f"--merge-into {base.label}: the base has no tensor {', '.join(missing[:5])} that the "
+            f"--merge-into {base.label}: the base has no tensor {', '.join(map(short, missing[:5]))} that the "
             "adapters change; give the base model the adapters were trained on"
         )
     for name in sorted(merger.changes):  # before any output exists, and before any addition could broadcast
         want, have = merger.shape(name), base.tensors[name][1].shape
         if want != have:
             raise MergeError(
-                f"--merge-into {base.label}: {name} has shape {list(have)} in the base but the adapters change "
+                f"--merge-into {base.label}: {short(name)} has shape {list(have)} in the base but the adapters change "
                 f"it with shape {list(want)}; give the base model the adapters were trained on"
             )
     # The output keeps BASE's tensors and shapes: a plan of BASE against itself lays it out.

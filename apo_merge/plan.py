@@ -9,6 +9,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Literal
 
 from apo_merge.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
@@ -99,7 +100,9 @@ def parse_size(text: str | int) -> int:
         "GIB": 2**30,
         "TIB": 2**40,
     }[unit]
-    size = int(float(m.group(1)) * scale)
+    if len(m.group(1)) > 30:  # more bytes than any disk holds; float() would overflow
+        raise usage_error(f"--max-shard-size {short(str(text), 40)!r} is too large; write e.g. 5GB")
+    size = int(Fraction(m.group(1)) * scale)
     if size <= 0:
         raise usage_error(f"--max-shard-size {text!r} must be positive")
     return size
@@ -111,20 +114,25 @@ def _show(name: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _listed(names: list[str]) -> str:
+def short(name: str, limit: int = 80) -> str:
+    """A tensor name for a message: at most ``limit`` characters (a file can hold names megabytes long)."""
+    return name if len(name) <= limit else name[: limit - 3] + "..."
+
+
+def _listed(names: list[str], show=short) -> str:
     more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
-    return ", ".join(names[:_MAX_LISTED]) + more
+    return ", ".join(map(show, names[:_MAX_LISTED])) + more
 
 
 def _out_dtype(name: str, cur: TensorInfo, prev: TensorInfo | None, dtype: OutDtype) -> tuple[str, bool]:
     """Output dtype and whether the tensor is extrapolated (else copied from CUR)."""
     if cur.dtype in FLOAT_DTYPES:
         if prev is not None and prev.dtype not in FLOAT_DTYPES:
-            raise MergeError(f"{name}: dtype {prev.dtype} in PREV but {cur.dtype} in CUR; both must be floating")
+            raise MergeError(f"{short(name)}: dtype {prev.dtype} in PREV but {cur.dtype} in CUR; both must be floating")
         return (cur.dtype if dtype == "keep" else _DTYPE_NAMES[dtype]), prev is not None
     if cur.dtype.startswith(("F8", "C")):
         raise MergeError(
-            f"{name}: dtype {cur.dtype} is not supported (quantized or complex weights); "
+            f"{short(name)}: dtype {cur.dtype} is not supported (quantized or complex weights); "
             "dequantize to bf16/fp16/fp32 first"
         )
     return cur.dtype, False
@@ -177,13 +185,13 @@ def make_plan(
             "use --on-missing copy to copy CUR-only tensors unchanged"
         )
     mismatched = [
-        f"{n} {list(prev.tensors[n][1].shape)} vs {list(info.shape)}"
+        f"{short(n)} {list(prev.tensors[n][1].shape)} vs {list(info.shape)}"
         for n, (_, info) in cur.tensors.items()
         if n in prev.tensors and prev.tensors[n][1].shape != info.shape
     ]
     if mismatched:
         raise MergeError(
-            f"shape mismatch between PREV and CUR: {_listed(mismatched)}; "
+            f"shape mismatch between PREV and CUR: {_listed(mismatched, str)}; "
             "both must be checkpoints of the same architecture"
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -119,3 +120,67 @@ def test_overwrite_keeps_a_folder_that_appeared_during_the_merge(tiny_checkpoint
     assert calls and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "mine"
     assert leftovers(out) == []
+
+
+# -- the model card does not publish the user's file system --------------------------------------------------------
+def _card(out: Path) -> str:
+    return (out / "README.md").read_text(encoding="utf-8")
+
+
+def _all_text(out: Path) -> str:
+    """The card and every weight file's header (its metadata is published too)."""
+    text = _card(out)
+    for f in out.glob("*.safetensors"):
+        raw = f.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        text += raw[8 : 8 + n].decode("utf-8")
+    return text
+
+
+def test_card_names_local_inputs_without_absolute_paths(tiny_checkpoints, tmp_path, monkeypatch):
+    import shutil
+
+    runs = tmp_path / "home" / "alice" / "runs"
+    runs.mkdir(parents=True)
+    shutil.copytree(tiny_checkpoints["single_prev"], runs / "round-1")
+    shutil.copytree(tiny_checkpoints["single_cur"], runs / "round-2")
+    run_merge(runs / "round-1", str(runs / "round-2"), 0.3, tmp_path / "abs", device="cpu")  # absolute, as given
+    monkeypatch.chdir(tmp_path / "home" / "alice")
+    run_merge("runs/round-1", "runs/round-2", 0.3, tmp_path / "rel", device="cpu")  # relative, as given
+    for out in (tmp_path / "abs", tmp_path / "rel"):
+        assert str(tmp_path) not in _all_text(out)
+    assert "| prev | `round-1` |" in _card(tmp_path / "abs") and "| cur | `round-2` |" in _card(tmp_path / "abs")
+    assert "| prev | `runs/round-1` |" in _card(tmp_path / "rel")
+    report = run_merge("runs/round-1", "runs/round-2", 0.3, tmp_path / "full", device="cpu", card_paths="absolute")
+    assert f"| cur | `{runs / 'round-2'}` |" in _card(report.output)
+    from apo_merge.verify import verify_output
+
+    for out in ("abs", "rel", "full"):
+        verify_output(tmp_path / out)
+
+
+def test_card_paths_through_the_cli(tiny_checkpoints, tmp_path):
+    from tests.merge.helpers import run_cli_in_process
+
+    prev, cur = tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"]
+    res = run_cli_in_process(prev, cur, "--alpha", "0.3", "-o", tmp_path / "o", "--device", "cpu", "-q")
+    assert res.code == 0, res.stderr
+    assert str(cur) not in _all_text(tmp_path / "o") and f"| cur | `{cur.name}` |" in _card(tmp_path / "o")
+    res = run_cli_in_process(
+        prev, cur, "--alpha", "0.3", "-o", tmp_path / "a", "--device", "cpu", "-q", "--card-paths", "absolute"
+    )
+    assert res.code == 0, res.stderr
+    assert f"| cur | `{cur}` |" in _card(tmp_path / "a")
+
+
+def test_input_name_with_a_non_utf8_byte_merges(tiny_checkpoints, tmp_path):
+    import shutil
+
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/cur\xff"))
+    shutil.copytree(tiny_checkpoints["single_cur"], odd)
+    out = tmp_path / "out"
+    run_merge(tiny_checkpoints["single_prev"], odd, 0.3, out, device="cpu")
+    assert "| cur | `cur\\xff` |" in _card(out)
+    from apo_merge.verify import verify_output
+
+    verify_output(out)
