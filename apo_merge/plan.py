@@ -151,6 +151,11 @@ def _header_bytes(entries: list[tuple[Piece, int]], metadata: dict[str, str]) ->
     return len(raw).to_bytes(8, "little") + raw
 
 
+def _spec_bytes(spec: tuple) -> int:
+    """Output bytes of a planned tensor (name, out dtype, shape, ...)."""
+    return math.prod(spec[2]) * ITEMSIZE[spec[1]]
+
+
 def _shard_names(n: int) -> list[str]:
     return [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
@@ -204,9 +209,6 @@ def make_plan(
         source = p if extrapolated else (header, info) if convert else None
         specs.append((name, out_dtype, info.shape, (header, info), source, convert))
 
-    def size_of(spec) -> int:
-        return math.prod(spec[2]) * ITEMSIZE[spec[1]]
-
     groups: list[list] = []
     if max_shard_size is None:
         by_file: dict[str, list] = {}
@@ -223,10 +225,14 @@ def make_plan(
                 )
     else:
         limit = parse_size(max_shard_size)
+        filled = 0  # bytes in the last group, kept as it grows: planning stays linear in the tensor count
         for spec in specs:
-            if not groups or (groups[-1] and sum(map(size_of, groups[-1])) + size_of(spec) > limit):
+            size = _spec_bytes(spec)
+            if not groups or (groups[-1] and filled + size > limit):
                 groups.append([])
+                filled = 0
             groups[-1].append(spec)
+            filled += size
         groups = groups or [[]]
         names = _shard_names(len(groups))
 

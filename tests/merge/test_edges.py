@@ -184,3 +184,22 @@ def test_input_name_with_a_non_utf8_byte_merges(tiny_checkpoints, tmp_path):
     from apo_merge.verify import verify_output
 
     verify_output(out)
+
+
+# -- re-shard planning is linear in the number of tensors ------------------------------------------------------------
+def test_reshard_planning_sizes_each_tensor_once(tmp_path, monkeypatch):
+    from apo_merge import plan as plan_module
+    from apo_merge.checkpoint import open_checkpoint
+
+    n = 16_000
+    tensors = {f"t{i:05d}": ("F32", [2], b"\0" * 8) for i in range(n)}
+    for side in ("prev", "cur"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "model.safetensors").write_bytes(st_tensors(tensors))
+    prev, cur = open_checkpoint(tmp_path / "prev"), open_checkpoint(tmp_path / "cur")
+    calls = []
+    real = plan_module._spec_bytes
+    monkeypatch.setattr(plan_module, "_spec_bytes", lambda spec: calls.append(1) or real(spec))
+    plan = plan_module.make_plan(prev, cur, 0.3, max_shard_size=8 * 4000)  # 4000 tensors per shard
+    assert len(plan.files) == 4 and plan.n_tensors == n
+    assert len(calls) <= 2 * n  # the quadratic planner re-summed the open shard for every tensor
