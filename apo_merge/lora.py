@@ -509,7 +509,8 @@ def write_adapter(
         "step of two LoRA adapters,\n`delta = (1 + alpha) delta_cur - alpha delta_prev`, written exactly "
         "as one LoRA",
     )
-    return Written({ADAPTER_WEIGHTS: (size, sha)}, len(tensors), len(tensors), size, card=card)
+    files = {ADAPTER_WEIGHTS: (size, sha), ADAPTER_CONFIG: hash_file(dest / ADAPTER_CONFIG)}  # verify checks both
+    return Written(files, len(tensors), len(tensors), size, card=card)
 
 
 def write_merged(

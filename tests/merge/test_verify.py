@@ -66,7 +66,13 @@ def test_verify_lora_adapter_output(tmp_path):
     out = tmp_path / "out"
     run_merge(adapters[0], adapters[1], 0.3, out)
     res = _verify(out)
-    assert res.code == 0 and "OK, 1 file(s)" in res.stdout, res.stderr
+    assert res.code == 0 and "OK, 2 file(s)" in res.stdout, res.stderr  # weights + adapter_config.json
+    config = out / "adapter_config.json"  # recorded too: a changed rank or scaling changes the model
+    text = config.read_text()
+    config.write_text(text.replace('"lora_alpha": ', '"lora_alpha": 1'))
+    assert_one_line_error(_verify(out), 1, str(config))
+    config.write_text(text)
+    assert _verify(out).code == 0
     weights = out / "adapter_model.safetensors"
     _flip(weights, weights.stat().st_size - 1)
     assert_one_line_error(_verify(out), 1, str(weights), "SHA-256")
