@@ -124,15 +124,19 @@ def _listed(names: list[str], show=short) -> str:
     return ", ".join(map(show, names[:_MAX_LISTED])) + more
 
 
-def _out_dtype(name: str, cur: TensorInfo, prev: TensorInfo | None, dtype: OutDtype) -> tuple[str, bool]:
+def _out_dtype(
+    name: str, cur: TensorInfo, prev: TensorInfo | None, dtype: OutDtype, where: str = ""
+) -> tuple[str, bool]:
     """Output dtype and whether the tensor is extrapolated (else copied from CUR)."""
     if cur.dtype in FLOAT_DTYPES:
         if prev is not None and prev.dtype not in FLOAT_DTYPES:
-            raise MergeError(f"{short(name)}: dtype {prev.dtype} in PREV but {cur.dtype} in CUR; both must be floating")
+            raise MergeError(
+                f"{short(name)}{where}: dtype {prev.dtype} in PREV but {cur.dtype} in CUR; both must be floating"
+            )
         return (cur.dtype if dtype == "keep" else _DTYPE_NAMES[dtype]), prev is not None
     if cur.dtype.startswith(("F8", "C")):
         raise MergeError(
-            f"{short(name)}: dtype {cur.dtype} is not supported (quantized or complex weights); "
+            f"{short(name)}{where}: dtype {cur.dtype} is not supported (quantized or complex weights); "
             "dequantize to bf16/fp16/fp32 first"
         )
     return cur.dtype, False
@@ -176,7 +180,7 @@ def make_plan(
     if on_missing not in ("error", "copy"):
         raise usage_error(f"--on-missing {on_missing!r} is not one of error, copy")
     if not cur.tensors:
-        raise MergeError(f"{cur.label}: holds no tensors; give a checkpoint with weights")
+        raise MergeError(f"CUR {cur.label}: holds no tensors; give a checkpoint with weights")
     cur_only = [n for n in cur.tensors if n not in prev.tensors]
     prev_only = [n for n in prev.tensors if n not in cur.tensors]
     if on_missing == "error" and (cur_only or prev_only):
@@ -186,7 +190,7 @@ def make_plan(
         if prev_only:
             parts.append(f"only in PREV: {_listed(prev_only)}")
         raise MergeError(
-            f"tensor names differ between PREV and CUR ({'; '.join(parts)}); "
+            f"tensor names differ between PREV ({prev.label}) and CUR ({cur.label}) ({'; '.join(parts)}); "
             "use --on-missing copy to copy CUR-only tensors unchanged"
         )
     mismatched = [
@@ -196,7 +200,7 @@ def make_plan(
     ]
     if mismatched:
         raise MergeError(
-            f"shape mismatch between PREV and CUR: {_listed(mismatched, str)}; "
+            f"shape mismatch between PREV ({prev.label}) and CUR ({cur.label}): {_listed(mismatched, str)}; "
             "both must be checkpoints of the same architecture"
         )
 
@@ -204,7 +208,8 @@ def make_plan(
     specs: list[tuple[str, str, tuple[int, ...], tuple[FileHeader, TensorInfo], tuple | None, bool]] = []
     for name, (header, info) in cur.tensors.items():
         p = prev.tensors.get(name)
-        out_dtype, extrapolated = _out_dtype(name, info, p[1] if p else None, dtype)
+        where = f" (PREV {p[0].path}, CUR {header.path})" if p else f" (CUR {header.path})"  # which input, which file
+        out_dtype, extrapolated = _out_dtype(name, info, p[1] if p else None, dtype, where)
         convert = not extrapolated and out_dtype != info.dtype  # CUR-only float tensor under --dtype
         source = p if extrapolated else (header, info) if convert else None
         specs.append((name, out_dtype, info.shape, (header, info), source, convert))

@@ -464,13 +464,13 @@ def _pair(w: Work, prev: dict, cur: dict) -> None:
 @case()
 def shapes_differ(w):
     _pair(w, {"w": ("F32", [2, 2], b"\0" * 16)}, {"w": ("F32", [4], b"\0" * 16)})
-    return 1, ["shape mismatch between PREV and CUR", "w [2, 2] vs [4]"]
+    return 1, [f"shape mismatch between PREV ({w.prev}) and CUR ({w.cur})", "w [2, 2] vs [4]"]
 
 
 @case()
 def tensor_names_differ(w):
     _pair(w, {"a": ("F32", [2], F32_2)}, {"b": ("F32", [2], F32_2)})
-    return 1, ["tensor names differ", "only in CUR: b", "only in PREV: a", "--on-missing copy"]
+    return 1, [f"PREV ({w.prev}) and CUR ({w.cur})", "only in CUR: b", "only in PREV: a", "--on-missing copy"]
 
 
 @case()
@@ -482,7 +482,7 @@ def tensor_name_with_newline_stays_one_line(w):
 @case()
 def integer_prev_float_cur(w):
     _pair(w, {"w": ("I32", [2], F32_2)}, {"w": ("F32", [2], F32_2)})
-    return 1, ["w: dtype I32 in PREV but F32 in CUR"]
+    return 1, [f"w (PREV {w.prev / 'model.safetensors'}, CUR {w.cur_file}): dtype I32 in PREV but F32 in CUR"]
 
 
 @case()
