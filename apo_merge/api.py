@@ -63,11 +63,11 @@ def _check_output(out: Path, inputs: list[sources.Source], overwrite: bool) -> N
             raise usage_error(f"output {out} is inside input {src.label}; choose an -o outside both inputs")
         if is_inside(src.path, out):
             raise usage_error(f"input {src.label} is inside output {out}; choose another -o")
-    if out.exists() or out.is_symlink():
+    if sources.lexists(out, "output"):
         if not overwrite:
             raise MergeError(f"{out}: already exists; pass --overwrite to replace it or choose another -o")
         check_replaceable(out)
-    if not out.parent.is_dir():
+    if not sources.lexists(out.parent, "output folder") or not out.parent.is_dir():
         raise MergeError(f"{out.parent}: no such folder for the output; create it or choose another -o")
 
 
@@ -137,15 +137,11 @@ def run_merge(
     return report
 
 
-def _metadata(alpha: float, src_prev: sources.Source, src_cur: sources.Source) -> dict[str, str]:
+def _metadata(alpha: float, prev: str, cur: str) -> dict[str, str]:
+    """What every weight file records (and the card repeats; ``verify`` compares the two)."""
     from apo_merge import __version__
 
-    return {
-        "apo_merge_version": __version__,
-        "apo_alpha": repr(alpha),
-        "apo_prev": src_prev.description,
-        "apo_cur": src_cur.description,
-    }
+    return {"apo_merge_version": __version__, "apo_alpha": repr(alpha), "apo_prev": prev, "apo_cur": cur}
 
 
 def _merge_checkpoints(
@@ -156,7 +152,14 @@ def _merge_checkpoints(
     options = options.replace(device=resolve_device(options.device))
     ckpt_prev = open_checkpoint(src_prev.path, src_prev.label, src_prev.trusted_root)
     ckpt_cur = open_checkpoint(src_cur.path, src_cur.label, src_cur.trusted_root)
-    plan = make_plan(ckpt_prev, ckpt_cur, options, metadata=_metadata(options.alpha, src_prev, src_cur))
+    plan = make_plan(
+        ckpt_prev,
+        ckpt_cur,
+        options,
+        metadata=_metadata(
+            options.alpha, src_prev.card_name(options.card_paths), src_cur.card_name(options.card_paths)
+        ),
+    )
     if hooks.on_plan:
         hooks.on_plan(plan)
 
@@ -180,8 +183,8 @@ def _merge_checkpoints(
         hashes = hasher.finish()
         info = card.CardInfo(
             alpha=options.alpha,
-            prev=src_prev.description,
-            cur=src_cur.description,
+            prev=src_prev.card_name(options.card_paths),
+            cur=src_cur.card_name(options.card_paths),
             dtype=options.dtype,
             files={f.name: (f.size, stats.sha256[f.name]) for f in plan.files},
             base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
@@ -232,7 +235,7 @@ def _merge_adapters(
     from apo_merge import lora
 
     prev_a, cur_a = lora.open_adapter(src_prev), lora.open_adapter(src_cur)
-    meta = _metadata(options.alpha, src_prev, src_cur)
+    meta = _metadata(options.alpha, src_prev.card_name(options.card_paths), src_cur.card_name(options.card_paths))
     base_models = [s.hub_id for s in (src_prev, src_cur) if s.hub_id]
     # Side files: BASE's (config, tokenizer) first when merging into it, then CUR's, whose tokenizer wins.
     side = [(src_cur.path, {lora.ADAPTER_WEIGHTS, sources.ADAPTER_CONFIG}, src_cur.trusted_root)]
@@ -241,8 +244,9 @@ def _merge_adapters(
         src_base = sources.resolve(options.merge_into, token=options.token)
         if src_base.is_adapter:
             raise MergeError(f"--merge-into {src_base.label}: is an adapter; give the base model")
+        _check_output(out, [src_base], options.overwrite)  # BASE is an input too: never written into or replaced
         base = open_checkpoint(src_base.path, src_base.label, src_base.trusted_root)
-        meta["apo_merge_into"] = src_base.description
+        meta["apo_merge_into"] = src_base.card_name(options.card_paths)
         base_models += [src_base.hub_id] if src_base.hub_id else []
         side.insert(0, (base.root, base.weight_file_names, src_base.trusted_root))
     elif options.max_shard_size is not None:
@@ -265,8 +269,8 @@ def _merge_adapters(
             hashes["base"] = res.base_digest
         info = card.CardInfo(
             alpha=options.alpha,
-            prev=src_prev.description,
-            cur=src_cur.description,
+            prev=src_prev.card_name(options.card_paths),
+            cur=src_cur.card_name(options.card_paths),
             dtype=options.dtype,
             files=res.files,
             base_models=base_models,
@@ -310,7 +314,9 @@ def extrapolate_checkpoints(
     "fp32"), ``max_shard_size`` (e.g. "5GB": re-shard in HF naming; default keeps CUR's layout), ``overwrite``,
     ``on_missing`` ("error" | "copy"), ``strict`` (inf/NaN from finite inputs is an error), ``merge_into``
     (LoRA only), ``token`` (Hub downloads and uploads), ``push_to_hub`` (a repo id or
-    ``apo_merge.hub.PushOptions``). ``progress`` is called with each count of bytes written.
+    ``apo_merge.hub.PushOptions``), ``card_paths`` ("relative": the card and file metadata name a local input by
+    its path as given when relative, else by its folder name; "absolute": by its absolute path; Hub inputs are
+    always ``repo@commit``). ``progress`` is called with each count of bytes written.
 
     >>> extrapolate_checkpoints(prev="runs/round-1", cur="runs/round-2", alpha=0.3, output="runs/round-2-apo")
     ... # doctest: +SKIP

@@ -99,3 +99,19 @@ _ROW = re.compile(r"^\| `([^`]+)` \| (\d+) \| `([0-9a-f]{64})` \|$", re.MULTILIN
 def recorded_files(card_text: str) -> dict[str, tuple[int, str]]:
     """The (bytes, sha256) per weight file that ``render`` recorded."""
     return {m.group(1): (int(m.group(2)), m.group(3)) for m in _ROW.finditer(card_text)}
+
+
+# Summary rows the weight files' metadata also records: card row -> metadata key.
+SUMMARY_METADATA = {"alpha": "apo_alpha", "prev": "apo_prev", "cur": "apo_cur", "merged into": "apo_merge_into"}
+_SUMMARY_ROW = re.compile(r"^\| (alpha|prev|cur|merged into) \| (.*) \|$", re.MULTILINE)
+
+
+def recorded_summary(card_text: str) -> dict[str, str]:
+    """The card's alpha, prev, cur (and merged-into) values, as ``render`` wrote them (code quotes removed)."""
+    out: dict[str, str] = {}
+    for m in _SUMMARY_ROW.finditer(card_text):
+        value = m.group(2)
+        if m.group(1) != "alpha" and len(value) >= 2 and value[0] == value[-1] == "`":
+            value = value[1:-1]
+        out.setdefault(m.group(1), value)
+    return out

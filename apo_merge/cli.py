@@ -44,8 +44,9 @@ tools = typer.Typer(
 SUBCOMMANDS = ("verify", "push")
 
 
-# The choices of --device, --dtype and --on-missing, from MergeOptions' fields (which validate them too).
+# The choices of --device, --dtype, --on-missing and --card-paths, from MergeOptions' fields (which validate them too).
 Device, Dtype, OnMissing = choice_enum("device"), choice_enum("dtype"), choice_enum("on_missing")
+CardPaths = choice_enum("card_paths")
 
 
 PrivateOpt = Annotated[
@@ -105,6 +106,10 @@ def merge(
     push_to_hub: Annotated[
         str | None, typer.Option(metavar="REPO_ID", help="Upload OUT to this Hub model repo once it is complete.")
     ] = None,
+    card_paths: Annotated[
+        CardPaths,
+        typer.Option(help=help_text("card_paths")),
+    ] = CardPaths.relative,
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
     commit_message: CommitMessageOpt = None,
@@ -145,6 +150,7 @@ def merge(
             strict=strict,
             merge_into=merge_into,
             token=token,
+            card_paths=card_paths.value,
         )
         report = _run(prev, cur, options, output, quiet, prefetcher)
     except BaseException as e:

@@ -223,7 +223,7 @@ class _Pipeline:
                 if not task.copy:
                     slot = task.slot
                     out, prev, cur = _operands(task, slot.out, slot.prev, slot.cur)
-                    self.kernel(out, prev, cur, alpha)
+                    self.kernel(out, prev, cur, 0.0 if task.piece.convert else alpha)  # alpha 0: CUR, rounded once
                     found += _new_nonfinite(torch, out, prev, cur)
                 self.to_write.put(task)
         finally:
@@ -255,7 +255,7 @@ class _Pipeline:
                             d_cur[:cb].copy_(slot.cur[:cb], non_blocking=True)
                             d_prev[:pb].copy_(slot.prev[:pb], non_blocking=True)
                             out, prev, cur = _operands(task, d_out, d_prev, d_cur)
-                            self.kernel(out, prev, cur, alpha)
+                            self.kernel(out, prev, cur, 0.0 if task.piece.convert else alpha)
                             found[i] += (
                                 torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)
                             ).sum()

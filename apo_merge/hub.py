@@ -13,7 +13,8 @@ from pathlib import Path
 
 from apo_merge.card import recorded_files
 from apo_merge.errors import MergeError
-from apo_merge.io.output import CARD_MARK
+from apo_merge.io.header import read_regular_file
+from apo_merge.io.output import CARD_MARK, MAX_CARD_BYTES
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,10 @@ def push(folder: str | os.PathLike, options: PushOptions, *, token: str | bool |
 def _check_complete(folder: Path) -> None:
     """An apo-merge output must hold every weight file its card records, at the recorded size."""
     readme = folder / "README.md"
-    text = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else ""
+    try:  # a regular file only: a FIFO named README.md must not block the upload
+        text = read_regular_file(readme, MAX_CARD_BYTES).decode("utf-8", errors="replace")
+    except (OSError, MergeError):
+        text = ""
     if CARD_MARK not in text:
         return
     for name, (size, _) in recorded_files(text).items():

@@ -28,12 +28,14 @@ from apo_merge.errors import MergeError
 from apo_merge.io.checkpoint import Checkpoint, is_inside
 from apo_merge.io.dtypes import torch_dtype
 from apo_merge.io.hashing import InputDigest, StreamHasher, digest, hash_file
+from apo_merge.io.header import read_regular_file
 from apo_merge.io.writer import SafetensorsWriter, pread_exact
 from apo_merge.options import MergeOptions
-from apo_merge.plan import Layout, OutFile, Piece, lay_out, output_dtype
+from apo_merge.plan import Layout, OutFile, Piece, lay_out, output_dtype, short
 from apo_merge.sources import ADAPTER_CONFIG, Source
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 24  # an adapter_config.json is a few KB
 _PREFIX = "base_model.model."
 # saved key suffix -> (factor, layer kind)
 _FACTORS = {
@@ -115,9 +117,15 @@ def open_adapter(src: Source) -> Adapter:
             raise MergeError(
                 f"{path}: is a symlink leading outside the adapter folder (refused); copy the real file into the folder"
             )
-    raw_config = config_path.read_bytes()
+    try:
+        raw_config = read_regular_file(config_path, MAX_CONFIG_BYTES)
+        raw = read_regular_file(weights)
+    except OSError as e:
+        raise MergeError(f"{label}: cannot read the adapter ({e.strerror or e}); check the files") from None
     try:
         config = json.loads(raw_config)
+    except RecursionError:
+        raise MergeError(f"{config_path}: not valid JSON (nested too deeply); re-save the adapter") from None
     except ValueError as e:
         raise MergeError(f"{config_path}: not valid JSON ({e}); re-save the adapter") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
@@ -137,7 +145,7 @@ def open_adapter(src: Source) -> Adapter:
                 f"{label}: uses the LoRA variant {key}, which apo-merge cannot extrapolate exactly; "
                 "merge both adapters into the base (merge_and_unload) and extrapolate those"
             )
-    raw = weights.read_bytes()
+    _check_config(label, config_path, config)
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -152,6 +160,39 @@ def open_adapter(src: Source) -> Adapter:
     return Adapter(label, root, config, tensors, digest(files))
 
 
+def _check_config(label: str, path: Path, config: dict) -> None:
+    """The fields apo-merge computes with must have PEFT's types: a hand-edited config gets one line, not a crash."""
+    for key in _UNORDERED:
+        value = config.get(key)
+        if value is not None and not (
+            isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise MergeError(
+                f"{path}: {key} must be a string or a list of strings, not {_short_value(value)}; fix the config"
+            )
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise MergeError(f"{path}: {key} must be an object, not {_short_value(patterns)}; fix the config")
+        for pattern in patterns:
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except (re.error, RecursionError, OverflowError):
+                raise MergeError(
+                    f"{path}: {key} key {_short_value(pattern)} is not a valid regular expression; fix the config"
+                ) from None
+
+
+def _short_value(value: object, limit: int = 60) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_compatible(prev: Adapter, cur: Adapter) -> None:
     """Both adapters must be LoRAs of the same base over the same modules."""
     for key in _SAME:
@@ -161,13 +202,14 @@ def check_compatible(prev: Adapter, cur: Adapter) -> None:
         if p != c:
             if key == "base_model_name_or_path":
                 raise MergeError(
-                    f"PREV and CUR are adapters of different base models ({p!r} vs {c!r}); "
+                    f"PREV and CUR are adapters of different base models ({_short_value(p)} vs {_short_value(c)}); "
                     "extrapolate adapters trained from one base (or fix base_model_name_or_path in "
                     f"{ADAPTER_CONFIG} if it is the same model)"
                 )
             what = "target modules" if key == "target_modules" else key
             raise MergeError(
-                f"PREV and CUR adapters differ in {what} ({p!r} vs {c!r}); both rounds must train the same LoRA layout"
+                f"PREV and CUR adapters differ in {what} ({_short_value(p)} vs {_short_value(c)}); "
+                "both rounds must train the same LoRA layout"
             )
 
 
@@ -192,7 +234,7 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, torch.Tens
         else:
             if any(part.startswith("lora_") for part in key.split(".")):
                 raise MergeError(
-                    f"{adapter.label}: tensor {key!r} belongs to a LoRA variant apo-merge cannot "
+                    f"{adapter.label}: tensor {short(key)!r} belongs to a LoRA variant apo-merge cannot "
                     "extrapolate exactly; merge the adapters into the base and extrapolate those"
                 )
             whole[key] = t
@@ -200,22 +242,32 @@ def _modules(adapter: Adapter) -> tuple[dict[str, _Module], dict[str, torch.Tens
     modules = {}
     for name, p in parts.items():
         if "A" not in p or "B" not in p:
-            raise MergeError(f"{adapter.label}: LoRA layer {name} lacks its lora_A or lora_B tensor; re-save it")
+            raise MergeError(f"{adapter.label}: LoRA layer {short(name)} lacks its lora_A or lora_B tensor; re-save it")
         A, B = p["A"], p["B"]
-        rank = A.shape[0]
+        rank = A.shape[0] if A.dim() else 0
+        if rank == 0:
+            raise MergeError(
+                f"{adapter.label}: LoRA layer {short(name)} has rank 0 (an adapter that changes nothing); "
+                "give adapters of rank 1 or more"
+            )
         if B.dim() < 2 or B.shape[1] != rank:
             raise MergeError(
-                f"{adapter.label}: LoRA layer {name}: lora_A has rank {rank} but lora_B has shape "
+                f"{adapter.label}: LoRA layer {short(name)}: lora_A has rank {rank} but lora_B has shape "
                 f"{list(B.shape)}; re-save the adapter"
             )
         r = _pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r"))
         lora_alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha"))
         if r != rank or not isinstance(lora_alpha, (int, float)):
             raise MergeError(
-                f"{adapter.label}: {ADAPTER_CONFIG} gives layer {name} r={r!r}, "
+                f"{adapter.label}: {ADAPTER_CONFIG} gives layer {short(name)} r={r!r}, "
                 f"lora_alpha={lora_alpha!r}, but its tensors have rank {rank}; fix the config"
             )
         scaling = lora_alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+        if p.get("bias") is not None and cfg.get("lora_bias") is not True:
+            raise MergeError(
+                f"{adapter.label}: LoRA layer {short(name)} holds a lora_B.bias but {ADAPTER_CONFIG}'s lora_bias is not "
+                "true, so PEFT would ignore it; fix lora_bias in the config or remove the tensor"
+            )
         modules[name] = _Module(p["kind"], A, B, p.get("bias"), scaling)
     return modules, whole
 
@@ -228,13 +280,44 @@ def _matched(prev: Adapter, cur: Adapter):
         if set(p) != set(c):
             only = sorted(set(p) ^ set(c))
             raise MergeError(
-                f"PREV and CUR adapters hold different {what} ({', '.join(only[:5])}); both rounds "
+                f"PREV and CUR adapters hold different {what} ({', '.join(map(short, only[:5]))}); both rounds "
                 "must train the same LoRA layout"
+            )
+    for name, c in mc.items():  # a lora_B.bias in one round only: the other's is PEFT's zero init (lora_bias true)
+        p = mp[name]
+        if (c.bias is None) != (p.bias is None):
+            if c.bias is None:
+                c.bias = torch.zeros_like(p.bias)
+            else:
+                p.bias = torch.zeros_like(c.bias)
+        if c.bias is not None and c.bias.shape != p.bias.shape:
+            raise MergeError(
+                f"LoRA layer {short(name)}: lora_B.bias has shape {list(p.bias.shape)} in PREV but "
+                f"{list(c.bias.shape)} in CUR; both rounds must train the same LoRA layout"
             )
     for key, c in wc.items():
         if wp[key].shape != c.shape:
-            raise MergeError(f"{key}: shape {list(wp[key].shape)} in PREV, {list(c.shape)} in CUR")
+            raise MergeError(
+                f"{short(key)}: shape {list(wp[key].shape)} in PREV, {list(c.shape)} in CUR; "
+                "both rounds must train the same LoRA layout"
+            )
     return mp, mc, wp, wc
+
+
+def _check_factors(name: str, p: _Module, c: _Module) -> None:
+    """PREV's and CUR's factors must stack: same input and output sizes (ranks may differ)."""
+    if (
+        c.A.dim() != p.A.dim()
+        or c.B.dim() != p.B.dim()
+        or c.A.shape[1:] != p.A.shape[1:]
+        or c.B.shape[0] != p.B.shape[0]
+        or c.B.shape[2:] != p.B.shape[2:]
+    ):
+        raise MergeError(
+            f"LoRA layer {short(name)}: factor shapes differ between PREV and CUR "
+            f"({list(p.B.shape)} x {list(p.A.shape)} vs {list(c.B.shape)} x {list(c.A.shape)}); "
+            "both rounds must train the same LoRA layout"
+        )
 
 
 def _whole(p: torch.Tensor, c: torch.Tensor, alpha: float, dtype: torch.dtype | None) -> torch.Tensor:
@@ -253,11 +336,7 @@ def extrapolate_adapters(
     ranks: dict[str, int] = {}
     for name, c in mc.items():
         p = mp[name]
-        if c.A.shape[1:] != p.A.shape[1:] or c.B.shape[0] != p.B.shape[0] or c.B.shape[2:] != p.B.shape[2:]:
-            raise MergeError(
-                f"LoRA layer {name}: factor shapes differ between PREV and CUR "
-                f"({list(p.B.shape)} x {list(p.A.shape)} vs {list(c.B.shape)} x {list(c.A.shape)})"
-            )
+        _check_factors(name, p, c)
         dt = out_dtype or torch.promote_types(c.A.dtype, p.A.dtype)
         a_key, b_key = (
             ("lora_embedding_A", "lora_embedding_B") if c.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
@@ -328,6 +407,30 @@ class _Merger:
                 )
             self.changes.setdefault(_base_name(key), _Change()).whole = key
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape every part of the change to base tensor ``name`` has (checked before any arithmetic)."""
+        change, shapes = self.changes[name], {}
+        if change.whole is not None:
+            shapes["the extrapolated tensor"] = tuple(self.wc[change.whole].shape)
+        if change.lora is not None:
+            c, p = self.mc[change.lora], self.mp[change.lora]
+            if c.A.dim() != 2 or p.A.dim() != 2:
+                raise MergeError(
+                    "--merge-into supports LoRA on Linear and Embedding layers only (this adapter has "
+                    "convolution layers); write the extrapolated adapter instead"
+                )
+            _check_factors(change.lora, p, c)
+            rows, cols = c.B.shape[0], c.A.shape[1]
+            shapes["the LoRA update"] = (cols, rows) if c.kind == "embedding" or self.fan_in_fan_out else (rows, cols)
+        if change.bias is not None:  # (PREV's and CUR's bias shapes were matched in _matched)
+            shapes["the lora_B bias update"] = tuple(self.mc[change.bias].bias.shape)
+        if len(set(shapes.values())) > 1:
+            parts = ", ".join(f"{what} {list(s)}" for what, s in shapes.items())
+            raise MergeError(
+                f"--merge-into: the adapters' changes to {short(name)} disagree in shape ({parts}); re-save them"
+            )
+        return next(iter(shapes.values()))
+
     def tensor(self, name: str, raw: bytearray, base_dtype: str, shape: tuple[int, ...], out_dtype: str) -> bytes:
         """The output bytes of base tensor ``name``: fp32 math (fp64 for fp64 weights), one rounding."""
         change = self.changes.get(name)
@@ -336,7 +439,7 @@ class _Merger:
         src, dst = torch_dtype(base_dtype), torch_dtype(out_dtype)
         if src is None:
             raise MergeError(
-                f"--merge-into: base tensor {name} has dtype {base_dtype}, which apo-merge cannot "
+                f"--merge-into: base tensor {short(name)} has dtype {base_dtype}, which apo-merge cannot "
                 "change; dequantize the base first"
             )
         compute = torch.float64 if torch.float64 in (src, dst) else torch.float32
@@ -352,7 +455,7 @@ class _Merger:
             w = w + (c.bias.to(compute) * ((1 + a) * c.scaling) - p.bias.to(compute) * (a * p.scaling))
         if tuple(w.shape) != shape:
             raise MergeError(
-                f"--merge-into: {name} has shape {list(shape)} in the base but the adapters give "
+                f"--merge-into: {short(name)} has shape {list(shape)} in the base but the adapters give "
                 f"{list(w.shape)}; give the base model the adapters were trained on"
             )
         return w.to(dst).contiguous().view(torch.uint8).numpy().tobytes()
@@ -400,7 +503,8 @@ def write_adapter(
         "step of two LoRA adapters,\n`delta = (1 + alpha) delta_cur - alpha delta_prev`, written exactly "
         "as one LoRA",
     )
-    return Written({ADAPTER_WEIGHTS: (size, sha)}, len(tensors), len(tensors), size, card=card)
+    files = {ADAPTER_WEIGHTS: (size, sha), ADAPTER_CONFIG: hash_file(dest / ADAPTER_CONFIG)}  # verify checks both
+    return Written(files, len(tensors), len(tensors), size, card=card)
 
 
 def write_merged(
@@ -422,9 +526,16 @@ def write_merged(
     missing = sorted(n for n in merger.changes if n not in base.tensors)
     if missing:
         raise MergeError(
-            f"--merge-into {base.label}: the base has no tensor {', '.join(missing[:5])} that the "
+            f"--merge-into {base.label}: the base has no tensor {', '.join(map(short, missing[:5]))} that the "
             "adapters change; give the base model the adapters were trained on"
         )
+    for name in sorted(merger.changes):  # before any output exists, and before any addition could broadcast
+        want, have = merger.shape(name), base.tensors[name][1].shape
+        if want != have:
+            raise MergeError(
+                f"--merge-into {base.label}: {short(name)} has shape {list(have)} in the base but the adapters change "
+                f"it with shape {list(want)}; give the base model the adapters were trained on"
+            )
     layout = _base_layout(base, options, metadata)
     if on_plan:
         on_plan(layout)

@@ -86,6 +86,12 @@ class MergeOptions:
     push_to_hub: str | PushOptions | None = _f(
         None, "Upload OUT to this Hub model repo (a repo id or apo_merge.hub.PushOptions) once it is complete."
     )
+    card_paths: str = _f(
+        "relative",
+        "How the card and file metadata name local inputs: relative (a relative path as given, else the folder "
+        "name) or absolute. Hub inputs are always repo@commit.",
+        choices=("relative", "absolute"),
+    )
 
     def __post_init__(self) -> None:
         alpha = self.alpha
@@ -95,7 +101,7 @@ class MergeOptions:
         device = self.device
         if not isinstance(device, str) or (device not in choices("device") and not re.fullmatch(r"cuda:\d+", device)):
             raise usage_error(f"--device {_short(device)} is not one of {', '.join(choices('device'))}")
-        for name in ("dtype", "on_missing"):
+        for name in ("dtype", "on_missing", "card_paths"):
             value = getattr(self, name)
             if value not in choices(name):
                 flag = "--" + name.replace("_", "-")

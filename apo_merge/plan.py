@@ -5,12 +5,13 @@ All input problems (missing names, shape or dtype mismatches) are found here, be
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 
 from apo_merge.errors import MergeError
-from apo_merge.io.checkpoint import SINGLE_NAME, Checkpoint
+from apo_merge.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from apo_merge.io.dtypes import FLOAT_DTYPES, ITEMSIZE, OUT_DTYPES
 from apo_merge.io.header import FileHeader, TensorInfo
 from apo_merge.options import MergeOptions
@@ -20,7 +21,11 @@ _MAX_LISTED = 10
 
 @dataclass(frozen=True)
 class Piece:
-    """One output tensor: where its bytes go and where they come from (``prev is None``: copy CUR's bytes)."""
+    """One output tensor: where its bytes go and where they come from (``prev is None``: copy CUR's bytes).
+
+    ``convert``: a CUR-only tensor whose output dtype differs from CUR's; ``prev`` is then CUR itself and the
+    engine computes it with alpha 0, which is CUR rounded once to the output dtype (raw bytes would be garbage).
+    """
 
     name: str
     dtype: str
@@ -28,6 +33,7 @@ class Piece:
     offset: int  # absolute, in the output file
     cur: tuple[FileHeader, TensorInfo]
     prev: tuple[FileHeader, TensorInfo] | None
+    convert: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -77,23 +83,38 @@ class MergePlan(Layout):
 
     @property
     def n_extrapolated(self) -> int:
-        return sum(p.prev is not None for f in self.files for p in f.pieces)
+        return sum(p.prev is not None and not p.convert for f in self.files for p in f.pieces)
 
 
-def _listed(names: list[str]) -> str:
+def _show(name: str, limit: int = 80) -> str:
+    """A name from a file, bounded for a one-line message (names can be megabytes long); repr escapes newlines."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short(name: str, limit: int = 80) -> str:
+    """A tensor name for a message: at most ``limit`` characters (a file can hold names megabytes long)."""
+    return name if len(name) <= limit else name[: limit - 3] + "..."
+
+
+def _listed(names: list[str], show=short) -> str:
     more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
-    return ", ".join(names[:_MAX_LISTED]) + more
+    return ", ".join(map(show, names[:_MAX_LISTED])) + more
 
 
-def output_dtype(name: str, cur: TensorInfo, prev: TensorInfo | None, dtype: str) -> tuple[str, bool]:
-    """Output dtype under ``--dtype dtype`` and whether the tensor is extrapolated (else copied from CUR)."""
+def output_dtype(name: str, cur: TensorInfo, prev: TensorInfo | None, dtype: str, where: str = "") -> tuple[str, bool]:
+    """Output dtype under ``--dtype dtype`` and whether the tensor is extrapolated (else copied from CUR).
+
+    ``where`` names the input files in messages."""
     if cur.dtype in FLOAT_DTYPES:
         if prev is not None and prev.dtype not in FLOAT_DTYPES:
-            raise MergeError(f"{name}: dtype {prev.dtype} in PREV but {cur.dtype} in CUR; both must be floating")
+            raise MergeError(
+                f"{short(name)}{where}: dtype {prev.dtype} in PREV but {cur.dtype} in CUR; both must be floating"
+            )
         return (cur.dtype if dtype == "keep" else OUT_DTYPES[dtype]), prev is not None
     if cur.dtype.startswith(("F8", "C")):
         raise MergeError(
-            f"{name}: dtype {cur.dtype} is not supported (quantized or complex weights); "
+            f"{short(name)}{where}: dtype {cur.dtype} is not supported (quantized or complex weights); "
             "dequantize to bf16/fp16/fp32 first"
         )
     return cur.dtype, False
@@ -130,6 +151,13 @@ def lay_out(pieces: list[Piece], layout: Checkpoint, max_shard_size: int | None,
             by_file.setdefault(piece.cur[0].path.name, []).append(piece)
         groups = list(by_file.values())
         names = list(by_file) if layout.index_name else [layout.files[0].path.name]
+        for fname in names:  # kept names must not collide with the card, the index or side files
+            if not fname.endswith(".safetensors") or fname == INDEX_NAME:
+                raise MergeError(
+                    f"{layout.root / (layout.index_name or fname)}: names shard {_show(fname)}, which the output "
+                    "cannot keep (a weight file must end in .safetensors; README.md would be replaced by the model "
+                    "card); rename the shard in the index, or re-shard with --max-shard-size"
+                )
     else:
         size = 0
         for piece in pieces:
@@ -149,7 +177,7 @@ def lay_out(pieces: list[Piece], layout: Checkpoint, max_shard_size: int | None,
             entries.append((piece, begin))
             begin += piece.nbytes
         header = _header_bytes(entries, meta)
-        placed = [Piece(pc.name, pc.dtype, pc.shape, len(header) + b, pc.cur, pc.prev) for pc, b in entries]
+        placed = [dataclasses.replace(pc, offset=len(header) + b) for pc, b in entries]
         files.append(OutFile(fname, header, placed))
 
     index = None
@@ -167,7 +195,7 @@ def make_plan(
     """Match tensors by name across PREV and CUR and lay out the output files."""
     on_missing = options.on_missing
     if not cur.tensors:
-        raise MergeError(f"{cur.label}: holds no tensors; give a checkpoint with weights")
+        raise MergeError(f"CUR {cur.label}: holds no tensors; give a checkpoint with weights")
     cur_only = [n for n in cur.tensors if n not in prev.tensors]
     prev_only = [n for n in prev.tensors if n not in cur.tensors]
     if on_missing == "error" and (cur_only or prev_only):
@@ -177,25 +205,28 @@ def make_plan(
         if prev_only:
             parts.append(f"only in PREV: {_listed(prev_only)}")
         raise MergeError(
-            f"tensor names differ between PREV and CUR ({'; '.join(parts)}); "
+            f"tensor names differ between PREV ({prev.label}) and CUR ({cur.label}) ({'; '.join(parts)}); "
             "use --on-missing copy to copy CUR-only tensors unchanged"
         )
     mismatched = [
-        f"{n} {list(prev.tensors[n][1].shape)} vs {list(info.shape)}"
+        f"{short(n)} {list(prev.tensors[n][1].shape)} vs {list(info.shape)}"
         for n, (_, info) in cur.tensors.items()
         if n in prev.tensors and prev.tensors[n][1].shape != info.shape
     ]
     if mismatched:
         raise MergeError(
-            f"shape mismatch between PREV and CUR: {_listed(mismatched)}; "
+            f"shape mismatch between PREV ({prev.label}) and CUR ({cur.label}): {_listed(mismatched, str)}; "
             "both must be checkpoints of the same architecture"
         )
 
     pieces = []  # in CUR's layout order, not yet placed
     for name, (header, info) in cur.tensors.items():
         p = prev.tensors.get(name)
-        out_dtype, extrapolated = output_dtype(name, info, p[1] if p else None, options.dtype)
-        pieces.append(Piece(name, out_dtype, info.shape, 0, (header, info), p if extrapolated else None))
+        where = f" (PREV {p[0].path}, CUR {header.path})" if p else f" (CUR {header.path})"  # which input, which file
+        out_dtype, extrapolated = output_dtype(name, info, p[1] if p else None, options.dtype, where)
+        convert = not extrapolated and out_dtype != info.dtype  # CUR-only float tensor under --dtype
+        source = p if extrapolated else (header, info) if convert else None
+        pieces.append(Piece(name, out_dtype, info.shape, 0, (header, info), source, convert))
     layout = lay_out(pieces, cur, options.max_shard_size, metadata or {})
     return MergePlan(
         files=layout.files,

@@ -8,12 +8,14 @@ index and the small non-weight files (config, tokenizer, chat template, license)
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from apo_merge.errors import MergeError
+from apo_merge.errors import MergeError, usage_error
 from apo_merge.io.checkpoint import WEIGHT_SUFFIXES
 
 # fnmatch patterns, as huggingface_hub applies them: `*` also matches `/`, hence the "*/*" ignore (top level only).
@@ -34,6 +36,7 @@ HUB_ALLOW_PATTERNS = [
 HUB_IGNORE_PATTERNS = ["*/*", *(f"*{suffix}" for suffix in WEIGHT_SUFFIXES if suffix != ".safetensors")]
 
 ADAPTER_CONFIG = "adapter_config.json"  # marks a PEFT adapter folder
+CardPaths = Literal["relative", "absolute"]  # how the model card names local inputs
 
 _HUB_SPEC = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^\s@]+))?")
 
@@ -50,12 +53,56 @@ class Source:
     @property
     def is_adapter(self) -> bool:
         """A PEFT adapter folder (adapter_config.json) rather than a full checkpoint."""
-        return (self.path / ADAPTER_CONFIG).is_file()
+        return os.path.lexists(self.path / ADAPTER_CONFIG)  # any kind of file: a FIFO is refused when read
 
     @property
     def description(self) -> str:
-        """How the model card names this input: the spec, plus the commit for Hub inputs."""
-        return f"{self.label} (commit {self.commit})" if self.commit else self.label
+        """How the model card (and the weight files' metadata) name this input; see ``card_name``."""
+        return self.card_name("relative")
+
+    def card_name(self, paths: CardPaths = "relative") -> str:
+        """The published name of this input: ``repo@commit`` for Hub inputs; for local ones the path as given when
+        it is relative, else only the folder's name, so that a pushed card does not show the user's file system
+        (``paths="absolute"``: the absolute path, on request). Non-UTF-8 bytes are written as ``\\xNN``."""
+        if self.hub_id:
+            text = f"{self.hub_id}@{self.commit}" if self.commit else self.label
+        elif paths == "absolute":
+            text = os.path.abspath(self.path)
+        elif paths == "relative":
+            given = os.path.expanduser(self.label)
+            text = os.path.normpath(given) if not os.path.isabs(given) else ""
+            if not text or text in (".", "..") or text.startswith(".." + os.sep):
+                text = Path(os.path.abspath(self.path)).name or os.sep  # the folder's own name
+        else:
+            raise MergeError(f"--card-paths {paths!r} is not one of relative, absolute", exit_code=2)
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def show_path(path: str | os.PathLike, limit: int = 40) -> str:
+    """A path for a one-line message: each name longer than ``limit`` characters cut short."""
+    parts = str(path).split(os.sep)
+    return os.sep.join(p if len(p) <= limit else p[: limit - 3] + "..." for p in parts)
+
+
+def lexists(path: Path, what: str) -> bool:
+    """Whether ``path`` exists (a dangling symlink does); a path the system cannot even look up is a MergeError,
+    a usage error (exit 2) when no file could ever have that name."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise usage_error(
+                f"{what} {show_path(path)}: a name in it is longer than the file system allows (255 bytes); "
+                "use a shorter name"
+            ) from None
+        raise MergeError(
+            f"{what} {show_path(path)}: cannot look it up ({e.strerror or e}); check the path and permissions"
+        ) from None
+    except ValueError:  # a NUL byte
+        raise usage_error(f"{what} {show_path(path)!r}: not a valid path") from None
+    return True
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None] | None:
@@ -73,7 +120,7 @@ def resolve(spec: str | os.PathLike, *, token: str | bool | None = None) -> Sour
     saved login or ``HF_TOKEN``).
     """
     path = Path(spec).expanduser()
-    hub = None if isinstance(spec, Path) or path.exists() or path.is_symlink() else parse_hub_spec(str(spec))
+    hub = None if isinstance(spec, Path) or lexists(path, "input") else parse_hub_spec(str(spec))
     if hub is None:
         return Source(path=path, label=str(spec), trusted_root=path)
     return _from_hub(str(spec), *hub, token=token)

@@ -11,11 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from apo_merge.card import recorded_files
+from apo_merge.card import SUMMARY_METADATA, recorded_files, recorded_summary
 from apo_merge.errors import MergeError
-from apo_merge.io.checkpoint import INDEX_NAME, open_checkpoint
+from apo_merge.io.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, open_checkpoint
 from apo_merge.io.hashing import hash_file
-from apo_merge.io.output import CARD_MARK
+from apo_merge.io.header import read_regular_file
+from apo_merge.io.output import CARD_MARK, MAX_CARD_BYTES
 
 CARD_NAME = "README.md"
 
@@ -33,10 +34,10 @@ class VerifyReport:
         return sum(size for size, _ in self.files.values())
 
 
-def _recorded(root: Path) -> dict[str, tuple[int, str]]:
+def _recorded(root: Path) -> tuple[dict[str, tuple[int, str]], str]:
     card = root / CARD_NAME
     try:
-        text = card.read_text(encoding="utf-8", errors="replace")
+        text = read_regular_file(card, MAX_CARD_BYTES).decode("utf-8", errors="replace")
     except OSError as e:
         raise MergeError(
             f"{card}: cannot read the model card ({e.strerror or e}), so there are no recorded hashes "
@@ -50,7 +51,25 @@ def _recorded(root: Path) -> dict[str, tuple[int, str]]:
     recorded = recorded_files(text)
     if not recorded:
         raise MergeError(f"{card}: records no weight files; re-run the merge")
-    return recorded
+    return recorded, text
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_summary(card: Path, text: str, files) -> None:
+    """The card's alpha and inputs must be what every weight file's metadata records (both are written together)."""
+    summary = recorded_summary(text)
+    for f in files:
+        for row, key in SUMMARY_METADATA.items():
+            have, want = f.metadata.get(key), summary.get(row)
+            if have != want:
+                raise MergeError(
+                    f"{f.path}: metadata {key} is {_short(have)} but the model card records {row} {_short(want)} "
+                    f"({card}); the card or the file changed after the merge, re-run it"
+                )
 
 
 def verify_output(folder: str | Path) -> VerifyReport:
@@ -58,7 +77,7 @@ def verify_output(folder: str | Path) -> VerifyReport:
     root = Path(folder)
     if not root.is_dir():
         raise MergeError(f"{root}: no such folder; give the output folder of an apo-merge run")
-    recorded = _recorded(root)
+    recorded, card_text = _recorded(root)
     ckpt = open_checkpoint(root)  # every header and the index, through the hardened reader
 
     for name in sorted(recorded):
@@ -76,8 +95,15 @@ def verify_output(folder: str | Path) -> VerifyReport:
         raise MergeError(
             f"{root / INDEX_NAME}: does not name {unindexed[0]}, which the model card records; re-run the merge"
         )
+    unrecorded = sorted({f.path.name for f in ckpt.files} - weights)
+    if unrecorded:
+        raise MergeError(
+            f"{root / unrecorded[0]}: named by {INDEX_NAME} but a file the model card does not record; "
+            "remove it from the index or re-run the merge"
+        )
     if ckpt.index_name:
         _check_total_size(root / INDEX_NAME, ckpt.total_bytes)
+    _check_summary(root / CARD_NAME, card_text, ckpt.files)
 
     for name in sorted(recorded):
         path, (size, sha) = root / name, recorded[name]
@@ -97,7 +123,7 @@ def verify_output(folder: str | Path) -> VerifyReport:
 
 
 def _check_total_size(index_path: Path, total: int) -> None:
-    metadata = json.loads(index_path.read_text(encoding="utf-8")).get("metadata")
+    metadata = json.loads(read_regular_file(index_path, MAX_INDEX_BYTES).decode("utf-8")).get("metadata")
     recorded = metadata.get("total_size") if isinstance(metadata, dict) else None
     if recorded is not None and recorded != total:
         raise MergeError(

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apo_merge.errors import MergeError
-from apo_merge.io.header import FileHeader, TensorInfo, read_header
+from apo_merge.io.header import MAX_HEADER_BYTES, FileHeader, TensorInfo, read_header, read_regular_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights whose loading can run code
 # Every weight-file suffix apo-merge knows: never copied as a side file, never fetched from the Hub but safetensors.
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".gguf", ".h5", ".msgpack", ".onnx", ".npz", ".ot")
+MAX_INDEX_BYTES = MAX_HEADER_BYTES  # an index names every tensor, as a header does
 
 
 @dataclass
@@ -116,7 +117,7 @@ def open_checkpoint(
 def _open_sharded(root: Path, label: str, trusted: Path) -> Checkpoint:
     index_path = _safe_member(root, INDEX_NAME, trusted, "index")
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = json.loads(read_regular_file(index_path, MAX_INDEX_BYTES).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else e
         raise MergeError(f"{index_path}: not a readable JSON index ({why}); re-save the checkpoint") from None

@@ -52,6 +52,27 @@ class FileHeader:
     metadata: dict[str, str]
 
 
+def read_regular_file(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of a regular file (of at most ``limit`` bytes); anything else (FIFO, device, folder) is refused.
+
+    O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it before any read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MergeError(f"{path}: is not a regular file (a folder, FIFO or device); replace it with a plain file")
+        if limit is not None and st.st_size > limit:
+            raise MergeError(f"{path}: {st.st_size} bytes is more than the {limit} this file may hold")
+        with open(fd, "rb", closefd=False) as f:  # to EOF (a file growing past the limit is still refused)
+            data = f.read() if limit is None else f.read(limit + 1)
+        if limit is not None and len(data) > limit:
+            raise MergeError(f"{path}: more than the {limit} bytes this file may hold")
+        return data
+    finally:
+        os.close(fd)
+
+
 def read_header(path: Path) -> FileHeader:
     """Read and validate the header of the safetensors file at ``path`` (data bytes are not read)."""
     path = Path(path)

@@ -19,8 +19,10 @@ from pathlib import Path
 
 from apo_merge.errors import MergeError
 from apo_merge.io.files import RENAME_NOREPLACE, fsync_dir, fsync_tree, remove, renameat2, replace_atomically
+from apo_merge.io.header import read_regular_file
 
 CARD_MARK = "<!-- apo-merge -->"
+MAX_CARD_BYTES = 1 << 26  # a card lists every weight file: generous, but a bound
 _TMP_SUFFIX = re.compile(r"(\d+)-(\d+)-[0-9a-f]{8}")  # <pid>-<process start time>-<random>
 
 
@@ -93,18 +95,24 @@ def io_error(e: OSError, out: Path) -> MergeError:
     return MergeError(f"{out}: merge failed: {e.strerror or e}{code}{meaning}{at}; {fix}")
 
 
+def _is_ours(folder: Path) -> bool:
+    """An empty folder, or one whose README.md (a regular file) is an apo-merge model card."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    try:
+        text = read_regular_file(folder / "README.md", MAX_CARD_BYTES)
+    except (OSError, MergeError):
+        return False
+    return CARD_MARK in text.decode("utf-8", errors="replace")
+
+
 def check_replaceable(out: Path) -> None:
     """With --overwrite, only an empty folder or an earlier apo-merge output may be replaced."""
     if not out.is_dir() or out.is_symlink():
         raise MergeError(f"{out}: exists and is not a folder; remove it or choose another -o")
-    if not any(out.iterdir()):
-        return
-    card = out / "README.md"
-    try:
-        ours = CARD_MARK in card.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        ours = False
-    if not ours:
+    if not _is_ours(out):
         raise MergeError(
             f"{out}: exists and is not an apo-merge output, so --overwrite will not replace it; "
             "remove it yourself or choose another -o"
@@ -135,7 +143,13 @@ class StagedFolder:
         if self.out.exists() or self.out.is_symlink():
             if not self.overwrite:
                 raise MergeError(f"{self.out}: appeared while merging (another process?); nothing was replaced")
-            replace_atomically(self.tmp, self.out)  # the old OUT lands at self.tmp and is removed there
+            # What comes out is checked at the exchange, not only at the start: a folder put at OUT during the
+            # merge is the user's, and goes back in place.
+            if not replace_atomically(self.tmp, self.out, old_ok=_is_ours):
+                raise MergeError(
+                    f"{self.out}: was replaced during the merge by something that is not an apo-merge output; "
+                    "it was left in place and nothing was written; remove it yourself or choose another -o"
+                )
             self.committed = True
             return
         fsync_tree(self.tmp)

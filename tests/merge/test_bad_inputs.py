@@ -8,7 +8,7 @@ import os
 import pickle
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -35,10 +35,22 @@ class Work:
     cur: Path
     out: Path
     alpha: str = "0.3"
+    extra: list[str] = field(default_factory=list)  # more options on the command line
 
     @property
     def args(self) -> list[str]:
-        return [str(self.prev), str(self.cur), "--alpha", self.alpha, "-o", str(self.out), "--device", "cpu", "-q"]
+        return [
+            str(self.prev),
+            str(self.cur),
+            "--alpha",
+            self.alpha,
+            "-o",
+            str(self.out),
+            "--device",
+            "cpu",
+            "-q",
+            *self.extra,
+        ]
 
     @property
     def cur_file(self) -> Path:
@@ -263,6 +275,38 @@ def index_nested_too_deeply(w):
     return 1, [str(w.cur / INDEX), "nested too deeply"]
 
 
+@case("shard", in_subprocess=True)  # a regression blocks in open(): the subprocess timeout fails the test
+def index_is_a_fifo(w):
+    (w.cur / INDEX).unlink()
+    os.mkfifo(w.cur / INDEX)
+    return 1, [str(w.cur / INDEX), "not a regular file"]
+
+
+@case(in_subprocess=True)
+def overwrite_where_out_has_a_fifo_readme(w):
+    w.out.mkdir()
+    (w.out / "weights.txt").write_text("mine")
+    os.mkfifo(w.out / "README.md")
+    w.extra = ["--overwrite"]
+    return 2, [str(w.out), "is not an apo-merge output"]
+
+
+@case(in_subprocess=True)
+def adapter_config_is_a_fifo(w):
+    _lora_pair(w, LAYER, LAYER)
+    (w.cur / "adapter_config.json").unlink()
+    os.mkfifo(w.cur / "adapter_config.json")
+    return 1, [str(w.cur / "adapter_config.json"), "not a regular file"]
+
+
+@case(in_subprocess=True)
+def adapter_weights_are_a_fifo(w):
+    _lora_pair(w, LAYER, LAYER)
+    (w.cur / "adapter_model.safetensors").unlink()
+    os.mkfifo(w.cur / "adapter_model.safetensors")
+    return 1, [str(w.cur), "no adapter_model.safetensors"]
+
+
 @case("shard")
 def index_without_weight_map(w):
     index = w.edit_index(lambda ix: ix.pop("weight_map"))
@@ -329,6 +373,15 @@ def index_shard_name_with_lone_surrogate(w):
         )
     )
     return 1, [str(index), "path traversal refused"]
+
+
+@case("shard")
+def shard_named_readme_md(w):
+    (w.cur / SHARD1).rename(w.cur / "README.md")  # the model card would overwrite it
+    w.edit_index(
+        lambda ix: ix["weight_map"].update({k: "README.md" for k, v in ix["weight_map"].items() if v == SHARD1})
+    )
+    return 1, [str(w.cur / INDEX), "'README.md'", "--max-shard-size"]
 
 
 @case("shard")
@@ -411,13 +464,13 @@ def _pair(w: Work, prev: dict, cur: dict) -> None:
 @case()
 def shapes_differ(w):
     _pair(w, {"w": ("F32", [2, 2], b"\0" * 16)}, {"w": ("F32", [4], b"\0" * 16)})
-    return 1, ["shape mismatch between PREV and CUR", "w [2, 2] vs [4]"]
+    return 1, [f"shape mismatch between PREV ({w.prev}) and CUR ({w.cur})", "w [2, 2] vs [4]"]
 
 
 @case()
 def tensor_names_differ(w):
     _pair(w, {"a": ("F32", [2], F32_2)}, {"b": ("F32", [2], F32_2)})
-    return 1, ["tensor names differ", "only in CUR: b", "only in PREV: a", "--on-missing copy"]
+    return 1, [f"PREV ({w.prev}) and CUR ({w.cur})", "only in CUR: b", "only in PREV: a", "--on-missing copy"]
 
 
 @case()
@@ -429,7 +482,7 @@ def tensor_name_with_newline_stays_one_line(w):
 @case()
 def integer_prev_float_cur(w):
     _pair(w, {"w": ("I32", [2], F32_2)}, {"w": ("F32", [2], F32_2)})
-    return 1, ["w: dtype I32 in PREV but F32 in CUR"]
+    return 1, [f"w (PREV {w.prev / 'model.safetensors'}, CUR {w.cur_file}): dtype I32 in PREV but F32 in CUR"]
 
 
 @case()
@@ -442,6 +495,144 @@ def quantized_fp8_weights(w):
 def checkpoint_without_tensors(w):
     _pair(w, {}, {})
     return 1, [str(w.cur), "holds no tensors"]
+
+
+# -- LoRA adapters (hand-built: a base with one [16, 16] weight "layer.weight") -------------------------------------
+def f32(*shape: int, seed: int = 0) -> tuple[str, list[int], bytes]:
+    import torch
+
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return ("F32", list(shape), t.numpy().tobytes())
+
+
+LORA_CONFIG = {
+    "peft_type": "LORA",
+    "r": 2,
+    "lora_alpha": 4,
+    "target_modules": ["layer"],
+    "base_model_name_or_path": "tiny/base",
+}
+
+
+def _adapter(folder: Path, tensors: dict, **config) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    full = {f"base_model.model.{k}": v for k, v in tensors.items()}
+    (folder / "adapter_model.safetensors").write_bytes(st_tensors(full))
+    (folder / "adapter_config.json").write_text(json.dumps({**LORA_CONFIG, **config}))
+    return folder
+
+
+def _lora_pair(w: Work, prev: dict, cur: dict, base_shape=(16, 16), **config) -> Path:
+    """PREV and CUR become adapters; returns a base checkpoint folder (outside both) holding layer.weight."""
+    _adapter(w.prev, prev, **config)
+    _adapter(w.cur, cur, **config)
+    base = w.root / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(st_tensors({"layer.weight": f32(*base_shape, seed=9)}))
+    return base
+
+
+LAYER = {"layer.lora_A.weight": f32(2, 16, seed=1), "layer.lora_B.weight": f32(16, 2, seed=2)}
+
+
+@case()
+def merge_into_update_broadcasts_over_the_base(w):
+    one_row = {"layer.lora_A.weight": f32(2, 16, seed=1), "layer.lora_B.weight": f32(1, 2, seed=2)}
+    w.extra = ["--merge-into", str(_lora_pair(w, one_row, one_row))]
+    return 1, ["layer.weight", "[16, 16] in the base", "[1, 16]"]
+
+
+@case()
+def merge_into_update_of_another_shape(w):
+    other = {"layer.lora_A.weight": f32(2, 8, seed=1), "layer.lora_B.weight": f32(3, 2, seed=2)}
+    w.extra = ["--merge-into", str(_lora_pair(w, other, other))]
+    return 1, ["layer.weight", "[16, 16] in the base", "[3, 8]"]
+
+
+@case()
+def lora_factor_shapes_differ_between_prev_and_cur(w):
+    other = {"layer.lora_A.weight": f32(2, 8, seed=1), "layer.lora_B.weight": f32(16, 2, seed=2)}
+    w.extra = ["--merge-into", str(_lora_pair(w, LAYER, other))]
+    return 1, ["LoRA layer layer", "factor shapes differ between PREV and CUR"]
+
+
+@case()
+def merge_into_output_inside_base(w):
+    base = _lora_pair(w, LAYER, LAYER)
+    w.out = base / "x"
+    w.extra = ["--merge-into", str(base)]
+    return 2, [str(w.out), "is inside input", str(base)]
+
+
+@case()
+def merge_into_output_is_base_with_overwrite(w):
+    base = _lora_pair(w, LAYER, LAYER)
+    (base / "README.md").write_text("<!-- apo-merge -->\n")  # even an earlier apo-merge output, once it is an input
+    w.out = base
+    w.extra = ["--merge-into", str(base), "--overwrite"]
+    return 2, [str(base), "is inside input"]
+
+
+# -- one line for every failure (issue 15, section 2) ---------------------------------------------------------------
+@case()
+def cur_path_component_over_255_bytes(w):
+    w.cur = w.root / ("c" * 300)
+    return 1, ["longer than the file system allows", "ccc..."]
+
+
+@case()
+def output_path_component_over_255_bytes(w):
+    w.out = w.root / ("o" * 300)
+    return 2, ["longer than the file system allows", "ooo..."]
+
+
+@case()
+def max_shard_size_with_400_digits(w):
+    w.extra = ["--max-shard-size", "9" * 400]
+    return 2, ["--max-shard-size", "too large"]
+
+
+@case()
+def rank_zero_adapters(w):
+    empty = {"layer.lora_A.weight": ("F32", [0, 16], b""), "layer.lora_B.weight": ("F32", [16, 0], b"")}
+    _lora_pair(w, empty, empty, r=0)
+    return 1, ["LoRA layer layer has rank 0"]
+
+
+@case()
+def rank_pattern_key_not_a_regex(w):
+    _lora_pair(w, LAYER, LAYER, rank_pattern={"lay(er": 2})
+    return 1, ["rank_pattern", "'lay(er'", "not a valid regular expression"]
+
+
+@case()
+def target_modules_mixing_numbers_and_strings(w):
+    _lora_pair(w, LAYER, LAYER, target_modules=["layer", 3])
+    return 1, ["target_modules", "strings"]
+
+
+@case()
+def adapter_config_nested_too_deeply(w):
+    _lora_pair(w, LAYER, LAYER)
+    (w.cur / "adapter_config.json").write_text('{"peft_type": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    return 1, [str(w.cur / "adapter_config.json"), "nested too deeply"]
+
+
+@case()
+def long_tensor_names_are_shortened(w):
+    prev = {f"{i}" + "p" * 50_000: ("F32", [2], F32_2) for i in range(20)}
+    cur = {f"{i}" + "c" * 50_000: ("F32", [2], F32_2) for i in range(20)}
+    _pair(w, prev, cur)
+    return 1, ["tensor names differ", "cccc...", "and 10 more"]
+
+
+@case()
+def long_tensor_names_shortened_in_shape_mismatch(w):
+    name = "w" * 50_000
+    _pair(w, {name: ("F32", [2, 2], b"\0" * 16)}, {name: ("F32", [4], b"\0" * 16)})
+    return 1, ["shape mismatch", "www...", "[2, 2] vs [4]"]
 
 
 # -- the test ----------------------------------------------------------------------------------------------------
@@ -460,9 +651,11 @@ def test_there_are_at_least_30_cases():
 def test_bad_input_fails_cleanly(case: Case, tiny_checkpoints, tmp_path, keep_sigterm):
     w = _work(tmp_path, tiny_checkpoints, case.layout)
     code, needles = case.build(w)
-    before = tree_state(tmp_path, skip=w.out)
+    skip = None if os.path.lexists(w.out) else w.out  # an OUT that is an input must stay as it was
+    before = tree_state(tmp_path, skip=skip)
     res = run_cli(*w.args, timeout=60) if case.in_subprocess else run_cli_in_process(*w.args)
-    assert_one_line_error(res, code, *needles)
-    assert not w.out.exists() and not w.out.is_symlink()
+    line = assert_one_line_error(res, code, *needles)
+    assert len(line) < 2000, len(line)  # long names and values are shortened
+    assert skip is None or not os.path.lexists(w.out)
     assert leftovers(w.out) == []
-    assert tree_state(tmp_path, skip=w.out) == before  # inputs unchanged, and nothing was unpickled
+    assert tree_state(tmp_path, skip=skip) == before  # inputs unchanged, and nothing was unpickled

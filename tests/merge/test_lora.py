@@ -177,3 +177,36 @@ def test_refuses_adapters_that_cannot_be_combined_exactly(setup, tmp_path):
     with pytest.raises(MergeError, match="--merge-into applies to LoRA adapters"):
         run_merge(setup["base"], setup["base"], MergeOptions(ALPHA, merge_into=setup["base"]), tmp_path / "o5")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+def _without_bias(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    tensors = load_file(dest / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith("lora_B.bias")}, dest / "adapter_model.safetensors")
+    return dest
+
+
+@pytest.mark.parametrize("side", ["prev", "cur"])
+def test_lora_bias_in_one_adapter_only_is_exact(setup, tmp_path, side):
+    """A lora_B.bias missing from one adapter (lora_bias true) is PEFT's zero init: the step keeps the other's."""
+    prev, cur = setup["plain"]
+    if side == "prev":
+        prev = _without_bias(prev, tmp_path / "p-prev")
+    else:
+        cur = _without_bias(cur, tmp_path / "p-cur")
+    pair = {"root": setup["root"], "base": setup["base"], "ids": setup["ids"], "x": (prev, cur)}
+    want_state, want = _reference(pair, "x")
+    run_merge(prev, cur, MergeOptions(ALPHA), tmp_path / "apo")
+    torch.testing.assert_close(_adapter_logits(setup, tmp_path / "apo"), want, **TOL)
+    run_merge(prev, cur, MergeOptions(ALPHA, merge_into=setup["base"]), tmp_path / "full")
+    for name, t in load_file(tmp_path / "full" / "model.safetensors").items():
+        torch.testing.assert_close(t, want_state[name], rtol=1e-6, atol=1e-6)
+
+
+def test_lora_bias_without_lora_bias_in_the_config_is_refused(setup, tmp_path):
+    prev, cur = setup["plain"]
+    no_flag = _with_config(cur, tmp_path / "cur", lora_bias=False)
+    prev2 = _with_config(prev, tmp_path / "prev", lora_bias=False)
+    with pytest.raises(MergeError, match="lora_B.bias .* lora_bias is not true"):
+        run_merge(prev2, no_flag, MergeOptions(ALPHA), tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -78,7 +78,7 @@ def test_merge_from_the_hub_equals_the_local_merge_and_cards_the_ids(cache, mode
     card = (tmp_path / "hub-out" / "README.md").read_text()
     front = card.split("---")[1]
     assert "base_model:\n- org/a\n- org/b\n" in front and "base_model_relation: merge" in front
-    assert f"org/b@dev (commit {COMMIT_B_DEV})" in card
+    assert f"| cur | `org/b@{COMMIT_B_DEV}` |" in card  # Hub inputs: repo@commit
     # content hashes do not depend on where the input came from
     assert hub.input_hashes == local.input_hashes
     assert (tmp_path / "hub-out" / "config.json").is_file() and not (tmp_path / "hub-out" / "config.json").is_symlink()

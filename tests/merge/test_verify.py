@@ -67,7 +67,13 @@ def test_verify_lora_adapter_output(tmp_path):
     out = tmp_path / "out"
     run_merge(adapters[0], adapters[1], MergeOptions(0.3), out)
     res = _verify(out)
-    assert res.code == 0 and "OK, 1 file(s)" in res.stdout, res.stderr
+    assert res.code == 0 and "OK, 2 file(s)" in res.stdout, res.stderr  # weights + adapter_config.json
+    config = out / "adapter_config.json"  # recorded too: a changed rank or scaling changes the model
+    text = config.read_text()
+    config.write_text(text.replace('"lora_alpha": ', '"lora_alpha": 1'))
+    assert_one_line_error(_verify(out), 1, str(config))
+    config.write_text(text)
+    assert _verify(out).code == 0
     weights = out / "adapter_model.safetensors"
     _flip(weights, weights.stat().st_size - 1)
     assert_one_line_error(_verify(out), 1, str(weights), "SHA-256")
@@ -243,3 +249,35 @@ def test_same_folder_special_values(tmp_path, dtype, code, alpha):
         y[finite].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
         expected[finite].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
     )
+
+
+# -- issue 15: what the index names and what the card claims ---------------------------------------------------------
+def test_verify_index_names_a_file_the_card_does_not_record(sharded_out):
+    (sharded_out / "ghost.bin").write_bytes(st_tensors({"ghost.weight": ("F32", [2], b"\0" * 8)}))
+    _edit_index(sharded_out, lambda ix: ix["weight_map"].update({"ghost.weight": "ghost.bin"}))
+    assert_one_line_error(_verify(sharded_out), 1, str(sharded_out / "ghost.bin"), "does not record")
+
+
+@pytest.mark.parametrize("row,edit", [("alpha", "0.5"), ("prev", "`/somewhere/else`"), ("cur", "`other`")])
+def test_verify_card_summary_edited(sharded_out, row, edit):
+    card = sharded_out / "README.md"
+    lines = card.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(f"| {row} | "))
+    lines[i] = f"| {row} | {edit} |"
+    card.write_text("\n".join(lines) + "\n")
+    assert_one_line_error(_verify(sharded_out), 1, f"apo_{row}", "model card records")
+
+
+def test_verify_card_summary_row_removed(sharded_out):
+    card = sharded_out / "README.md"
+    card.write_text("".join(line for line in card.read_text().splitlines(True) if not line.startswith("| alpha |")))
+    assert_one_line_error(_verify(sharded_out), 1, "apo_alpha", "model card records")
+
+
+def test_verify_card_that_is_a_fifo_does_not_hang(sharded_out):
+    import os
+
+    (sharded_out / "README.md").unlink()
+    os.mkfifo(sharded_out / "README.md")
+    res = run_cli("verify", sharded_out, timeout=60)  # a regression blocks in open(): the timeout fails the test
+    assert_one_line_error(res, 1, str(sharded_out / "README.md"), "not a regular file")
