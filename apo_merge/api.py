@@ -63,11 +63,11 @@ def _check_output(out: Path, inputs: list[sources.Source], overwrite: bool) -> N
             raise usage_error(f"output {out} is inside input {src.label}; choose an -o outside both inputs")
         if is_inside(src.path, out):
             raise usage_error(f"input {src.label} is inside output {out}; choose another -o")
-    if sources.lexists(out, "output"):
+    if sources.lexists(out, "output", usage=True):
         if not overwrite:
             raise MergeError(f"{out}: already exists; pass --overwrite to replace it or choose another -o")
         check_replaceable(out)
-    if not sources.lexists(out.parent, "output folder") or not out.parent.is_dir():
+    if not sources.lexists(out.parent, "output folder", usage=True) or not out.parent.is_dir():
         raise MergeError(f"{out.parent}: no such folder for the output; create it or choose another -o")
 
 

@@ -84,25 +84,25 @@ def show_path(path: str | os.PathLike, limit: int = 40) -> str:
     return os.sep.join(p if len(p) <= limit else p[: limit - 3] + "..." for p in parts)
 
 
-def lexists(path: Path, what: str) -> bool:
-    """Whether ``path`` exists (a dangling symlink does); a path the system cannot even look up is a MergeError,
-    a usage error (exit 2) when no file could ever have that name."""
+def lexists(path: Path, what: str, *, usage: bool = False) -> bool:
+    """Whether ``path`` exists (a dangling symlink does); a path the system cannot even look up is a MergeError
+    (a usage error, exit 2, with ``usage``: the path is a command-line value such as -o)."""
     try:
         os.lstat(path)
+        return True
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as e:
-        if e.errno == errno.ENAMETOOLONG:
-            raise usage_error(
-                f"{what} {show_path(path)}: a name in it is longer than the file system allows (255 bytes); "
-                "use a shorter name"
-            ) from None
-        raise MergeError(
-            f"{what} {show_path(path)}: cannot look it up ({e.strerror or e}); check the path and permissions"
-        ) from None
+        problem = (
+            "a name in it is longer than the file system allows (255 bytes); use a shorter name"
+            if e.errno == errno.ENAMETOOLONG
+            else f"cannot look it up ({e.strerror or e}); check the path and permissions"
+        )
     except ValueError:  # a NUL byte
-        raise usage_error(f"{what} {show_path(path)!r}: not a valid path") from None
-    return True
+        problem = "not a valid path (it holds a NUL byte)"
+    if usage:
+        raise usage_error(f"{what} {show_path(path)}: {problem}")
+    raise MergeError(f"{what} {show_path(path)}: {problem}")
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None] | None:

@@ -219,13 +219,20 @@ def test_loads_with_from_pretrained_and_metadata(pair, tmp_path):
         assert (out / name).read_bytes() == (cur / name).read_bytes()
     assert not (out / "pytorch_model.bin").exists()
     card = (out / "README.md").read_text()
-    for needle in ("base_model_relation: merge", "alpha | 0.3", str(prev), str(cur), apo_merge.__version__):
+    for needle in (
+        "base_model_relation: merge",
+        "alpha | 0.3",
+        f"`{prev.name}`",
+        f"`{cur.name}`",
+        apo_merge.__version__,
+    ):
         assert needle in card
+    assert str(tmp_path) not in card  # absolute inputs are named by their folder (--card-paths absolute to opt in)
     for f in out.glob("*.safetensors"):
         with safe_open(f, "pt") as sf:
             meta = sf.metadata()
         assert meta["format"] == "pt" and meta["apo_alpha"] == "0.3"
-        assert meta["apo_prev"] == str(prev) and meta["apo_merge_version"] == apo_merge.__version__
+        assert meta["apo_prev"] == prev.name and meta["apo_merge_version"] == apo_merge.__version__
         assert hashlib.sha256(f.read_bytes()).hexdigest() in card
 
 

@@ -288,7 +288,7 @@ def overwrite_where_out_has_a_fifo_readme(w):
     (w.out / "weights.txt").write_text("mine")
     os.mkfifo(w.out / "README.md")
     w.extra = ["--overwrite"]
-    return 2, [str(w.out), "is not an apo-merge output"]
+    return 1, [str(w.out), "is not an apo-merge output"]
 
 
 @case(in_subprocess=True)

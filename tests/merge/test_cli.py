@@ -233,7 +233,11 @@ def test_fifty_thousand_character_tensor_names_make_a_short_line(tmp_path):
     prev = _one_tensor_folder(tmp_path / "prev", ["a", *long[:10]])
     cur = _one_tensor_folder(tmp_path / "cur", ["a", *long[10:]])
     line = _one_line(merge(prev, cur, "--alpha", "0.3", "-o", tmp_path / "out", "--device", "cpu"), 1)
-    assert "only in" in line and "…" in line and len(line) <= len("apo-merge: error: ") + MAX_MESSAGE_CHARS
+    assert (
+        "only in" in line
+        and ("…" in line or "..." in line)
+        and len(line) <= len("apo-merge: error: ") + MAX_MESSAGE_CHARS
+    )
 
 
 # -- Ctrl-C: the exit code, never a death by SIGINT ------------------------------------------------------------------
