@@ -79,9 +79,14 @@ def run(
 
 @app.command("config")
 def config_reference(
-    markdown: Annotated[bool, typer.Option("--markdown", help="A Markdown table instead of YAML.")] = False,
+    markdown: Annotated[
+        bool,
+        typer.Option(
+            "--markdown", help="Markdown instead of YAML: one table per group of keys (docs/train.md holds it)."
+        ),
+    ] = False,
 ) -> None:
-    """Print every config key with its default and help, as a YAML file to start from."""
+    """Print every config key with its default and help: a YAML file to start from, or Markdown for the docs."""
     from apo_trainer.config import APOConfig
 
     say(APOConfig.reference_markdown() if markdown else APOConfig.reference_yaml(), end="")

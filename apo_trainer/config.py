@@ -36,17 +36,28 @@ _LR_SCHEDULERS = (
 )
 
 
-def _f(default: Any, help: str, *, choices: tuple[str, ...] | None = None, resume_safe: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "resume_safe": resume_safe})
+def _f(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    resume_safe: bool = False,
+    group: str | None = None,
+) -> Any:
+    # `group` opens a section of the config reference; the fields after it belong to it until the next one.
+    return field(
+        default=default, metadata={"help": help, "choices": choices, "resume_safe": resume_safe, "group": group}
+    )
 
 
 @dataclass
 class APOConfig:
     """Settings of an APO run (arXiv 2410.06293). Field names are the YAML keys; see each field's help."""
 
-    # What to train, on what, judged by whom.
     model: str = _f(
-        "", "Initial policy theta_0 = theta_hat_0: a local Hugging Face model folder or a Hub id. Required."
+        "",
+        "Initial policy theta_0 = theta_hat_0: a local Hugging Face model folder or a Hub id. Required.",
+        group="Model, prompts and oracle",
     )
     tokenizer: str = _f("", "Tokenizer folder or Hub id; empty means the model's own.")
     prompts: str = _f(
@@ -67,8 +78,9 @@ class APOConfig:
         "same command resumes from the last finished phase.",
     )
 
-    # APO.
-    rounds: int = _f(3, "Number of rounds T; the run ends with theta_T in round-<T-1>/policy.", resume_safe=True)
+    rounds: int = _f(
+        3, "Number of rounds T; the run ends with theta_T in round-<T-1>/policy.", resume_safe=True, group="APO rounds"
+    )
     alpha: float = _f(
         0.3,
         "Extrapolation weight: theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - "
@@ -86,12 +98,12 @@ class APOConfig:
         resume_safe=True,
     )
 
-    # Prompts per round and sampling.
     prompts_per_round: int = _f(
         0,
         "Fresh prompts each round: round t takes the next prompts_per_round prompts of a "
         "seeded shuffle of the set (reshuffled when exhausted). 0 = every prompt every "
         "round.",
+        group="Prompts and sampling",
     )
     shuffle_prompts: bool = _f(True, "Shuffle the prompt set (seeded) before splitting it into rounds.")
     samples_per_prompt: int = _f(5, "K: responses sampled per prompt (at least 2).")
@@ -110,12 +122,12 @@ class APOConfig:
     )
     generation_batch_size: int = _f(64, "Sequences per generate call (prompts x K), prompts grouped by length.")
 
-    # Judging and reference log-probs.
-    oracle_batch_size: int = _f(16, "(prompt, response) pairs per oracle call.")
+    oracle_batch_size: int = _f(
+        16, "(prompt, response) pairs per oracle call.", group="Judging and reference log-probs"
+    )
     logprob_batch_size: int = _f(8, "Sequences per forward pass when computing reference log-probs.")
 
-    # Training.
-    learning_rate: float = _f(5e-7, "Peak AdamW learning rate (restarted every round).")
+    learning_rate: float = _f(5e-7, "Peak AdamW learning rate (restarted every round).", group="Training")
     lr_scheduler: str = _f(
         "linear", "Learning-rate schedule after warm-up (transformers' get_scheduler names).", choices=_LR_SCHEDULERS
     )
@@ -143,11 +155,11 @@ class APOConfig:
         0, "Seed; every phase reseeds from (seed, round, phase), so a resumed run matches an uninterrupted one."
     )
 
-    # Logging and publishing.
     log_with: str = _f(
         "",
         "Comma-separated accelerate trackers (e.g. 'tensorboard', 'wandb'); empty = JSONL and console only.",
         resume_safe=True,
+        group="Logging and publishing",
     )
     push_to_hub: bool = _f(
         False,
@@ -310,23 +322,39 @@ class APOConfig:
     @classmethod
     def reference_yaml(cls) -> str:
         """Every field with its default and help text, as a commented YAML file (``apo-train config``)."""
-        lines = ["# apo-train configuration: every key with its default.", ""]
-        for f in dataclasses.fields(cls):
-            for chunk in _wrap(f.metadata["help"], 100):
-                lines.append(f"# {chunk}")
-            lines.append(yaml.safe_dump({f.name: f.default}, default_flow_style=False, width=1000).rstrip())
+        lines = ["# apo-train configuration: every key with its default."]
+        for group, fields in config_groups():
+            lines += ["", f"# ---- {group} ----"]
+            for f in fields:
+                for chunk in _wrap(f.metadata["help"], 100):
+                    lines.append(f"# {chunk}")
+                lines.append(yaml.safe_dump({f.name: f.default}, default_flow_style=False, width=1000).rstrip())
         return "\n".join(lines) + "\n"
 
     @classmethod
     def reference_markdown(cls) -> str:
-        """The config reference as a Markdown table (for the README)."""
-        rows = ["| key | default | meaning |", "| --- | --- | --- |"]
-        for f in dataclasses.fields(cls):
-            default = json.dumps(f.default)
-            choices = f.metadata["choices"]
-            extra = f" One of: {', '.join(choices)}." if choices and "'" not in f.metadata["help"] else ""
-            rows.append(f"| `{f.name}` | `{default}` | {f.metadata['help']}{extra} |")
-        return "\n".join(rows) + "\n"
+        """The config reference as Markdown, one table per group (``apo-train config --markdown``; docs/train.md)."""
+        lines: list[str] = []
+        for group, fields in config_groups():
+            lines += [f"#### {group}", "", "| key | default | meaning |", "| --- | --- | --- |"]
+            for f in fields:
+                choices = f.metadata["choices"]
+                extra = f" One of: {', '.join(choices)}." if choices and "'" not in f.metadata["help"] else ""
+                meaning = _markdown_text(f"{f.metadata['help']}{extra}")
+                meaning += " *May change when resuming.*" if f.metadata["resume_safe"] else ""
+                lines.append(f"| `{f.name}` | `{json.dumps(f.default)}` | {meaning} |")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def config_groups() -> list[tuple[str, list[dataclasses.Field]]]:
+    """The fields in declaration order, split into the groups their ``group`` metadata opens."""
+    groups: list[tuple[str, list[dataclasses.Field]]] = []
+    for f in dataclasses.fields(APOConfig):
+        if f.metadata["group"] or not groups:
+            groups.append((f.metadata["group"] or "General", []))
+        groups[-1][1].append(f)
+    return groups
 
 
 def _fields() -> dict[str, dataclasses.Field]:
@@ -335,6 +363,15 @@ def _fields() -> dict[str, dataclasses.Field]:
 
 def _field_types() -> dict[str, type]:
     return get_type_hints(APOConfig)
+
+
+def _markdown_text(text: str) -> str:
+    """Help text as one Markdown table cell: `|` escaped, and outside `code` spans `<` and `*` too (else
+    `round-<t>` would read as an HTML tag and `*.jsonl` could open emphasis)."""
+    parts = text.split("`")
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("<", "&lt;").replace("*", "\\*")
+    return "`".join(parts).replace("|", "\\|")
 
 
 def _wrap(text: str, width: int) -> list[str]:

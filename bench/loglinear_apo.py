@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apo_trainer.demo.loglinear import (  # noqa: E402
+from bench.loglinear import (  # noqa: E402
     apo_parameters,
     apo_probabilities,
     dpo_population_step,

@@ -7,7 +7,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from apo_trainer.demo.loglinear import (
+from bench.loglinear import (
     apo_parameters,
     apo_probabilities,
     dpo_population_step,

@@ -4,6 +4,9 @@ The policy is pi_theta(y|x) = softmax_y(theta . phi(x, y)) with features ``phi``
 is realizable, r(x, y) = w . phi(x, y). The exact DPO (proximal) step from a reference pi_t is
 pi_hat_{t+1} ∝ pi_t exp(r / beta); in parameter space it is theta_hat_{t+1} = theta_t + w / beta. Everything here
 runs in float64 so that the identities the paper relies on can be checked to machine precision.
+
+Analysis, not runtime: it lives outside the installed packages. bench/loglinear_apo.py prints the evidence tables
+of docs/demo.md from it, and tests/demo/test_loglinear.py pins its identities.
 """
 
 from __future__ import annotations
