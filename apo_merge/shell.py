@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -28,7 +29,9 @@ from apo_merge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, EX
 MAX_VALUE_CHARS = 200  # each whitespace-separated value shown in a message (a tensor name, a path)
 MAX_MESSAGE_CHARS = 4000  # the whole line, should it hold many values
 ELLIPSIS = "…"
-DEBUG_ENV = "APO_DEBUG"  # set to 1: an OSError that reached the shell shows its traceback as well
+DEBUG_ENV = (
+    "APO_DEBUG"  # set to 1: an unanticipated OSError, or the cause of a UserError (user code), shows its traceback
+)
 
 
 class Terminated(BaseException):
@@ -140,6 +143,8 @@ def _invoke(command: Any, prog: str, args: Sequence[str]) -> int:
 def _outcome(prog: str, e: BaseException) -> tuple[int, str]:
     """The exit code and the one line for ``e``; re-raises what is a bug (its traceback is the report)."""
     if isinstance(e, UserError):
+        if e.__cause__ is not None and os.environ.get(DEBUG_ENV):  # e.g. the user's own judge code failed
+            traceback.print_exception(e.__cause__, file=sys.stderr)
         return e.exit_code, error_line(prog, e.message)
     if isinstance(e, getattr(_parser, "NoArgsIsHelpError", ())):  # `apo-merge` alone: the help, as click shows it
         return EXIT_USAGE, e.format_message().rstrip("\n")

@@ -72,6 +72,11 @@ class APOConfig:
         "output) or 'callable:module:function' (called with lists of prompts and responses, returns "
         "one float per pair). Required unless an Oracle object is passed to loop.run().",
     )
+    trust_remote_code: bool = _f(
+        False,
+        "Let the reward model's own Python code run (its folder or Hub repo ships modeling code, as some reward "
+        "models need). A security choice: that code runs with your permissions. Off by default.",
+    )
     output_dir: str = _f(
         "runs/apo",
         "Run folder: round-<t>/ per round, metrics.jsonl, config.yaml. Rerunning the "

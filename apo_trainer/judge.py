@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from apo_trainer.errors import TrainError
-from apo_trainer.oracle import Oracle, load_oracle
+from apo_trainer.oracle import Oracle, judge_failed, load_oracle
 from apo_trainer.runtime import RunContext, free_memory
 from apo_trainer.sample import load_samples
 
@@ -20,19 +20,29 @@ def run(ctx: RunContext, t: int) -> dict[str, Any]:
     flat = [(i, s) for i in range(len(rows)) for s in range(k)]
     mine = flat[ctx.rank :: acc.num_processes]
 
-    oracle: Oracle = ctx.oracle or load_oracle(cfg.oracle, device=ctx.device, batch_size=cfg.oracle_batch_size)
+    oracle: Oracle = ctx.oracle or load_oracle(
+        cfg.oracle, device=ctx.device, batch_size=cfg.oracle_batch_size, trust_remote_code=cfg.trust_remote_code
+    )
+    name = cfg.oracle or getattr(oracle, "name", type(oracle).__name__)
     scores_mine: list[float] = []
     batch = cfg.oracle_batch_size
     with ctx.progress(f"round {t}: judging", len(flat)) as bar:
         for start in range(0, len(mine), batch):
             chunk = mine[start : start + batch]
-            got = oracle.score([rows[i]["prompt"] for i, _ in chunk], [rows[i]["responses"][s] for i, s in chunk])
+            prompts = [rows[i]["prompt"] for i, _ in chunk]
+            responses = [rows[i]["responses"][s] for i, s in chunk]
+            try:
+                got = [float(x) for x in oracle.score(prompts, responses)]
+            except TrainError:
+                raise
+            except Exception as e:  # the oracle is user code: any failure is reported as its own, in one line
+                raise judge_failed(name, t, e) from e
             if len(got) != len(chunk):
                 raise TrainError(
                     f"oracle returned {len(got)} scores for {len(chunk)} responses; it must return one "
                     "float per (prompt, response)"
                 )
-            scores_mine.extend(float(x) for x in got)
+            scores_mine.extend(got)
             bar.advance(len(chunk) * acc.num_processes)
     if oracle is not ctx.oracle and hasattr(oracle, "close"):
         oracle.close()

@@ -37,6 +37,17 @@ def bradley_terry(scores: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(s[:, None] - s[None, :])
 
 
+def judge_failed(name: str, t: int, e: Exception) -> TrainError:
+    """The one line for a judge (user code) that raised: who, where, its own error, and how to go on."""
+    from apo_merge.shell import DEBUG_ENV
+
+    detail = " ".join(str(e).split()) or "no message"
+    return TrainError(
+        f"round {t}, judge phase: the oracle {name} failed ({type(e).__name__}: {detail}); fix it and rerun the "
+        f"same command to resume at the judge phase ({DEBUG_ENV}=1 shows the oracle's traceback)"
+    )
+
+
 def resolve_callable(target: str) -> Callable[..., Any]:
     """Import ``module:function`` (dots allowed in both parts); ConfigError with the cause when it fails."""
     module_name, sep, attr = target.partition(":")
@@ -100,13 +111,25 @@ class RewardModelOracle:
         batch_size: int = 16,
         dtype: torch.dtype | None = None,
         max_length: int = 4096,
+        trust_remote_code: bool = False,
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        trust = {"trust_remote_code": trust_remote_code}  # passed even when False: transformers would ask on stdin
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or "auto", **trust)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **trust)
+        except ValueError as e:
+            if trust_remote_code or "trust_remote_code" not in str(e):
+                raise
+            raise ConfigError(
+                f"reward model {path} needs its own Python code to load; if you trust that code, set "
+                "trust_remote_code: true in the config (it then runs with your permissions)",
+                exit_code=1,
+            ) from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or "auto").to(device)
+        self.model = model.to(device)
         self.model.eval()
         if self.model.config.num_labels != 1:
             raise TrainError(
@@ -154,11 +177,13 @@ class RewardModelOracle:
             torch.cuda.empty_cache()
 
 
-def load_oracle(spec: str, *, device: torch.device | str = "cpu", batch_size: int = 16) -> Oracle:
+def load_oracle(
+    spec: str, *, device: torch.device | str = "cpu", batch_size: int = 16, trust_remote_code: bool = False
+) -> Oracle:
     """Build the Oracle a spec string names: ``reward-model:PATH`` or ``callable:module:function``."""
     kind, _, rest = spec.partition(":")
     if kind == "callable":
         return CallableOracle(resolve_callable(rest), batch_size=batch_size, name=rest)
     if kind == "reward-model":
-        return RewardModelOracle(rest, device=device, batch_size=batch_size)
+        return RewardModelOracle(rest, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
     raise ConfigError(f"config: oracle {spec!r} must be 'reward-model:PATH' or 'callable:module:function'")
