@@ -232,6 +232,9 @@ def _merge_adapters(
                 f"{src.label}: is a full checkpoint but {other.label} is a LoRA adapter; give two "
                 "adapters, or merge the adapter into its base first"
             )
+    from apo_merge.shell import import_torch
+
+    import_torch()  # before lora imports it: Ctrl-C held while torch starts
     from apo_merge import lora
 
     prev_a, cur_a = lora.open_adapter(src_prev), lora.open_adapter(src_cur)

@@ -408,7 +408,9 @@ def execute(
     """
     prefetcher = prefetcher or Prefetcher()
     prefetcher.prefetch([h.path for h in plan.prev.files], [h.path for h in plan.cur.files])
-    import torch
+    from apo_merge.shell import import_torch
+
+    torch = import_torch()  # Ctrl-C held while torch starts (see hold_signals)
 
     if kernel is None:
         from apo_kernels import extrapolate_ as kernel

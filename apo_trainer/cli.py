@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from apo_merge.shell import interrupted, interruption, run_cli, say, shell_group
+from apo_merge.shell import import_torch, interrupted, interruption, run_cli, say, shell_group
 
 PROG = "apo-train"
 app = typer.Typer(
@@ -62,6 +62,7 @@ def run(
     ] = False,
 ) -> None:
     """Run (or resume) the APO rounds a config describes. Rerun the same command to resume after a crash."""
+    import_torch()
     from apo_trainer.config import APOConfig
 
     cfg = APOConfig.from_yaml(config, overrides or [])
