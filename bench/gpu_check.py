@@ -9,7 +9,7 @@ turned into the exit status: a figure below target is a finding, not a broken ch
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import json
 import platform
 import sys
@@ -31,7 +31,7 @@ def env(path: Path) -> None:
     info: dict = {"python": platform.python_version(), "platform": platform.platform()}
     for name in ("torch", "triton", "transformers", "accelerate", "peft", "safetensors", "huggingface_hub", "typer"):
         info[name] = _version(name)
-    info["optional"] = {n: _version(n) for n in ("yaml", "pytest", "hypothesis", "matplotlib", "vllm")}
+    info["optional"] = {n: _version(n) for n in ("pyyaml", "pytest", "hypothesis", "matplotlib", "vllm")}
     import torch
 
     info["cuda"] = torch.version.cuda
@@ -51,12 +51,12 @@ def env(path: Path) -> None:
     print(json.dumps(info, indent=2))
 
 
-def _version(name: str) -> str | None:
+def _version(dist: str) -> str | None:
+    """The installed version from the package's metadata (importing transformers or peft takes seconds)."""
     try:
-        module = importlib.import_module(name)
-    except Exception:  # a missing or broken package is what this reports
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return str(getattr(module, "__version__", "?"))
 
 
 def _load(path: Path) -> dict | None:
