@@ -176,6 +176,10 @@ def _cuda_large(dev: torch.device, reps: int, sweep: bool, results: dict) -> Non
     ratio = t.results["apo_kernels fused kernel"]["GB/s"] / t.results[lerp_name]["GB/s"]
     print(f"  fused kernel bandwidth / torch.lerp bandwidth = {ratio:.3f} (target >= 0.97)")
     results["large_bf16_kernel_over_lerp"] = ratio
+    results["large_bf16_GBps"] = {
+        k: t.results[name]["GB/s"]
+        for k, name in (("copy", "device copy of equal bytes (memory ceiling)"), ("lerp", lerp_name))
+    } | {"kernel": t.results["apo_kernels fused kernel"]["GB/s"]}
     if sweep:
         block, warps = _triton._BLOCK, _triton._NUM_WARPS
         try:
@@ -257,6 +261,13 @@ def _cuda_8b(dev: torch.device, reps: int, results: dict) -> None:
         nbytes,
         target_ms_on_h200="< 20",
     )
+    results["8b_ms"] = {
+        "lerp_loop": t.results[lerp_name]["ms"],
+        "grouped": t.results["apo_kernels extrapolate_many_ (grouped)"]["ms"],
+        "in_place": t.results["in place: extrapolate_many_(curs, prevs, curs)"]["ms"],
+        "parameters": numel,
+        "tensors": len(shapes),
+    }
 
 
 def bench_cuda(reps: int, sweep: bool, results: dict) -> None:

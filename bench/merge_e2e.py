@@ -3,6 +3,7 @@
     python bench/merge_e2e.py                                   # ~4 GB per side (one 5 GB-limit shard), 3 runs
     python bench/merge_e2e.py --size 1.7                        # smaller pair
     python bench/merge_e2e.py --shape 8b                        # Llama-3-8B shapes: 16 GB per side, 4 shards
+    python bench/merge_e2e.py --shape tiny --size 0.002 --runs 1 # a smoke run (bench/gpu_check.sh --dry)
     python bench/merge_e2e.py --mergekit /work/venvs/mergekit   # add mergekit (a venv with it installed)
 
 The pair (cur = prev + small noise, bf16, Llama-shaped, sharded as transformers does) is built once and cached in
@@ -57,6 +58,7 @@ NOISE = 0.01  # cur = prev + N(0, (NOISE * std)^2): about what one DPO round mov
 SHAPES = {
     "1b": dict(hidden=2048, intermediate=8192, heads=32, kv_heads=8, vocab=128256, layers=None),
     "8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, layers=32),
+    "tiny": dict(hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256, layers=None),  # for smoke runs
 }
 
 
@@ -347,7 +349,12 @@ def _prepare(out: Path, inputs: list[Path]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=float, default=4.0, help="GB per side (1b shape; layers chosen to fit) [4]")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="1b: Llama-3.2-1B widths; 8b: Llama-3-8B")
+    ap.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="1b",
+        help="1b: Llama-3.2-1B widths; 8b: Llama-3-8B; tiny: smoke runs",
+    )
     ap.add_argument("--shard-size", type=float, default=5.0, help="max shard size in GB, as transformers [5]")
     ap.add_argument(
         "--scratch",

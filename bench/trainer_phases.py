@@ -2,6 +2,7 @@
 
     python bench/trainer_phases.py                        # tiny model on the CPU: phase times of 2 rounds
     python bench/trainer_phases.py --shape tinyllama      # on a GPU: TinyLlama-1.1B-shaped, random init, bf16
+    python bench/trainer_phases.py --shape tinyllama --sampling-only --json out.json   # the sampling figures only
 
 The model is random-init from a transformers config and the tokenizer a word-level one built here: nothing is
 downloaded. On CUDA the sampling comparison runs the same prompts through transformers' generate with the
@@ -77,7 +78,7 @@ def build(folder: Path, shape: str, n_prompts: int, seed: int) -> tuple[Path, Pa
     return folder / "policy", folder / "prompts.jsonl"
 
 
-def phase_times(args: argparse.Namespace, policy: Path, prompts: Path, out: Path) -> None:
+def phase_times(args: argparse.Namespace, policy: Path, prompts: Path, out: Path) -> dict:
     from apo_trainer.loop import run
 
     cuda = torch.cuda.is_available()
@@ -112,9 +113,11 @@ def phase_times(args: argparse.Namespace, policy: Path, prompts: Path, out: Path
         cells = "  ".join(f"{r[f'time_{p}']:11.2f}" if f"time_{p}" in r else f"{'-':>11}" for p in phases)
         print(f"{r['round']:5d}  {cells}  {r['time_total']:11.2f}  {r.get('new_tokens_per_second', 0):9.0f}")
     print(f"whole run (imports excluded, start-up and final evaluation included): {wall:.1f} s")
+    keep = ("round", "sampler", "time_total", "new_tokens_per_second", *(f"time_{p}" for p in phases))
+    return {"wall_s": wall, "rounds": [{k: r[k] for k in keep if k in r} for r in records]}
 
 
-def sampling_ratio(args: argparse.Namespace, policy: Path, prompts: Path) -> None:
+def sampling_ratio(args: argparse.Namespace, policy: Path, prompts: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from apo_trainer.prompts import load_prompts
@@ -157,6 +160,15 @@ def sampling_ratio(args: argparse.Namespace, policy: Path, prompts: Path) -> Non
         f"  generate, static cache, compiled      {new_tokens / static:10.0f} new tok/s   {static:7.1f} s   "
         f"{plain / static:.2f}x"
     )
+    figures = {
+        "device": torch.cuda.get_device_name(),
+        "sequences": len(ids) * args.k,
+        "new_tokens": new_tokens,
+        "plain_tokens_per_s": new_tokens / plain,
+        "static_first_tokens_per_s": new_tokens / static_first,
+        "static_tokens_per_s": new_tokens / static,
+        "static_over_plain": plain / static,
+    }
     if vllm_available():
         del model
         torch.cuda.empty_cache()
@@ -167,8 +179,10 @@ def sampling_ratio(args: argparse.Namespace, policy: Path, prompts: Path) -> Non
             f"  vLLM (engine start included)          {new_tokens / vl:10.0f} new tok/s   {vl:7.1f} s   "
             f"{plain / vl:.2f}x"
         )
+        figures["vllm_tokens_per_s"] = new_tokens / vl
     else:
         print("  vLLM: not importable, skipped")
+    return figures
 
 
 def main() -> None:
@@ -181,18 +195,24 @@ def main() -> None:
     ap.add_argument("--generation-batch-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--sampling-only", action="store_true", help="Skip the phase timing run (CUDA comparison only).")
+    ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    results: dict = {"shape": args.shape, "torch": torch.__version__, "config": vars(args) | {"json": None}}
     with tempfile.TemporaryDirectory() as tmp:
         policy, prompts = build(Path(tmp), args.shape, args.prompts_per_round * (args.rounds + 1), seed=0)
         if not args.sampling_only:
-            phase_times(args, policy, prompts, Path(tmp) / "run")
+            results["phases"] = phase_times(args, policy, prompts, Path(tmp) / "run")
         if torch.cuda.is_available():
-            sampling_ratio(args, policy, prompts)
+            results["sampling"] = sampling_ratio(args, policy, prompts)
         else:
             print("\nno CUDA device: sampling comparison (static cache, vLLM vs plain generate) skipped")
+            results["sampling"] = None
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -150,12 +150,13 @@ def _compile_sm90(args: tuple, const: dict) -> str:
     backend = make_backend(target)
     kernel = _triton._kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    # The knobs JITFunction.run passes on: triton 3.6 has instrumentation_mode, 3.9 also fpsan_homomorphic_casts.
+    passed = ("instrumentation_mode", "fpsan_homomorphic_casts")
     kwargs = {
         **const,
         **_triton._launch_options(),
         "debug": False,
-        "instrumentation_mode": knobs.compilation.instrumentation_mode,
-        "fpsan_homomorphic_casts": knobs.compilation.fpsan_homomorphic_casts,
+        **{k: getattr(knobs.compilation, k) for k in passed if hasattr(knobs.compilation, k)},
     }
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)

@@ -28,7 +28,7 @@ class _Data(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _train_round(model, apo, out_dir, seed: int) -> None:
+def _train_round(model, apo, out_dir, seed: int, use_cpu: bool = True) -> None:
     args = TrainingArguments(
         output_dir=str(out_dir),
         max_steps=2,
@@ -36,7 +36,7 @@ def _train_round(model, apo, out_dir, seed: int) -> None:
         learning_rate=5e-2,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=use_cpu,
         disable_tqdm=True,
         logging_strategy="no",
         seed=seed,
@@ -55,7 +55,8 @@ def _cli_merge(prev, cur, out) -> dict[str, torch.Tensor]:
 def _assert_bitwise(model, merged: dict[str, torch.Tensor]) -> None:
     state = model.state_dict()
     for name, t in merged.items():
-        assert t.dtype == state[name].dtype and torch.equal(t.view(torch.int16), state[name].view(torch.int16)), name
+        live = state[name].cpu()
+        assert t.dtype == live.dtype and torch.equal(t.view(torch.int16), live.view(torch.int16)), name
 
 
 def test_rounds_equal_the_cli_on_the_raw_checkpoints(tmp_path):
@@ -115,3 +116,20 @@ def test_state_dict_prev_and_tied_weights_step_once():
     assert "lm_head.weight" not in apo.prev_raw and torch.equal(
         apo.prev_raw["model.norm.weight"], raw["model.norm.weight"]
     )
+
+
+@pytest.mark.gpu
+def test_rounds_on_a_cuda_model_equal_the_cli(tmp_path):
+    """The callback on a model that lives on the GPU, trained by Trainer there: the same bits as the CLI on the
+    raw checkpoints, and the model stays on the device."""
+    model = make_model(seed=0, dtype=torch.bfloat16, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "raw-0")
+    model = model.cuda()
+    apo = APOCallback(ALPHA, save_raw=tmp_path / "raw")
+    for t in (1, 2):
+        _train_round(model, apo, tmp_path / "trainer", seed=t, use_cpu=False)
+        shutil.copytree(tmp_path / "raw", tmp_path / f"raw-{t}")
+        assert all(p.is_cuda for p in model.parameters())
+        _assert_bitwise(model, _cli_merge(tmp_path / f"raw-{t - 1}", tmp_path / f"raw-{t}", tmp_path / f"apo-{t}"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert apo.rounds == 2

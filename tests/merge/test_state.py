@@ -161,3 +161,21 @@ def test_groups_bound_the_prev_tensors_moved_at_once(monkeypatch):
     apo_merge.extrapolate_state_dict_(prev=prev, cur=cur, alpha=ALPHA)
     assert calls == [2, 2]  # [a, b] reaches 1000 bytes, then [c, empty]
     assert all(_equal(cur[n], want[n]) for n in cur)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prev_on", ["cuda", "cpu"])
+def test_tensors_in_place_on_cuda_equal_the_cpu_twin(prev_on, monkeypatch):
+    """On the device, in place over a model's parameter list (a tied one listed twice), prev on the device or
+    moved there group by group: the same bits as the CPU twin."""
+    prev, cur = _pair()
+    names = ["a", "b", "c", "empty"]
+    want = {n: extrapolate(prev[n], cur[n], ALPHA) for n in names}
+    monkeypatch.setattr(state, "GROUP_BYTES", 1000)  # several groups, so prev moves in pieces
+    live = [cur[n].cuda() for n in names]
+    pointers = [t.data_ptr() for t in live]
+    prevs = [prev[n].to(prev_on) for n in names]
+    apo_merge.extrapolate_tensors_(prev=[*prevs, prevs[0]], cur=[*live, live[0]], alpha=ALPHA)
+    assert [t.data_ptr() for t in live] == pointers and all(t.is_cuda for t in live)
+    for n, t in zip(names, live, strict=True):
+        assert _equal(t.cpu(), want[n]), n

@@ -205,3 +205,21 @@ def test_push_to_hub_uploads_each_round_policy_privately(tiny, tmp_path, monkeyp
     assert len(records) == 1 and (out2 / "round-0" / "policy").is_dir()
     printed = capsys.readouterr()
     assert "apo-merge push" in printed.out + printed.err
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_rounds_satisfy_the_apo_step_bit_for_bit(tiny, tmp_path):
+    """Two rounds on the GPU with bf16 mixed precision (fp32 master weights): each saved policy is exactly the
+    APO step of the raw checkpoints, the anchor rule of the CPU test above."""
+    out = tmp_path / "out"
+    records = run(tiny_config(tiny, out, alpha=0.3, mixed_precision="bf16", final_eval=False), quiet=True)
+    assert [r["round"] for r in records] == [0, 1] and all(r["steps"] >= 1 for r in records)
+    raw = [weights(tiny / "policy"), weights(out / "round-0" / "trained"), weights(out / "round-1" / "trained")]
+    assert any(not torch.equal(raw[0][n], raw[1][n]) for n in raw[0])  # it trained
+    for t in range(2):
+        theta = weights(out / f"round-{t}" / "policy")
+        want = extrapolate_state_dict(prev=raw[t], cur=raw[t + 1], alpha=0.3)
+        assert theta.keys() == want.keys()
+        for name in theta:
+            assert theta[name].dtype == want[name].dtype == torch.float32, name
+            assert torch.equal(theta[name].view(torch.int32), want[name].view(torch.int32)), name
