@@ -91,6 +91,13 @@ class APOConfig:
         "Extrapolation weight: theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - "
         "theta_hat_t). 0 is plain iterative DPO/SPPO; the paper uses 0.3.",
     )
+    restart: str = _f(
+        "none",
+        "Momentum restart (O'Donoghue and Candes 2015): 'score' extrapolates with alpha 0 after any round whose mean "
+        "oracle score falls below the previous round's (then the configured alpha again); 'none' never restarts. "
+        "Restarts show as `restart: true` and alpha 0 in that round's record.",
+        choices=("none", "score"),
+    )
     loss: str = _f(
         "dpo",
         "Preference loss: 'dpo' (sigmoid, best vs worst) or 'sppo' (squared loss to win-rate targets).",
@@ -317,11 +324,13 @@ class APOConfig:
     def changed_fields(self, previous: dict[str, Any]) -> list[str]:
         """Fields (not marked safe to change on resume) whose value differs from ``previous``; unknown keys too."""
         now = self.to_dict()
-        keys = sorted(set(now) | set(previous))
+        # A key newer than the run folder is unchanged while it holds its default (older runs still resume).
+        was = {k: f.default for k, f in _fields().items() if k not in previous} | previous
+        keys = sorted(set(now) | set(was))
         return [
             k
             for k in keys
-            if now.get(k) != previous.get(k) and not (k in _fields() and _fields()[k].metadata["resume_safe"])
+            if now.get(k) != was.get(k) and not (k in _fields() and _fields()[k].metadata["resume_safe"])
         ]
 
     @classmethod

@@ -3,7 +3,8 @@
 The step uses the two RAW training outputs (theta_hat_0 = the initial model), never the extrapolated theta_t: that
 is Nesterov momentum (see docs/apo.md). The trained weights are updated in place where they live (the GPU when
 training ran there, through apo_merge's Triton path; the CPU twin otherwise: fp32 math, one rounding), with
-theta_hat_t streamed to the same device in groups. alpha = 0 copies theta_hat_{t+1} exactly.
+theta_hat_t streamed to the same device in groups. alpha = 0 copies theta_hat_{t+1} exactly. With
+``restart: score`` the step's alpha comes from ``apo_trainer.restart`` (0 after a round whose score dropped).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from apo_merge.state import StateMismatchError, extrapolate_state_dict_
+from apo_trainer import restart
 from apo_trainer.errors import TrainError
 from apo_trainer.runtime import RunContext, free_memory
 
@@ -50,6 +52,8 @@ def run(ctx: RunContext, t: int, model: Any | None) -> dict[str, Any]:
 
     acc, store = ctx.accelerator, ctx.store
     summary: dict[str, Any] = {"alpha": ctx.config.alpha, "previous": previous_raw(ctx, t)}
+    if ctx.config.restart != "none" and ctx.is_main:
+        summary.update(_restart(ctx, t))
     if model is not None:
         state = acc.get_state_dict(model)  # every process: a collective under FSDP / DeepSpeed
         holder = acc.unwrap_model(model)
@@ -58,7 +62,7 @@ def run(ctx: RunContext, t: int, model: Any | None) -> dict[str, Any]:
         state = holder.state_dict()
     if ctx.is_main:
         prev = AutoModelForCausalLM.from_pretrained(previous_raw(ctx, t), dtype=ctx.dtype).state_dict()
-        summary["tensors"] = extrapolate_state_(prev=prev, cur=state, alpha=ctx.config.alpha)
+        summary["tensors"] = extrapolate_state_(prev=prev, cur=state, alpha=summary["alpha"])
         summary["device"] = str(next(iter(state.values())).device)
         del prev
         tmp = store.tmp_path(store.policy(t))
@@ -69,3 +73,15 @@ def run(ctx: RunContext, t: int, model: Any | None) -> dict[str, Any]:
     del model
     free_memory()
     return summary
+
+
+def _restart(ctx: RunContext, t: int) -> dict[str, Any]:
+    """This step's alpha under ``restart: score``, decided from the stored judge scores of rounds 0 .. t."""
+    history = restart.score_history(ctx.store, t)
+    decision = restart.decide(history, ctx.config.alpha, ctx.config.restart)
+    if decision.restarted and not ctx.quiet:
+        ctx.accelerator.print(
+            f"apo-train: round {t}: mean score {history[-1]:.4g} fell below round {t - 1}'s {history[-2]:.4g}; "
+            f"momentum restart: theta_{t + 1} = theta_hat_{t + 1} (alpha 0)"
+        )
+    return {"alpha": decision.alpha, "restart": decision.restarted}

@@ -71,4 +71,6 @@ def print_round(record: dict[str, Any]) -> None:
     from rich.console import Console
 
     parts = [f"{header} {cell}" for (_, header, _), cell in zip(_COLUMNS, format_row(record), strict=True)]
+    if record.get("restart"):
+        parts.append(f"momentum restart (theta_{record['round'] + 1} not extrapolated)")
     Console(stderr=True, soft_wrap=True).print("  ".join(parts), highlight=False)

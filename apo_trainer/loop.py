@@ -8,6 +8,7 @@ For t = 0 .. T-1, with theta_0 = theta_hat_0 = the initial model:
     data        best vs worst pairs, SPPO win-rates                       round-<t>/pairs.jsonl
     train       theta_hat_{t+1} from theta_t, reference pi_theta_t        round-<t>/trained/
     extrapolate theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - theta_hat_t)   round-<t>/policy/
+                (alpha 0 after a drop in mean score with ``restart: score``, see restart.py)
     log         one record per round                                      metrics.jsonl
 
 With ``final_eval`` (default), round T runs sample, judge and reference only, so that the final policy theta_T is
@@ -175,7 +176,7 @@ def _push_round(ctx: RunContext, t: int) -> dict[str, Any]:
             config.hub_repo_id,
             private=True,
             revision=f"round-{t + 1}",
-            commit_message=f"APO policy theta_{t + 1} (alpha {config.alpha})",
+            commit_message=f"APO policy theta_{t + 1} (alpha {ctx.store.done(t, 'extrapolate')['alpha']})",
         )
     except MergeError as e:
         ctx.accelerator.print(f"apo-train: warning: round {t}: {e.message}")

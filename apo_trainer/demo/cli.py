@@ -36,6 +36,13 @@ def demo(
         ),
     ] = False,
     warmup_steps: Annotated[int, typer.Option(min=0, help="Supervised warm-up steps of the starting policy.")] = 150,
+    restart: Annotated[
+        str,
+        typer.Option(
+            help="Momentum restart: 'score' extrapolates with alpha 0 after a round whose mean reward dropped; "
+            "'none' never restarts."
+        ),
+    ] = "none",
     jobs: Annotated[
         int | None,
         typer.Option(min=1, help="Runs at once, each in its own process (default: one per CPU core, at most 4)."),
@@ -58,6 +65,8 @@ def demo(
     alpha_values = _parse_alphas(alphas)
     if loss not in ("dpo", "sppo"):
         raise typer.BadParameter(f"unknown loss {loss!r}; use dpo or sppo", param_hint="--loss")
+    if restart not in ("none", "score"):
+        raise typer.BadParameter(f"unknown restart {restart!r}; use none or score", param_hint="--restart")
     settings = DemoSettings(
         output=output,
         rounds=rounds,
@@ -68,6 +77,7 @@ def demo(
         samples_per_prompt=samples,
         beta=beta if beta is not None else (0.1 if loss == "dpo" else SPPO_BETA),
         task=ToyTask(free_length=free_length, warmup_steps=warmup_steps),
+        restart=restart,
     )
     console = Console()
     total = len(alpha_values) * seeds * (rounds + 1)
@@ -80,6 +90,7 @@ def demo(
             progress.console.print(
                 f"{label}: round {record['round']}  reward {record['mean_score']:.3f}  "
                 f"length {record['mean_length']:.1f}  KL {record['kl_to_init']:.2f}"
+                + ("  momentum restart (alpha 0)" if record.get("restart") else "")
             )
             progress.advance(bar)
 

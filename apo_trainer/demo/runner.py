@@ -47,11 +47,14 @@ class DemoSettings:
     epochs_per_round: int = 2
     batch_size: int = 16
     task: ToyTask = field(default_factory=ToyTask)
+    restart: str = "none"
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["output"] = str(self.output)
         d["alphas"] = list(self.alphas)
+        if self.restart == "none":  # the stamp of a demo folder from before the option still matches
+            del d["restart"]
         return d
 
 
@@ -67,6 +70,7 @@ def trainer_config(settings: DemoSettings, start: Path, prompts: Path, alpha: fl
         output_dir=str(run_folder(settings, alpha, seed)),
         rounds=settings.rounds,
         alpha=alpha,
+        restart=settings.restart,
         loss=settings.loss,
         beta=settings.beta,
         learning_rate=settings.learning_rate,
@@ -88,7 +92,8 @@ def trainer_config(settings: DemoSettings, start: Path, prompts: Path, alpha: fl
 
 
 def run_folder(settings: DemoSettings, alpha: float, seed: int) -> Path:
-    return settings.output / "runs" / f"{settings.loss}-alpha{alpha:g}-seed{seed}"
+    restart = "" if settings.restart == "none" else f"-restart-{settings.restart}"
+    return settings.output / "runs" / f"{settings.loss}-alpha{alpha:g}{restart}-seed{seed}"
 
 
 def prepare(settings: DemoSettings, log: Callable[[str], None] = print) -> tuple[Path, Path]:
@@ -215,7 +220,8 @@ def write_report(settings: DemoSettings, runs: list[Run], seconds: float | None 
         f"Each round: {settings.prompts_per_round} fresh prompts, {settings.samples_per_prompt} samples each, "
         f"{'best vs worst pairs, DPO' if settings.loss == 'dpo' else 'SPPO win-rate targets'} with beta "
         f"{settings.beta:g}, AdamW lr {settings.learning_rate:g} restarted per round, {settings.epochs_per_round} "
-        f"epochs. Round t's row is measured on the samples of the policy theta_t (round {settings.rounds} is a "
+        f"epochs{_restart_text(settings)}. Round t's row is measured on the samples of the policy theta_t (round "
+        f"{settings.rounds} is a "
         f"final evaluation). KL to start: the trainer's estimate from the sampled log-probs. {settings.seeds} "
         "seed(s) per method (seeds change the prompts, samples and training order).",
         "",
@@ -234,6 +240,15 @@ def write_report(settings: DemoSettings, runs: list[Run], seconds: float | None 
     return path
 
 
+def _restart_text(settings: DemoSettings) -> str:
+    if settings.restart == "none":
+        return ""
+    return (
+        "; momentum restart: a round whose mean reward falls below the previous round's is followed by an "
+        "extrapolation with alpha 0"
+    )
+
+
 def _cli_args(settings: DemoSettings) -> str:
     task = settings.task
     args = [
@@ -246,6 +261,7 @@ def _cli_args(settings: DemoSettings) -> str:
         f"--samples {settings.samples_per_prompt}",
         f"--warmup-steps {task.warmup_steps}",
         "--free-length" if task.free_length else "--no-free-length",
+        *([f"--restart {settings.restart}"] if settings.restart != "none" else []),
         f"--output {settings.output}",
     ]
     return " ".join(args)
