@@ -164,7 +164,11 @@ def _merge_checkpoints(
         hooks.on_plan(plan)
 
     staged = StagedFolder(out, options.overwrite)
-    with staged as tmp, hashing.StreamHasher(ckpt_prev.files, ckpt_cur.files) as hasher:
+    hash_inputs = options.hash_inputs
+    with (
+        staged as tmp,
+        hashing.StreamHasher(ckpt_prev.files if hash_inputs else (), ckpt_cur.files if hash_inputs else ()) as hasher,
+    ):
         stats = execute(
             plan,
             tmp,
@@ -172,7 +176,7 @@ def _merge_checkpoints(
             kernel=hooks.kernel,
             prefetcher=hooks.prefetcher,
             progress=hooks.progress,
-            on_read=hasher.update,
+            on_read=hasher.update if hash_inputs else None,
         )
         if options.strict and stats.new_nonfinite:
             raise MergeError(
@@ -180,7 +184,14 @@ def _merge_checkpoints(
                 "finite (--strict); lower --alpha or use --dtype fp32"
             )
         copied, skipped = _copy_side_files(ckpt_cur.root, ckpt_cur.weight_file_names, src_cur.trusted_root, tmp)
-        hashes = hasher.finish()
+        if hash_inputs:
+            hashes = hasher.finish()
+            input_hashes = {"prev": _checkpoint_digest(ckpt_prev, hashes), "cur": _checkpoint_digest(ckpt_cur, hashes)}
+        else:
+            input_hashes = {
+                "prev": _checkpoint_listing(ckpt_prev, src_prev),
+                "cur": _checkpoint_listing(ckpt_cur, src_cur),
+            }
         info = card.CardInfo(
             alpha=options.alpha,
             prev=src_prev.card_name(options.card_paths),
@@ -188,7 +199,7 @@ def _merge_checkpoints(
             dtype=options.dtype,
             files={f.name: (f.size, stats.sha256[f.name]) for f in plan.files},
             base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
-            input_hashes={"prev": _checkpoint_digest(ckpt_prev, hashes), "cur": _checkpoint_digest(ckpt_cur, hashes)},
+            input_hashes=input_hashes,
         )
         _finish(staged, plan.index, info)
     return MergeReport(
@@ -223,6 +234,12 @@ def _checkpoint_digest(ckpt: Checkpoint, hashes: dict[Path, tuple[int, str]]) ->
     return hashing.digest(files)
 
 
+def _checkpoint_listing(ckpt: Checkpoint, src: sources.Source) -> hashing.InputDigest:
+    """The input's files without reading its weights (see ``hashing.listing``)."""
+    index = [ckpt.root / ckpt.index_name] if ckpt.index_name else []
+    return hashing.listing([f.path for f in ckpt.files], index, hub=src.hub_id is not None)
+
+
 def _merge_adapters(
     src_prev: sources.Source, src_cur: sources.Source, out: Path, options: MergeOptions, hooks: _Hooks
 ) -> MergeReport:
@@ -246,6 +263,7 @@ def _merge_adapters(
             raise MergeError(f"--merge-into {src_base.label}: is an adapter; give the base model")
         _check_output(out, [src_base], options.overwrite)  # BASE is an input too: never written into or replaced
         base = open_checkpoint(src_base.path, src_base.label, src_base.trusted_root)
+        base_from_hub = src_base.hub_id is not None
         meta["apo_merge_into"] = src_base.card_name(options.card_paths)
         base_models += [src_base.hub_id] if src_base.hub_id else []
         side.insert(0, (base.root, base.weight_file_names, src_base.trusted_root))
@@ -258,7 +276,15 @@ def _merge_adapters(
             res = lora.write_adapter(prev_a, cur_a, tmp, options, metadata=meta)
         else:
             res = lora.write_merged(
-                prev_a, cur_a, base, tmp, options, metadata=meta, progress=hooks.progress, on_plan=hooks.on_plan
+                prev_a,
+                cur_a,
+                base,
+                tmp,
+                options,
+                metadata=meta,
+                progress=hooks.progress,
+                on_plan=hooks.on_plan,
+                hub=base_from_hub,
             )
         copied, skipped = [], []
         for root, weights, trusted in side:

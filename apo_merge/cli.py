@@ -101,6 +101,7 @@ def merge(
     on_missing: Annotated[OnMissing, typer.Option(help=help_text("on_missing"))] = OnMissing.error,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=help_text("overwrite"))] = False,
     strict: Annotated[bool, typer.Option("--strict", help=help_text("strict"))] = False,
+    hash_inputs: Annotated[bool, typer.Option("--hash-inputs", help=help_text("hash_inputs"))] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     merge_into: Annotated[str | None, typer.Option(metavar="BASE", help=help_text("merge_into"))] = None,
     push_to_hub: Annotated[
@@ -148,6 +149,7 @@ def merge(
             on_missing=on_missing.value,
             overwrite=overwrite,
             strict=strict,
+            hash_inputs=hash_inputs,
             merge_into=merge_into,
             token=token,
             card_paths=card_paths.value,

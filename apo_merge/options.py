@@ -86,6 +86,11 @@ class MergeOptions:
     push_to_hub: str | PushOptions | None = _f(
         None, "Upload OUT to this Hub model repo (a repo id or apo_merge.hub.PushOptions) once it is complete."
     )
+    hash_inputs: bool = _f(
+        False,
+        "Record each input's content SHA-256 in the model card (reads every input byte through SHA-256, about "
+        "1 GB/s per core) [default: names, sizes, and the Hub's SHA-256 of files from the Hub cache].",
+    )
     card_paths: str = _f(
         "relative",
         "How the card and file metadata name local inputs: relative (a relative path as given, else the folder "
