@@ -426,7 +426,8 @@ def extrapolate_checkpoints(
     are the fields of ``apo_merge.options.MergeOptions``, given as keywords or as ``options`` (``alpha`` wins
     over ``options.alpha``): ``device`` ("auto" | "cpu" | "cuda"), ``dtype`` ("keep" | "bf16" | "fp16" |
     "fp32"), ``max_shard_size`` (e.g. "5GB": re-shard in HF naming; default keeps CUR's layout), ``overwrite``,
-    ``on_missing`` ("error" | "copy"), ``strict`` (inf/NaN from finite inputs is an error), ``merge_into``
+    ``on_missing`` ("error" | "copy"), ``strict`` (inf/NaN from finite inputs is an error), ``hash_inputs``
+    (record the inputs' content SHA-256s in the card; they are read through SHA-256), ``merge_into``
     (LoRA only), ``token`` (Hub downloads and uploads), ``push_to_hub`` (a repo id or
     ``apo_merge.hub.PushOptions``), ``card_paths`` ("relative": the card and file metadata name a local input by
     its path as given when relative, else by its folder name; "absolute": by its absolute path; Hub inputs are
