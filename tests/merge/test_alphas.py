@@ -171,3 +171,17 @@ def test_cli_repeated_and_comma_separated_alphas(pair, tmp_path, keep_sigterm):
     assert bad.code == 2 and "'0.1,x' is not a number" in bad.stderr
     plain = run_cli_in_process(prev, cur, "--alpha", "0.1,0.2", "-o", tmp_path / "plain")
     assert plain.code == 2 and "put {alpha} in it" in plain.stderr and len(plain.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+def test_cuda_outputs_equal_cpu_runs_alone(pair, tmp_path):
+    """The CUDA path (per-alpha device buffers, two streams) writes each alpha's bytes as a CPU run alone."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    prev, cur = pair
+    (tmp_path / "many").mkdir()
+    (tmp_path / "one").mkdir()
+    options = MergeOptions(ALPHAS, device="cuda", on_missing="copy", dtype="fp16")
+    for report, alpha in zip(run_merges(prev, cur, options, tmp_path / "many" / "out{alpha}"), ALPHAS):
+        alone = run_merge(prev, cur, options.replace(alpha=alpha, device="cpu"), tmp_path / "one" / report.output.name)
+        assert report.sha256 == alone.sha256
