@@ -1,8 +1,10 @@
-"""The Python API: ``extrapolate_checkpoints(prev=, cur=, alpha=, output=)`` -> the output folder, and ``run_merge``
--> a report. The CLI calls the same code."""
+"""The Python API: ``extrapolate_checkpoints(prev=, cur=, alpha=, output=)`` -> the output folder, ``run_merge``
+-> a report, and ``run_merges`` -> one report per alpha (several alphas from one read). The CLI calls the same
+code."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ from apo_merge.errors import MergeError, usage_error
 from apo_merge.hub import PushOptions
 from apo_merge.io import hashing
 from apo_merge.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, is_inside, open_checkpoint
+from apo_merge.io.files import remove
 from apo_merge.io.output import StagedFolder, check_replaceable
 from apo_merge.options import MergeOptions
 from apo_merge.plan import Layout, make_plan
@@ -55,6 +58,31 @@ def default_output(cur: sources.Source, alpha: float) -> Path:
     """``<CUR name>-apo<alpha>`` beside CUR (in the working folder when CUR came from the Hub)."""
     name = f"{(cur.hub_id or cur.path.resolve().name).split('/')[-1]}-apo{alpha:g}"
     return Path(name) if cur.hub_id else cur.path.resolve().parent / name
+
+
+PUSH_ONE = "--push-to-hub uploads one output; give one --alpha, or push each output with apo-merge push"
+
+
+def output_paths(cur: sources.Source, alphas: tuple[float, ...], output: str | os.PathLike | None) -> list[Path]:
+    """One output folder per alpha: ``default_output``, or ``output`` with ``{alpha}`` replaced by each alpha."""
+    if output is None:
+        outs = [default_output(cur, a) for a in alphas]
+    elif "{alpha}" in os.fspath(output):
+        outs = [Path(os.fspath(output).replace("{alpha}", f"{a:g}")).expanduser() for a in alphas]
+    elif len(alphas) > 1:
+        raise usage_error(
+            f"-o {output} names one folder for {len(alphas)} alphas; put {{alpha}} in it (e.g. -o {output}{{alpha}}) "
+            "or leave -o out"
+        )
+    else:
+        outs = [Path(output).expanduser()]
+    for i, out in enumerate(outs):
+        if out in outs[:i]:
+            raise usage_error(
+                f"alphas {alphas[outs.index(out)]!r} and {alphas[i]!r} both give output {out}; "
+                "give alphas that differ in the first 6 digits"
+            )
+    return outs
 
 
 def _check_output(out: Path, inputs: list[sources.Source], overwrite: bool) -> None:
@@ -115,26 +143,63 @@ def run_merge(
     prefetcher: Prefetcher | None = None,
 ) -> MergeReport:
     """Merge (and push, if ``options.push_to_hub``) and return a report; see ``extrapolate_checkpoints``."""
+    if isinstance(options, MergeOptions) and len(options.alphas) > 1:
+        raise usage_error(f"run_merge makes one output but {len(options.alphas)} alphas were given; use run_merges")
+    reports = run_merges(
+        prev, cur, options, output, progress=progress, on_plan=on_plan, kernel=kernel, prefetcher=prefetcher
+    )
+    return reports[0]
+
+
+def run_merges(
+    prev: str | os.PathLike,
+    cur: str | os.PathLike,
+    options: MergeOptions,
+    output: str | os.PathLike | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[Layout], None] | None = None,
+    kernel: Kernel | None = None,
+    prefetcher: Prefetcher | None = None,
+) -> list[MergeReport]:
+    """One output per alpha of ``options.alphas``, all from one read of PREV and CUR; a report for each.
+
+    ``output`` may contain ``{alpha}`` (replaced by each alpha as ``f"{alpha:g}"``); without it, several alphas
+    need ``output=None`` (each goes to ``<CUR>-apo<alpha>`` beside CUR). Each output is complete, atomic and
+    carded as if made alone, and holds the same bytes as a run with that alpha alone. The outputs are put in
+    place only once all are written and fsynced: any failure before that leaves none of them; if putting one in
+    place fails (something appeared at its OUT meanwhile), those this call already put in place are removed
+    again, except ones that replaced an earlier output under ``overwrite`` (that earlier output is gone).
+    ``on_plan`` is called once per output. Several alphas apply to full checkpoints only, without
+    ``push_to_hub``.
+    """
     if not isinstance(options, MergeOptions):
         raise TypeError(f"run_merge takes a MergeOptions (e.g. MergeOptions(alpha=0.3)), not {type(options).__name__}")
     t0 = time.perf_counter()
     hooks = _Hooks(progress, on_plan, kernel, prefetcher)
+    several = len(options.alphas) > 1
+    if several and options.push_to_hub is not None:
+        raise usage_error(PUSH_ONE)
     src_prev, src_cur = sources.resolve(prev, token=options.token), sources.resolve(cur, token=options.token)
-    out = Path(output).expanduser() if output is not None else default_output(src_cur, options.alpha)
-    _check_output(out, [src_prev, src_cur], options.overwrite)
+    outs = output_paths(src_cur, options.alphas, output)
+    for out in outs:
+        _check_output(out, [src_prev, src_cur], options.overwrite)
     if src_prev.is_adapter or src_cur.is_adapter:
-        report = _merge_adapters(src_prev, src_cur, out, options, hooks)
+        if several:
+            raise usage_error("several alphas apply to full checkpoints; for LoRA adapters run one --alpha at a time")
+        reports = [_merge_adapters(src_prev, src_cur, outs[0], options, hooks)]
     elif options.merge_into is not None:
         raise MergeError("--merge-into applies to LoRA adapters, but PREV and CUR are full checkpoints; drop it")
     else:
-        report = _merge_checkpoints(src_prev, src_cur, out, options, hooks)
-    report.seconds = time.perf_counter() - t0
+        reports = _merge_checkpoints(src_prev, src_cur, outs, options, hooks)
+    for report in reports:
+        report.seconds = time.perf_counter() - t0
     if options.push_to_hub is not None:
         from apo_merge import hub
 
         push = options.push_to_hub
-        report.pushed = hub.push(out, PushOptions(push) if isinstance(push, str) else push, token=options.token)
-    return report
+        reports[0].pushed = hub.push(outs[0], PushOptions(push) if isinstance(push, str) else push, token=options.token)
+    return reports
 
 
 def _metadata(alpha: float, prev: str, cur: str) -> dict[str, str]:
@@ -145,74 +210,107 @@ def _metadata(alpha: float, prev: str, cur: str) -> dict[str, str]:
 
 
 def _merge_checkpoints(
-    src_prev: sources.Source, src_cur: sources.Source, out: Path, options: MergeOptions, hooks: _Hooks
-) -> MergeReport:
-    from apo_merge.engine import execute, resolve_device
+    src_prev: sources.Source, src_cur: sources.Source, outs: list[Path], options: MergeOptions, hooks: _Hooks
+) -> list[MergeReport]:
+    from apo_merge.engine import execute_many, resolve_device
 
     options = options.replace(device=resolve_device(options.device))
     ckpt_prev = open_checkpoint(src_prev.path, src_prev.label, src_prev.trusted_root)
     ckpt_cur = open_checkpoint(src_cur.path, src_cur.label, src_cur.trusted_root)
-    plan = make_plan(
-        ckpt_prev,
-        ckpt_cur,
-        options,
-        metadata=_metadata(
-            options.alpha, src_prev.card_name(options.card_paths), src_cur.card_name(options.card_paths)
-        ),
-    )
+    prev_name, cur_name = src_prev.card_name(options.card_paths), src_cur.card_name(options.card_paths)
+    each = [options.replace(alpha=a) for a in options.alphas]
+    plans = [make_plan(ckpt_prev, ckpt_cur, o, metadata=_metadata(o.alpha, prev_name, cur_name)) for o in each]
     if hooks.on_plan:
-        hooks.on_plan(plan)
+        for plan in plans:
+            hooks.on_plan(plan)
 
-    staged = StagedFolder(out, options.overwrite)
-    with staged as tmp, hashing.StreamHasher(ckpt_prev.files, ckpt_cur.files) as hasher:
-        stats = execute(
-            plan,
-            tmp,
+    hash_inputs = options.hash_inputs
+    staged = [StagedFolder(out, options.overwrite) for out in outs]
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(s) for s in staged]
+        hasher = stack.enter_context(hashing.StreamHasher(*((ckpt_prev.files, ckpt_cur.files) if hash_inputs else ())))
+        stats = execute_many(
+            plans,
+            tmps,
             options,
             kernel=hooks.kernel,
             prefetcher=hooks.prefetcher,
             progress=hooks.progress,
-            on_read=hasher.update,
+            on_read=hasher.update if hash_inputs else None,
         )
-        if options.strict and stats.new_nonfinite:
-            raise MergeError(
-                f"{stats.new_nonfinite} output values are inf or NaN although both inputs were "
-                "finite (--strict); lower --alpha or use --dtype fp32"
+        for o, st in zip(each, stats):
+            if options.strict and st.new_nonfinite:
+                raise MergeError(
+                    f"{st.new_nonfinite} output values are inf or NaN although both inputs were "
+                    f"finite (--strict{f', alpha {o.alpha!r}' if len(each) > 1 else ''}); lower --alpha or use "
+                    "--dtype fp32"
+                )
+        if hash_inputs:
+            hashes = hasher.finish()
+            input_hashes = {"prev": _checkpoint_digest(ckpt_prev, hashes), "cur": _checkpoint_digest(ckpt_cur, hashes)}
+        else:
+            input_hashes = {
+                "prev": _checkpoint_listing(ckpt_prev, src_prev),
+                "cur": _checkpoint_listing(ckpt_cur, src_cur),
+            }
+        reports = []
+        for o, plan, st, tmp, out in zip(each, plans, stats, tmps, outs):
+            copied, skipped = _copy_side_files(ckpt_cur.root, ckpt_cur.weight_file_names, src_cur.trusted_root, tmp)
+            info = card.CardInfo(
+                alpha=o.alpha,
+                prev=prev_name,
+                cur=cur_name,
+                dtype=options.dtype,
+                files={f.name: (f.size, st.sha256[f.name]) for f in plan.files},
+                base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
+                input_hashes=input_hashes,
             )
-        copied, skipped = _copy_side_files(ckpt_cur.root, ckpt_cur.weight_file_names, src_cur.trusted_root, tmp)
-        hashes = hasher.finish()
-        info = card.CardInfo(
-            alpha=options.alpha,
-            prev=src_prev.card_name(options.card_paths),
-            cur=src_cur.card_name(options.card_paths),
-            dtype=options.dtype,
-            files={f.name: (f.size, stats.sha256[f.name]) for f in plan.files},
-            base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
-            input_hashes={"prev": _checkpoint_digest(ckpt_prev, hashes), "cur": _checkpoint_digest(ckpt_cur, hashes)},
-        )
-        _finish(staged, plan.index, info)
-    return MergeReport(
-        output=out,
-        device=options.device,
-        n_tensors=plan.n_tensors,
-        n_extrapolated=plan.n_extrapolated,
-        bytes_written=stats.bytes_written,
-        seconds=0.0,
-        sha256=stats.sha256,
-        new_nonfinite=stats.new_nonfinite,
-        copied_cur_only=plan.copied_cur_only,
-        ignored_prev_only=plan.ignored_prev_only,
-        copied_files=copied,
-        skipped_files=skipped,
-        input_hashes=info.input_hashes,
-    )
+            _write_card(tmp, out, plan.index, info)
+            reports.append(
+                MergeReport(
+                    output=out,
+                    device=options.device,
+                    n_tensors=plan.n_tensors,
+                    n_extrapolated=plan.n_extrapolated,
+                    bytes_written=st.bytes_written,
+                    seconds=0.0,
+                    sha256=st.sha256,
+                    new_nonfinite=st.new_nonfinite,
+                    copied_cur_only=plan.copied_cur_only,
+                    ignored_prev_only=plan.ignored_prev_only,
+                    copied_files=copied,
+                    skipped_files=skipped,
+                    input_hashes=input_hashes,
+                )
+            )
+        _commit_all(staged)
+    return reports
+
+
+def _commit_all(staged: list[StagedFolder]) -> None:
+    """Put every output in place; if one fails, take back those put in place before it that were new."""
+    done: list[StagedFolder] = []
+    try:
+        for s in staged:
+            s.commit()
+            done.append(s)
+    except BaseException:
+        for s in done:
+            if not s.replaced:
+                remove(s.out)
+        raise
+
+
+def _write_card(folder: Path, out: Path, index: dict | None, info: card.CardInfo) -> None:
+    """Write the index (when sharded) and the model card of output ``out`` into ``folder``."""
+    if index is not None:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
 
 
 def _finish(staged: StagedFolder, index: dict | None, info: card.CardInfo) -> None:
     """Write the index (when sharded) and the model card into the staged folder, then put it in place."""
-    if index is not None:
-        (staged.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (staged.tmp / "README.md").write_text(card.render(info, staged.out.name), encoding="utf-8")
+    _write_card(staged.tmp, staged.out, index, info)
     staged.commit()
 
 
@@ -221,6 +319,12 @@ def _checkpoint_digest(ckpt: Checkpoint, hashes: dict[Path, tuple[int, str]]) ->
     if ckpt.index_name:
         files[ckpt.index_name] = hashing.hash_file(ckpt.root / ckpt.index_name)
     return hashing.digest(files)
+
+
+def _checkpoint_listing(ckpt: Checkpoint, src: sources.Source) -> hashing.InputDigest:
+    """The input's files without reading its weights (see ``hashing.listing``)."""
+    index = [ckpt.root / ckpt.index_name] if ckpt.index_name else []
+    return hashing.listing([f.path for f in ckpt.files], index, hub=src.hub_id is not None)
 
 
 def _merge_adapters(
@@ -249,6 +353,7 @@ def _merge_adapters(
             raise MergeError(f"--merge-into {src_base.label}: is an adapter; give the base model")
         _check_output(out, [src_base], options.overwrite)  # BASE is an input too: never written into or replaced
         base = open_checkpoint(src_base.path, src_base.label, src_base.trusted_root)
+        base_from_hub = src_base.hub_id is not None
         meta["apo_merge_into"] = src_base.card_name(options.card_paths)
         base_models += [src_base.hub_id] if src_base.hub_id else []
         side.insert(0, (base.root, base.weight_file_names, src_base.trusted_root))
@@ -261,7 +366,15 @@ def _merge_adapters(
             res = lora.write_adapter(prev_a, cur_a, tmp, options, metadata=meta)
         else:
             res = lora.write_merged(
-                prev_a, cur_a, base, tmp, options, metadata=meta, progress=hooks.progress, on_plan=hooks.on_plan
+                prev_a,
+                cur_a,
+                base,
+                tmp,
+                options,
+                metadata=meta,
+                progress=hooks.progress,
+                on_plan=hooks.on_plan,
+                hub=base_from_hub,
             )
         copied, skipped = [], []
         for root, weights, trusted in side:
@@ -306,7 +419,8 @@ def extrapolate_checkpoints(
     progress: Callable[[int], None] | None = None,
     **fields: Any,
 ) -> Path:
-    """Write ``cur + alpha * (cur - prev)`` for two checkpoints and return the output folder.
+    """Write ``cur + alpha * (cur - prev)`` for two checkpoints and return the output folder (for several alphas
+    from one read, see ``run_merges``).
 
     ``prev`` and ``cur`` (keyword-only: a swapped pair silently computes another model) are checkpoint folders
     (one model.safetensors, or shards with an index), Hub repo ids (``org/name`` or ``org/name@revision``; a
@@ -315,7 +429,8 @@ def extrapolate_checkpoints(
     are the fields of ``apo_merge.options.MergeOptions``, given as keywords or as ``options`` (``alpha`` wins
     over ``options.alpha``): ``device`` ("auto" | "cpu" | "cuda"), ``dtype`` ("keep" | "bf16" | "fp16" |
     "fp32"), ``max_shard_size`` (e.g. "5GB": re-shard in HF naming; default keeps CUR's layout), ``overwrite``,
-    ``on_missing`` ("error" | "copy"), ``strict`` (inf/NaN from finite inputs is an error), ``merge_into``
+    ``on_missing`` ("error" | "copy"), ``strict`` (inf/NaN from finite inputs is an error), ``hash_inputs``
+    (record the inputs' content SHA-256s in the card; they are read through SHA-256), ``merge_into``
     (LoRA only), ``token`` (Hub downloads and uploads), ``push_to_hub`` (a repo id or
     ``apo_merge.hub.PushOptions``), ``card_paths`` ("relative": the card and file metadata name a local input by
     its path as given when relative, else by its folder name; "absolute": by its absolute path; Hub inputs are

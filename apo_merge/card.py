@@ -17,6 +17,12 @@ HASH_DEFINITION = (
     "`sha256sum $(LC_ALL=C ls <weight files>) | sha256sum` prints it. Per-file hashes cover every byte of the "
     "file, so they match `sha256sum` and the SHA256 the Hub shows for LFS files."
 )
+UNKNOWN = "unknown"
+UNKNOWN_NOTE = (
+    "Input files marked unknown were not read through SHA-256 (it costs a pass over every input byte); the "
+    "SHA-256 of a Hub input's LFS files is the Hub's own, as the Hub cache names them. To record every content "
+    "hash, merge with `--hash-inputs`, or run the command above in the input folder."
+)
 
 
 @dataclass
@@ -47,15 +53,14 @@ def render(info: CardInfo, title: str) -> str:
     front += [f"- {t}" for t in dict.fromkeys(["apo", "merge", "extrapolation", *info.tags])]
     front += [f"library_name: {info.library_name}", "---"]
     hashes = info.input_hashes or {}
+    known = {role: d.sha256 for role, d in hashes.items() if d.sha256 is not None}
     summary = [("alpha", repr(info.alpha)), ("prev", f"`{info.prev}`")]
-    if "prev" in hashes:
-        summary.append(("prev content sha256", f"`{hashes['prev'].sha256}`"))
+    if "prev" in known:
+        summary.append(("prev content sha256", f"`{known['prev']}`"))
     summary.append(("cur", f"`{info.cur}`"))
-    if "cur" in hashes:
-        summary.append(("cur content sha256", f"`{hashes['cur'].sha256}`"))
-    summary += [
-        (f"{role} content sha256", f"`{d.sha256}`") for role, d in hashes.items() if role not in ("prev", "cur")
-    ]
+    if "cur" in known:
+        summary.append(("cur content sha256", f"`{known['cur']}`"))
+    summary += [(f"{role} content sha256", f"`{sha}`") for role, sha in known.items() if role not in ("prev", "cur")]
     summary += [
         ("output dtype", info.dtype),
         *info.rows,
@@ -66,11 +71,16 @@ def render(info: CardInfo, title: str) -> str:
     rows = [f"| `{name}` | {size} | `{sha}` |" for name, (size, sha) in sorted(info.files.items())]
     inputs = ""
     if hashes:
-        lines = [f"| {role} | `{f.name}` | {f.size} | `{f.sha256}` |" for role, d in hashes.items() for f in d.files]
+        lines = [
+            f"| {role} | `{f.name}` | {f.size} | {UNKNOWN if f.sha256 is None else f'`{f.sha256}`'} |"
+            for role, d in hashes.items()
+            for f in d.files
+        ]
+        note = f"\n\n{UNKNOWN_NOTE}" if len(known) < len(hashes) else ""
         inputs = (
             "\nInput files:\n\n| input | file | bytes | sha256 |\n| --- | --- | --- | --- |\n"
             + "\n".join(lines)
-            + f"\n\n{HASH_DEFINITION}\n"
+            + f"\n\n{HASH_DEFINITION}{note}\n"
         )
     return (
         "\n".join(front)

@@ -65,6 +65,20 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _alphas(values: list[str]) -> list[float]:
+    """``--alpha 0.1,0.3 --alpha 0.5`` -> [0.1, 0.3, 0.5] (finiteness and repeats are MergeOptions' to check)."""
+    out = []
+    for value in values:
+        for part in value.split(","):
+            try:
+                out.append(float(part))
+            except ValueError:
+                raise typer.BadParameter(
+                    f"{value!r} is not a number or a comma-separated list of numbers, e.g. 0.3 or 0.1,0.3,0.5"
+                ) from None
+    return out
+
+
 def _human(nbytes: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if nbytes < 1000 or unit == "TB":
@@ -91,9 +105,15 @@ def merge(
         str,
         typer.Argument(metavar="CUR", help="Current round's raw checkpoint (theta_hat_t+1), of the same kind as PREV."),
     ],
-    alpha: Annotated[float, typer.Option(help=help_text("alpha"))],
+    alpha: Annotated[list[str], typer.Option(help=help_text("alpha"), callback=_alphas)],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Output folder [default: <CUR>-apo<ALPHA> beside CUR].")
+        str | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Output folder [default: <CUR>-apo<ALPHA> beside CUR]; with several alphas it must contain "
+            "{alpha}, e.g. -o runs/apo{alpha}.",
+        ),
     ] = None,
     device: Annotated[Device, typer.Option(help=help_text("device"))] = Device.auto,
     dtype: Annotated[Dtype, typer.Option(help=help_text("dtype"))] = Dtype.keep,
@@ -101,6 +121,7 @@ def merge(
     on_missing: Annotated[OnMissing, typer.Option(help=help_text("on_missing"))] = OnMissing.error,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=help_text("overwrite"))] = False,
     strict: Annotated[bool, typer.Option("--strict", help=help_text("strict"))] = False,
+    hash_inputs: Annotated[bool, typer.Option("--hash-inputs", help=help_text("hash_inputs"))] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     merge_into: Annotated[str | None, typer.Option(metavar="BASE", help=help_text("merge_into"))] = None,
     push_to_hub: Annotated[
@@ -139,25 +160,48 @@ def merge(
     ]
     if hub_flags and push_to_hub is None:
         raise usage_error(f"{hub_flags[0]} applies to the upload; add --push-to-hub REPO_ID")
+    if push_to_hub is not None and len(alpha) > 1:
+        from apo_merge.api import PUSH_ONE
+
+        raise usage_error(PUSH_ONE)
     try:
         options = MergeOptions(
-            alpha,
+            tuple(alpha),
             device=device.value,
             dtype=dtype.value,
             max_shard_size=max_shard_size,
             on_missing=on_missing.value,
             overwrite=overwrite,
             strict=strict,
+            hash_inputs=hash_inputs,
             merge_into=merge_into,
             token=token,
             card_paths=card_paths.value,
         )
-        report = _run(prev, cur, options, output, quiet, prefetcher)
+        reports = _run(prev, cur, options, output, quiet, prefetcher)
     except BaseException as e:
         signal = interruption(e)
         if signal is None:
             raise
         raise interrupted(signal, NOTHING_LEFT) from None
+    for report in reports:
+        _summary(report)
+    if push_to_hub is not None:
+        _push(
+            reports[0].output,
+            PushOptions(
+                push_to_hub,
+                private=private,
+                revision=revision,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                create_pr=create_pr,
+            ),
+            token,
+        )
+
+
+def _summary(report) -> None:
     completed(f"{report.output} is complete")
     notes = []
     if report.copied_cur_only:
@@ -174,19 +218,6 @@ def merge(
         f"{_human(report.bytes_written)} in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s) on "
         f"{report.device}" + "".join(f"; {n}" for n in notes) + f" -> {report.output}"
     )
-    if push_to_hub is not None:
-        _push(
-            report.output,
-            PushOptions(
-                push_to_hub,
-                private=private,
-                revision=revision,
-                commit_message=commit_message,
-                commit_description=commit_description,
-                create_pr=create_pr,
-            ),
-            token,
-        )
 
 
 def _push(folder: Path, options, token: str | None) -> None:
@@ -248,11 +279,11 @@ def _run(prev, cur, options, output, quiet, prefetcher):
         TransferSpeedColumn,
     )
 
-    from apo_merge.api import run_merge
+    from apo_merge.api import run_merges
 
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
-        return run_merge(prev, cur, options, output, prefetcher=prefetcher)
+        return run_merges(prev, cur, options, output, prefetcher=prefetcher)
     with Progress(
         TextColumn("merging"),
         BarColumn(),
@@ -264,10 +295,10 @@ def _run(prev, cur, options, output, quiet, prefetcher):
     ) as bar:
         task = bar.add_task("merge", total=None)
 
-        def on_plan(plan) -> None:
-            bar.update(task, total=plan.total_bytes)
+        def on_plan(plan) -> None:  # once per output
+            bar.update(task, total=(bar.tasks[0].total or 0) + plan.total_bytes)
 
-        return run_merge(
+        return run_merges(
             prev, cur, options, output, progress=lambda n: bar.advance(task, n), on_plan=on_plan, prefetcher=prefetcher
         )
 

@@ -10,7 +10,11 @@
   ``extrapolate_``).
 - write: chunks in order (workers may finish out of order) through apo_merge.io.writer's SafetensorsWriter,
   which keeps writeback moving behind the writes.
-- hash: SHA-256 of each output file (for the model card), in order, beside the writes.
+- hash: SHA-256 of each output file (for the model card), in order, beside the writes, straight from the buffers
+  just written (no copy, no read back).
+
+Several plans over the same inputs (one per alpha) run in one pass: each chunk is read once, computed once per
+alpha into its own output buffer, and written to each output; copied and converted tensors are computed once.
 
 torch loads lazily, so that the CLI's prefetch can start before it.
 """
@@ -25,7 +29,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,8 +89,10 @@ class _Task:
     piece: Piece
     begin: int  # element (or byte, for copies) offset within the tensor
     count: int
+    index: int = 0  # the piece's position in its file (the same in every plan)
     slot: _Slot | None = None
-    ready: Any = None  # a CUDA event the writer waits for before writing slot.out
+    ready: Any = None  # a CUDA event the writer waits for before writing the slot's outputs
+    holds: int = 0  # hash stages still to read the slot's outputs before it is free again
 
     @property
     def copy(self) -> bool:
@@ -98,22 +104,24 @@ def _memoryview(t: torch.Tensor) -> memoryview:
 
 
 class _Slot:
-    """Reusable host buffers for one chunk: CUR's, PREV's and the output's bytes."""
+    """Reusable host buffers for one chunk: CUR's, PREV's and each output's bytes."""
 
-    def __init__(self, nbytes: int, pinned: bool) -> None:
+    def __init__(self, nbytes: int, pinned: bool, n_out: int) -> None:
         import torch
 
-        self.cur, self.prev, self.out = (torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(3))
-        self.views = {"cur": _memoryview(self.cur), "prev": _memoryview(self.prev), "out": _memoryview(self.out)}
+        self.cur, self.prev = (torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(2))
+        self.outs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(n_out)]
+        self.views = {"cur": _memoryview(self.cur), "prev": _memoryview(self.prev)}
+        self.out_views = [_memoryview(o) for o in self.outs]
 
 
 def _tasks(plan: MergePlan, chunk_elems: int) -> Iterator[_Task]:
     seq = 0
     for i, f in enumerate(plan.files):
-        for piece in f.pieces:
+        for j, piece in enumerate(f.pieces):
             total, step = (piece.nbytes, COPY_CHUNK_BYTES) if piece.prev is None else (piece.numel, chunk_elems)
             for begin in range(0, max(total, 1), step):
-                yield _Task(seq, i, piece, begin, min(step, total - begin))
+                yield _Task(seq, i, piece, begin, min(step, total - begin), j)
                 seq += 1
 
 
@@ -136,18 +144,25 @@ def _operands(task: _Task, out: torch.Tensor, prev: torch.Tensor, cur: torch.Ten
     return [buf[:n].view(torch_dtype(d)) for buf, n, d in zip((out, prev, cur), _nbytes(task), dtypes)]
 
 
+def _shared(task: _Task) -> bool:
+    """Whether every output holds the same bytes for this chunk (a copy, or CUR converted with alpha 0)."""
+    return task.copy or task.piece.convert
+
+
 class _Pipeline:
     def __init__(
         self,
-        plan: MergePlan,
-        out_dir: Path,
+        plans: list[MergePlan],
+        out_dirs: list[Path],
         device: torch.device,
         kernel: Kernel,
         prefetcher: Prefetcher,
         progress: Callable[[int], None] | None,
         on_read: OnRead | None,
     ) -> None:
-        self.plan, self.out_dir, self.device, self.progress = plan, out_dir, device, progress
+        plan = plans[0]
+        self.plans, self.out_dirs, self.device, self.progress = plans, out_dirs, device, progress
+        self.plan, self.alphas, self.n_out = plan, [p.alpha for p in plans], len(plans)
         self.kernel, self.prefetcher, self.on_read = kernel, prefetcher, on_read
         self.gpu = device.type == "cuda"
         self.chunk_elems = GPU_CHUNK_ELEMS if self.gpu else CHUNK_ELEMS
@@ -159,10 +174,12 @@ class _Pipeline:
         self.free: queue.Queue[_Slot] = queue.Queue()
         self.to_compute: queue.Queue[_Task | None] = queue.Queue()
         self.to_write: queue.Queue[_Task | None] = queue.Queue()
-        # (file name, bytes to hash or None at the end of the file, slot to free after hashing)
-        self.to_hash: queue.Queue[tuple[str, memoryview | None, _Slot | None] | None] = queue.Queue()
+        # Per output: (file name, bytes to hash or None at the end of the file, task whose slot to release)
+        self.to_hash: list[queue.Queue[tuple[str, memoryview | None, _Task | None] | None]] = [
+            queue.Queue() for _ in plans
+        ]
         self.fds: dict[Path, int] = {}
-        self.stats = EngineStats(0.0, 0)
+        self.stats = [EngineStats(0.0, 0) for _ in plans]
         widest = max(
             [ITEMSIZE[p.dtype] for f in plan.files for p in f.pieces]
             + [ITEMSIZE[s[1].dtype] for f in plan.files for p in f.pieces for s in (p.cur, p.prev) if s]
@@ -172,7 +189,7 @@ class _Pipeline:
         # Enough slots for every stage to hold one while the reader fills the next.
         with _on(device):  # pinned for this device's context
             for _ in range(GPU_SLOTS if self.gpu else self.workers + 4):
-                self.free.put(_Slot(self.slot_bytes, pinned=self.gpu))
+                self.free.put(_Slot(self.slot_bytes, pinned=self.gpu, n_out=self.n_out))
 
     # -- stages -------------------------------------------------------------------------------------------
     def _fd(self, path: Path) -> int:
@@ -204,7 +221,7 @@ class _Pipeline:
                 piece = task.piece
                 if task.copy:
                     header, info = piece.cur
-                    self._pread(header, slot.views["out"][: task.count], info.begin + task.begin)
+                    self._pread(header, slot.out_views[0][: task.count], info.begin + task.begin)
                 else:
                     for (h, i), name in ((piece.cur, "cur"), (piece.prev, "prev")):
                         size = ITEMSIZE[i.dtype]
@@ -217,30 +234,34 @@ class _Pipeline:
     def _compute_cpu(self) -> None:
         import torch
 
-        alpha, found = self.plan.alpha, 0
+        found = [0] * self.n_out
         try:
             while (task := self._get(self.to_compute)) is not None:
                 if not task.copy:
                     slot = task.slot
-                    out, prev, cur = _operands(task, slot.out, slot.prev, slot.cur)
-                    self.kernel(out, prev, cur, 0.0 if task.piece.convert else alpha)  # alpha 0: CUR, rounded once
-                    found += _new_nonfinite(torch, out, prev, cur)
+                    for k, alpha in enumerate(self.alphas[:1] if task.piece.convert else self.alphas):
+                        out, prev, cur = _operands(task, slot.outs[k], slot.prev, slot.cur)
+                        self.kernel(out, prev, cur, 0.0 if task.piece.convert else alpha)  # alpha 0: CUR, rounded once
+                        found[k] += _new_nonfinite(torch, out, prev, cur)
                 self.to_write.put(task)
         finally:
             with self.lock:
-                self.stats.new_nonfinite += found
+                for stats, n in zip(self.stats, found):
+                    stats.new_nonfinite += n
             self.to_write.put(None)
 
     def _compute_cuda(self) -> None:
         import torch
 
-        alpha = self.plan.alpha
         # Chunks alternate between two streams, each with its own device buffers: chunk k+1 is copied in while
         # chunk k computes and copies out, and chunk k+2 reuses chunk k's buffers in stream order. The writer
         # waits on each chunk's event, so this thread never synchronises.
         streams = [torch.cuda.Stream(self.device) for _ in range(2)]
-        dev = [[torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(3)] for _ in streams]
-        found = [torch.zeros((), dtype=torch.int64, device=self.device) for _ in streams]
+        n = self.n_out
+        dev = [
+            [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(2 + n)] for _ in streams
+        ]
+        found = [[torch.zeros((), dtype=torch.int64, device=self.device) for _ in range(n)] for _ in streams]
         for s in streams:
             s.wait_stream(torch.cuda.current_stream(self.device))
         k = 0
@@ -248,30 +269,33 @@ class _Pipeline:
             with _on(self.device):
                 while (task := self._get(self.to_compute)) is not None:
                     if not task.copy:
-                        slot, (d_out, d_prev, d_cur), i = task.slot, dev[k % 2], k % 2
+                        slot, (d_prev, d_cur, *d_outs), i = task.slot, dev[k % 2], k % 2
                         k += 1
                         ob, pb, cb = _nbytes(task)
                         with torch.cuda.stream(streams[i]):
                             d_cur[:cb].copy_(slot.cur[:cb], non_blocking=True)
                             d_prev[:pb].copy_(slot.prev[:pb], non_blocking=True)
-                            out, prev, cur = _operands(task, d_out, d_prev, d_cur)
-                            self.kernel(out, prev, cur, 0.0 if task.piece.convert else alpha)
-                            found[i] += (
-                                torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)
-                            ).sum()
-                            slot.out[:ob].copy_(d_out[:ob], non_blocking=True)
+                            for j, alpha in enumerate(self.alphas[:1] if task.piece.convert else self.alphas):
+                                out, prev, cur = _operands(task, d_outs[j], d_prev, d_cur)
+                                self.kernel(out, prev, cur, 0.0 if task.piece.convert else alpha)
+                                found[i][j] += (
+                                    torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)
+                                ).sum()
+                                slot.outs[j][:ob].copy_(d_outs[j][:ob], non_blocking=True)
                             task.ready = torch.cuda.Event()
                             task.ready.record(streams[i])
                     self.to_write.put(task)
         finally:
             for s in streams:
                 s.synchronize()
-            self.stats.new_nonfinite += sum(int(f) for f in found)
+            for j, stats in enumerate(self.stats):
+                stats.new_nonfinite += sum(int(f[j]) for f in found)
             self.to_write.put(None)
 
     def _write(self) -> None:
         pending: dict[int, _Task] = {}
-        next_seq, done, current, index = 0, 0, None, -1
+        next_seq, done, index = 0, 0, -1
+        current: list[SafetensorsWriter] = []
         try:
             while done < self.workers:
                 task = self._get(self.to_write)
@@ -283,50 +307,69 @@ class _Pipeline:
                     task = pending.pop(next_seq)
                     next_seq += 1
                     if task.out_index != index:
-                        if current is not None:
-                            self._finish(current, index)
+                        self._finish(current, index)
                         index = task.out_index
-                        f = self.plan.files[index]
-                        current = SafetensorsWriter(self.out_dir / f.name, f.header, f.size)
-                        self.to_hash.put((f.name, memoryview(f.header), None))
-                        self._advance(len(f.header))
+                        current = self._open(index)
                     if task.ready is not None:
                         task.ready.synchronize()
                     size = 1 if task.copy else ITEMSIZE[task.piece.dtype]
-                    data = task.slot.views["out"][: task.count * size]
-                    current.write(data, task.piece.offset + task.begin * size)
-                    self.to_hash.put((self.plan.files[index].name, data, task.slot))
-                    self._advance(len(data))
-            if current is not None:
-                self._finish(current, index)
-                current = None
+                    task.holds = self.n_out
+                    for k, (plan, writer) in enumerate(zip(self.plans, current)):
+                        f = plan.files[index]
+                        data = task.slot.out_views[0 if _shared(task) else k][: task.count * size]
+                        writer.write(data, f.pieces[task.index].offset + task.begin * size)
+                        self.to_hash[k].put((f.name, data, task))
+                        self._advance(k, len(data))
+            self._finish(current, index)
+            current = []
         finally:
-            if current is not None:
-                current.close()
-            self.to_hash.put(None)
+            for writer in current:
+                writer.close()
+            for q in self.to_hash:
+                q.put(None)
 
-    def _hash(self) -> None:
+    def _open(self, index: int) -> list[SafetensorsWriter]:
+        """Open file ``index`` of every output (closing those already opened if one fails)."""
+        writers: list[SafetensorsWriter] = []
+        try:
+            for k, (plan, out_dir) in enumerate(zip(self.plans, self.out_dirs)):
+                f = plan.files[index]
+                writers.append(SafetensorsWriter(out_dir / f.name, f.header, f.size))
+                self.to_hash[k].put((f.name, memoryview(f.header), None))
+                self._advance(k, len(f.header))
+        except BaseException:
+            for writer in writers:
+                writer.close()
+            raise
+        return writers
+
+    def _hash(self, k: int) -> None:
         # Its own stage: SHA-256 runs at about the disk's write speed, so in the writer's thread it would halve it.
-        name, hasher = None, None
-        while (item := self._get(self.to_hash)) is not None:
-            file_name, data, slot = item
+        name, hasher, stats = None, None, self.stats[k]
+        while (item := self._get(self.to_hash[k])) is not None:
+            file_name, data, task = item
             if file_name != name:
                 name, hasher = file_name, hashlib.sha256()
             if data is None:
-                self.stats.sha256[name] = hasher.hexdigest()
+                stats.sha256[name] = hasher.hexdigest()
             else:
                 hasher.update(data)
-            if slot is not None:
-                self.free.put(slot)
+            if task is not None:
+                with self.lock:
+                    task.holds -= 1
+                    last = task.holds == 0
+                if last:
+                    self.free.put(task.slot)
 
-    def _advance(self, n: int) -> None:
-        self.stats.bytes_written += n
+    def _advance(self, k: int, n: int) -> None:
+        self.stats[k].bytes_written += n
         if self.progress:
             self.progress(n)
 
-    def _finish(self, writer: SafetensorsWriter, index: int) -> None:
-        writer.finish()
-        self.to_hash.put((self.plan.files[index].name, None, None))
+    def _finish(self, writers: list[SafetensorsWriter], index: int) -> None:
+        for k, writer in enumerate(writers):
+            writer.finish()
+            self.to_hash[k].put((self.plans[k].files[index].name, None, None))
 
     # -- driver -------------------------------------------------------------------------------------------
     def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
@@ -343,13 +386,16 @@ class _Pipeline:
 
         return run
 
-    def run(self) -> EngineStats:
+    def run(self) -> list[EngineStats]:
         t0 = time.perf_counter()
         compute = self._compute_cuda if self.gpu else self._compute_cpu
         threads = [
             threading.Thread(target=self._guard(self._read), name="apo-read", daemon=True),
             threading.Thread(target=self._guard(self._write), name="apo-write", daemon=True),
-            threading.Thread(target=self._guard(self._hash), name="apo-hash", daemon=True),
+        ]
+        threads += [
+            threading.Thread(target=self._guard(lambda k=k: self._hash(k)), name=f"apo-hash-{k}", daemon=True)
+            for k in range(self.n_out)
         ]
         threads += [
             threading.Thread(target=self._guard(compute), name=f"apo-compute-{i}", daemon=True)
@@ -369,7 +415,8 @@ class _Pipeline:
                 os.close(fd)
         if self.error is not None:
             raise self.error
-        self.stats.seconds = time.perf_counter() - t0
+        for stats in self.stats:
+            stats.seconds = time.perf_counter() - t0
         return self.stats
 
 
@@ -406,8 +453,36 @@ def execute(
     to hash the inputs). OSError propagates: io.output.StagedFolder, which knows the user's OUT, turns it into
     a MergeError.
     """
+    return execute_many(
+        [plan], [out_dir], options, kernel=kernel, prefetcher=prefetcher, progress=progress, on_read=on_read
+    )[0]
+
+
+def execute_many(
+    plans: Sequence[MergePlan],
+    out_dirs: Sequence[Path],
+    options: MergeOptions,
+    *,
+    kernel: Kernel | None = None,
+    prefetcher: Prefetcher | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_read: OnRead | None = None,
+) -> list[EngineStats]:
+    """``execute`` for several plans of the same PREV and CUR that differ only in alpha and header metadata (one
+    per alpha, made by ``make_plan`` with the same options otherwise): the inputs are read once and plan k is
+    written into ``out_dirs[k]``, byte for byte as ``execute`` alone would write it."""
+    plans, out_dirs = list(plans), [Path(d) for d in out_dirs]
+    first = plans[0]
+    for plan in plans[1:]:
+        same = len(plan.files) == len(first.files) and all(
+            [(p.name, p.dtype, p.cur, p.prev, p.convert) for p in a.pieces]
+            == [(p.name, p.dtype, p.cur, p.prev, p.convert) for p in b.pieces]
+            for a, b in zip(plan.files, first.files)
+        )
+        if not same:
+            raise ValueError("execute_many: the plans must read the same tensors in the same order")
     prefetcher = prefetcher or Prefetcher()
-    prefetcher.prefetch([h.path for h in plan.prev.files], [h.path for h in plan.cur.files])
+    prefetcher.prefetch([h.path for h in first.prev.files], [h.path for h in first.cur.files])
     from apo_merge.shell import import_torch
 
     torch = import_torch()  # Ctrl-C held while torch starts (see hold_signals)
@@ -419,6 +494,6 @@ def execute(
     if device.type == "cpu":
         torch.set_num_threads(1)  # one per worker thread, for the merge only (the setting is process-wide)
     try:
-        return _Pipeline(plan, Path(out_dir), device, kernel, prefetcher, progress, on_read).run()
+        return _Pipeline(plans, out_dirs, device, kernel, prefetcher, progress, on_read).run()
     finally:
         torch.set_num_threads(threads)

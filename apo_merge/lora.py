@@ -27,7 +27,7 @@ from apo_kernels import extrapolate
 from apo_merge.errors import MergeError
 from apo_merge.io.checkpoint import Checkpoint, is_inside
 from apo_merge.io.dtypes import torch_dtype
-from apo_merge.io.hashing import InputDigest, StreamHasher, digest, hash_file
+from apo_merge.io.hashing import InputDigest, StreamHasher, digest, hash_file, listing
 from apo_merge.io.header import read_regular_file
 from apo_merge.io.writer import SafetensorsWriter, pread_exact
 from apo_merge.options import MergeOptions
@@ -517,10 +517,13 @@ def write_merged(
     metadata: dict[str, str],
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Layout], None] | None = None,
+    hub: bool = False,
 ) -> Written:
     """Write BASE + the extrapolated adapter delta as full weights into ``dest`` (BASE's tensors and layout).
 
-    One tensor in memory at a time; BASE is read once, in file order, and hashed on the way.
+    ``hub``: BASE came from the Hub cache (its LFS files' SHA-256s are known without reading them).
+
+    One tensor in memory at a time; BASE is read once, in file order, and hashed on the way with --hash-inputs.
     """
     merger = _Merger(prev, cur, options.alpha)
     missing = sorted(n for n in merger.changes if n not in base.tensors)
@@ -543,7 +546,7 @@ def write_merged(
     written = 0
     fds: dict[Path, int] = {}
     try:
-        with StreamHasher(base.files) as hasher:
+        with StreamHasher(base.files if options.hash_inputs else ()) as hasher:
             for f in layout.files:
                 sha[f.name], n = _write_file(f, dest, merger, hasher, fds, progress)
                 written += n
@@ -551,9 +554,11 @@ def write_merged(
     finally:
         for fd in fds.values():
             os.close(fd)
-    files = {h.path.name: hashes[h.path] for h in base.files}
-    if base.index_name:
-        files[base.index_name] = hash_file(base.root / base.index_name)
+    index = [base.root / base.index_name] if base.index_name else []
+    if options.hash_inputs:
+        base_digest = digest({h.path.name: hashes[h.path] for h in base.files} | {p.name: hash_file(p) for p in index})
+    else:
+        base_digest = listing([h.path for h in base.files], index, hub=hub)
     card = dict(
         rows=[("merged into", f"`{metadata.get('apo_merge_into', base.label)}`")],
         summary="This checkpoint is a base model plus an APO (Accelerated Preference Optimization, "
@@ -566,7 +571,7 @@ def write_merged(
         len(merger.changes),
         written,
         layout.index,
-        digest(files),
+        base_digest,
         card,
     )
 

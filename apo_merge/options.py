@@ -6,6 +6,9 @@ The CLI builds its options from these fields (the help and the choices of ``--de
     options = MergeOptions(0.3, dtype="bf16", max_shard_size="5GB")
     run_merge("runs/round-1", "runs/round-2", options, "runs/round-2-apo")
 
+Several alphas (``MergeOptions((0.1, 0.3, 0.5))``) make one output each from one read of the inputs; see
+``apo_merge.api.run_merges``.
+
 Invalid values raise MergeError (exit code 2) from the constructor, before any input is opened.
 """
 
@@ -68,7 +71,12 @@ def _short(value: object, limit: int = 40) -> str:
 class MergeOptions:
     """How to merge (what to merge, PREV, CUR and OUT, are arguments of ``run_merge``). See each field's help."""
 
-    alpha: float = field(metadata={"help": "Extrapolation weight; 0 copies CUR, negative moves toward PREV."})
+    alpha: float | tuple[float, ...] = field(
+        metadata={
+            "help": "Extrapolation weight; 0 copies CUR, negative moves toward PREV. Several (--alpha 0.1,0.3,0.5 or "
+            "the option repeated) write one output each from one read of the inputs."
+        }
+    )
     device: str = _f("auto", "Where to compute; auto uses CUDA when present.", choices=("auto", "cpu", "cuda"))
     dtype: str = _f("keep", "Output dtype of floating tensors; keep = CUR's.", choices=("keep", *OUT_DTYPES))
     max_shard_size: int | None = _f(None, "Re-shard in HF naming, e.g. 5GB [default: keep CUR's files].")
@@ -86,6 +94,11 @@ class MergeOptions:
     push_to_hub: str | PushOptions | None = _f(
         None, "Upload OUT to this Hub model repo (a repo id or apo_merge.hub.PushOptions) once it is complete."
     )
+    hash_inputs: bool = _f(
+        False,
+        "Record each input's content SHA-256 in the model card (reads every input byte through SHA-256, about "
+        "1 GB/s per core) [default: names, sizes, and the Hub's SHA-256 of files from the Hub cache].",
+    )
     card_paths: str = _f(
         "relative",
         "How the card and file metadata name local inputs: relative (a relative path as given, else the folder "
@@ -95,9 +108,16 @@ class MergeOptions:
 
     def __post_init__(self) -> None:
         alpha = self.alpha
-        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise usage_error(f"--alpha {_short(alpha)} is not a finite number; use e.g. --alpha 0.3")
-        object.__setattr__(self, "alpha", float(alpha))
+        if isinstance(alpha, (list, tuple)):
+            if not alpha:
+                raise usage_error("--alpha needs at least one value; use e.g. --alpha 0.3")
+            values = tuple(_alpha(a) for a in alpha)
+            twice = [a for i, a in enumerate(values) if a in values[:i]]
+            if twice:
+                raise usage_error(f"--alpha {twice[0]!r} is given twice; give each alpha once")
+            object.__setattr__(self, "alpha", values[0] if len(values) == 1 else values)
+        else:
+            object.__setattr__(self, "alpha", _alpha(alpha))
         device = self.device
         if not isinstance(device, str) or (device not in choices("device") and not re.fullmatch(r"cuda:\d+", device)):
             raise usage_error(f"--device {_short(device)} is not one of {', '.join(choices('device'))}")
@@ -109,9 +129,20 @@ class MergeOptions:
         if self.max_shard_size is not None:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
 
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        """Every alpha to make an output for (one, unless several were given)."""
+        return self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
+
     def replace(self, **changes: Any) -> MergeOptions:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _alpha(value: object) -> float:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise usage_error(f"--alpha {_short(value)} is not a finite number; use e.g. --alpha 0.3")
+    return float(value)
 
 
 def _field(name: str) -> dataclasses.Field:

@@ -112,6 +112,7 @@ class Measured:
     peak_anon: int  # sampled RssAnon (heap, stacks, pinned buffers): what cannot be reclaimed
     peak_file: int  # sampled RssFile: mapped file pages (reclaimable page cache)
     output_tail: str
+    cpu_seconds: float = 0.0  # user + system CPU of the process and the children it waited for
 
 
 def run_measured(
@@ -142,7 +143,7 @@ def run_measured(
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     output = proc.stdout.read()  # the child's output is small; reading it also waits for EOF
-    _, status, _ = os.wait4(proc.pid, 0)  # (its ru_maxrss may count the harness's RSS at fork time)
+    _, status, usage = os.wait4(proc.pid, 0)  # (its ru_maxrss may count the harness's RSS at fork time)
     proc.returncode = os.waitstatus_to_exitcode(status)
     done.set()
     if after is not None and proc.returncode == 0:
@@ -156,6 +157,7 @@ def run_measured(
         peaks["RssAnon"] * 1024,
         peaks["RssFile"] * 1024,
         output.decode(errors="replace")[-2000:],
+        usage.ru_utime + usage.ru_stime,
     )
 
 

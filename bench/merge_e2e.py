@@ -14,12 +14,16 @@ rounds; the table gives the median and the spread (min-max).
 
   floor     plain 16 MiB sequential reads of both inputs, then writing + fsyncing the output's byte count
   floor-tuned  the same with apo-merge's I/O hints: WILLNEED ahead of the reads, writeback started every 64 MiB
+  floor-tuned-3  floor-tuned writing three outputs (the bytes of three alphas from one read)
   naive     per shard: safetensors load_file x2, torch.lerp(prev, cur, 1 + alpha) in bf16, save_file, fsync
   mergekit  mergekit-yaml, `linear` (1+alpha) cur - alpha prev (and/or `task_arithmetic`), fp32 math, bf16 out
-  apo-cpu   the apo-merge CLI, --device cpu
+  apo-cpu   the apo-merge CLI, --device cpu (default flags)
+  apo-hash-inputs  the same with --hash-inputs (input content hashes in the card)
+  apo-3alphas  one run, --alpha A,A+0.2,A+0.4: inputs read once, three outputs (compare with floor-tuned-3)
+  apo-3runs    the same three alphas as three separate runs, inputs evicted before each
   apo-cuda  the apo-merge CLI, --device cuda (when CUDA is present)
 
-Columns: wall seconds; ratio to the floor's median; peak RSS (anonymous + mapped file pages) and peak anonymous
+Columns: wall seconds; ratio to the floor's median; CPU seconds (user + system) per GB moved; peak RSS (anonymous + mapped file pages) and peak anonymous
 memory (RssAnon, sampled every 5 ms over the process tree), effective GB/s = (bytes read + bytes written) / wall;
 and the fraction of output elements that differ from the fp32 formula rounded once to bf16 (checked on the first
 run of each method). Results also go to JSON (--json).
@@ -207,8 +211,9 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 # -- workers (each runs as its own process, so that its start-up is timed) ----------------------------------------
-def _worker_floor(prev: Path, cur: Path, out: Path, tuned: bool) -> None:
-    """Read both inputs, then write the output's byte count and fsync; ``tuned``: with apo-merge's I/O hints."""
+def _worker_floor(prev: Path, cur: Path, out: Path, tuned: bool, copies: int = 1) -> None:
+    """Read both inputs, then write the output's byte count ``copies`` times and fsync; ``tuned``: with
+    apo-merge's I/O hints."""
     t0 = time.perf_counter()
     buf = memoryview(bytearray(16 << 20))
     step = 4 << 20  # one WILLNEED reads at most the readahead size
@@ -223,9 +228,9 @@ def _worker_floor(prev: Path, cur: Path, out: Path, tuned: bool) -> None:
     t1 = time.perf_counter()
     out.mkdir()
     window = 64 << 20
-    for path in weight_files(cur):
+    for copy, path in ((c, p) for c in range(copies) for p in weight_files(cur)):
         size = path.stat().st_size
-        fd = os.open(out / path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(out / f"{copy}-{path.name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         done = 0
         while done < size:
             done += os.write(fd, buf[: min(size - done, len(buf))])
@@ -246,6 +251,17 @@ def _sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
     fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn(fd, max(0, offset), nbytes, flags)
+
+
+def _worker_runs(prev: Path, cur: Path, out: Path, alphas: list[float]) -> None:
+    """apo-merge once per alpha, the inputs evicted before each run (as three separate tries would read them)."""
+    out.mkdir()
+    inputs = weight_files(prev) + weight_files(cur)
+    for alpha in alphas:
+        os.sync()
+        evict(inputs)
+        cmd = [sys.executable, "-m", "apo_merge", str(prev), str(cur), "--alpha", repr(alpha), "-q"]
+        subprocess.run(cmd + ["-o", str(out / f"o{alpha:g}"), "--device", "cpu"], check=True)
 
 
 def _worker_naive(prev: Path, cur: Path, out: Path, alpha: float) -> None:
@@ -323,6 +339,7 @@ def _commands(args, prev: Path, cur: Path, out: Path, cuda: bool) -> dict[str, l
     cmds = {
         "floor": me + ["floor", str(prev), str(cur), str(out)],
         "floor-tuned": me + ["floor-tuned", str(prev), str(cur), str(out)],
+        "floor-tuned-3": me + ["floor-tuned-3", str(prev), str(cur), str(out)],
         "naive": me + ["naive", str(prev), str(cur), str(out), repr(args.alpha)],
     }
     if args.mergekit:
@@ -332,15 +349,26 @@ def _commands(args, prev: Path, cur: Path, out: Path, cuda: bool) -> dict[str, l
             cmds[f"mergekit {method}"] = [str(exe), str(cfg), str(out), "--no-copy-tokenizer", "--quiet"]
     apo = [sys.executable, "-m", "apo_merge", str(prev), str(cur), "--alpha", repr(args.alpha), "-o", str(out), "-q"]
     cmds["apo-cpu"] = apo + ["--device", "cpu"]
+    cmds["apo-hash-inputs"] = apo + ["--device", "cpu", "--hash-inputs"]
+    alphas = _three(args.alpha)
+    many = ",".join(map(repr, alphas))
+    cmds["apo-3alphas"] = apo[:5] + ["--alpha", many, "-o", str(out / "o{alpha}"), "-q", "--device", "cpu"]
+    cmds["apo-3runs"] = me + ["runs", str(prev), str(cur), str(out), many]
     if cuda:
         cmds["apo-cuda"] = apo + ["--device", "cuda"]
     wanted = args.methods.split(",") if args.methods else None
     return {k: v for k, v in cmds.items() if wanted is None or k in wanted or k.split()[0] in wanted}
 
 
-def _prepare(out: Path, inputs: list[Path]) -> float:
+def _three(alpha: float) -> list[float]:
+    return [alpha, round(alpha + 0.2, 6), round(alpha + 0.4, 6)]
+
+
+def _prepare(out: Path, inputs: list[Path], many: bool) -> float:
     """Remove the last output, flush, evict the inputs; return the largest fraction of an input still cached."""
     shutil.rmtree(out, ignore_errors=True)
+    if many:  # the outputs go below it
+        out.mkdir()
     os.sync()
     evict(inputs)
     return max(resident_bytes(p) / max(1, p.stat().st_size) for p in inputs)
@@ -392,7 +420,7 @@ def main() -> None:
     exact: dict[str, dict] = {}
     for r in range(args.runs):
         for name, cmd in cmds.items():
-            cached = _prepare(out, inputs)
+            cached = _prepare(out, inputs, name == "apo-3alphas")
             load = os.getloadavg()[0]
             after = (lambda: fsync_tree(out)) if name.startswith("mergekit") else None
             m = run_measured(cmd, cwd=args.repo, env=env, after=after)
@@ -407,17 +435,22 @@ def main() -> None:
                 flush=True,
             )
             if r == 0 and not args.no_check and not name.startswith("floor"):
-                d, n, missing = count_differing(out, prev, cur, args.alpha)
+                first = out / f"o{args.alpha:g}" if name in ("apo-3alphas", "apo-3runs") else out
+                d, n, missing = count_differing(first, prev, cur, args.alpha)
                 exact[name] = {"differing": d, "compared": n, "missing_tensors": missing}
     shutil.rmtree(out, ignore_errors=True)
 
-    floor, tuned = (
+    floor, tuned, tuned3 = (
         summary([x["seconds"] for x in runs[k]])["median"] if k in runs else float("nan")
-        for k in ("floor", "floor-tuned")
+        for k in ("floor", "floor-tuned", "floor-tuned-3")
     )
     rows, results = [], {}
     for name, rs in runs.items():
         s = summary([x["seconds"] for x in rs])
+        three = name in ("floor-tuned-3", "apo-3alphas", "apo-3runs")
+        moved = in_bytes * (3 if name == "apo-3runs" else 1) + out_bytes * (3 if three else 1)
+        cpu = summary([x["cpu_seconds"] for x in rs])["median"]
+        base = tuned3 if three else tuned
         rss, anon = max(x["peak_rss"] for x in rs), max(x["peak_anon"] for x in rs)
         ex = exact.get(name)
         off = (
@@ -430,9 +463,12 @@ def main() -> None:
             "seconds": s,
             "ratio_to_floor": s["median"] / floor,
             "ratio_to_floor_tuned": s["median"] / tuned,
+            "ratio_to_floor_tuned_same_bytes": s["median"] / base,
+            "cpu_seconds": cpu,
+            "cpu_s_per_gb_moved": cpu / (moved / 1e9),
             "peak_rss": rss,
             "peak_anon": anon,
-            "gb_per_s": (in_bytes + out_bytes) / s["median"] / 1e9,
+            "gb_per_s": moved / s["median"] / 1e9,
             "exactness": ex,
             "runs": rs,
         }
@@ -443,9 +479,12 @@ def main() -> None:
                 f"{s['min']:.2f}-{s['max']:.2f}",
                 f"{s['median'] / floor:.2f}",
                 f"{s['median'] / tuned:.2f}",
+                f"{s['median'] / base:.2f}",
+                f"{cpu:.1f}",
+                f"{cpu / (moved / 1e9):.2f}",
                 f"{rss / 2**30:.2f} GiB",
-                f"{anon / 2**30:.2f} GiB",
-                f"{(in_bytes + out_bytes) / s['median'] / 1e9:.2f}",
+                f"{anon / 2**20:.0f} MiB",
+                f"{moved / s['median'] / 1e9:.2f}",
                 off,
             ]
         )
@@ -458,6 +497,9 @@ def main() -> None:
                 "spread",
                 "x floor",
                 "x floor-tuned",
+                "x tuned, same bytes",
+                "CPU s",
+                "CPU s/GB",
                 "peak RSS",
                 "peak anon",
                 "GB/s",
@@ -509,7 +551,11 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind, a = sys.argv[2], sys.argv[3:]
         if kind.startswith("floor"):
-            _worker_floor(Path(a[0]), Path(a[1]), Path(a[2]), tuned=kind == "floor-tuned")
+            _worker_floor(
+                Path(a[0]), Path(a[1]), Path(a[2]), tuned=kind != "floor", copies=3 if kind.endswith("-3") else 1
+            )
+        elif kind == "runs":
+            _worker_runs(Path(a[0]), Path(a[1]), Path(a[2]), [float(x) for x in a[3].split(",")])
         else:
             _worker_naive(Path(a[0]), Path(a[1]), Path(a[2]), float(a[3]))
     else:

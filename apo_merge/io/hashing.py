@@ -1,4 +1,5 @@
-"""Content hashes of the inputs, taken from the bytes the engine reads anyway.
+"""Content hashes of the inputs: taken from the bytes the engine reads anyway (``--hash-inputs``), or, by
+default, only what is free: names, sizes and the SHA-256 the Hub cache names an LFS blob by.
 
 Definition (the model card states it too): an input's content sha256 is the SHA-256 of its ``sha256sum``
 listing, i.e. of the lines ``"<sha256 of file>  <file name>\\n"`` for each of its weight files, sorted by file
@@ -11,13 +12,16 @@ Cost: the engine reads every byte of CUR, and every byte of PREV that CUR also h
 ``StreamHasher`` hashes a file's bytes as they pass whenever they arrive in file order (CUR always; PREV when it
 is laid out like CUR, the usual case for two rounds of one trainer) and reads only what it did not see from disk
 at the end (PREV laid out differently, PREV-only tensors): no file is read twice in the usual case. The reader
-thread only copies the bytes; SHA-256 runs on one thread per input, beside the merge.
+thread only copies the bytes; SHA-256 runs on one thread per input, beside the merge. SHA-256 runs at about
+1-1.5 GB/s per core, slower than a fast disk on a small machine, which is why it is opt-in.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,13 +30,14 @@ from pathlib import Path
 from apo_merge.io.header import FileHeader
 
 _CHUNK = 1 << 23
+_SHA256_BLOB = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
 class FileDigest:
     name: str
     size: int
-    sha256: str
+    sha256: str | None  # None: not computed (see ``listing``)
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,42 @@ class InputDigest:
     files: tuple[FileDigest, ...]  # sorted by name
 
     @property
-    def sha256(self) -> str:
+    def sha256(self) -> str | None:
+        """The content sha256, or None when some file's hash is unknown."""
+        if any(f.sha256 is None for f in self.files):
+            return None
         listing = "".join(f"{f.sha256}  {f.name}\n" for f in self.files)
         return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
-def digest(named_files: dict[str, tuple[int, str]]) -> InputDigest:
-    """``{file name: (bytes, sha256)}`` -> InputDigest."""
+def digest(named_files: dict[str, tuple[int, str | None]]) -> InputDigest:
+    """``{file name: (bytes, sha256 or None)}`` -> InputDigest."""
     names = sorted(named_files, key=lambda n: n.encode("utf-8"))
     return InputDigest(tuple(FileDigest(n, *named_files[n]) for n in names))
+
+
+def hub_cache_sha256(path: Path) -> str | None:
+    """The SHA-256 the Hub cache names a file's blob by, without reading the file; None when it does not.
+
+    huggingface_hub stores LFS files as ``blobs/<sha256>`` (it checks the hash when it downloads) and links
+    ``snapshots/<commit>/<file>`` to them; other files' blobs are named by their git sha1 (40 hex digits).
+    """
+    try:
+        target = Path(os.readlink(path))
+    except OSError:
+        return None
+    return target.name if target.parent.name == "blobs" and _SHA256_BLOB.fullmatch(target.name) else None
+
+
+def listing(files: Iterable[Path], small: Iterable[Path] = (), *, hub: bool = False) -> InputDigest:
+    """An input described without reading its weights: each file's name and size, its SHA-256 where the Hub
+    cache names the blob by it (``hub``), else unknown; ``small`` files (an index, a config) are hashed."""
+    named: dict[str, tuple[int, str | None]] = {}
+    for path in files:
+        named[path.name] = (os.path.getsize(path), hub_cache_sha256(path) if hub else None)
+    for path in small:
+        named[path.name] = hash_file(path)
+    return digest(named)
 
 
 def hash_file(path: Path, start: int = 0, hasher=None) -> tuple[int, str]:

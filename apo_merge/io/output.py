@@ -127,6 +127,7 @@ class StagedFolder:
         pid = os.getpid()
         self.tmp = self.out.parent / f"{_temp_prefix(self.out)}{pid}-{_process_start(pid) or 0}-{secrets.token_hex(4)}"
         self.committed = False
+        self.replaced = False  # whether commit replaced an existing OUT (--overwrite)
 
     def __enter__(self) -> Path:
         remove_stale_temporaries(self.out)
@@ -150,7 +151,7 @@ class StagedFolder:
                     f"{self.out}: was replaced during the merge by something that is not an apo-merge output; "
                     "it was left in place and nothing was written; remove it yourself or choose another -o"
                 )
-            self.committed = True
+            self.committed = self.replaced = True
             return
         fsync_tree(self.tmp)
         try:

@@ -18,6 +18,7 @@ from apo_merge import sources
 from apo_merge.api import run_merge
 from apo_merge.card import recorded_files
 from apo_merge.errors import MergeError
+from apo_merge.io import hashing
 from apo_merge.options import MergeOptions
 from tests.checkpoints import make_checkpoint
 from tests.merge.hubcache import fill_cache
@@ -70,17 +71,36 @@ def test_resolves_repo_ids_and_revisions_offline(cache, spec, commit):
     assert (src.path / "config.json").is_symlink()  # snapshots link into ../../blobs
 
 
-def test_merge_from_the_hub_equals_the_local_merge_and_cards_the_ids(cache, models, tmp_path):
+def _no_input_hashing(monkeypatch) -> None:
+    """Reading a weight file through SHA-256 (streamed or from disk) fails the test."""
+
+    def stream(*args, **kwargs):
+        raise AssertionError("an input weight file was hashed from the engine's reads")
+
+    def hash_file(path, *args, **kwargs):
+        assert not str(path).endswith(".safetensors"), f"{path} was read to hash it"
+        return real(path, *args, **kwargs)
+
+    real = hashing.hash_file
+    monkeypatch.setattr(hashing, "_Stream", stream)
+    monkeypatch.setattr(hashing, "hash_file", hash_file)
+
+
+def test_merge_from_the_hub_equals_the_local_merge_and_cards_the_ids(cache, models, tmp_path, monkeypatch):
+    local = run_merge(
+        models["a"], models["b_dev"], MergeOptions(0.3, device="cpu", hash_inputs=True), tmp_path / "local-out"
+    )
+    _no_input_hashing(monkeypatch)  # the Hub cache names LFS blobs by their SHA-256: nothing is read to hash them
     hub = run_merge("org/a", "org/b@dev", MergeOptions(0.3, device="cpu"), tmp_path / "hub-out")
-    local = run_merge(models["a"], models["b_dev"], MergeOptions(0.3, device="cpu"), tmp_path / "local-out")
     assert set(hub.sha256) == set(local.sha256) and len(hub.sha256) > 1  # b_dev is sharded
     assert _tensors(tmp_path / "hub-out") == _tensors(tmp_path / "local-out")
     card = (tmp_path / "hub-out" / "README.md").read_text()
     front = card.split("---")[1]
     assert "base_model:\n- org/a\n- org/b\n" in front and "base_model_relation: merge" in front
     assert f"| cur | `org/b@{COMMIT_B_DEV}` |" in card  # Hub inputs: repo@commit
-    # content hashes do not depend on where the input came from
+    # content hashes do not depend on where the input came from; the Hub's are the cache's blob names
     assert hub.input_hashes == local.input_hashes
+    assert f"| cur content sha256 | `{local.input_hashes['cur'].sha256}` |" in card and "unknown" not in card
     assert (tmp_path / "hub-out" / "config.json").is_file() and not (tmp_path / "hub-out" / "config.json").is_symlink()
 
 
