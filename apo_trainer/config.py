@@ -431,14 +431,21 @@ def _check_prompts(path: str, prompt_field: str) -> None:
 
 def check_oracle_spec(spec: str) -> None:
     """Raise ConfigError unless ``spec`` names a loadable oracle (imports a callable; checks a folder exists)."""
-    if not spec:
-        raise ConfigError("config: 'oracle' is required ('reward-model:PATH' or 'callable:module:function')")
-    kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("reward-model", "callable") or not rest:
-        raise ConfigError(f"config: oracle {spec!r} must be 'reward-model:PATH' or 'callable:module:function'")
-    if kind == "callable":
-        from apo_trainer.oracle import resolve_callable
+    from apo_trainer.oracle import ORACLE_FORMS, ORACLE_KINDS, resolve_callable
 
+    if not spec:
+        raise ConfigError(f"config: 'oracle' is required ({ORACLE_FORMS})")
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ORACLE_KINDS or not rest:
+        raise ConfigError(f"config: oracle {spec!r} must be {ORACLE_FORMS}")
+    if kind in ("callable", "pairwise"):
         resolve_callable(rest)
+    elif kind == "pairrm":
+        if importlib.util.find_spec("llm_blender") is None:
+            raise ConfigError(
+                "config: oracle 'pairrm:...' needs the llm-blender package; pip install 'apo-merge[pairrm]'",
+                exit_code=1,
+            )
+        _check_model_ref("oracle PairRM", rest, required=True)
     else:
         _check_model_ref("oracle reward model", rest, required=True)
