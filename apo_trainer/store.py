@@ -97,6 +97,11 @@ class RunStore:
         _fault_point(t, phase, "end")
         self.write_text(self.marker(t, phase), json.dumps(summary, sort_keys=True) + "\n")
 
+    def clear_markers(self, t: int, phases: tuple[str, ...]) -> None:
+        """Forget that these phases of round ``t`` finished, so the next run redoes them (results are replaced)."""
+        for phase in phases:
+            self.marker(t, phase).unlink(missing_ok=True)
+
     # ---------------------------------------------------------------- atomic writes
     def tmp_path(self, final: Path) -> Path:
         return final.with_name(f"{_TMP_PREFIX}{final.name}-{os.getpid()}")
