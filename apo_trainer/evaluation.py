@@ -195,10 +195,7 @@ def evaluate_run(
     quiet: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate (or resume evaluating) every finished policy of ``run_dir``; returns one record per round."""
-    from accelerate import Accelerator
-
     from apo_trainer.prompts import split_prompts
-    from apo_trainer.runtime import load_tokenizer
 
     run_dir = Path(run_dir)
     cfg = eval_config(run_dir, overrides)
@@ -209,6 +206,21 @@ def evaluate_run(
             f"{run_dir}: no held-out prompts; start runs with eval_fraction or eval_prompts, or pass "
             "--set eval_prompts=FILE"
         )
+    from accelerate.state import AcceleratorState
+
+    try:
+        return _evaluate(run_dir, cfg, held_out, oracle, quiet)
+    finally:
+        AcceleratorState._reset_state()  # lets a later run() in this process choose another mixed precision
+
+
+def _evaluate(
+    run_dir: Path, cfg: APOConfig, held_out: list[str], oracle: Oracle | PairwiseOracle | None, quiet: bool
+) -> list[dict[str, Any]]:
+    from accelerate import Accelerator
+
+    from apo_trainer.runtime import load_tokenizer
+
     store = RunStore(run_dir / "eval")
     run_store = RunStore(run_dir)
     with store.lock():

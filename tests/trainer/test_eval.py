@@ -114,6 +114,26 @@ def test_the_final_round_is_judged_on_held_out_prompts(tiny, eval_run):
         assert not {r["prompt"] for r in rows(t)} & set(held)
 
 
+def test_raising_rounds_after_a_held_out_final_round_samples_it_again_from_training_prompts(eval_run, tmp_path):
+    from apo_trainer.loop import run
+
+    out = tmp_path / "run"
+    shutil.copytree(eval_run, out)
+    held = {json.loads(x)["prompt"] for x in (out / "round-2/samples.jsonl").read_text().splitlines()}
+    import yaml
+
+    from apo_trainer.config import APOConfig
+
+    values = yaml.safe_load((out / "config.yaml").read_text())
+    cfg = APOConfig.from_dict({**values, "rounds": 3, "output_dir": str(out)})
+    records = run(cfg, quiet=True, allow_changed_config=True)  # output_dir differs: the run was copied
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    trained_on = {json.loads(x)["prompt"] for x in (out / "round-2/samples.jsonl").read_text().splitlines()}
+    assert not trained_on & held and records[2]["pairs"] >= 1
+    final = {json.loads(x)["prompt"] for x in (out / "round-3/samples.jsonl").read_text().splitlines()}
+    assert final == held
+
+
 def test_eval_writes_win_rates_per_round_and_resumes_to_the_same_bytes(eval_run, tmp_path, monkeypatch):
     from apo_trainer.cli import main
 
