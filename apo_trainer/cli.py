@@ -78,6 +78,50 @@ def run(
         raise interrupted(stop, "rerun the same command to resume") from None
 
 
+@app.command("eval")
+def eval_runs(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (output_dir of apo-train run), one or more.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override an eval_* key: --set eval_temperature=0.5 (repeatable)."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Folder for eval.md and eval.png (default: RUN_DIR/eval of the first run)."
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Win rate and length-controlled win rate of each round's policy against a reference on held-out prompts.
+
+    Results go to RUN_DIR/eval/ (resumable: rerun the same command after an interruption); the table of every run
+    is printed and written with a plot of all runs to eval.md and eval.png.
+    """
+    from apo_trainer import evaluation
+
+    labels = [str(d) if [x.name for x in run_dirs].count(d.name) > 1 else d.name for d in run_dirs]
+    results = {}
+    try:
+        for label, run_dir in zip(labels, run_dirs, strict=True):
+            results[label] = evaluation.evaluate_run(run_dir, overrides or [], quiet=quiet)
+    except BaseException as e:
+        stop = interruption(e)
+        if stop is None:
+            raise
+        raise interrupted(stop, "rerun the same command to resume") from None
+    out = output or run_dirs[0] / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    text = evaluation.table(results)
+    (out / "eval.md").write_text(text, encoding="utf-8")
+    say(text, end="")
+    if importlib.util.find_spec("matplotlib") is not None:
+        evaluation.plot(results, out / "eval.png", "win rate against the reference, per round")
+        say(f"plot: {out / 'eval.png'}")
+    else:
+        say("no plot: install matplotlib (pip install 'apo-merge[demo]') for eval.png")
+
+
 @app.command("config")
 def config_reference(
     markdown: Annotated[

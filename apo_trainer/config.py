@@ -56,7 +56,9 @@ class APOConfig:
 
     model: str = _f(
         "",
-        "Initial policy theta_0 = theta_hat_0: a local Hugging Face model folder or a Hub id. Required.",
+        "Initial policy theta_0 = theta_hat_0: a local Hugging Face model folder or a Hub id. Required. theta_hat_0 "
+        "is the initial model as loaded in `dtype` (with bfloat16 and an fp32 checkpoint, round 0 extrapolates "
+        "against the bf16-rounded weights, not the file's).",
         group="Model, prompts and oracle",
     )
     tokenizer: str = _f("", "Tokenizer folder or Hub id; empty means the model's own.")
@@ -69,8 +71,10 @@ class APOConfig:
     oracle: str = _f(
         "",
         "Preference oracle: 'reward-model:PATH' (AutoModelForSequenceClassification with one scalar "
-        "output) or 'callable:module:function' (called with lists of prompts and responses, returns "
-        "one float per pair). Required unless an Oracle object is passed to loop.run().",
+        "output), 'callable:module:function' (called with lists of prompts and responses, returns "
+        "one float per pair), 'pairwise:module:function' (called with prompts, responses_a, responses_b, "
+        "returns P(a beats b) per triple; both orders are asked and averaged) or 'pairrm:PATH_OR_HUB_ID' "
+        "(PairRM through the optional llm-blender package). Required unless an Oracle object is passed to loop.run().",
     )
     trust_remote_code: bool = _f(
         False,
@@ -123,6 +127,12 @@ class APOConfig:
     min_new_tokens: int = _f(0, "Shortest response, in tokens (end-of-sequence is suppressed before).")
     temperature: float = _f(1.0, "Sampling temperature (1.0 samples the policy itself).")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off).")
+    top_k: int = _f(0, "Sample among the k most likely tokens only (0 = off).")
+    use_generation_config: bool = _f(
+        False,
+        "Also apply the checkpoint's generation_config.json sampling settings (repetition_penalty, "
+        "no_repeat_ngram_size, min_p, ...). Off: samples follow exactly the keys above, i.e. pi_theta itself.",
+    )
     max_prompt_tokens: int = _f(1024, "Prompts longer than this (after the chat template) are skipped and counted.")
     chat_template: bool = _f(True, "Wrap each prompt in the tokenizer's chat template when it has one.")
     sampler: str = _f(
@@ -152,6 +162,11 @@ class APOConfig:
         1, "Micro-batches accumulated per optimizer step (effective batch = batch_size x grad_accum x processes)."
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    disable_dropout: bool = _f(
+        True,
+        "Turn dropout off in the training forward passes (as TRL does for DPO), so that policy and stored "
+        "reference log-probs agree at the first step and log-ratios carry no dropout noise.",
+    )
     dtype: str = _f(
         "float32",
         "Dtype the policy is loaded, trained and saved in. Keep float32 master weights with "
@@ -165,6 +180,32 @@ class APOConfig:
     )
     seed: int = _f(
         0, "Seed; every phase reseeds from (seed, round, phase), so a resumed run matches an uninterrupted one."
+    )
+
+    eval_prompts: str = _f(
+        "",
+        "Held-out prompts for `apo-train eval` and the final evaluation: a file or folder like `prompts`. "
+        "Empty: see eval_fraction.",
+        group="Evaluation (apo-train eval)",
+    )
+    eval_fraction: float = _f(
+        0.0,
+        "Fraction of the prompt set held out of training for evaluation when eval_prompts is empty (a fixed "
+        "split that does not depend on the seed). 0 = no held-out prompts.",
+    )
+    eval_reference: str = _f(
+        "",
+        "Reference responses for the win rate: a JSONL file of objects with the prompt (under prompt_field or "
+        "'instruction') and its response under 'output', as AlpacaEval's baseline outputs. Empty: theta_0's "
+        "responses on the held-out prompts.",
+        resume_safe=True,
+    )
+    eval_temperature: float = _f(0.7, "Sampling temperature of the evaluation responses.", resume_safe=True)
+    eval_top_p: float = _f(1.0, "Nucleus threshold of the evaluation responses.", resume_safe=True)
+    eval_top_k: int = _f(0, "Top-k of the evaluation responses (0 = off).", resume_safe=True)
+    eval_max_new_tokens: int = _f(0, "Longest evaluation response in tokens (0 = max_new_tokens).", resume_safe=True)
+    eval_bootstrap: int = _f(
+        1000, "Bootstrap resamples over prompts for the 95% interval of the win rate (seeded).", resume_safe=True
     )
 
     log_with: str = _f(
@@ -284,7 +325,25 @@ class APOConfig:
                 raise ConfigError(f"config: '{key}' must be at least 1; got {getattr(self, key)}")
         if self.samples_per_prompt < 2:
             raise ConfigError("config: 'samples_per_prompt' must be at least 2 (preferences need two responses)")
-        for key in ("prompts_per_round", "min_new_tokens", "weight_decay", "max_grad_norm", "alpha"):
+        if not 0 <= self.eval_fraction < 1 or self.eval_temperature <= 0 or not 0 < self.eval_top_p <= 1:
+            raise ConfigError(
+                "config: 'eval_fraction' must be in [0, 1), 'eval_temperature' positive and 'eval_top_p' in (0, 1]"
+            )
+        if self.eval_bootstrap < 1:
+            raise ConfigError(f"config: 'eval_bootstrap' must be at least 1; got {self.eval_bootstrap}")
+        for key in ("eval_prompts", "eval_reference"):
+            if getattr(self, key) and not Path(getattr(self, key)).exists():
+                raise ConfigError(f"config: {key} {getattr(self, key)} does not exist; check the path", exit_code=1)
+        for key in (
+            "prompts_per_round",
+            "min_new_tokens",
+            "weight_decay",
+            "max_grad_norm",
+            "alpha",
+            "top_k",
+            "eval_top_k",
+            "eval_max_new_tokens",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config: '{key}' must not be negative; got {getattr(self, key)}")
         if self.min_new_tokens > self.max_new_tokens:
@@ -295,6 +354,11 @@ class APOConfig:
             raise ConfigError("config: 'top_p' must be in (0, 1] and 'warmup_ratio' in [0, 1]")
         if not self.output_dir:
             raise ConfigError("config: 'output_dir' must not be empty")
+        if self.restart == "score" and self.oracle.partition(":")[0] in ("pairwise", "pairrm"):
+            raise ConfigError(
+                "config: restart: score reads each round's mean oracle score, which a pairwise oracle does not give; "
+                "use a scalar oracle or restart: none"
+            )
         if self.push_to_hub and not self.hub_repo_id:
             raise ConfigError("config: push_to_hub needs 'hub_repo_id' (e.g. me/apo-model)")
         _check_model_ref("model", self.model, required=True)
@@ -445,14 +509,21 @@ def _check_prompts(path: str, prompt_field: str) -> None:
 
 def check_oracle_spec(spec: str) -> None:
     """Raise ConfigError unless ``spec`` names a loadable oracle (imports a callable; checks a folder exists)."""
-    if not spec:
-        raise ConfigError("config: 'oracle' is required ('reward-model:PATH' or 'callable:module:function')")
-    kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("reward-model", "callable") or not rest:
-        raise ConfigError(f"config: oracle {spec!r} must be 'reward-model:PATH' or 'callable:module:function'")
-    if kind == "callable":
-        from apo_trainer.oracle import resolve_callable
+    from apo_trainer.oracle import ORACLE_FORMS, ORACLE_KINDS, resolve_callable
 
+    if not spec:
+        raise ConfigError(f"config: 'oracle' is required ({ORACLE_FORMS})")
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ORACLE_KINDS or not rest:
+        raise ConfigError(f"config: oracle {spec!r} must be {ORACLE_FORMS}")
+    if kind in ("callable", "pairwise"):
         resolve_callable(rest)
+    elif kind == "pairrm":
+        if importlib.util.find_spec("llm_blender") is None:
+            raise ConfigError(
+                "config: oracle 'pairrm:...' needs the llm-blender package; pip install 'apo-merge[pairrm]'",
+                exit_code=1,
+            )
+        _check_model_ref("oracle PairRM", rest, required=True)
     else:
         _check_model_ref("oracle reward model", rest, required=True)

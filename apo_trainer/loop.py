@@ -12,7 +12,8 @@ For t = 0 .. T-1, with theta_0 = theta_hat_0 = the initial model:
     log         one record per round                                      metrics.jsonl
 
 With ``final_eval`` (default), round T runs sample, judge and reference only, so that the final policy theta_T is
-evaluated on fresh prompts: T rounds give T+1 records (rounds 0..T). Raising ``rounds`` on a finished run
+evaluated on fresh prompts (the held-out prompts when ``eval_prompts`` or ``eval_fraction`` sets some, which no
+round trains on): T rounds give T+1 records (rounds 0..T). Raising ``rounds`` on a finished run
 continues it from there.
 
 Every phase reseeds from (seed, round, phase), writes its result atomically and then a done marker; a rerun skips
@@ -32,7 +33,7 @@ from apo_trainer import data, extrapolate, judge, log, reference, sample, train
 from apo_trainer.config import APOConfig
 from apo_trainer.errors import ConfigError
 from apo_trainer.oracle import Oracle
-from apo_trainer.prompts import load_prompts
+from apo_trainer.prompts import split_prompts
 from apo_trainer.runtime import RunContext, load_tokenizer, phase_seed, seed_everything
 from apo_trainer.store import RunStore
 
@@ -83,12 +84,14 @@ def run(
 def _rounds(
     config: APOConfig, accelerator: Any, store: RunStore, oracle: Oracle | None, quiet: bool, trackers: list[str]
 ) -> list[dict[str, Any]]:
+    prompts, held_out = split_prompts(config)
     ctx = RunContext(
         config=config,
         accelerator=accelerator,
         store=store,
         tokenizer=load_tokenizer(config),
-        prompts=load_prompts(config.prompts, config.prompt_field),
+        prompts=prompts,
+        eval_prompts=held_out,
         oracle=oracle,
         quiet=quiet,
     )
@@ -100,7 +103,12 @@ def _rounds(
     last = config.rounds + (1 if config.final_eval else 0)
     for t in range(last):
         theta_t = config.model if t == 0 else str(store.policy(t - 1))
-        _phase(ctx, t, "sample", sample.run, theta_t)
+        final = t == config.rounds and bool(held_out)
+        if t < config.rounds and (store.done(t, "sample") or {}).get("held_out") and accelerator.is_main_process:
+            # round t was the final evaluation on held-out prompts before `rounds` was raised: sample it afresh
+            store.clear_markers(t, ("sample", "judge", "reference"))
+        accelerator.wait_for_everyone()
+        _phase(ctx, t, "sample", sample.run, theta_t, final)
         _phase(ctx, t, "judge", judge.run)
         _phase(ctx, t, "reference", reference.run, theta_t)
         if t < config.rounds:

@@ -2,16 +2,23 @@
 
 - :class:`RewardModelOracle`: a reward model folder (AutoModelForSequenceClassification with one scalar output).
 - :class:`CallableOracle`: a Python function ``f(prompts: list[str], responses: list[str]) -> list[float]``.
+- :class:`PairwiseCallableOracle`: a Python function ``f(prompts, responses_a, responses_b) -> list[float]``, each
+  the probability that a beats b.
+- :class:`PairRMOracle`: PairRM through the optional ``llm-blender`` package.
 - :func:`bradley_terry`: pairwise preference probabilities ``P[i, j] = sigmoid(s_i - s_j)`` from scores.
+- :func:`preference_matrices`: the K x K matrix per prompt that both kinds share (pairwise: both orders asked and
+  averaged, ``P_ij = (f(i, j) + 1 - f(j, i)) / 2``, cancelling position bias; scalar: Bradley-Terry).
 
-Spec strings (the ``oracle`` config key): ``reward-model:PATH`` or ``callable:module:function``.
+Spec strings (the ``oracle`` config key): ``reward-model:PATH``, ``callable:module:function``,
+``pairwise:module:function`` or ``pairrm:PATH_OR_HUB_ID``.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -26,6 +33,17 @@ class Oracle(Protocol):
     def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
 
 
+@runtime_checkable
+class PairwiseOracle(Protocol):
+    """Compares responses: ``compare`` returns, per (prompt, a, b), the probability that a beats b."""
+
+    def compare(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]: ...
+
+
+def is_pairwise(oracle: object) -> bool:
+    return hasattr(oracle, "compare")
+
+
 def bradley_terry(scores: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Pairwise preference matrix from scalar scores: ``P[i, j] = sigmoid(s_i - s_j)`` (float64, diagonal 0.5).
 
@@ -37,15 +55,22 @@ def bradley_terry(scores: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(s[:, None] - s[None, :])
 
 
-def judge_failed(name: str, t: int, e: Exception) -> TrainError:
-    """The one line for a judge (user code) that raised: who, where, its own error, and how to go on."""
+@contextmanager
+def user_oracle(name: str, t: int, phase: str) -> Iterator[None]:
+    """The oracle is user code: whatever it raises becomes one line naming it, the round, the phase, its own
+    error, and how to go on (APO_DEBUG=1 prints its traceback, run_cli reads the exception's cause)."""
     from apo_merge.shell import DEBUG_ENV
 
-    detail = " ".join(str(e).split()) or "no message"
-    return TrainError(
-        f"round {t}, judge phase: the oracle {name} failed ({type(e).__name__}: {detail}); fix it and rerun the "
-        f"same command to resume at the judge phase ({DEBUG_ENV}=1 shows the oracle's traceback)"
-    )
+    try:
+        yield
+    except TrainError:
+        raise
+    except Exception as e:
+        detail = " ".join(str(e).split()) or "no message"
+        raise TrainError(
+            f"round {t}, {phase} phase: the oracle {name} failed ({type(e).__name__}: {detail}); fix it and rerun "
+            f"the same command to resume at the {phase} phase ({DEBUG_ENV}=1 shows the oracle's traceback)"
+        ) from e
 
 
 def resolve_callable(target: str) -> Callable[..., Any]:
@@ -177,13 +202,148 @@ class RewardModelOracle:
             torch.cuda.empty_cache()
 
 
+class PairwiseCallableOracle:
+    """Wraps ``fn(prompts, responses_a, responses_b) -> list[float]`` (P(a beats b)), called on batches."""
+
+    def __init__(self, fn: Callable[..., Sequence[float]], batch_size: int = 256, name: str | None = None) -> None:
+        self.fn = fn
+        self.batch_size = batch_size
+        self.name = name or getattr(fn, "__qualname__", repr(fn))
+
+    def compare(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(prompts), self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            got = [float(x) for x in self.fn(prompts[sl], responses_a[sl], responses_b[sl])]
+            if len(got) != len(prompts[sl]):
+                raise TrainError(
+                    f"pairwise oracle {self.name} returned {len(got)} probabilities for {len(prompts[sl])} "
+                    "comparisons; it must return one float per (prompt, a, b)"
+                )
+            out.extend(got)
+        return out
+
+
+class PairRMOracle:
+    """PairRM (llm-blender's pairwise ranker): P(a beats b) = sigmoid of the ranker's comparison logit.
+
+    ``blender`` stands in for ``llm_blender.Blender()`` (tests pass an object with the same methods).
+    """
+
+    def __init__(self, ranker: str, *, batch_size: int = 16, device: torch.device | str = "cpu", blender: Any = None):
+        if blender is None:
+            try:
+                import llm_blender
+            except ImportError:
+                raise ConfigError(
+                    "config: oracle 'pairrm:...' needs the llm-blender package; pip install 'apo-merge[pairrm]'",
+                    exit_code=1,
+                ) from None
+            blender = llm_blender.Blender()
+            blender.loadranker(ranker, device=str(device))
+        self.blender = blender
+        self.batch_size = batch_size
+
+    def compare(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+        logits = self.blender.compare(
+            list(prompts), list(responses_a), list(responses_b), batch_size=self.batch_size, return_logits=True
+        )
+        out = torch.sigmoid(torch.as_tensor(logits, dtype=torch.float64).reshape(-1)).tolist()
+        if len(out) != len(prompts):
+            raise TrainError(f"PairRM returned {len(out)} logits for {len(prompts)} comparisons")
+        return out
+
+    def close(self) -> None:
+        del self.blender
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def ordered_pairs(k: int) -> list[tuple[int, int]]:
+    """Every ordered pair (i, j), i != j, of K samples: both orders of each comparison."""
+    return [(i, j) for i in range(k) for j in range(k) if i != j]
+
+
+def matrix_from_comparisons(k: int, probs: dict[tuple[int, int], float]) -> torch.Tensor:
+    """P_ij = (f(i, j) + 1 - f(j, i)) / 2 from ``probs[(i, j)] = f(i, j)``, diagonal 1/2 (float64).
+
+    Asking both orders and averaging cancels a judge's preference for the first (or second) position.
+    """
+    m = torch.full((k, k), 0.5, dtype=torch.float64)
+    for i, j in ordered_pairs(k):
+        m[i, j] = (probs[(i, j)] + 1.0 - probs[(j, i)]) / 2
+    return m
+
+
+def preference_matrices(
+    oracle: Oracle | PairwiseOracle, prompts: list[str], responses: list[list[str]], batch_size: int
+) -> tuple[list[torch.Tensor], list[list[float]] | None]:
+    """One K x K preference matrix per prompt (and the scalar scores, None for a pairwise judge).
+
+    Pairwise: every ordered pair of each prompt's responses is asked, in batches of ``batch_size`` across
+    prompts, and averaged by :func:`matrix_from_comparisons`. Scalar: ``bradley_terry`` of the scores.
+    """
+    if not is_pairwise(oracle):
+        flat = [(i, s) for i in range(len(prompts)) for s in range(len(responses[i]))]
+        got = oracle.score([prompts[i] for i, _ in flat], [responses[i][s] for i, s in flat])
+        if len(got) != len(flat):
+            raise TrainError(f"oracle returned {len(got)} scores for {len(flat)} responses")
+        it = iter(float(x) for x in got)
+        scores = [[next(it) for _ in r] for r in responses]
+        return [bradley_terry(s) for s in scores], scores
+    queries = [(i, a, b) for i in range(len(prompts)) for a, b in ordered_pairs(len(responses[i]))]
+    probs = compare_batched(oracle, queries, prompts, responses, batch_size)
+    per_prompt: list[dict[tuple[int, int], float]] = [{} for _ in prompts]
+    for (i, a, b), p in zip(queries, probs, strict=True):
+        per_prompt[i][(a, b)] = p
+    return [matrix_from_comparisons(len(responses[i]), per_prompt[i]) for i in range(len(prompts))], None
+
+
+def compare_batched(
+    oracle: PairwiseOracle,
+    queries: list[tuple[int, int, int]],
+    prompts: list[str],
+    responses: list[list[str]],
+    batch_size: int,
+) -> list[float]:
+    """f(prompt i, response a, response b) for each query (i, a, b), asked ``batch_size`` at a time; checked to be
+    probabilities."""
+    out: list[float] = []
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start : start + batch_size]
+        got = oracle.compare(
+            [prompts[i] for i, _, _ in chunk],
+            [responses[i][a] for i, a, _ in chunk],
+            [responses[i][b] for i, _, b in chunk],
+        )
+        if len(got) != len(chunk):
+            raise TrainError(
+                f"pairwise oracle returned {len(got)} probabilities for {len(chunk)} comparisons; it must "
+                "return one float per (prompt, a, b)"
+            )
+        for v in got:
+            v = float(v)
+            if not 0.0 <= v <= 1.0:  # also refuses NaN
+                raise TrainError(f"pairwise oracle returned {v}; it must return probabilities in [0, 1]")
+            out.append(v)
+    return out
+
+
+ORACLE_KINDS = ("reward-model", "callable", "pairwise", "pairrm")
+ORACLE_FORMS = "'reward-model:PATH', 'callable:module:function', 'pairwise:module:function' or 'pairrm:PATH_OR_HUB_ID'"
+
+
 def load_oracle(
     spec: str, *, device: torch.device | str = "cpu", batch_size: int = 16, trust_remote_code: bool = False
-) -> Oracle:
-    """Build the Oracle a spec string names: ``reward-model:PATH`` or ``callable:module:function``."""
+) -> Oracle | PairwiseOracle:
+    """Build the oracle a spec string names (scalar: reward-model, callable; pairwise: pairwise, pairrm)."""
     kind, _, rest = spec.partition(":")
     if kind == "callable":
         return CallableOracle(resolve_callable(rest), batch_size=batch_size, name=rest)
+    if kind == "pairwise":
+        return PairwiseCallableOracle(resolve_callable(rest), batch_size=batch_size, name=rest)
     if kind == "reward-model":
         return RewardModelOracle(rest, device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
-    raise ConfigError(f"config: oracle {spec!r} must be 'reward-model:PATH' or 'callable:module:function'")
+    if kind == "pairrm":
+        return PairRMOracle(rest, batch_size=batch_size, device=device)
+    raise ConfigError(f"config: oracle {spec!r} must be {ORACLE_FORMS}")

@@ -91,6 +91,27 @@ def load_prompts(path: str | Path, prompt_field: str = "prompt") -> list[str]:
     return prompts
 
 
+def split_prompts(config) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts) of a config: ``eval_prompts`` when set, else an ``eval_fraction`` of
+    the prompt set chosen by a fixed shuffle (the same for every seed, so runs on one prompt file share it)."""
+    prompts = load_prompts(config.prompts, config.prompt_field)
+    if config.eval_prompts:
+        return prompts, load_prompts(config.eval_prompts, config.prompt_field)
+    if config.eval_fraction <= 0:
+        return prompts, []
+    n = len(prompts)
+    held = round(config.eval_fraction * n)
+    if held < 1 or held >= n:
+        raise ConfigError(
+            f"config: eval_fraction {config.eval_fraction} of {n} prompts holds out {held}; it must leave at least "
+            "one prompt on each side",
+        )
+    order = list(range(n))
+    random.Random("apo-eval-split").shuffle(order)
+    out = set(order[:held])
+    return [p for i, p in enumerate(prompts) if i not in out], [p for i, p in enumerate(prompts) if i in out]
+
+
 def round_prompts(
     prompts: list[str], round_index: int, per_round: int, *, seed: int, shuffle: bool = True
 ) -> tuple[list[int], bool]:

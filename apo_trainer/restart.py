@@ -16,6 +16,7 @@ import json
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from apo_trainer.errors import TrainError
 from apo_trainer.store import RunStore
 
 MODES = ("none", "score")
@@ -52,6 +53,11 @@ def decide(history: Sequence[float], alpha: float, mode: str) -> Decision:
 def mean_score(store: RunStore, t: int) -> float:
     """Round ``t``'s mean oracle score over all samples, from round-<t>/scores.json (as the judge phase reports it)."""
     rows = json.loads(store.scores(t).read_text(encoding="utf-8"))["scores"]
+    if rows is None:
+        raise TrainError(
+            "restart: score reads each round's mean oracle score, which a pairwise oracle does not give (its win "
+            "rates average 1/2 by construction); use a scalar oracle or restart: none"
+        )
     flat = [float(v) for row in rows for v in row]
     return sum(flat) / len(flat)
 

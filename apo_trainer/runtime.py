@@ -7,7 +7,7 @@ import hashlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from apo_trainer.oracle import Oracle
+    from apo_trainer.oracle import Oracle, PairwiseOracle
 
 
 def phase_seed(seed: int, round_index: int, phase: str, rank: int = 0) -> int:
@@ -50,7 +50,8 @@ class RunContext:
     store: RunStore
     tokenizer: PreTrainedTokenizerBase
     prompts: list[str]
-    oracle: Oracle | None = None
+    oracle: Oracle | PairwiseOracle | None = None
+    eval_prompts: list[str] = field(default_factory=list)
     quiet: bool = False
     step_offset: int = 0
 

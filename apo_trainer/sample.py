@@ -112,11 +112,19 @@ def generate_transformers(
     per_call = max(1, config.generation_batch_size // k)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     longest = max((len(p) for p in prompt_ids), default=0)
+    if not getattr(config, "use_generation_config", False):
+        # generate() fills every key left unset from model.generation_config (the checkpoint's
+        # generation_config.json: repetition_penalty, no_repeat_ngram_size, ...); keep only its token ids so the
+        # samples come from the policy itself.
+        own = model.generation_config
+        model.generation_config = GenerationConfig(
+            bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id
+        )
     gen = GenerationConfig(
         do_sample=True,
         temperature=config.temperature,
         top_p=config.top_p,
-        top_k=0,
+        top_k=config.top_k,
         max_new_tokens=config.max_new_tokens,
         min_new_tokens=config.min_new_tokens,
         num_return_sequences=k,
@@ -160,11 +168,14 @@ def generate_vllm(
     from vllm import LLM, SamplingParams
 
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(config.mixed_precision, config.dtype)
-    llm = LLM(model=str(model_path), tokenizer=tokenizer_path, dtype=dtype, seed=seed)
+    # generation_config="vllm": vLLM's neutral defaults rather than the checkpoint's generation_config.json.
+    extra = {} if config.use_generation_config else {"generation_config": "vllm"}
+    llm = LLM(model=str(model_path), tokenizer=tokenizer_path, dtype=dtype, seed=seed, **extra)
     params = SamplingParams(
         n=k,
         temperature=config.temperature,
         top_p=config.top_p,
+        top_k=config.top_k if config.top_k > 0 else -1,
         max_tokens=config.max_new_tokens,
         min_tokens=config.min_new_tokens,
     )
@@ -196,16 +207,37 @@ def generate_vllm(
         free_memory()
 
 
-def run(ctx: RunContext, t: int, policy_path: str | Path) -> dict[str, Any]:
-    """Sample round ``t`` from the policy at ``policy_path``; writes samples.jsonl and returns the phase summary."""
-    cfg, acc = ctx.config, ctx.accelerator
+def run(ctx: RunContext, t: int, policy_path: str | Path, held_out: bool = False) -> dict[str, Any]:
+    """Sample round ``t`` from the policy at ``policy_path``; writes samples.jsonl and returns the phase summary.
+
+    ``held_out``: every held-out prompt (the final evaluation) instead of round ``t``'s training prompts.
+    """
+    cfg = ctx.config
+    if held_out:
+        texts, picked, reused = ctx.eval_prompts, list(range(len(ctx.eval_prompts))), False
+    else:
+        texts = ctx.prompts
+        picked, reused = round_prompts(texts, t, cfg.prompts_per_round, seed=cfg.seed, shuffle=cfg.shuffle_prompts)
+    rows_out, summary = sample_rows(
+        ctx, cfg, policy_path, texts, picked, f"round {t}", phase_seed(cfg.seed, t, "sample", ctx.rank)
+    )
+    if ctx.is_main:
+        ctx.store.write_jsonl(ctx.store.samples(t), rows_out, round_index=t, phase="sample")
+    return {**summary, "reused_prompts": reused, **({"held_out": True} if held_out else {})}
+
+
+def sample_rows(
+    ctx: RunContext, cfg: Any, policy_path: str | Path, texts: list[str], picked: list[int], label: str, seed: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``cfg.samples_per_prompt`` responses to each prompt ``texts[i]``, i in ``picked``, from the policy at
+    ``policy_path`` with ``cfg``'s sampling keys: (rows as samples.jsonl holds them, summary)."""
+    acc = ctx.accelerator
     k = cfg.samples_per_prompt
-    picked, reused = round_prompts(ctx.prompts, t, cfg.prompts_per_round, seed=cfg.seed, shuffle=cfg.shuffle_prompts)
-    encoded = [encode_prompt(ctx.tokenizer, ctx.prompts[i], cfg.chat_template) for i in picked]
+    encoded = [encode_prompt(ctx.tokenizer, texts[i], cfg.chat_template) for i in picked]
     keep = [j for j, ids in enumerate(encoded) if len(ids) <= cfg.max_prompt_tokens]
     if not keep:
         raise ConfigError(
-            f"round {t}: every prompt is longer than max_prompt_tokens={cfg.max_prompt_tokens}", exit_code=1
+            f"{label}: every prompt is longer than max_prompt_tokens={cfg.max_prompt_tokens}", exit_code=1
         )
     by_length = sorted(keep, key=lambda j: -len(encoded[j]))
     mine = by_length[ctx.rank :: acc.num_processes]
@@ -213,7 +245,6 @@ def run(ctx: RunContext, t: int, policy_path: str | Path) -> dict[str, Any]:
     backend = select_sampler(
         cfg.sampler, cuda=ctx.device.type == "cuda", num_processes=acc.num_processes, vllm_available=vllm_available()
     )
-    seed = phase_seed(cfg.seed, t, "sample", ctx.rank)
     eos = eos_ids(policy_path, ctx.tokenizer)
     start = time.perf_counter()
     if backend == "vllm":
@@ -229,7 +260,7 @@ def run(ctx: RunContext, t: int, policy_path: str | Path) -> dict[str, Any]:
         )
     else:
         model = ctx.load_policy(policy_path, dtype=ctx.inference_dtype)
-        with ctx.progress(f"round {t}: sampling", len(by_length)) as bar:
+        with ctx.progress(f"{label}: sampling", len(by_length)) as bar:
             raw = generate_transformers(
                 model,
                 [encoded[j] for j in mine],
@@ -255,7 +286,7 @@ def run(ctx: RunContext, t: int, policy_path: str | Path) -> dict[str, Any]:
             {
                 "index": len(rows_out),
                 "source": picked[j],
-                "prompt": ctx.prompts[picked[j]],
+                "prompt": texts[picked[j]],
                 "prompt_ids": encoded[j],
                 "response_ids": [ids for ids, _ in trimmed],
                 "finished": [fin for _, fin in trimmed],
@@ -264,13 +295,10 @@ def run(ctx: RunContext, t: int, policy_path: str | Path) -> dict[str, Any]:
         )
     new_tokens = sum(len(ids) for r in rows_out for ids in r["response_ids"])
     finished = sum(f for r in rows_out for f in r["finished"])
-    if ctx.is_main:
-        ctx.store.write_jsonl(ctx.store.samples(t), rows_out, round_index=t, phase="sample")
-    return {
+    return rows_out, {
         "prompts": len(rows_out),
         "samples": len(rows_out) * k,
         "skipped_long_prompts": len(picked) - len(keep),
-        "reused_prompts": reused,
         "sampler": backend,
         "new_tokens": new_tokens,
         "mean_length": new_tokens / (len(rows_out) * k),

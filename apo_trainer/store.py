@@ -5,12 +5,13 @@ Layout of OUTPUT (``config.output_dir``)::
     config.yaml                 the config the run started with (a resume with other values is refused)
     metrics.jsonl               one record per round (rewritten after each round)
     round-<t>/samples.jsonl     sample:      K responses per prompt from theta_t (token ids and text)
-    round-<t>/scores.json       judge:       oracle score per response
+    round-<t>/scores.json       judge:       K x K preference matrix, win rates p and (scalar oracle) scores
     round-<t>/logprobs.safetensors reference: log pi_theta_t and log pi_theta_0 of every response
     round-<t>/pairs.jsonl       data:        (chosen, rejected) per kept prompt, with win-rates p
     round-<t>/trained/          train:       theta_hat_{t+1} (HF layout, safetensors), train_log.jsonl beside it
     round-<t>/policy/           extrapolate: theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - theta_hat_t)
     round-<t>/done/<phase>.json marker written last, holding the phase's summary and seconds
+    eval/                       apo-train eval: the same layout for the held-out evaluation (evaluation.py)
 
 A result is written under a temporary name and put in place in one step (``replace_atomically``: a crash leaves
 the old or the new result, never neither); the marker follows. A phase whose marker is
@@ -96,6 +97,11 @@ class RunStore:
     def mark_done(self, t: int, phase: str, summary: dict[str, Any]) -> None:
         _fault_point(t, phase, "end")
         self.write_text(self.marker(t, phase), json.dumps(summary, sort_keys=True) + "\n")
+
+    def clear_markers(self, t: int, phases: tuple[str, ...]) -> None:
+        """Forget that these phases of round ``t`` finished, so the next run redoes them (results are replaced)."""
+        for phase in phases:
+            self.marker(t, phase).unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- atomic writes
     def tmp_path(self, final: Path) -> Path:

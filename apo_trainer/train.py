@@ -113,6 +113,8 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
     digests = _check_agreement(ctx, t, _digest(items, order))
 
     model = ctx.load_policy(policy_path)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -149,6 +151,17 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
         summary[f"train_{key}"] = sum(h[key] for h in history) / len(history) if history else None
     summary["train_final_loss"] = history[-1]["loss"] if history else None
     return summary, model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in training mode: every nn.Dropout gets p = 0, and float attention-dropout rates that some
+    attention implementations read directly (``attention_dropout``, ``dropout``) become 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
 
 
 def _train_loop(

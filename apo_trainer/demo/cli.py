@@ -26,6 +26,9 @@ def demo(
     ] = Path("apo-demo"),
     prompts_per_round: Annotated[int, typer.Option(min=8, help="Fresh prompts per round.")] = 512,
     samples: Annotated[int, typer.Option(min=2, help="Samples per prompt.")] = 8,
+    eval_prompts: Annotated[
+        int, typer.Option(min=8, help="Held-out prompts for the win rates against theta_0 (and the final round).")
+    ] = 128,
     beta: Annotated[
         float | None, typer.Option(help=f"Loss temperature (default 0.1 for DPO, {SPPO_BETA:g} for SPPO).")
     ] = None,
@@ -51,7 +54,8 @@ def demo(
     """Run iterative DPO (alpha 0) and APO (alpha 0.3) from the same warmed-up toy policy and report.
 
     Writes OUTPUT/report.md and OUTPUT/report.png: per round, the true reward (mean and spread over seeds),
-    response length and KL to the start. The defaults take a few minutes on 2 CPU cores.
+    response length, KL to the start, and the win rate and length-controlled win rate against theta_0 on held-out
+    prompts. The defaults take a few minutes on 2 CPU cores.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -75,6 +79,7 @@ def demo(
         loss=loss,
         prompts_per_round=prompts_per_round,
         samples_per_prompt=samples,
+        eval_prompts=eval_prompts,
         beta=beta if beta is not None else (0.1 if loss == "dpo" else SPPO_BETA),
         task=ToyTask(free_length=free_length, warmup_steps=warmup_steps),
         restart=restart,

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-METRICS = {"mean_score": "true reward", "mean_length": "response length", "kl_to_init": "KL to start"}
+METRICS = {
+    "mean_score": "true reward",
+    "mean_length": "response length",
+    "kl_to_init": "KL to start",
+    "win_rate": "win rate vs theta_0",
+    "lc_win_rate": "LC win rate vs theta_0",
+}
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ def summarise(runs: Sequence[Run], metric: str) -> dict[tuple[str, float], list[
     out: dict[tuple[str, float], list[Cell]] = {}
     for key in _methods(runs):
         group = [r for r in runs if (r.loss, r.alpha) == key]
-        n_rounds = min(len(r.records) for r in group)
+        n_rounds = min(sum(metric in rec for rec in r.records) for r in group)
         cells = []
         for t in range(n_rounds):
             values = tuple(float(r.records[t][metric]) for r in sorted(group, key=lambda r: r.seed))
@@ -67,7 +73,7 @@ def table_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
                 [
                     method_name(*key),
                     str(t),
-                    *(str(sums[m][key][t]) for m in METRICS),
+                    *(str(sums[m][key][t]) if t < len(sums[m][key]) else "-" for m in METRICS),
                     " ".join(f"{v:.3f}" for v in cell.values),
                 ]
             )
@@ -133,7 +139,7 @@ def plot(runs: Sequence[Run], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.4), dpi=90)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.6 * len(METRICS), 3.4), dpi=90)
     for ax, (metric, label) in zip(axes, METRICS.items(), strict=True):
         for key, cells in summarise(runs, metric).items():
             x = list(range(len(cells)))

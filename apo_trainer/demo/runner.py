@@ -5,6 +5,7 @@ Layout of the output folder::
     OUTPUT/demo.json                  the settings (a rerun with the same settings resumes)
     OUTPUT/start/                     the warmed-up starting policy and its tokenizer
     OUTPUT/prompts.jsonl              the synthetic prompts
+    OUTPUT/eval-prompts.jsonl         held-out prompts for the win rates against theta_0 (apo-train eval)
     OUTPUT/runs/<loss>-alpha<a>-seed<s>/   one apo-train run each (metrics.jsonl, round-<t>/ ...)
     OUTPUT/report.md, OUTPUT/report.png
 """
@@ -46,6 +47,7 @@ class DemoSettings:
     learning_rate: float = 3e-4
     epochs_per_round: int = 2
     batch_size: int = 16
+    eval_prompts: int = 128
     task: ToyTask = field(default_factory=ToyTask)
     restart: str = "none"
 
@@ -88,6 +90,8 @@ def trainer_config(settings: DemoSettings, start: Path, prompts: Path, alpha: fl
         generation_batch_size=512,
         logprob_batch_size=256,
         seed=seed,
+        eval_prompts=str(prompts.parent / "eval-prompts.jsonl"),
+        eval_temperature=1.0,
     )
 
 
@@ -112,6 +116,9 @@ def prepare(settings: DemoSettings, log: Callable[[str], None] = print) -> tuple
             prompts,
             make_prompts((settings.rounds + 1) * settings.prompts_per_round, settings.task, seed=START_SEED + 1),
         )
+    held_out = out / "eval-prompts.jsonl"
+    if not held_out.exists():
+        write_prompts(held_out, make_prompts(settings.eval_prompts, settings.task, seed=START_SEED + 2))
     start = out / "start"
     if not (start / "config.json").exists():
         log(
@@ -171,8 +178,15 @@ def _run_one(config, task: ToyTask, threads: int | None) -> list[dict]:
 
     if threads is not None:
         torch.set_num_threads(threads)
+    from apo_trainer.evaluation import evaluate_run
+
     with quiet_transformers():
-        return run_rounds(config, ToyOracle(task), quiet=True)
+        records = run_rounds(config, ToyOracle(task), quiet=True)
+        wins = evaluate_run(config.output_dir, oracle=ToyOracle(task), quiet=True)
+    # win rates of theta_t against theta_0 on the held-out prompts, judged by the exact reward (Bradley-Terry)
+    for rec, win in zip(records, wins, strict=False):
+        rec.update(win_rate=win["win_rate"], lc_win_rate=win["lc_win_rate"])
+    return records
 
 
 @contextmanager
@@ -221,13 +235,16 @@ def write_report(settings: DemoSettings, runs: list[Run], seconds: float | None 
         f"{'best vs worst pairs, DPO' if settings.loss == 'dpo' else 'SPPO win-rate targets'} with beta "
         f"{settings.beta:g}, AdamW lr {settings.learning_rate:g} restarted per round, {settings.epochs_per_round} "
         f"epochs{_restart_text(settings)}. Round t's row is measured on the samples of the policy theta_t (round "
-        f"{settings.rounds} is a "
-        f"final evaluation). KL to start: the trainer's estimate from the sampled log-probs. {settings.seeds} "
-        "seed(s) per method (seeds change the prompts, samples and training order).",
+        f"{settings.rounds} is a final evaluation). KL to start: the trainer's estimate from the sampled log-probs. "
+        f"Win rates: `apo-train eval` on {settings.eval_prompts} held-out prompts (one response each, temperature "
+        "1), theta_t against theta_0's response judged by the exact reward through Bradley-Terry, and "
+        "length-controlled as AlpacaEval 2.0 (round 0 is 0.5 by construction; the final round's reward is measured "
+        f"on the held-out prompts too). {settings.seeds} seed(s) per method (seeds change the prompts, samples and "
+        "training order).",
         "",
         markdown_table(header, rows),
         *[line + "\n" for line in verdict(runs)],
-        "![reward, length and KL per round](report.png)",
+        "![reward, length, KL and win rates per round](report.png)",
         "",
         "Reproduce: `apo-train demo " + _cli_args(settings) + "`",
         "",
@@ -259,6 +276,7 @@ def _cli_args(settings: DemoSettings) -> str:
         f"--beta {settings.beta:g}",
         f"--prompts-per-round {settings.prompts_per_round}",
         f"--samples {settings.samples_per_prompt}",
+        f"--eval-prompts {settings.eval_prompts}",
         f"--warmup-steps {task.warmup_steps}",
         "--free-length" if task.free_length else "--no-free-length",
         *([f"--restart {settings.restart}"] if settings.restart != "none" else []),

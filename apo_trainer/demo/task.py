@@ -82,6 +82,39 @@ class ToyOracle:
         return [reward(p, r, self.min_words) for p, r in zip(prompts, responses, strict=True)]
 
 
+POSITION_BIAS = 0.3
+SHARPNESS = 10.0
+
+
+class ToyPairwiseJudge:
+    """A pairwise judge on the exact reward with a deliberate position bias: P(a beats b) =
+    (1 - bias) * sigmoid(sharpness * (r(a) - r(b))) + bias, so the response shown first wins ``bias`` more often.
+
+    Asked in both orders and averaged (the trainer does that) the bias cancels exactly:
+    (f(a, b) + 1 - f(b, a)) / 2 = (1 - bias) * (sigmoid(sharpness * (r(a) - r(b))) - 1/2) + 1/2.
+    """
+
+    def __init__(self, task: ToyTask, bias: float = POSITION_BIAS, sharpness: float = SHARPNESS) -> None:
+        self.exact = ToyOracle(task)
+        self.bias, self.sharpness = bias, sharpness
+
+    def compare(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+        ra, rb = self.exact.score(prompts, responses_a), self.exact.score(prompts, responses_b)
+        d = torch.tensor(ra, dtype=torch.float64) - torch.tensor(rb, dtype=torch.float64)
+        return ((1 - self.bias) * torch.sigmoid(self.sharpness * d) + self.bias).tolist()
+
+
+def pairwise_rewards(prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+    """The fixed-length task's position-biased pairwise judge as a "pairwise:apo_trainer.demo.task:pairwise_rewards"
+    spec."""
+    return ToyPairwiseJudge(ToyTask()).compare(prompts, responses_a, responses_b)
+
+
+def pairwise_rewards_free_length(prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+    """The free-length task's pairwise judge ("pairwise:apo_trainer.demo.task:pairwise_rewards_free_length")."""
+    return ToyPairwiseJudge(ToyTask(free_length=True)).compare(prompts, responses_a, responses_b)
+
+
 def make_prompts(n: int, task: ToyTask, seed: int) -> list[str]:
     """``n`` prompts of ``task.prompt_words`` distinct random words followed by ``=``."""
     rng = random.Random(seed)

@@ -10,7 +10,10 @@ from typer.testing import CliRunner
 from apo_trainer.demo.report import Run, summarise, verdict
 from apo_trainer.demo.task import reward
 
-TINY = ["--rounds", "1", "--seeds", "1", "--prompts-per-round", "16", "--samples", "4", "--warmup-steps", "20"]
+TINY = [
+    *("--rounds", "1", "--seeds", "1", "--prompts-per-round", "16", "--samples", "4", "--warmup-steps", "20"),
+    *("--eval-prompts", "8"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +33,10 @@ def test_report_files_are_written(demo_dir):
     for method in ("iterative DPO", "APO-DPO (alpha 0.3)"):
         for t in (0, 1):
             assert f"| {method} | {t} |" in text
-    assert "![reward, length and KL per round](report.png)" in text
+    assert "![reward, length, KL and win rates per round](report.png)" in text
     assert "apo-train demo --rounds 1 --seeds 1 --alphas 0,0.3 --loss dpo" in text
+    assert "win rate vs theta_0 (mean ± sd)" in text and "LC win rate vs theta_0 (mean ± sd)" in text
+    assert "| iterative DPO | 0 | " in text and " | 0.500 | 0.500 |" in text  # round 0 against itself
 
 
 def test_true_reward_matches_the_samples(demo_dir):
@@ -43,7 +48,7 @@ def test_true_reward_matches_the_samples(demo_dir):
         for rec in records:
             rows = [json.loads(line) for line in (run / f"round-{rec['round']}" / "samples.jsonl").open()]
             scores = [reward(row["prompt"], resp, 12) for row in rows for resp in row["responses"]]
-            assert len(scores) == 16 * 4
+            assert len(scores) == (16 if rec["round"] == 0 else 8) * 4  # the final round is on held-out prompts
             assert rec["mean_score"] == pytest.approx(sum(scores) / len(scores), abs=1e-12)
             assert rec["mean_length"] == 12
         means[name] = [r["mean_score"] for r in records]

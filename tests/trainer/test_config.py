@@ -55,7 +55,10 @@ def test_bad_config_is_one_line_config_error(tmp_path, text, overrides, needle):
         ({"oracle": "callable:no_such_module_xyz:f"}, "cannot import oracle module 'no_such_module_xyz'"),
         ({"oracle": "callable:tests.trainer.tiny:missing"}, "has no attribute 'missing'"),
         ({"oracle": "callable:tests.trainer.tiny:WORDS"}, "is not callable"),
-        ({"oracle": "judge-me"}, "must be 'reward-model:PATH' or 'callable:module:function'"),
+        (
+            {"oracle": "judge-me"},
+            "must be 'reward-model:PATH', 'callable:module:function', 'pairwise:module:function' or 'pairrm:PATH_OR_HUB_ID'",
+        ),
         ({"oracle": "reward-model:/nonexistent/rm"}, "neither an existing folder nor a Hub id"),
         ({"oracle": ""}, "'oracle' is required"),
         ({"model": "./missing-model"}, "neither an existing folder nor a Hub id"),

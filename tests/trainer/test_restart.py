@@ -147,3 +147,9 @@ def test_a_run_folder_from_before_the_key_still_resumes():
     assert cfg.changed_fields(old) == []
     cfg.restart = "score"
     assert cfg.changed_fields(old) == ["restart"]
+
+
+def test_restart_on_score_is_refused_with_a_pairwise_oracle(tiny, tmp_path):
+    cfg = tiny_config(tiny, tmp_path / "out", restart="score", oracle="pairwise:apo_trainer.demo.task:pairwise_rewards")
+    with pytest.raises(ConfigError, match="restart: score reads each round's mean oracle score"):
+        cfg.validate()

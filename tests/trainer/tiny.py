@@ -62,3 +62,11 @@ def word_sum(prompts: list[str], responses: list[str]) -> list[float]:
         idx = [int(w[1:]) for w in r.split() if w.startswith("w") and w[1:].isdigit()]
         out.append(sum(idx) / (10.0 * len(idx)) if idx else 0.0)
     return out
+
+
+def word_sum_pairwise(prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+    """Pairwise test oracle: sigmoid of the word_sum difference, with a bias toward the first response."""
+    import math
+
+    sa, sb = word_sum(prompts, responses_a), word_sum(prompts, responses_b)
+    return [0.8 / (1 + math.exp(-(a - b))) + 0.2 for a, b in zip(sa, sb, strict=True)]
