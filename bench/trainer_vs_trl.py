@@ -144,8 +144,9 @@ def export(run_dir: Path, out: Path) -> dict:
     }
 
 
-def apo_side(spec_path: str) -> None:
-    """Child process: apo-train's train phase on the exported round, then one JSON line on stdout."""
+def apo_side(spec_path: str, full_logits: bool = False) -> None:
+    """Child process: apo-train's train phase on the exported round, then one JSON line on stdout.
+    ``full_logits``: with the unoptimized log-prob computation (logits at every position), to measure that lever."""
     spec = json.loads(Path(spec_path).read_text())
     base_rss = _rss()
     from accelerate import Accelerator
@@ -173,6 +174,10 @@ def apo_side(spec_path: str) -> None:
         return out
 
     train._train_loop = timed_loop
+    if full_logits:
+        from apo_trainer.sequences import sequence_logps_full
+
+        train.sequence_logps = sequence_logps_full
     base_rss = _rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -222,10 +227,13 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU).")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=None, help="Results JSON (default bench/results/trainer_vs_trl-DEVICE.json).")
+    ap.add_argument(
+        "--full-logits", action="store_true", help="Add apo-train with logits at every position (the lever's effect)."
+    )
     ap.add_argument("--side", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        return apo_side(args.side)
+        return apo_side(args.side, args.full_logits)
     trl_python = Path(args.trl) / "bin" / "python"
     if not trl_python.is_file():
         sys.exit(f"trainer_vs_trl: {trl_python} not found; make a venv with trl (pip install torch trl) and pass --trl")
@@ -245,6 +253,8 @@ def main() -> None:
             "apo-train": [sys.executable, str(Path(__file__).resolve()), "--side", str(spec_path)],
             "TRL": [str(trl_python), str(ROOT / "bench" / "_trl_driver.py"), str(spec_path)],
         }
+        if args.full_logits:
+            sides["apo, full"] = [*sides["apo-train"], "--full-logits"]
         runs: dict[str, list[dict]] = {name: [] for name in sides}
         for i in range(args.runs):
             for name, cmd in sides.items():
@@ -296,6 +306,13 @@ def report(args, record: dict, round_wall: float, spec: dict, runs: dict, trl_py
         "memory": apo[mem_key] / trl[mem_key],
         "peak_rss": apo["peak_rss"] / trl["peak_rss"],
     }
+    if "apo, full" in med:
+        ratios["full_logits_steps_over_apo"] = med["apo, full"]["loop_s"] / apo["loop_s"]
+        ratios["full_logits_rise_over_apo"] = med["apo, full"]["rss_rise"] / apo["rss_rise"]
+        print(
+            f"lever: logits at every position take {ratios['full_logits_steps_over_apo']:.2f}x the steps' time and "
+            f"{ratios['full_logits_rise_over_apo']:.2f}x the memory rise of response positions only"
+        )
     print(
         f"ratios (apo-train / TRL): speed {ratios['phase_speed']:.2f}x phase, {ratios['steps_speed']:.2f}x steps "
         f"(above 1 = apo-train faster); memory {ratios['memory']:.2f}x ({mem_key}), "
