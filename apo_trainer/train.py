@@ -168,11 +168,11 @@ def _train_loop(
     ctx: RunContext, t: int, model: Any, optimizer: Any, scheduler: Any, loader: Any, steps: int
 ) -> list[dict[str, Any]]:
     cfg, acc = ctx.config, ctx.accelerator
-    history: list[dict[str, Any]] = []
     # Sums over the micro-batches of one optimizer step: loss, margin, correct, logp_w, logp_l, pairs.
     sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
+    log = _StepLog(ctx, t)
     with ctx.progress(f"round {t}: training", steps) as bar:
-        for micro, batch in enumerate(loader):
+        for batch in loader:
             with acc.accumulate(model):
                 logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
                 b = logps.shape[0] // 2
@@ -183,7 +183,7 @@ def _train_loop(
                     p = batch["win_rates"]
                     losses = sppo_loss(logr[:b], logr[b:], p[:b], p[b:], cfg.beta)
                 loss = losses.mean()
-                _check_finite(ctx, t, loss, len(history) + 1, micro + 1)
+                log.micro_losses.append(loss.detach())
                 acc.backward(loss)
                 margin = cfg.beta * (logr[:b] - logr[b:]).detach()
                 sums += torch.stack(
@@ -204,37 +204,68 @@ def _train_loop(
                 if acc.sync_gradients:
                     lr = optimizer.param_groups[0]["lr"]
                     scheduler.step()
-                    total = acc.reduce(sums, "sum").tolist()
-                    n = total[5]
-                    rec = {
-                        "round": t,
-                        "step": len(history) + 1,
-                        "loss": total[0] / n,
-                        "margin": total[1] / n,
-                        "accuracy": total[2] / n,
-                        "logp_chosen": total[3] / n,
-                        "logp_rejected": total[4] / n,
-                        "lr": lr,
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    }
-                    history.append(rec)
-                    acc.log(
-                        {f"train/{k}": v for k, v in rec.items() if k not in ("round", "step") and v is not None},
-                        step=ctx.step_offset + len(history),
-                    )
+                    log.pending.append((acc.reduce(sums.clone(), "sum"), lr, grad_norm))
                     sums.zero_()
+                    if acc.trackers:  # trackers take numbers each step; otherwise nothing waits for the device
+                        log.flush()
                     bar.advance(1)
-    return history
+    log.flush()
+    return log.history
 
 
-def _check_finite(ctx: RunContext, t: int, loss: torch.Tensor, step: int, micro: int) -> None:
-    bad = ctx.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum")
-    if bad.item() > 0:
-        raise TrainError(
-            f"non-finite loss in round {t} at optimizer step {step} (micro-batch {micro}, loss "
-            f"{loss.item()}); lower learning_rate or beta, or use bf16 rather than fp16. Results of "
-            "earlier phases are untouched; rerun after the fix (with --allow-changed-config)"
-        )
+class _StepLog:
+    """The round's step records, kept on the device until ``flush`` reads them in one wait: per optimizer step the
+    reduced sums, lr and grad norm; per micro-batch the loss, for the non-finite check. The checkpoint is saved only
+    after the loop, so a non-finite loss found at a flush still leaves nothing behind."""
+
+    def __init__(self, ctx: RunContext, t: int) -> None:
+        self.ctx, self.t = ctx, t
+        self.pending: list[tuple[torch.Tensor, float, torch.Tensor | None]] = []
+        self.micro_losses: list[torch.Tensor] = []
+        self.checked = 0
+        self.history: list[dict[str, Any]] = []
+
+    def flush(self) -> None:
+        self._check_finite()
+        for sums, lr, grad_norm in self.pending:
+            total = sums.tolist()
+            n = total[5]
+            rec = {
+                "round": self.t,
+                "step": len(self.history) + 1,
+                "loss": total[0] / n,
+                "margin": total[1] / n,
+                "accuracy": total[2] / n,
+                "logp_chosen": total[3] / n,
+                "logp_rejected": total[4] / n,
+                "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            }
+            self.history.append(rec)
+            self.ctx.accelerator.log(
+                {f"train/{k}": v for k, v in rec.items() if k not in ("round", "step") and v is not None},
+                step=self.ctx.step_offset + len(self.history),
+            )
+        self.pending.clear()
+
+    def _check_finite(self) -> None:
+        """Raise on the first non-finite micro-batch loss, on any process, since the last check."""
+        new = self.micro_losses[self.checked :]
+        if not new:
+            return
+        losses = torch.stack(new)
+        bad = self.ctx.accelerator.reduce((~torch.isfinite(losses)).float(), "sum")
+        if bool(bad.any()):
+            first = int(torch.nonzero(bad)[0, 0])
+            micro = self.checked + first + 1
+            step = (micro - 1) // self.ctx.config.grad_accum + 1
+            t, loss = self.t, losses[first].item()
+            raise TrainError(
+                f"non-finite loss in round {t} at optimizer step {step} (micro-batch {micro}, loss "
+                f"{loss}); lower learning_rate or beta, or use bf16 rather than fp16. Results of "
+                "earlier phases are untouched; rerun after the fix (with --allow-changed-config)"
+            )
+        self.checked = len(self.micro_losses)
 
 
 def _save(ctx: RunContext, t: int, model: Any, history: list[dict[str, Any]]) -> None:
