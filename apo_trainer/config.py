@@ -74,9 +74,18 @@ class APOConfig:
     prompts: str = _f(
         "",
         "Prompts: a JSONL file with one object per line holding `prompt_field`, or a folder of "
-        "*.jsonl files, or a folder written by datasets' save_to_disk (needs `datasets`). Required.",
+        "*.jsonl files, or a folder written by datasets' save_to_disk, or a Hub dataset id org/name (the last "
+        "two need `datasets`: pip install 'apo-merge[data]'). Required.",
     )
-    prompt_field: str = _f("prompt", "Name of the prompt field in each JSONL object or dataset row.")
+    prompt_field: str = _f(
+        "prompt",
+        "Name of the prompt field in each JSONL object or dataset row; in a dataset, a chat (a list of "
+        "{role, content} messages) gives its last user turn.",
+    )
+    prompts_split: str = _f("train", "Split of a Hub dataset `prompts` (e.g. train_prefs).")
+    prompts_revision: str = _f(
+        "", "Branch, tag or commit of a Hub dataset `prompts`; empty = the default branch (pin it for resumes)."
+    )
     oracle: str = _f(
         "",
         "Preference oracle: 'reward-model:PATH' (AutoModelForSequenceClassification with one scalar "
@@ -486,10 +495,14 @@ def _check_model_ref(key: str, ref: str, *, required: bool) -> None:
 def _check_prompts(path: str, prompt_field: str) -> None:
     if not path:
         raise ConfigError("config: 'prompts' is required (a JSONL file with a 'prompt' field, or a folder)")
+    from apo_trainer.prompts import is_hub_dataset, peek_prompt_source, require_datasets
+
+    if is_hub_dataset(path):
+        require_datasets(path)
+        return
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config: prompts file {path} does not exist; check the path", exit_code=1)
-    from apo_trainer.prompts import peek_prompt_source
 
     peek_prompt_source(p, prompt_field)
 

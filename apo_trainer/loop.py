@@ -87,7 +87,9 @@ def _rounds(
         accelerator=accelerator,
         store=store,
         tokenizer=load_tokenizer(config),
-        prompts=load_prompts(config.prompts, config.prompt_field),
+        prompts=load_prompts(
+            config.prompts, config.prompt_field, split=config.prompts_split, revision=config.prompts_revision
+        ),
         oracle=oracle,
         quiet=quiet,
     )
