@@ -244,7 +244,7 @@ class APOConfig:
                 value = yaml.safe_load(text)
             except yaml.YAMLError:
                 raise ConfigError(f"--set {item!r}: cannot parse the value as YAML") from None
-            self.peft = _peft_group({**self.peft, key[len("peft.") :]: value}, "--set")
+            self.peft = peft_group({**self.peft, key[len("peft.") :]: value}, "--set")
             return
         hint = _field_types().get(key)
         if hint is str:
@@ -264,7 +264,7 @@ class APOConfig:
             raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
         want = types[key]
         if key == "peft":
-            self.peft = _peft_group(value, source)
+            self.peft = peft_group(value, source)
             return
         if want is bool:
             ok = isinstance(value, bool)
@@ -404,7 +404,7 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _peft_group(value: Any, source: str) -> dict[str, Any]:
+def peft_group(value: Any, source: str) -> dict[str, Any]:
     """The `peft:` mapping checked and completed with defaults; None or {} is full fine-tuning ({})."""
     if value is None or value == {}:
         return {}

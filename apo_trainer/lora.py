@@ -35,8 +35,14 @@ def scaling(peft_cfg: dict[str, Any]) -> float:
     return peft_cfg["lora_alpha"] / (math.sqrt(r) if peft_cfg["use_rslora"] else r)
 
 
+def _is_linear(m: torch.nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's Linear, weight stored (in, out)
+
+    return isinstance(m, (torch.nn.Linear, Conv1D))
+
+
 def linear_names(model: torch.nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return [name for name, m in model.named_modules() if _is_linear(m)]
 
 
 def check_targets(model: torch.nn.Module, targets: str | list[str], where: str) -> None:
@@ -101,10 +107,13 @@ def lora_layers(peft_model: torch.nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """``weight + s * B @ A`` summed in float64, rounded once into ``weight``'s dtype."""
+def merged_weight(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """``weight + s * B @ A`` (transposed for (in, out) weights) summed in float64, rounded once into ``weight``'s
+    dtype."""
     delta = B.double() @ A.double()
-    return (weight.double() + s * delta).to(weight.dtype)
+    return (weight.double() + s * (delta.T if fan_in_fan_out else delta)).to(weight.dtype)
 
 
 @torch.no_grad()
@@ -113,7 +122,7 @@ def merge_and_unload(peft_model: torch.nn.Module) -> torch.nn.Module:
     for module in lora_layers(peft_model).values():
         w = module.base_layer.weight
         A, B = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
-        w.copy_(merged_weight(w, A, B, module.scaling[ADAPTER]))
+        w.copy_(merged_weight(w, A, B, module.scaling[ADAPTER], bool(getattr(module, "fan_in_fan_out", False))))
     return peft_model.unload()
 
 

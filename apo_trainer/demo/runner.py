@@ -47,6 +47,7 @@ class DemoSettings:
     epochs_per_round: int = 2
     batch_size: int = 16
     task: ToyTask = field(default_factory=ToyTask)
+    peft: dict = field(default_factory=dict)  # LoRA rounds (apo-train's peft group); {} = full fine-tuning
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -84,11 +85,13 @@ def trainer_config(settings: DemoSettings, start: Path, prompts: Path, alpha: fl
         generation_batch_size=512,
         logprob_batch_size=256,
         seed=seed,
+        peft=dict(settings.peft),
     )
 
 
 def run_folder(settings: DemoSettings, alpha: float, seed: int) -> Path:
-    return settings.output / "runs" / f"{settings.loss}-alpha{alpha:g}-seed{seed}"
+    lora = "-lora" if settings.peft else ""
+    return settings.output / "runs" / f"{settings.loss}{lora}-alpha{alpha:g}-seed{seed}"
 
 
 def prepare(settings: DemoSettings, log: Callable[[str], None] = print) -> tuple[Path, Path]:
@@ -215,7 +218,7 @@ def write_report(settings: DemoSettings, runs: list[Run], seconds: float | None 
         f"Each round: {settings.prompts_per_round} fresh prompts, {settings.samples_per_prompt} samples each, "
         f"{'best vs worst pairs, DPO' if settings.loss == 'dpo' else 'SPPO win-rate targets'} with beta "
         f"{settings.beta:g}, AdamW lr {settings.learning_rate:g} restarted per round, {settings.epochs_per_round} "
-        f"epochs. Round t's row is measured on the samples of the policy theta_t (round {settings.rounds} is a "
+        f"epochs{_lora_text(settings.peft)}. Round t's row is measured on the samples of the policy theta_t (round {settings.rounds} is a "
         f"final evaluation). KL to start: the trainer's estimate from the sampled log-probs. {settings.seeds} "
         "seed(s) per method (seeds change the prompts, samples and training order).",
         "",
@@ -246,6 +249,7 @@ def _cli_args(settings: DemoSettings) -> str:
         f"--samples {settings.samples_per_prompt}",
         f"--warmup-steps {task.warmup_steps}",
         "--free-length" if task.free_length else "--no-free-length",
+        *(["--peft"] if settings.peft else []),
         f"--output {settings.output}",
     ]
     return " ".join(args)
@@ -297,3 +301,12 @@ def _lines(path: Path) -> list[str]:
         return []
     # metrics.jsonl is rewritten atomically, so a complete file ends with a newline
     return [ln for ln in text.split("\n")[:-1] if ln.strip()]
+
+
+def _lora_text(peft: dict) -> str:
+    if not peft:
+        return ", every weight trained"
+    return (
+        f", LoRA rounds (r {peft['r']}, lora_alpha {peft['lora_alpha']:g}, {peft['target_modules']}; a fresh "
+        "adapter per round merged exactly into theta_hat_{t+1})"
+    )

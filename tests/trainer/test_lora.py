@@ -104,6 +104,9 @@ def test_rslora_scale_is_alpha_over_sqrt_r(tiny, tmp_path):
     got = lora.merged_weight(w, A, B, 8 / math.sqrt(3))
     want = (w.double() + (8 / math.sqrt(3)) * (B.double() @ A.double())).float()
     assert torch.equal(got, want)
+    # GPT-2's Conv1D stores (in, out): the delta is transposed
+    got = lora.merged_weight(w.T.contiguous(), A, B, 0.5, fan_in_fan_out=True)
+    assert torch.equal(got, (w.T.double() + 0.5 * (B.double() @ A.double()).T).float())
 
 
 @pytest.mark.parametrize(
