@@ -5,9 +5,9 @@
     python bench/trainer_phases.py --memory               # peak memory of the train phase, LoRA vs full
 
 ``--memory`` runs round 0 up to its data phase once, then the train phase alone in a fresh process per mode (full
-fine-tuning, then LoRA r=16 on every Linear layer) and prints each process's peak RSS (CPU) or peak GPU memory
-(CUDA), with the ratio LoRA / full. The process's start-up (imports, tokenizer) is the same in both and is
-printed as the baseline.
+fine-tuning, then LoRA r=16 on every Linear layer) and prints the peak RSS while it runs (sampled every 2 ms from
+/proc; CPU) or the peak GPU memory (CUDA), with the ratio LoRA / full. The RSS after start-up (imports) is the
+same in both and is printed as the baseline.
 
 The model is random-init from a transformers config and the tokenizer a word-level one built here: nothing is
 downloaded. On CUDA the sampling comparison runs the same prompts through transformers' generate with the
@@ -122,7 +122,7 @@ def phase_times(args: argparse.Namespace, policy: Path, prompts: Path, out: Path
 
 # Runs the train phase of round 0 alone (the earlier phases are done in RUN) and prints peak memory as JSON.
 _TRAIN_ONLY = """
-import json, resource, sys, torch
+import json, sys, torch
 import accelerate, peft, transformers  # start-up, the same for both modes
 from apo_trainer import store
 from apo_trainer.config import APOConfig
@@ -137,15 +137,33 @@ def stop(t, phase, where):
     if (phase, where) == ("train", "end"):
         raise Stop
 
+import os, threading
+page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+
+def rss_kib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page_kib
+
+peak, done = [0], threading.Event()
+
+def sample():  # the high-water mark of this phase (ru_maxrss also holds the imports' transient peak)
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_kib())
+        done.wait(0.002)
+
 cfg = APOConfig.from_dict(json.loads(sys.argv[1]))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = rss_kib()
+watcher = threading.Thread(target=sample)
+watcher.start()
 store.fault_hook = stop
 try:
     run(cfg, CallableOracle(word_sum), quiet=True, allow_changed_config=True)
 except Stop:
     pass
+done.set()
+watcher.join()
 gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-print(json.dumps({"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "start_kib": base, "gpu": gpu}))
+print(json.dumps({"rss_kib": peak[0], "start_kib": base, "gpu": gpu}))
 """
 
 
