@@ -114,6 +114,11 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
     )
     digests = _check_agreement(ctx, t, _digest(items, order))
 
+    if cfg.peft and acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise TrainError(
+            f"LoRA rounds (peft) run on one device or under DDP, not {acc.distributed_type.value}: the exact merge "
+            "needs whole weights; launch with DDP or without accelerate config"
+        )
     model = ctx.load_policy(policy_path)
     if cfg.peft:
         model = lora.wrap(model, cfg.peft, f"model {policy_path}")
