@@ -330,16 +330,18 @@ def _checkpoint_listing(ckpt: Checkpoint, src: sources.Source) -> hashing.InputD
 def _merge_adapters(
     src_prev: sources.Source, src_cur: sources.Source, out: Path, options: MergeOptions, hooks: _Hooks
 ) -> MergeReport:
-    for src, other in ((src_prev, src_cur), (src_cur, src_prev)):
-        if not src.is_adapter:
-            raise MergeError(
-                f"{src.label}: is a full checkpoint but {other.label} is a LoRA adapter; give two "
-                "adapters, or merge the adapter into its base first"
-            )
+    if not src_cur.is_adapter:
+        raise MergeError(
+            f"{src_cur.label}: is a full checkpoint but PREV {src_prev.label} is a LoRA adapter; give two "
+            "adapters, or merge the adapter into its base first"
+        )
     from apo_merge.shell import import_torch
 
     import_torch()  # before lora imports it: Ctrl-C held while torch starts
     from apo_merge import lora
+
+    if not src_prev.is_adapter:
+        return _merge_base_and_adapter(src_prev, src_cur, out, options, hooks)
 
     prev_a, cur_a = lora.open_adapter(src_prev), lora.open_adapter(src_cur)
     meta = _metadata(options.alpha, src_prev.card_name(options.card_paths), src_cur.card_name(options.card_paths))
@@ -406,6 +408,80 @@ def _merge_adapters(
         skipped_files=skipped,
         input_hashes=hashes,
         kind="lora adapter" if base is None else "merged lora",
+    )
+
+
+def _merge_base_and_adapter(
+    src_prev: sources.Source, src_cur: sources.Source, out: Path, options: MergeOptions, hooks: _Hooks
+) -> MergeReport:
+    """PREV a full checkpoint (theta_hat_t), CUR an adapter over it (theta_hat_{t+1} = PREV + delta): write
+    PREV + (1 + alpha) delta as an adapter over PREV, or as full weights with ``merge_into`` (which must be PREV)."""
+    from apo_merge import lora
+
+    cur_a = lora.open_adapter(src_cur)
+    base = open_checkpoint(src_prev.path, src_prev.label, src_prev.trusted_root)
+    lora.check_base(src_prev, base, cur_a)
+    meta = _metadata(options.alpha, src_prev.card_name(options.card_paths), src_cur.card_name(options.card_paths))
+    base_models = [s.hub_id for s in (src_prev, src_cur) if s.hub_id]
+    side = [(src_cur.path, {lora.ADAPTER_WEIGHTS, sources.ADAPTER_CONFIG}, src_cur.trusted_root)]
+    merged = options.merge_into is not None
+    if merged:
+        src_base = sources.resolve(options.merge_into, token=options.token)
+        if os.path.realpath(src_base.path) != os.path.realpath(src_prev.path):
+            raise MergeError(
+                f"--merge-into {src_base.label}: with a full checkpoint as PREV the step is PREV + (1 + alpha) delta; "
+                f"give PREV ({src_prev.label}) as --merge-into"
+            )
+        meta["apo_merge_into"] = src_prev.card_name(options.card_paths)
+        side.insert(0, (base.root, base.weight_file_names, src_prev.trusted_root))
+    elif options.max_shard_size is not None:
+        raise MergeError("--max-shard-size applies to full weights; an adapter is written as one file")
+
+    staged = StagedFolder(out, options.overwrite)
+    with staged as tmp:
+        if merged:
+            res = lora.write_merged(
+                lora.base_as_adapter(base, cur_a),
+                cur_a,
+                base,
+                tmp,
+                options,
+                metadata=meta,
+                progress=hooks.progress,
+                on_plan=hooks.on_plan,
+            )
+            prev_digest = res.base_digest
+        else:
+            res = lora.write_base_step_adapter(base, cur_a, tmp, options, metadata=meta)
+            prev_digest = _checkpoint_digest(base, {f.path: hashing.hash_file(f.path) for f in base.files})
+        copied, skipped = [], []
+        for root, weights, trusted in side:
+            c, s = _copy_side_files(root, weights, trusted, tmp)
+            copied, skipped = sorted({*copied, *c}), sorted({*skipped, *s})
+        hashes = {"prev": prev_digest, "cur": cur_a.digest}
+        info = card.CardInfo(
+            alpha=options.alpha,
+            prev=src_prev.card_name(options.card_paths),
+            cur=src_cur.card_name(options.card_paths),
+            dtype=options.dtype,
+            files=res.files,
+            base_models=base_models,
+            input_hashes=hashes,
+            **res.card,
+        )
+        _finish(staged, res.index, info)
+    return MergeReport(
+        output=out,
+        device="cpu",
+        n_tensors=res.n_tensors,
+        n_extrapolated=res.n_changed,
+        bytes_written=res.bytes_written,
+        seconds=0.0,
+        sha256={name: sha for name, (_, sha) in res.files.items()},
+        copied_files=copied,
+        skipped_files=skipped,
+        input_hashes=hashes,
+        kind="lora adapter" if not merged else "merged lora",
     )
 
 

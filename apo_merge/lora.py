@@ -616,3 +616,132 @@ def _write_file(
     finally:
         writer.close()
     return h.hexdigest(), written
+
+
+# ---------------------------------------------------------------- a full checkpoint as PREV, an adapter over it as CUR
+# theta_hat_t = BASE (PREV), theta_hat_{t+1} = BASE + s B A (CUR): the step is BASE + (1 + alpha) s B A.
+
+
+def _read_base(base: Checkpoint, name: str) -> torch.Tensor:
+    header, info = base.tensors[name]
+    src = torch_dtype(info.dtype)
+    if src is None:
+        raise MergeError(f"{base.label}: tensor {short(name)} has dtype {info.dtype}, which apo-merge cannot read")
+    raw = bytearray(info.nbytes)
+    fd = os.open(header.path, os.O_RDONLY)
+    try:
+        pread_exact(fd, memoryview(raw), header.data_start + info.begin, header.path)
+    finally:
+        os.close(fd)
+    return (torch.frombuffer(raw, dtype=src) if raw else torch.empty(0, dtype=src)).reshape(info.shape)
+
+
+def _target_shape(m: _Module, fan_in_fan_out: bool) -> tuple[int, ...] | None:
+    """The base weight shape a LoRA layer's delta has (None for convolutions: only out-channels are known)."""
+    if m.A.dim() != 2:
+        return None
+    rows, cols = m.B.shape[0], m.A.shape[1]
+    return (cols, rows) if m.kind == "embedding" or fan_in_fan_out else (rows, cols)
+
+
+def check_base(prev: Source, base: Checkpoint, cur: Adapter) -> None:
+    """Refuse unless CUR is an adapter over PREV: its recorded base names PREV (when both name one) and every
+    targeted weight exists in PREV with the shape the adapter's factors give."""
+    recorded = cur.config.get("base_model_name_or_path")
+    if isinstance(recorded, str) and recorded:
+        if prev.hub_id:
+            mine = prev.hub_id
+            same = recorded == prev.hub_id
+        elif os.path.isdir(os.path.expanduser(recorded)):
+            mine = prev.label
+            same = os.path.realpath(os.path.expanduser(recorded)) == os.path.realpath(prev.path)
+        else:  # a Hub name recorded, a local PREV: the folder does not say which model it is
+            mine, same = None, True
+        if not same:
+            raise MergeError(
+                f"{cur.label}: is an adapter of {_short_value(recorded)}, but PREV is {_short_value(mine)}; give the "
+                f"adapter's base as PREV (or fix base_model_name_or_path in {ADAPTER_CONFIG} if it is the same model)"
+            )
+    if cur.config.get("trainable_token_indices"):
+        raise MergeError(
+            f"{cur.label}: has trainable-token deltas, which a full PREV cannot pair with; merge it into its base first"
+        )
+    modules, whole = _modules(cur)
+    fan = bool(cur.config.get("fan_in_fan_out"))
+    wants = {f"{name}.weight": (_target_shape(m, fan), m.B.shape[0]) for name, m in modules.items()}
+    wants.update({_base_name(k): (tuple(t.shape), None) for k, t in whole.items()})
+    for name, (shape, rows) in sorted(wants.items()):
+        if name not in base.tensors:
+            raise MergeError(
+                f"{cur.label}: changes {short(name)}, which PREV {base.label} does not have; give the adapter's base "
+                "as PREV"
+            )
+        have = base.tensors[name][1].shape
+        if (shape is not None and tuple(have) != shape) or (shape is None and have[0] != rows):
+            raise MergeError(
+                f"{cur.label}: changes {short(name)} with shape {list(shape or [rows])} but PREV {base.label} has "
+                f"{list(have)}; give the adapter's base as PREV"
+            )
+
+
+def base_as_adapter(base: Checkpoint, cur: Adapter) -> Adapter:
+    """PREV in adapter form for ``write_merged``: CUR's layers with B = 0 (no delta) and BASE's whole tensors, so
+    that ``(1+a) s B A - a * 0`` and ``W_cur + a (W_cur - W_base)`` give the base+adapter step."""
+    tensors = {}
+    for key, t in cur.tensors.items():
+        if key.endswith((".lora_B.weight", ".lora_embedding_B", ".lora_B.bias")):
+            tensors[key] = torch.zeros_like(t)
+        elif any(key.endswith(s) for s in _FACTORS):
+            tensors[key] = t
+        else:
+            tensors[key] = _read_base(base, _base_name(key))
+    return Adapter(base.label, base.root, cur.config, tensors, cur.digest)
+
+
+def base_step_adapter(base: Checkpoint, cur: Adapter, alpha: float) -> tuple[dict[str, torch.Tensor], dict]:
+    """The step as an adapter over BASE: CUR's factors unchanged, ``(1 + alpha)`` folded into lora_alpha (and
+    alpha_pattern), so the scale is exact to float64 where scaling B would round every element. Whole tensors
+    (modules_to_save) become ``W_cur + alpha (W_cur - W_base)``, fp32 math, one rounding."""
+    modules, whole = _modules(cur)
+    del modules  # checked: every layer's factors are well formed
+    tensors = dict(cur.tensors)
+    for key, t in whole.items():
+        tensors[key] = _whole(_read_base(base, _base_name(key)), t, alpha, None)
+    config = dict(cur.config)
+    factor = 1.0 + alpha
+    config["lora_alpha"] = factor * config["lora_alpha"]
+    if config.get("alpha_pattern"):
+        config["alpha_pattern"] = {k: factor * v for k, v in config["alpha_pattern"].items()}
+    return tensors, config
+
+
+def write_base_step_adapter(
+    base: Checkpoint, cur: Adapter, dest: Path, options: MergeOptions, *, metadata: dict[str, str]
+) -> Written:
+    """Write the base+adapter step as an adapter over PREV (adapter_model.safetensors + adapter_config.json)."""
+    from safetensors.torch import save_file
+
+    if options.dtype != "keep":
+        raise MergeError(
+            "--dtype applies to --merge-into for a full PREV and an adapter CUR; the adapter keeps CUR's factors"
+        )
+    tensors, config = base_step_adapter(base, cur, options.alpha)
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors.values() if t.is_floating_point())
+    if options.strict and bad:
+        raise MergeError(f"{bad} adapter values are inf or NaN (--strict); lower --alpha")
+    save_file(tensors, dest / ADAPTER_WEIGHTS, metadata={"format": "pt", **metadata})
+    (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    size, sha = hash_file(dest / ADAPTER_WEIGHTS)
+    card = dict(
+        library_name="peft",
+        tags=["lora", "peft"],
+        rows=[
+            ("base model", f"`{cur.config.get('base_model_name_or_path')}`"),
+            ("method", "exact: CUR's factors, lora_alpha (and alpha_pattern) times (1 + alpha)"),
+        ],
+        summary="This adapter is an APO (Accelerated Preference Optimization, arXiv 2410.06293) extrapolation "
+        "step from a base model (PREV) to base + adapter (CUR),\n`delta = (1 + alpha) delta_cur`, written exactly "
+        "as one LoRA over the base",
+    )
+    files = {ADAPTER_WEIGHTS: (size, sha), ADAPTER_CONFIG: hash_file(dest / ADAPTER_CONFIG)}
+    return Written(files, len(tensors), len(tensors), size, card=card)

@@ -45,9 +45,20 @@ def _f(
     group: str | None = None,
 ) -> Any:
     # `group` opens a section of the config reference; the fields after it belong to it until the next one.
-    return field(
-        default=default, metadata={"help": help, "choices": choices, "resume_safe": resume_safe, "group": group}
-    )
+    metadata = {"help": help, "choices": choices, "resume_safe": resume_safe, "group": group}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# The `peft:` group: key -> (allowed types, default). A non-empty group turns LoRA rounds on.
+PEFT_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
+    "r": ((int,), 16),
+    "lora_alpha": ((int, float), 32),
+    "lora_dropout": ((int, float), 0.0),
+    "target_modules": ((str, list), "all-linear"),
+    "use_rslora": ((bool,), False),
+}
 
 
 @dataclass
@@ -65,9 +76,18 @@ class APOConfig:
     prompts: str = _f(
         "",
         "Prompts: a JSONL file with one object per line holding `prompt_field`, or a folder of "
-        "*.jsonl files, or a folder written by datasets' save_to_disk (needs `datasets`). Required.",
+        "*.jsonl files, or a folder written by datasets' save_to_disk, or a Hub dataset id org/name (the last "
+        "two need `datasets`: pip install 'apo-merge[data]'). Required.",
     )
-    prompt_field: str = _f("prompt", "Name of the prompt field in each JSONL object or dataset row.")
+    prompt_field: str = _f(
+        "prompt",
+        "Name of the prompt field in each JSONL object or dataset row; in a dataset, a chat (a list of "
+        "{role, content} messages) gives its last user turn.",
+    )
+    prompts_split: str = _f("train", "Split of a Hub dataset `prompts` (e.g. train_prefs).")
+    prompts_revision: str = _f(
+        "", "Branch, tag or commit of a Hub dataset `prompts`; empty = the default branch (pin it for resumes)."
+    )
     oracle: str = _f(
         "",
         "Preference oracle: 'reward-model:PATH' (AutoModelForSequenceClassification with one scalar "
@@ -167,6 +187,15 @@ class APOConfig:
         "Turn dropout off in the training forward passes (as TRL does for DPO), so that policy and stored "
         "reference log-probs agree at the first step and log-ratios carry no dropout noise.",
     )
+    peft: dict = _f(
+        {},
+        "LoRA rounds (needs the `peft` package: pip install 'apo-merge[peft]'). Empty = full fine-tuning. A "
+        "mapping with any of `r` (16), `lora_alpha` (32), `lora_dropout` (0.0), `target_modules` ('all-linear', "
+        "or a list of Linear module names such as [q_proj, v_proj]) and `use_rslora` (false) trains a fresh "
+        "adapter on the frozen theta_t each round and merges it exactly (float64 sums, one rounding into `dtype`, "
+        "scale lora_alpha/r or lora_alpha/sqrt(r) with rsLoRA) into theta_hat_{t+1}; the adapter is saved in "
+        "round-<t>/adapter. Override one key with --set peft.r=8.",
+    )
     dtype: str = _f(
         "float32",
         "Dtype the policy is loaded, trained and saved in. Keep float32 master weights with "
@@ -263,6 +292,13 @@ class APOConfig:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set alpha=0.5")
+        if key.startswith("peft."):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise ConfigError(f"--set {item!r}: cannot parse the value as YAML") from None
+            self.peft = peft_group({**self.peft, key[len("peft.") :]: value}, "--set")
+            return
         hint = _field_types().get(key)
         if hint is str:
             value: Any = text
@@ -280,6 +316,9 @@ class APOConfig:
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(types)}"
             raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
         want = types[key]
+        if key == "peft":
+            self.peft = peft_group(value, source)
+            return
         if want is bool:
             ok = isinstance(value, bool)
         elif want is int:
@@ -362,6 +401,10 @@ class APOConfig:
         if self.push_to_hub and not self.hub_repo_id:
             raise ConfigError("config: push_to_hub needs 'hub_repo_id' (e.g. me/apo-model)")
         _check_model_ref("model", self.model, required=True)
+        if self.peft:
+            from apo_trainer.lora import check_peft_config
+
+            check_peft_config(self)
         _check_model_ref("tokenizer", self.tokenizer, required=False)
         _check_prompts(self.prompts, self.prompt_field)
         if need_oracle:
@@ -406,7 +449,7 @@ class APOConfig:
             for f in fields:
                 for chunk in _wrap(f.metadata["help"], 100):
                     lines.append(f"# {chunk}")
-                lines.append(yaml.safe_dump({f.name: f.default}, default_flow_style=False, width=1000).rstrip())
+                lines.append(yaml.safe_dump({f.name: _default(f)}, default_flow_style=False, width=1000).rstrip())
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -420,7 +463,7 @@ class APOConfig:
                 extra = f" One of: {', '.join(choices)}." if choices and "'" not in f.metadata["help"] else ""
                 meaning = _markdown_text(f"{f.metadata['help']}{extra}")
                 meaning += " *May change when resuming.*" if f.metadata["resume_safe"] else ""
-                lines.append(f"| `{f.name}` | `{json.dumps(f.default)}` | {meaning} |")
+                lines.append(f"| `{f.name}` | `{json.dumps(_default(f))}` | {meaning} |")
             lines.append("")
         return "\n".join(lines)
 
@@ -433,6 +476,37 @@ def config_groups() -> list[tuple[str, list[dataclasses.Field]]]:
             groups.append((f.metadata["group"] or "General", []))
         groups[-1][1].append(f)
     return groups
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def peft_group(value: Any, source: str) -> dict[str, Any]:
+    """The `peft:` mapping checked and completed with defaults; None or {} is full fine-tuning ({})."""
+    if value is None or value == {}:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: 'peft' must be a mapping (e.g. peft: {{r: 16}}), got {type(value).__name__}")
+    out = {}
+    for key, (types, default) in PEFT_KEYS.items():
+        v = value.get(key, default)
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            want = " or ".join(t.__name__ for t in types)
+            raise ConfigError(f"{source}: 'peft.{key}' must be {want}, got {type(v).__name__} {v!r}")
+        out[key] = float(v) if key in ("lora_alpha", "lora_dropout") else v
+    unknown = sorted(set(map(str, value)) - set(PEFT_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key 'peft.{unknown[0]}'; the peft group takes {', '.join(PEFT_KEYS)}")
+    targets = out["target_modules"]
+    if isinstance(targets, str):
+        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    if isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
+        raise ConfigError(f"{source}: 'peft.target_modules' must be 'all-linear' or a list of module names")
+    out["target_modules"] = targets
+    if out["r"] < 1 or out["lora_alpha"] <= 0 or not 0 <= out["lora_dropout"] < 1:
+        raise ConfigError(f"{source}: peft needs r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
+    return out
 
 
 def _fields() -> dict[str, dataclasses.Field]:
@@ -499,10 +573,14 @@ def _check_model_ref(key: str, ref: str, *, required: bool) -> None:
 def _check_prompts(path: str, prompt_field: str) -> None:
     if not path:
         raise ConfigError("config: 'prompts' is required (a JSONL file with a 'prompt' field, or a folder)")
+    from apo_trainer.prompts import is_hub_dataset, peek_prompt_source, require_datasets
+
+    if is_hub_dataset(path):
+        require_datasets(path)
+        return
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config: prompts file {path} does not exist; check the path", exit_code=1)
-    from apo_trainer.prompts import peek_prompt_source
 
     peek_prompt_source(p, prompt_field)
 

@@ -1,10 +1,12 @@
-"""Prompt sources (JSONL file, folder of JSONL files, datasets folder) and the fresh-prompts-per-round split."""
+"""Prompt sources (JSONL file, folder of JSONL files, datasets folder, Hub dataset) and the per-round split."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
+from typing import Any
 
 from apo_trainer.errors import ConfigError
 
@@ -60,7 +62,63 @@ def _read_datasets_folder(path: Path, prompt_field: str) -> list[str]:
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
     if prompt_field not in ds.column_names:
         raise ConfigError(f"{path}: no column '{prompt_field}' (columns: {', '.join(ds.column_names)})", exit_code=1)
-    return [str(x) for x in ds[prompt_field]]
+    return [prompt_text(v, f"{path} row {i}", prompt_field) for i, v in enumerate(ds[prompt_field])]
+
+
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_dataset(spec: str) -> bool:
+    """``org/name`` that is not a local path: a dataset on the Hub (or in the offline cache)."""
+    return bool(_HUB_DATASET.match(spec)) and not Path(spec).exists()
+
+
+def require_datasets(spec: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            f"config: prompts '{spec}' is a Hub dataset, which needs the datasets package; pip install "
+            "'apo-merge[data]' (or give a JSONL file)",
+            exit_code=1,
+        ) from None
+    return datasets
+
+
+def prompt_text(value: Any, where: str, prompt_field: str) -> str:
+    """A row's prompt: a string as it is; a chat (a list of {role, content} messages) gives its last user turn."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        users = [m.get("content") for m in value if m.get("role") == "user"]
+        if users and isinstance(users[-1], str):
+            return users[-1]
+    raise ConfigError(
+        f"{where}: field '{prompt_field}' is neither a string nor a chat with a user turn; set prompt_field to "
+        "the field that holds the prompt",
+        exit_code=1,
+    )
+
+
+def _read_hub_dataset(spec: str, prompt_field: str, split: str, revision: str) -> list[str]:
+    datasets = require_datasets(spec)
+    try:
+        ds = datasets.load_dataset(spec, split=split, revision=revision or None)
+    except Exception as e:  # datasets raises many types (not found, offline, bad split); one line for each
+        text = " ".join(str(e).split())
+        text = text if len(text) <= 200 else text[:197] + "..."
+        raise ConfigError(
+            f"config: cannot load Hub dataset '{spec}' split '{split}' ({type(e).__name__}: {text}); check the "
+            "name, prompts_split and prompts_revision",
+            exit_code=1,
+        ) from None
+    if prompt_field not in ds.column_names:
+        raise ConfigError(
+            f"config: Hub dataset '{spec}' has no column '{prompt_field}' (columns: {', '.join(ds.column_names)}); "
+            "set prompt_field",
+            exit_code=1,
+        )
+    return [prompt_text(v, f"{spec} row {i}", prompt_field) for i, v in enumerate(ds[prompt_field])]
 
 
 def peek_prompt_source(path: Path, prompt_field: str) -> None:
@@ -78,8 +136,13 @@ def peek_prompt_source(path: Path, prompt_field: str) -> None:
         raise ConfigError(f"config: prompts file {first} is empty", exit_code=1)
 
 
-def load_prompts(path: str | Path, prompt_field: str = "prompt") -> list[str]:
-    """Every prompt of the source, in file order (folders: files sorted by name)."""
+def load_prompts(
+    path: str | Path, prompt_field: str = "prompt", *, split: str = "train", revision: str = ""
+) -> list[str]:
+    """Every prompt of the source, in file order (folders: files sorted by name; Hub datasets: ``split`` at
+    ``revision``)."""
+    if isinstance(path, str) and is_hub_dataset(path):
+        return _read_hub_dataset(path, prompt_field, split, revision)
     p = Path(path)
     if _is_datasets_folder(p):
         return _read_datasets_folder(p, prompt_field)
@@ -94,7 +157,9 @@ def load_prompts(path: str | Path, prompt_field: str = "prompt") -> list[str]:
 def split_prompts(config) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts) of a config: ``eval_prompts`` when set, else an ``eval_fraction`` of
     the prompt set chosen by a fixed shuffle (the same for every seed, so runs on one prompt file share it)."""
-    prompts = load_prompts(config.prompts, config.prompt_field)
+    prompts = load_prompts(
+        config.prompts, config.prompt_field, split=config.prompts_split, revision=config.prompts_revision
+    )
     if config.eval_prompts:
         return prompts, load_prompts(config.eval_prompts, config.prompt_field)
     if config.eval_fraction <= 0:

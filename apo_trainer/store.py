@@ -9,6 +9,7 @@ Layout of OUTPUT (``config.output_dir``)::
     round-<t>/logprobs.safetensors reference: log pi_theta_t and log pi_theta_0 of every response
     round-<t>/pairs.jsonl       data:        (chosen, rejected) per kept prompt, with win-rates p
     round-<t>/trained/          train:       theta_hat_{t+1} (HF layout, safetensors), train_log.jsonl beside it
+    round-<t>/adapter/          train:       the round's LoRA adapter (peft config only), merged into trained/
     round-<t>/policy/           extrapolate: theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - theta_hat_t)
     round-<t>/done/<phase>.json marker written last, holding the phase's summary and seconds
     eval/                       apo-train eval: the same layout for the held-out evaluation (evaluation.py)
@@ -70,6 +71,10 @@ class RunStore:
     def trained(self, t: int) -> Path:
         """theta_hat_{t+1}: the raw output of round t's training."""
         return self.round_dir(t) / "trained"
+
+    def adapter(self, t: int) -> Path:
+        """The LoRA adapter of round t's training (LoRA rounds only); theta_hat_{t+1} is theta_t merged with it."""
+        return self.round_dir(t) / "adapter"
 
     def policy(self, t: int) -> Path:
         """theta_{t+1}: the extrapolated policy that samples round t+1."""

@@ -5,7 +5,8 @@ accelerate prepares model, optimizer and data (DDP / FSDP / DeepSpeed per ``acce
 accumulate over ``grad_accum`` micro-batches, are clipped only when they sync, and AdamW restarts every round with
 linear warm-up. Per optimizer step, loss, reward margin, preference accuracy and chosen / rejected log-probs are
 summed across processes and written to ``round-<t>/train_log.jsonl`` (and the accelerate trackers). A round
-without pairs (every prompt tied) takes no step: theta_hat_{t+1} = theta_t.
+without pairs (every prompt tied) takes no step: theta_hat_{t+1} = theta_t. With ``peft`` set, a fresh LoRA on the
+frozen theta_t is trained instead, saved to ``round-<t>/adapter`` and merged exactly (apo_trainer.lora).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from apo_trainer import lora
 from apo_trainer.data import load_pairs
 from apo_trainer.errors import TrainError
 from apo_trainer.losses import dpo_loss, sppo_loss
@@ -112,11 +114,20 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
     )
     digests = _check_agreement(ctx, t, _digest(items, order))
 
+    if cfg.peft and acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise TrainError(
+            f"LoRA rounds (peft) run on one device or under DDP, not {acc.distributed_type.value}: the exact merge "
+            "needs whole weights; launch with DDP or without accelerate config"
+        )
     model = ctx.load_policy(policy_path)
     if cfg.disable_dropout:
         disable_dropout(model)
+    if cfg.peft:
+        model = lora.wrap(model, cfg.peft, f"model {policy_path}")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        if cfg.peft:  # the frozen embeddings give no grad to checkpointed blocks otherwise
+            model.enable_input_require_grads()
         model.config.use_cache = False
     model.train()
     history: list[dict[str, Any]] = []
@@ -129,7 +140,8 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
         )
         per_process = math.ceil(len(loader) / acc.num_processes)
         steps = math.ceil(per_process / cfg.grad_accum)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # the adapter alone in LoRA rounds
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps), num_training_steps=steps
         )
@@ -139,6 +151,10 @@ def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torc
     if cfg.gradient_checkpointing:
         acc.unwrap_model(model).gradient_checkpointing_disable()
         acc.unwrap_model(model).config.use_cache = True
+    if cfg.peft:
+        peft_model = acc.unwrap_model(model)
+        _save_adapter(ctx, t, peft_model)
+        model = lora.merge_and_unload(peft_model)  # theta_hat_{t+1} = theta_t + s B A, one rounding
     _save(ctx, t, model, history)
     acc.free_memory()  # drops accelerate's references to this round's optimizer state before extrapolation
     summary: dict[str, Any] = {
@@ -266,6 +282,18 @@ class _StepLog:
                 "earlier phases are untouched; rerun after the fix (with --allow-changed-config)"
             )
         self.checked = len(self.micro_losses)
+
+
+def _save_adapter(ctx: RunContext, t: int, peft_model: Any) -> None:
+    """round-<t>/adapter: the round's LoRA (adapter_config.json + adapter_model.safetensors), before the merge."""
+    store = ctx.store
+    ctx.accelerator.wait_for_everyone()
+    if ctx.is_main:
+        tmp = store.tmp_path(store.adapter(t))
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's card template; the adapter is the two files
+        lora.canonical_config(tmp / "adapter_config.json")
+        store.commit(tmp, store.adapter(t), round_index=t, phase="train")
 
 
 def _save(ctx: RunContext, t: int, model: Any, history: list[dict[str, Any]]) -> None:

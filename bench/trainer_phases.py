@@ -3,6 +3,12 @@
     python bench/trainer_phases.py                        # tiny model on the CPU: phase times of 2 rounds
     python bench/trainer_phases.py --shape tinyllama      # on a GPU: TinyLlama-1.1B-shaped, random init, bf16
     python bench/trainer_phases.py --shape tinyllama --sampling-only --json out.json   # the sampling figures only
+    python bench/trainer_phases.py --memory               # peak memory of the train phase, LoRA vs full
+
+``--memory`` runs round 0 up to its data phase once, then the train phase alone in a fresh process per mode (full
+fine-tuning, then LoRA r=16 on every Linear layer) and prints the peak RSS while it runs (sampled every 2 ms from
+/proc; CPU) or the peak GPU memory (CUDA), with the ratio LoRA / full. The RSS after start-up (imports) is the
+same in both and is printed as the baseline.
 
 The model is random-init from a transformers config and the tokenizer a word-level one built here: nothing is
 downloaded. On CUDA the sampling comparison runs the same prompts through transformers' generate with the
@@ -117,6 +123,127 @@ def phase_times(args: argparse.Namespace, policy: Path, prompts: Path, out: Path
     return {"wall_s": wall, "rounds": [{k: r[k] for k in keep if k in r} for r in records]}
 
 
+# Runs the train phase of round 0 alone (the earlier phases are done in RUN) and prints peak memory as JSON.
+_TRAIN_ONLY = """
+import json, sys, torch
+import accelerate, peft, transformers  # start-up, the same for both modes
+from apo_trainer import store
+from apo_trainer.config import APOConfig
+from apo_trainer.loop import run
+from apo_trainer.oracle import CallableOracle
+from tests.trainer.tiny import word_sum
+
+class Stop(Exception):
+    pass
+
+def stop(t, phase, where):
+    if (phase, where) == ("train", "end"):
+        raise Stop
+
+import os, threading
+page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+
+def rss_kib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page_kib
+
+peak, done = [0], threading.Event()
+
+def sample():  # the high-water mark of this phase (ru_maxrss also holds the imports' transient peak)
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_kib())
+        done.wait(0.002)
+
+cfg = APOConfig.from_dict(json.loads(sys.argv[1]))
+base = rss_kib()
+watcher = threading.Thread(target=sample)
+watcher.start()
+store.fault_hook = stop
+try:
+    run(cfg, CallableOracle(word_sum), quiet=True, allow_changed_config=True)
+except Stop:
+    pass
+done.set()
+watcher.join()
+gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+print(json.dumps({"rss_kib": peak[0], "start_kib": base, "gpu": gpu}))
+"""
+
+
+def train_memory(args: argparse.Namespace, policy: Path, prompts: Path, tmp: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    from apo_trainer import store
+    from apo_trainer.loop import run
+
+    cuda = torch.cuda.is_available()
+    values = dict(
+        model=str(policy),
+        prompts=str(prompts),
+        output_dir=str(tmp / "prep"),
+        rounds=1,
+        final_eval=False,
+        samples_per_prompt=args.k,
+        max_new_tokens=args.max_new_tokens,
+        prompts_per_round=args.prompts_per_round,
+        generation_batch_size=args.generation_batch_size,
+        batch_size=args.batch_size,
+        learning_rate=1e-5,
+        mixed_precision="bf16" if cuda else "no",
+    )
+
+    class Stop(Exception):
+        pass
+
+    def stop(t: int, phase: str, where: str) -> None:
+        if phase == "train":
+            raise Stop
+
+    store.fault_hook = stop
+    try:
+        run(APOConfig.from_dict(values), CallableOracle(word_sum), quiet=True)
+    except Stop:
+        pass
+    finally:
+        store.fault_hook = None
+    results = {}
+    root = Path(__file__).resolve().parents[1]
+    for mode, peft in (("full", {}), ("lora", {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})):
+        out = tmp / mode
+        shutil.copytree(tmp / "prep", out)
+        cfg = dict(values, output_dir=str(out), peft=peft)
+        proc = subprocess.run(
+            [sys.executable, "-c", _TRAIN_ONLY, json.dumps(cfg)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    from safetensors.torch import load_file
+
+    n_params = sum(t.numel() for t in load_file(str(policy / "model.safetensors")).values())
+    print(
+        f"\ntrain phase peak memory, shape {args.shape} ({n_params / 1e6:.2f} M parameters), {args.prompts_per_round} prompts x K={args.k}"
+    )
+    for mode, r in results.items():
+        line = (
+            f"  {mode:5s} peak RSS {r['rss_kib'] / 1024:8.1f} MiB (start-up {r['start_kib'] / 1024:.1f} MiB, "
+            f"train phase adds {(r['rss_kib'] - r['start_kib']) / 1024:.1f} MiB)"
+        )
+        if r["gpu"] is not None:
+            line += f", peak GPU {r['gpu'] / 2**20:.1f} MiB"
+        print(line)
+    full, lora = results["full"], results["lora"]
+    key = "gpu" if full["gpu"] else "rss_kib"
+    added = lambda r: r[key] - (0 if key == "gpu" else r["start_kib"])  # noqa: E731
+    grew = f", {added(lora) / added(full):.2f}x of what the train phase adds" if added(full) > 1024 else ""
+    print(f"  LoRA / full: {lora[key] / full[key]:.2f}x peak{grew}")
+
+
 def sampling_ratio(args: argparse.Namespace, policy: Path, prompts: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -196,6 +323,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--sampling-only", action="store_true", help="Skip the phase timing run (CUDA comparison only).")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    ap.add_argument("--memory", action="store_true", help="Only: peak memory of the train phase, LoRA vs full.")
     args = ap.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -203,6 +331,9 @@ def main() -> None:
     results: dict = {"shape": args.shape, "torch": torch.__version__, "config": vars(args) | {"json": None}}
     with tempfile.TemporaryDirectory() as tmp:
         policy, prompts = build(Path(tmp), args.shape, args.prompts_per_round * (args.rounds + 1), seed=0)
+        if args.memory:
+            train_memory(args, policy, prompts, Path(tmp))
+            return
         if not args.sampling_only:
             results["phases"] = phase_times(args, policy, prompts, Path(tmp) / "run")
         if torch.cuda.is_available():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,8 @@ from apo_trainer.demo.task import ToyTask
 from apo_trainer.errors import TrainError
 
 SPPO_BETA = 0.01
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
+LORA_LR = 3e-3  # LoRA factors take larger steps than full weights
 
 
 def demo(
@@ -46,6 +49,14 @@ def demo(
             "'none' never restarts."
         ),
     ] = "none",
+    peft: Annotated[
+        bool,
+        typer.Option(
+            "--peft",
+            help=f"LoRA rounds (r {LORA['r']}, lora_alpha {LORA['lora_alpha']}, all Linear layers, learning rate "
+            f"{LORA_LR:g}) instead of training every weight; needs peft.",
+        ),
+    ] = False,
     jobs: Annotated[
         int | None,
         typer.Option(min=1, help="Runs at once, each in its own process (default: one per CPU core, at most 4)."),
@@ -84,6 +95,12 @@ def demo(
         task=ToyTask(free_length=free_length, warmup_steps=warmup_steps),
         restart=restart,
     )
+    if peft:
+        from apo_trainer.config import peft_group
+        from apo_trainer.lora import require_peft
+
+        require_peft()
+        settings = dataclasses.replace(settings, peft=peft_group(LORA, "--peft"), learning_rate=LORA_LR)
     console = Console()
     total = len(alpha_values) * seeds * (rounds + 1)
     with Progress(

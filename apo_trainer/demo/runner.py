@@ -50,6 +50,7 @@ class DemoSettings:
     eval_prompts: int = 128
     task: ToyTask = field(default_factory=ToyTask)
     restart: str = "none"
+    peft: dict = field(default_factory=dict)  # LoRA rounds (apo-train's peft group); {} = full fine-tuning
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -92,12 +93,14 @@ def trainer_config(settings: DemoSettings, start: Path, prompts: Path, alpha: fl
         seed=seed,
         eval_prompts=str(prompts.parent / "eval-prompts.jsonl"),
         eval_temperature=1.0,
+        peft=dict(settings.peft),
     )
 
 
 def run_folder(settings: DemoSettings, alpha: float, seed: int) -> Path:
     restart = "" if settings.restart == "none" else f"-restart-{settings.restart}"
-    return settings.output / "runs" / f"{settings.loss}-alpha{alpha:g}{restart}-seed{seed}"
+    lora = "-lora" if settings.peft else ""
+    return settings.output / "runs" / f"{settings.loss}{lora}-alpha{alpha:g}{restart}-seed{seed}"
 
 
 def prepare(settings: DemoSettings, log: Callable[[str], None] = print) -> tuple[Path, Path]:
@@ -234,7 +237,7 @@ def write_report(settings: DemoSettings, runs: list[Run], seconds: float | None 
         f"Each round: {settings.prompts_per_round} fresh prompts, {settings.samples_per_prompt} samples each, "
         f"{'best vs worst pairs, DPO' if settings.loss == 'dpo' else 'SPPO win-rate targets'} with beta "
         f"{settings.beta:g}, AdamW lr {settings.learning_rate:g} restarted per round, {settings.epochs_per_round} "
-        f"epochs{_restart_text(settings)}. Round t's row is measured on the samples of the policy theta_t (round "
+        f"epochs{_lora_text(settings.peft)}{_restart_text(settings)}. Round t's row is measured on the samples of the policy theta_t (round "
         f"{settings.rounds} is a final evaluation). KL to start: the trainer's estimate from the sampled log-probs. "
         f"Win rates: `apo-train eval` on {settings.eval_prompts} held-out prompts (one response each, temperature "
         "1), theta_t against theta_0's response judged by the exact reward through Bradley-Terry, and "
@@ -280,6 +283,7 @@ def _cli_args(settings: DemoSettings) -> str:
         f"--warmup-steps {task.warmup_steps}",
         "--free-length" if task.free_length else "--no-free-length",
         *([f"--restart {settings.restart}"] if settings.restart != "none" else []),
+        *(["--peft"] if settings.peft else []),
         f"--output {settings.output}",
     ]
     return " ".join(args)
@@ -331,3 +335,12 @@ def _lines(path: Path) -> list[str]:
         return []
     # metrics.jsonl is rewritten atomically, so a complete file ends with a newline
     return [ln for ln in text.split("\n")[:-1] if ln.strip()]
+
+
+def _lora_text(peft: dict) -> str:
+    if not peft:
+        return ", every weight trained"
+    return (
+        f", LoRA rounds (r {peft['r']}, lora_alpha {peft['lora_alpha']:g}, {peft['target_modules']}; a fresh "
+        "adapter per round merged exactly into theta_hat_{t+1})"
+    )

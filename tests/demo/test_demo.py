@@ -118,3 +118,17 @@ def test_missing_matplotlib_is_named_before_any_work(tmp_path, monkeypatch):
     assert result.exit_code == 1  # a missing package: the state of the machine
     assert "apo-merge[demo]" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_peft_demo_runs_lora_rounds(tmp_path):
+    pytest.importorskip("peft")
+    from apo_trainer.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["demo", *TINY, "--alphas", "0.3", "--peft", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    run = out / "runs" / "dpo-lora-alpha0.3-seed1"
+    assert (run / "round-0" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "round-0" / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    text = (out / "report.md").read_text()
+    assert "LoRA rounds (r 8" in text and "--peft" in text

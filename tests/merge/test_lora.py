@@ -172,8 +172,8 @@ def test_refuses_adapters_that_cannot_be_combined_exactly(setup, tmp_path):
     dora = _with_config(cur, tmp_path / "dora", use_dora=True)
     with pytest.raises(MergeError, match="DoRA"):
         run_merge(prev, dora, MergeOptions(ALPHA), tmp_path / "o3")
-    with pytest.raises(MergeError, match="full checkpoint but .* is a LoRA adapter"):
-        run_merge(setup["base"], cur, MergeOptions(ALPHA), tmp_path / "o4")
+    with pytest.raises(MergeError, match="full checkpoint but PREV .* is a LoRA adapter"):
+        run_merge(prev, setup["base"], MergeOptions(ALPHA), tmp_path / "o4")
     with pytest.raises(MergeError, match="--merge-into applies to LoRA adapters"):
         run_merge(setup["base"], setup["base"], MergeOptions(ALPHA, merge_into=setup["base"]), tmp_path / "o5")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
@@ -210,3 +210,116 @@ def test_lora_bias_without_lora_bias_in_the_config_is_refused(setup, tmp_path):
     with pytest.raises(MergeError, match="lora_B.bias .* lora_bias is not true"):
         run_merge(prev2, no_flag, MergeOptions(ALPHA), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- a full checkpoint as PREV, an adapter over it as CUR
+
+
+def _scale(config: dict, module: str, r: int) -> float:
+    """PEFT's scaling of one module, from the config alone (patterns matched as PEFT does)."""
+    import math
+    import re
+
+    alpha = next(
+        (v for k, v in (config.get("alpha_pattern") or {}).items() if re.match(rf"(.*\.)?({k})$", module)), None
+    )
+    alpha = config["lora_alpha"] if alpha is None else alpha
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def _base_step_reference(base: Path, adapter: Path, alpha: float, magnitude: bool = False) -> dict[str, torch.Tensor]:
+    """BASE + (1 + alpha) * delta in float64, from the files (independent of apo_merge.lora). ``magnitude``: the
+    same sums over absolute values, the scale of fp32 rounding errors."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    f = torch.abs if magnitude else (lambda x: x)
+    w = {k: f(v.double()) for k, v in load_file(base / "model.safetensors").items()}
+    t = {
+        k.removeprefix("base_model.model."): f(v.double())
+        for k, v in load_file(adapter / "adapter_model.safetensors").items()
+    }
+    out = dict(w)
+    for key, A in t.items():
+        for a_suffix, b_suffix, transposed in (
+            (".lora_A.weight", ".lora_B.weight", False),
+            (".lora_embedding_A", ".lora_embedding_B", True),
+        ):
+            if key.endswith(a_suffix):
+                module = key[: -len(a_suffix)]
+                B = t[module + b_suffix]
+                d = (1 + alpha) * _scale(config, module, A.shape[0]) * (B @ A)
+                out[module + ".weight"] = out[module + ".weight"] + (d.T if transposed else d)
+                if module + ".lora_B.bias" in t:
+                    bias = (1 + alpha) * _scale(config, module, A.shape[0]) * t[module + ".lora_B.bias"]
+                    out[module + ".bias"] = out[module + ".bias"] + bias
+        if not any(part.startswith("lora_") for part in key.split(".")):  # modules_to_save: W_c + a (W_c - W_base)
+            name = key.replace(".base_layer.", ".")
+            out[name] = t[key] + alpha * (t[key] + w[name] if magnitude else t[key] - w[name])
+    return out
+
+
+def _implied_full(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """The full weights an adapter over BASE stands for, in float64 (the same reading of the files)."""
+    return _base_step_reference(base, adapter, 0.0)
+
+
+@pytest.mark.parametrize("pair", ["plain", "fancy"])
+def test_base_and_adapter_written_as_adapter_is_exact(setup, pair, tmp_path):
+    _, cur = setup[pair]
+    out = tmp_path / "apo"
+    report = run_merge(setup["base"], cur, MergeOptions(ALPHA), out)
+    assert report.kind == "lora adapter"
+    want = _base_step_reference(setup["base"], cur, ALPHA)
+    got = _implied_full(setup["base"], out)
+    config, cur_config = (json.loads((d / "adapter_config.json").read_text()) for d in (out, cur))
+    assert config["lora_alpha"] == (1 + ALPHA) * cur_config["lora_alpha"]  # the scale folded, factors untouched
+    got_t, cur_t = load_file(out / "adapter_model.safetensors"), load_file(cur / "adapter_model.safetensors")
+    for key, c in cur_t.items():
+        if any(part.startswith("lora_") for part in key.split(".")):
+            assert torch.equal(got_t[key], c), key
+    cur_full, eps = _implied_full(setup["base"], cur), torch.finfo(torch.float32).eps
+    for name in want:
+        ref = want[name]
+        err = (got[name] - ref).abs()
+        # modules_to_save: W_c + a (W_c - W_b) in fp32 (the kernel's bound); LoRA layers: the factors' bytes and a
+        # float64 scale, so nothing rounds at fp32 precision
+        whole = name == "lm_head.weight"
+        bound = 2 * eps * (ref.abs() + cur_full[name].abs()) if whole else 1e-12 * (ref.abs() + 1)
+        assert bool((err <= bound).all()), name
+    # PEFT reads it as BASE + (1 + alpha) delta.
+    model = LlamaForCausalLM.from_pretrained(setup["base"])
+    model.load_state_dict({k: v.float() for k, v in want.items()})
+    torch.testing.assert_close(_adapter_logits(setup, out), _logits(model, setup["ids"]), **TOL)
+
+
+def test_base_and_adapter_merged_into_full_weights(setup, tmp_path):
+    _, cur = setup["fancy"]
+    out = tmp_path / "full"
+    report = run_merge(setup["base"], cur, MergeOptions(ALPHA, merge_into=setup["base"]), out)
+    assert report.kind == "merged lora"
+    want = _base_step_reference(setup["base"], cur, ALPHA)
+    size = _base_step_reference(setup["base"], cur, ALPHA, magnitude=True)
+    got = load_file(out / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name, t in got.items():
+        assert t.dtype == torch.float32
+        err = (t.double() - want[name]).abs()
+        # fp32 products and sums (rank-many terms), one rounding: within a few eps of the magnitudes summed
+        assert bool((err <= 16 * torch.finfo(torch.float32).eps * (size[name] + want[name].abs())).all()), name
+    assert "merged into" in (out / "README.md").read_text() and (out / "config.json").is_file()
+
+
+def test_base_and_adapter_refused_when_the_adapter_is_not_over_prev(setup, tmp_path):
+    _, cur = setup["plain"]
+    other = make_checkpoint(tmp_path / "other", seed=5, attention_bias=True)
+    with pytest.raises(MergeError, match="is an adapter of .* but PREV is") as e:
+        run_merge(other, cur, MergeOptions(ALPHA), tmp_path / "o1")
+    assert "\n" not in str(e.value)
+    wider = make_checkpoint(tmp_path / "wider", seed=0, attention_bias=True, hidden_size=48)
+    unnamed = _with_config(cur, tmp_path / "unnamed", base_model_name_or_path=None)
+    with pytest.raises(MergeError, match="q_proj.weight with shape .* but PREV .* has"):
+        run_merge(wider, unnamed, MergeOptions(ALPHA), tmp_path / "o2")
+    hub_named = _with_config(cur, tmp_path / "hub-named", base_model_name_or_path="org/some-base")
+    run_merge(setup["base"], hub_named, MergeOptions(ALPHA), tmp_path / "ok")  # a local PREV names no Hub model
+    with pytest.raises(MergeError, match="give PREV .* as --merge-into"):
+        run_merge(setup["base"], cur, MergeOptions(ALPHA, merge_into=other), tmp_path / "o3")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 4))
