@@ -69,6 +69,7 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("COLUMNS", None)
+    env["PYTHONFAULTHANDLER"] = "1"  # a crash or a test's SIGABRT of a hung child prints every thread's stack
     return env
 
 

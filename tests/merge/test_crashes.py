@@ -91,7 +91,12 @@ def _start(big_or_paths, out: Path, *extra: str, alpha: str = "0.3", preexec=Non
 
 
 def _finish(p: subprocess.Popen, timeout: float = 300) -> Result:
-    stdout, stderr = p.communicate(timeout=timeout)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang: SIGABRT makes the child's faulthandler print every thread's stack
+        p.send_signal(signal.SIGABRT)
+        _, stderr = p.communicate(timeout=60)
+        raise AssertionError(f"apo-merge hung for {timeout} s; its threads when aborted:\n{stderr}") from None
     return Result(p.returncode, stdout, stderr)
 
 
