@@ -25,7 +25,7 @@ README_LIMIT = 15_000  # bytes (wc -c): the README is a front page, the manual l
 # Pages the README must link. The last four are written on other branches; until they land here a link to them
 # may dangle, but the README must still carry it.
 MANUAL = ["docs/merge.md", "docs/train.md", "docs/demo.md", "docs/performance.md"]
-LANDING = ["docs/errors.md", "docs/eval.md", "docs/gpu.md", "docs/trainer-vs-trl.md"]
+LANDING = ["docs/errors.md", "docs/eval.md", "docs/gpu.md"]
 
 
 def splice(text: str, generated: str) -> str:
