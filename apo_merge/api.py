@@ -378,37 +378,11 @@ def _merge_adapters(
                 on_plan=hooks.on_plan,
                 hub=base_from_hub,
             )
-        copied, skipped = [], []
-        for root, weights, trusted in side:
-            c, s = _copy_side_files(root, weights, trusted, tmp)
-            copied, skipped = sorted({*copied, *c}), sorted({*skipped, *s})
         hashes = {"prev": prev_a.digest, "cur": cur_a.digest}
         if res.base_digest is not None:
             hashes["base"] = res.base_digest
-        info = card.CardInfo(
-            alpha=options.alpha,
-            prev=src_prev.card_name(options.card_paths),
-            cur=src_cur.card_name(options.card_paths),
-            dtype=options.dtype,
-            files=res.files,
-            base_models=base_models,
-            input_hashes=hashes,
-            **res.card,
-        )
-        _finish(staged, res.index, info)
-    return MergeReport(
-        output=out,
-        device="cpu",
-        n_tensors=res.n_tensors,
-        n_extrapolated=res.n_changed,
-        bytes_written=res.bytes_written,
-        seconds=0.0,
-        sha256={name: sha for name, (_, sha) in res.files.items()},
-        copied_files=copied,
-        skipped_files=skipped,
-        input_hashes=hashes,
-        kind="lora adapter" if base is None else "merged lora",
-    )
+        kind = "lora adapter" if base is None else "merged lora"
+        return _finish_adapter(staged, tmp, out, side, res, hashes, (src_prev, src_cur), base_models, options, kind)
 
 
 def _merge_base_and_adapter(
@@ -454,22 +428,40 @@ def _merge_base_and_adapter(
         else:
             res = lora.write_base_step_adapter(base, cur_a, tmp, options, metadata=meta)
             prev_digest = _checkpoint_digest(base, {f.path: hashing.hash_file(f.path) for f in base.files})
-        copied, skipped = [], []
-        for root, weights, trusted in side:
-            c, s = _copy_side_files(root, weights, trusted, tmp)
-            copied, skipped = sorted({*copied, *c}), sorted({*skipped, *s})
         hashes = {"prev": prev_digest, "cur": cur_a.digest}
-        info = card.CardInfo(
-            alpha=options.alpha,
-            prev=src_prev.card_name(options.card_paths),
-            cur=src_cur.card_name(options.card_paths),
-            dtype=options.dtype,
-            files=res.files,
-            base_models=base_models,
-            input_hashes=hashes,
-            **res.card,
-        )
-        _finish(staged, res.index, info)
+        kind = "merged lora" if merged else "lora adapter"
+        return _finish_adapter(staged, tmp, out, side, res, hashes, (src_prev, src_cur), base_models, options, kind)
+
+
+def _finish_adapter(
+    staged: StagedFolder,
+    tmp: Path,
+    out: Path,
+    side: list,
+    res: Any,
+    hashes: dict[str, str],
+    sources_: tuple[sources.Source, sources.Source],
+    base_models: list[str],
+    options: MergeOptions,
+    kind: str,
+) -> MergeReport:
+    """Copy the side files into ``tmp``, write the card, put OUT in place, and report (both LoRA paths)."""
+    src_prev, src_cur = sources_
+    copied, skipped = [], []
+    for root, weights, trusted in side:
+        c, s = _copy_side_files(root, weights, trusted, tmp)
+        copied, skipped = sorted({*copied, *c}), sorted({*skipped, *s})
+    info = card.CardInfo(
+        alpha=options.alpha,
+        prev=src_prev.card_name(options.card_paths),
+        cur=src_cur.card_name(options.card_paths),
+        dtype=options.dtype,
+        files=res.files,
+        base_models=base_models,
+        input_hashes=hashes,
+        **res.card,
+    )
+    _finish(staged, res.index, info)
     return MergeReport(
         output=out,
         device="cpu",
@@ -481,7 +473,7 @@ def _merge_base_and_adapter(
         copied_files=copied,
         skipped_files=skipped,
         input_hashes=hashes,
-        kind="lora adapter" if not merged else "merged lora",
+        kind=kind,
     )
 
 
