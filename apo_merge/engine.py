@@ -397,14 +397,17 @@ class _Pipeline:
             threading.Thread(target=self._guard(lambda k=k: self._hash(k)), name=f"apo-hash-{k}", daemon=True)
             for k in range(self.n_out)
         ]
+        # Every stage runs in a worker thread; the main thread, where Ctrl-C and SIGTERM land, only waits. A
+        # signal raised inside a stage's queue call could strike between acquiring the queue's lock and the
+        # block that releases it, leaving the lock held and the other stages blocked forever (a hang seen once
+        # in 50 interrupted merges under load, when the main thread ran a compute worker).
         threads += [
             threading.Thread(target=self._guard(compute), name=f"apo-compute-{i}", daemon=True)
-            for i in range(self.workers - 1)
+            for i in range(self.workers)
         ]
         try:
             for t in threads:  # inside the try: a signal landing between two starts must stop the started ones
                 t.start()
-            self._guard(compute)()
             _join(threads)
         except BaseException:  # Ctrl-C while joining: stop the other stages before the caller cleans up
             self.stop.set()
