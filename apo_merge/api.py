@@ -427,7 +427,10 @@ def _merge_base_and_adapter(
             prev_digest = res.base_digest
         else:
             res = lora.write_base_step_adapter(base, cur_a, tmp, options, metadata=meta)
-            prev_digest = _checkpoint_digest(base, {f.path: hashing.hash_file(f.path) for f in base.files})
+            if options.hash_inputs:
+                prev_digest = _checkpoint_digest(base, {f.path: hashing.hash_file(f.path) for f in base.files})
+            else:  # as for any full-checkpoint input: names and sizes, the Hub's SHA-256s where the cache has them
+                prev_digest = _checkpoint_listing(base, src_prev)
         hashes = {"prev": prev_digest, "cur": cur_a.digest}
         kind = "merged lora" if merged else "lora adapter"
         return _finish_adapter(staged, tmp, out, side, res, hashes, (src_prev, src_cur), base_models, options, kind)

@@ -323,3 +323,21 @@ def test_base_and_adapter_refused_when_the_adapter_is_not_over_prev(setup, tmp_p
     with pytest.raises(MergeError, match="give PREV .* as --merge-into"):
         run_merge(setup["base"], cur, MergeOptions(ALPHA, merge_into=other), tmp_path / "o3")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 4))
+
+
+def test_base_and_adapter_reads_the_base_through_sha256_only_with_hash_inputs(setup, tmp_path, monkeypatch):
+    from apo_merge.io import hashing
+
+    _, cur = setup["plain"]
+    read = []
+    real = hashing.hash_file
+    monkeypatch.setattr(hashing, "hash_file", lambda path, *a, **k: read.append(Path(path).name) or real(path, *a, **k))
+    plain = run_merge(setup["base"], cur, MergeOptions(ALPHA), tmp_path / "plain")
+    assert not [n for n in read if n.endswith(".safetensors") and n != "adapter_model.safetensors"]
+    assert (
+        plain.input_hashes["prev"].sha256 is None
+        and "prev content sha256" not in (tmp_path / "plain/README.md").read_text()
+    )
+    hashed = run_merge(setup["base"], cur, MergeOptions(ALPHA, hash_inputs=True), tmp_path / "hashed")
+    assert hashed.input_hashes["prev"].sha256 is not None
+    assert f"`{hashed.input_hashes['prev'].sha256}`" in (tmp_path / "hashed/README.md").read_text()
