@@ -478,30 +478,44 @@ def write_adapter(
     prev: Adapter, cur: Adapter, dest: Path, options: MergeOptions, *, metadata: dict[str, str]
 ) -> Written:
     """Write the exact extrapolated adapter (adapter_model.safetensors + adapter_config.json) into ``dest``."""
+    tensors, config = extrapolate_adapters(prev, cur, options.alpha, options.dtype)
+    ranks = "/".join(map(str, sorted({config["r"], *config["rank_pattern"].values()})))
+    method = (
+        "exact: one LoRA of rank r_cur + r_prev, B = [(1+alpha) s_cur B_cur, -alpha s_prev "
+        f"B_prev], A = [A_cur; A_prev], scaling 1 (rank {ranks})"
+    )
+    summary = (
+        "This adapter is an APO (Accelerated Preference Optimization, arXiv 2410.06293) extrapolation "
+        "step of two LoRA adapters,\n`delta = (1 + alpha) delta_cur - alpha delta_prev`, written exactly "
+        "as one LoRA"
+    )
+    return _save_adapter(tensors, config, dest, options, metadata, cur, method, summary)
+
+
+def _save_adapter(
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    dest: Path,
+    options: MergeOptions,
+    metadata: dict[str, str],
+    cur: Adapter,
+    method: str,
+    summary: str,
+) -> Written:
+    """Write an adapter's two files into ``dest`` (refusing inf/NaN under --strict) with its card rows."""
     from safetensors.torch import save_file
 
-    tensors, config = extrapolate_adapters(prev, cur, options.alpha, options.dtype)
     bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors.values() if t.is_floating_point())
     if options.strict and bad:
         raise MergeError(f"{bad} adapter values are inf or NaN (--strict); lower --alpha")
     save_file(tensors, dest / ADAPTER_WEIGHTS, metadata={"format": "pt", **metadata})
     (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     size, sha = hash_file(dest / ADAPTER_WEIGHTS)
-    ranks = "/".join(map(str, sorted({config["r"], *config["rank_pattern"].values()})))
     card = dict(
         library_name="peft",
         tags=["lora", "peft"],
-        rows=[
-            ("base model", f"`{cur.config.get('base_model_name_or_path')}`"),
-            (
-                "method",
-                "exact: one LoRA of rank r_cur + r_prev, B = [(1+alpha) s_cur B_cur, -alpha s_prev "
-                f"B_prev], A = [A_cur; A_prev], scaling 1 (rank {ranks})",
-            ),
-        ],
-        summary="This adapter is an APO (Accelerated Preference Optimization, arXiv 2410.06293) extrapolation "
-        "step of two LoRA adapters,\n`delta = (1 + alpha) delta_cur - alpha delta_prev`, written exactly "
-        "as one LoRA",
+        rows=[("base model", f"`{cur.config.get('base_model_name_or_path')}`"), ("method", method)],
+        summary=summary,
     )
     files = {ADAPTER_WEIGHTS: (size, sha), ADAPTER_CONFIG: hash_file(dest / ADAPTER_CONFIG)}  # verify checks both
     return Written(files, len(tensors), len(tensors), size, card=card)
@@ -719,29 +733,15 @@ def write_base_step_adapter(
     base: Checkpoint, cur: Adapter, dest: Path, options: MergeOptions, *, metadata: dict[str, str]
 ) -> Written:
     """Write the base+adapter step as an adapter over PREV (adapter_model.safetensors + adapter_config.json)."""
-    from safetensors.torch import save_file
-
     if options.dtype != "keep":
         raise MergeError(
             "--dtype applies to --merge-into for a full PREV and an adapter CUR; the adapter keeps CUR's factors"
         )
     tensors, config = base_step_adapter(base, cur, options.alpha)
-    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors.values() if t.is_floating_point())
-    if options.strict and bad:
-        raise MergeError(f"{bad} adapter values are inf or NaN (--strict); lower --alpha")
-    save_file(tensors, dest / ADAPTER_WEIGHTS, metadata={"format": "pt", **metadata})
-    (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    size, sha = hash_file(dest / ADAPTER_WEIGHTS)
-    card = dict(
-        library_name="peft",
-        tags=["lora", "peft"],
-        rows=[
-            ("base model", f"`{cur.config.get('base_model_name_or_path')}`"),
-            ("method", "exact: CUR's factors, lora_alpha (and alpha_pattern) times (1 + alpha)"),
-        ],
-        summary="This adapter is an APO (Accelerated Preference Optimization, arXiv 2410.06293) extrapolation "
+    method = "exact: CUR's factors, lora_alpha (and alpha_pattern) times (1 + alpha)"
+    summary = (
+        "This adapter is an APO (Accelerated Preference Optimization, arXiv 2410.06293) extrapolation "
         "step from a base model (PREV) to base + adapter (CUR),\n`delta = (1 + alpha) delta_cur`, written exactly "
-        "as one LoRA over the base",
+        "as one LoRA over the base"
     )
-    files = {ADAPTER_WEIGHTS: (size, sha), ADAPTER_CONFIG: hash_file(dest / ADAPTER_CONFIG)}
-    return Written(files, len(tensors), len(tensors), size, card=card)
+    return _save_adapter(tensors, config, dest, options, metadata, cur, method, summary)
