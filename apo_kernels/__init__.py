@@ -16,9 +16,26 @@ Numerics (the contract; every backend, every dtype mix):
 
 Backends (chosen per call in ``apo_kernels.ops``): CUDA tensors run a fused Triton kernel (one pass, small
 tensors grouped per launch); CPU tensors run a CPU twin made of torch ops. ``backend="triton"`` on CPU tensors
-runs the same kernel under Triton's interpreter (slow, for tests). All paths agree bit for bit.
+runs the same kernel under Triton's interpreter (slow, for tests). A numpy twin over byte buffers
+(``apo_kernels._numpy``) is what apo-merge computes with on the CPU: it needs no torch. All paths agree bit
+for bit.
+
+torch loads on first use of the names below, so that importing the numpy twin does not start it.
 """
 
-from apo_kernels.ops import extrapolate, extrapolate_, extrapolate_many_, supported_dtypes
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from apo_kernels.ops import extrapolate, extrapolate_, extrapolate_many_, supported_dtypes
 
 __all__ = ["extrapolate", "extrapolate_", "extrapolate_many_", "supported_dtypes"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from apo_kernels import ops
+
+        return getattr(ops, name)
+    raise AttributeError(f"module 'apo_kernels' has no attribute {name!r}")

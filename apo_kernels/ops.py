@@ -3,6 +3,7 @@
 ``backend="auto"``: CUDA tensors -> the compiled Triton kernel, CPU tensors -> the CPU twin.
 ``backend="triton"``: the kernel; on CPU tensors it runs under Triton's interpreter (slow: tests only).
 ``backend="torch"``: the twin (plain torch ops, any device).
+``backend="numpy"``: the numpy twin the merge engine runs on the CPU (CPU tensors only).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from apo_kernels import _cpu
 from apo_kernels._numerics import FLOAT_DTYPES
 
-Backend = Literal["auto", "torch", "triton"]
-_BACKENDS = ("auto", "torch", "triton")
+Backend = Literal["auto", "torch", "triton", "numpy"]
+_BACKENDS = ("auto", "torch", "triton", "numpy")
 
 
 def supported_dtypes() -> tuple[torch.dtype, ...]:
@@ -87,6 +88,8 @@ def _check(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, backend: st
         )
     _check_alias(out, "prev", prev)
     _check_alias(out, "cur", cur)
+    if backend == "numpy" and cur.device.type != "cpu":
+        raise ValueError(f"backend='numpy' takes CPU tensors, not {cur.device}; use backend='auto'")
 
 
 def _use_triton(device: torch.device, backend: Backend) -> bool:
@@ -111,13 +114,27 @@ def extrapolate_(
     wide, a = _decide(out, prev, cur, alpha)
     if _copies_cur(out, cur, a):
         return out.copy_(cur)
-    if _use_triton(cur.device, backend):
+    if backend == "numpy":
+        _numpy_twin(out, prev, cur, a)
+    elif _use_triton(cur.device, backend):
         from apo_kernels import _triton
 
         _triton.extrapolate_(out, prev, cur, a, wide)
     else:
         _cpu.extrapolate_(out, prev, cur, a, wide)
     return out
+
+
+def _numpy_twin(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, a: float) -> None:
+    from apo_kernels import _numpy
+
+    def raw(t: torch.Tensor):
+        return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+    name = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+    result = torch.empty(out.shape, dtype=out.dtype)  # the twin's output may not alias its inputs
+    _numpy.extrapolate_into([raw(result)], name[out.dtype], raw(prev), name[prev.dtype], raw(cur), name[cur.dtype], [a])
+    out.copy_(result)
 
 
 def extrapolate(
@@ -161,6 +178,8 @@ def extrapolate_many_(
         wide, a = _decide(o, p, c, alpha)
         if _copies_cur(o, c, a):
             o.copy_(c)
+        elif backend == "numpy":
+            _numpy_twin(o, p, c, a)
         else:
             (kernel if _use_triton(c.device, backend) else twin).append((o, p, c, a, wide))
     if kernel:

@@ -3,11 +3,12 @@
 - read: pread into a small ring of reusable buffers (pinned when the GPU computes): anonymous memory does not
   grow with checkpoint size and no input page is mapped. A ``Prefetcher`` (apo_merge.io.prefetch) streams the
   inputs into the page cache ahead of these reads.
-- compute: on the CPU, worker threads with one torch thread each (OpenMP threads spinning next to the I/O
-  threads cost more than they give on small machines); on a GPU, pinned slots, two CUDA streams with their
-  own device buffers (copies of one chunk overlap the kernel of the other) and an event per chunk that the
-  writer waits on, so the compute thread never synchronises. The kernel is a parameter (default: apo_kernels'
-  ``extrapolate_``).
+- compute: on the CPU, worker threads running apo_kernels' numpy twin on the byte buffers (torch is not even
+  imported: its start-up alone would cost a third of a 1 GB merge on two cores); on a GPU, pinned slots, two
+  CUDA streams with their own device buffers (copies of one chunk overlap the kernel of the other) and an
+  event per chunk that the writer waits on, so the compute thread never synchronises. A kernel on torch
+  tensors can be passed instead (default on a GPU: apo_kernels' ``extrapolate_``); on the CPU it runs with one
+  torch thread per worker (OpenMP threads spinning next to the I/O threads cost more than they give).
 - write: chunks in order (workers may finish out of order) through apo_merge.io.writer's SafetensorsWriter,
   which keeps writeback moving behind the writes.
 - hash: SHA-256 of each output file (for the model card), in order, beside the writes, straight from the buffers
@@ -16,17 +17,17 @@
 Several plans over the same inputs (one per alpha) run in one pass: each chunk is read once, computed once per
 alpha into its own output buffer, and written to each output; copied and converted tensors are computed once.
 
-torch loads lazily, so that the CLI's prefetch can start before it.
+torch loads only for a GPU or a torch kernel, and then after the CLI's prefetch has started.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from apo_kernels._numpy import extrapolate_into
 from apo_merge.errors import MergeError
 from apo_merge.io.dtypes import ITEMSIZE, torch_dtype
 from apo_merge.io.header import FileHeader
@@ -70,15 +74,34 @@ class EngineStats:
 
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when a CUDA device is available, else ``cpu``; a CUDA request without one is refused."""
-    if device == "cpu":
+    if device == "cpu" or (device == "auto" and not _may_have_gpu()):
         return "cpu"
-    import torch
+    from apo_merge.shell import import_torch
+
+    torch = import_torch()  # Ctrl-C held while torch starts (see hold_signals)
 
     if not torch.cuda.is_available():
         if device == "auto":
             return "cpu"
         raise MergeError("--device cuda: no CUDA device is available; use --device cpu or auto")
     return "cuda" if device == "auto" else device
+
+
+def _may_have_gpu() -> bool:
+    """False only where no CUDA or ROCm device can be, told without importing torch (3 s of start-up)."""
+    if "torch" in sys.modules or not sys.platform.startswith("linux"):
+        return sys.platform != "darwin"  # torch is loaded, so asking it is free; macOS has no CUDA
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    for path in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd"):  # drivers: NVIDIA, WSL, ROCm
+        if os.path.exists(path):
+            return True
+    with contextlib.suppress(OSError):  # an NVIDIA or AMD display/3D controller whose driver is not loaded yet
+        for dev in os.scandir("/sys/bus/pci/devices"):
+            with open(os.path.join(dev.path, "vendor")) as v, open(os.path.join(dev.path, "class")) as c:
+                if v.read().strip() in ("0x10de", "0x1002") and c.read().startswith("0x03"):
+                    return True
+    return False
 
 
 # -- the pipeline ---------------------------------------------------------------------------------------------
@@ -99,20 +122,30 @@ class _Task:
         return self.piece.prev is None
 
 
-def _memoryview(t: torch.Tensor) -> memoryview:
-    return memoryview((ctypes.c_ubyte * t.numel()).from_address(t.data_ptr())).cast("B")
-
-
 class _Slot:
-    """Reusable host buffers for one chunk: CUR's, PREV's and each output's bytes."""
+    """Reusable host buffers for one chunk: CUR's, PREV's and each output's bytes (numpy uint8 arrays)."""
 
     def __init__(self, nbytes: int, pinned: bool, n_out: int) -> None:
-        import torch
+        self._tensors: list[torch.Tensor] | None = None
+        if pinned:  # for a GPU: torch's pinned memory, seen through numpy
+            import torch
 
-        self.cur, self.prev = (torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(2))
-        self.outs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(n_out)]
-        self.views = {"cur": _memoryview(self.cur), "prev": _memoryview(self.prev)}
-        self.out_views = [_memoryview(o) for o in self.outs]
+            self._tensors = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2 + n_out)]
+            arrays = [t.numpy() for t in self._tensors]
+        else:
+            arrays = [np.empty(nbytes, np.uint8) for _ in range(2 + n_out)]
+        self.cur, self.prev, *self.outs = arrays
+        self.views = {"cur": memoryview(self.cur), "prev": memoryview(self.prev)}
+        self.out_views = [memoryview(o) for o in self.outs]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(cur, prev, outs) as torch tensors over the same memory."""
+        if self._tensors is None:
+            import torch
+
+            self._tensors = [torch.from_numpy(a) for a in (self.cur, self.prev, *self.outs)]
+        cur, prev, *outs = self._tensors
+        return cur, prev, outs
 
 
 def _tasks(plan: MergePlan, chunk_elems: int) -> Iterator[_Task]:
@@ -125,10 +158,12 @@ def _tasks(plan: MergePlan, chunk_elems: int) -> Iterator[_Task]:
                 seq += 1
 
 
-def _on(device: torch.device) -> contextlib.AbstractContextManager:
+def _on(device: str) -> contextlib.AbstractContextManager:
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext()
     import torch
 
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return torch.cuda.device(torch.device(device))
 
 
 def _nbytes(task: _Task) -> tuple[int, int, int]:
@@ -154,8 +189,8 @@ class _Pipeline:
         self,
         plans: list[MergePlan],
         out_dirs: list[Path],
-        device: torch.device,
-        kernel: Kernel,
+        device: str,
+        kernel: Kernel | None,
         prefetcher: Prefetcher,
         progress: Callable[[int], None] | None,
         on_read: OnRead | None,
@@ -164,7 +199,7 @@ class _Pipeline:
         self.plans, self.out_dirs, self.device, self.progress = plans, out_dirs, device, progress
         self.plan, self.alphas, self.n_out = plan, [p.alpha for p in plans], len(plans)
         self.kernel, self.prefetcher, self.on_read = kernel, prefetcher, on_read
-        self.gpu = device.type == "cuda"
+        self.gpu = device.startswith("cuda")
         self.chunk_elems = GPU_CHUNK_ELEMS if self.gpu else CHUNK_ELEMS
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.workers = 1 if self.gpu else max(1, min(MAX_CPU_WORKERS, cpus))
@@ -232,23 +267,45 @@ class _Pipeline:
                 self.to_compute.put(None)
 
     def _compute_cpu(self) -> None:
-        import torch
-
         found = [0] * self.n_out
         try:
             while (task := self._get(self.to_compute)) is not None:
                 if not task.copy:
-                    slot = task.slot
-                    for k, alpha in enumerate(self.alphas[:1] if task.piece.convert else self.alphas):
-                        out, prev, cur = _operands(task, slot.outs[k], slot.prev, slot.cur)
-                        self.kernel(out, prev, cur, 0.0 if task.piece.convert else alpha)  # alpha 0: CUR, rounded once
-                        found[k] += _new_nonfinite(torch, out, prev, cur)
+                    slot, piece = task.slot, task.piece
+                    alphas = [0.0] if piece.convert else self.alphas  # alpha 0: CUR, rounded once
+                    if self.kernel is None:
+                        ob, pb, cb = _nbytes(task)
+                        outs = [o[:ob] for o in slot.outs[: len(alphas)]]
+                        counts = extrapolate_into(
+                            outs,
+                            piece.dtype,
+                            slot.prev[:pb],
+                            piece.prev[1].dtype,
+                            slot.cur[:cb],
+                            piece.cur[1].dtype,
+                            alphas,
+                        )
+                    else:
+                        counts = self._torch_kernel(task, alphas)
+                    for k, n in enumerate(counts):
+                        found[k] += n
                 self.to_write.put(task)
         finally:
             with self.lock:
                 for stats, n in zip(self.stats, found):
                     stats.new_nonfinite += n
             self.to_write.put(None)
+
+    def _torch_kernel(self, task: _Task, alphas: list[float]) -> list[int]:
+        import torch
+
+        cur_t, prev_t, outs_t = task.slot.tensors()
+        counts = []
+        for k, alpha in enumerate(alphas):
+            out, prev, cur = _operands(task, outs_t[k], prev_t, cur_t)
+            self.kernel(out, prev, cur, alpha)
+            counts.append(_new_nonfinite(torch, out, prev, cur))
+        return counts
 
     def _compute_cuda(self) -> None:
         import torch
@@ -269,19 +326,19 @@ class _Pipeline:
             with _on(self.device):
                 while (task := self._get(self.to_compute)) is not None:
                     if not task.copy:
-                        slot, (d_prev, d_cur, *d_outs), i = task.slot, dev[k % 2], k % 2
+                        (h_cur, h_prev, h_outs), (d_prev, d_cur, *d_outs), i = task.slot.tensors(), dev[k % 2], k % 2
                         k += 1
                         ob, pb, cb = _nbytes(task)
                         with torch.cuda.stream(streams[i]):
-                            d_cur[:cb].copy_(slot.cur[:cb], non_blocking=True)
-                            d_prev[:pb].copy_(slot.prev[:pb], non_blocking=True)
+                            d_cur[:cb].copy_(h_cur[:cb], non_blocking=True)
+                            d_prev[:pb].copy_(h_prev[:pb], non_blocking=True)
                             for j, alpha in enumerate(self.alphas[:1] if task.piece.convert else self.alphas):
                                 out, prev, cur = _operands(task, d_outs[j], d_prev, d_cur)
                                 self.kernel(out, prev, cur, 0.0 if task.piece.convert else alpha)
                                 found[i][j] += (
                                     torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)
                                 ).sum()
-                                slot.outs[j][:ob].copy_(d_outs[j][:ob], non_blocking=True)
+                                h_outs[j][:ob].copy_(d_outs[j][:ob], non_blocking=True)
                             task.ready = torch.cuda.Event()
                             task.ready.record(streams[i])
                     self.to_write.put(task)
@@ -450,7 +507,7 @@ def execute(
     """Write every file of ``plan`` into ``out_dir`` (which must exist and be empty of those names).
 
     ``options.device`` is where to compute (``auto`` is resolved here); ``kernel`` computes each chunk (default:
-    apo_kernels' ``extrapolate_``); ``prefetcher`` is the one the caller may have started already (the CLI
+    on the CPU, apo_kernels' numpy twin; on a GPU, apo_kernels' ``extrapolate_``); ``prefetcher`` is the one the caller may have started already (the CLI
     does, before torch loads). ``on_read(path, offset, data)`` is called on the reader thread after each read
     of an input file: ``data`` holds the bytes at absolute ``offset`` and is valid only during the call (e.g.
     to hash the inputs). OSError propagates: io.output.StagedFolder, which knows the user's OUT, turns it into
@@ -486,15 +543,16 @@ def execute_many(
             raise ValueError("execute_many: the plans must read the same tensors in the same order")
     prefetcher = prefetcher or Prefetcher()
     prefetcher.prefetch([h.path for h in first.prev.files], [h.path for h in first.cur.files])
+    device = resolve_device(options.device)
+    if device == "cpu" and kernel is None:  # the numpy twin: no torch
+        return _Pipeline(plans, out_dirs, device, None, prefetcher, progress, on_read).run()
     from apo_merge.shell import import_torch
 
     torch = import_torch()  # Ctrl-C held while torch starts (see hold_signals)
-
     if kernel is None:
         from apo_kernels import extrapolate_ as kernel
-    device = torch.device(resolve_device(options.device))
     threads = torch.get_num_threads()
-    if device.type == "cpu":
+    if device == "cpu":
         torch.set_num_threads(1)  # one per worker thread, for the merge only (the setting is process-wide)
     try:
         return _Pipeline(plans, out_dirs, device, kernel, prefetcher, progress, on_read).run()

@@ -251,3 +251,26 @@ def test_cuda_pipeline_chunks_mixed_dtypes_copies_and_overflow(pair, tmp_path, m
         )
     report = run_merge(tmp_path / "p16", tmp_path / "c16", MergeOptions(0.3, device="cuda"), tmp_path / "o16")
     assert report.new_nonfinite == 2500
+
+
+_NO_TORCH = """
+import sys
+from apo_merge.cli import main
+sys.argv = ["apo-merge", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+assert "torch" not in sys.modules, "torch was imported"
+"""
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_cpu_merge_and_verify_never_import_torch(tiny_checkpoints, tmp_path, device):
+    """torch's start-up is a third of a 1 GB merge on two cores: the CPU path computes with the numpy twin."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # auto without a GPU
+    out = tmp_path / "out"
+    merge = [tiny_checkpoints["shard_prev"], tiny_checkpoints["shard_cur"], "--alpha", "0.3", "-o", out]
+    for args in (merge + ["--device", device], ["verify", out]):
+        p = subprocess.run([sys.executable, "-c", _NO_TORCH, *map(str, args)], env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
