@@ -96,11 +96,14 @@ def _may_have_gpu() -> bool:
     for path in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd"):  # drivers: NVIDIA, WSL, ROCm
         if os.path.exists(path):
             return True
-    with contextlib.suppress(OSError):  # an NVIDIA or AMD display/3D controller whose driver is not loaded yet
-        for dev in os.scandir("/sys/bus/pci/devices"):
-            with open(os.path.join(dev.path, "vendor")) as v, open(os.path.join(dev.path, "class")) as c:
-                if v.read().strip() in ("0x10de", "0x1002") and c.read().startswith("0x03"):
-                    return True
+    try:  # an NVIDIA or AMD display/3D controller whose driver is not loaded yet
+        devices = [d.path for d in os.scandir("/sys/bus/pci/devices")]
+    except OSError:
+        return True  # cannot tell: ask torch
+    for dev in devices:
+        with contextlib.suppress(OSError), open(f"{dev}/vendor") as v, open(f"{dev}/class") as c:
+            if v.read().strip() in ("0x10de", "0x1002") and c.read().startswith("0x03"):
+                return True
     return False
 
 
