@@ -127,7 +127,7 @@ class _Hooks:
 
     progress: Callable[[int], None] | None = None  # called with each count of bytes written
     on_plan: Callable[[Layout], None] | None = None  # called once the output is laid out (a MergePlan for a merge)
-    kernel: Kernel | None = None  # the engine's kernel (default: apo_kernels.extrapolate_)
+    kernel: Kernel | None = None  # a torch kernel for the engine (default: numpy twin on CPU, extrapolate_ on GPU)
     prefetcher: Prefetcher | None = None  # the CLI's, started before torch loads
 
 
