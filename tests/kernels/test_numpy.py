@@ -65,6 +65,25 @@ def test_bit_identical_to_torch_twin_all_dtypes(triple):
             assert_bits_equal(out, extrapolate(prev, cur, alpha, out_dtype=od, backend="torch"))
 
 
+def _random_bits(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Any bit pattern: NaN with every payload, infinities, subnormals, both zeros."""
+    g = torch.Generator().manual_seed(seed)
+    width = torch.finfo(dtype).bits
+    ints = torch.randint(-(2 ** (width - 1)), 2 ** (width - 1) - 1, (n,), generator=g, dtype=torch.int64)
+    return ints.to({16: torch.int16, 32: torch.int32, 64: torch.int64}[width]).view(dtype)
+
+
+@pytest.mark.parametrize("triple", ALL_TRIPLES, ids=triple_id)
+def test_bit_identical_to_torch_twin_on_any_bit_pattern(triple):
+    pd, cd, od = triple
+    prev, cur = _random_bits(3000, pd, 1), _random_bits(3000, cd, 2)
+    for alpha in (0.3, 0.0):
+        (out,), (found,) = run(prev, cur, [alpha], od)
+        expected = extrapolate(prev, cur, alpha, out_dtype=od, backend="torch")
+        assert_bits_equal(out, expected)
+        assert found == (~expected.double().isfinite() & prev.isfinite() & cur.isfinite()).sum().item()
+
+
 def test_several_alphas_equal_single_runs_and_pieces(monkeypatch):
     prev, cur = randoms((3 * 1000 + 7,), FP32, BF16)
     alphas = [0.1, 0.0, 0.3, -1.0]
