@@ -274,3 +274,35 @@ def test_cpu_merge_and_verify_never_import_torch(tiny_checkpoints, tmp_path, dev
     for args in (merge + ["--device", device], ["verify", out]):
         p = subprocess.run([sys.executable, "-c", _NO_TORCH, *map(str, args)], env=env, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize(
+    ("cur_dtype", "out", "twin"),
+    [
+        (torch.bfloat16, "keep", "numpy"),
+        (torch.float32, "bf16", "numpy"),
+        (torch.float16, "keep", "torch"),
+        (torch.bfloat16, "fp16", "torch"),
+    ],
+)
+def test_cpu_twin_choice_by_dtype_same_bytes(tmp_path, monkeypatch, cur_dtype, out, twin):
+    """numpy's fp16 conversions run an element at a time (8x slower than torch's): fp16 merges take torch's twin.
+    Either twin writes the same bytes."""
+    prev = make_checkpoint(tmp_path / "prev", seed=0, dtype=torch.float32)
+    cur = make_checkpoint(tmp_path / "cur", seed=1, dtype=cur_dtype)
+    used = []
+    monkeypatch.setattr(engine, "extrapolate_into", lambda *a: used.append("numpy") or _numpy_into(*a))
+    monkeypatch.setattr(
+        engine._Pipeline, "_torch_kernel", lambda self, *a: used.append("torch") or _torch_kernel(self, *a)
+    )
+    options = MergeOptions(0.3, device="cpu", dtype=out)
+    run_merge(prev, cur, options, tmp_path / "auto")
+    assert set(used) == {twin}
+    run_merge(prev, cur, options, tmp_path / "forced", kernel=kernel_extrapolate_)  # the torch twin, always
+    for name in os.listdir(tmp_path / "auto"):
+        if name.endswith(".safetensors"):
+            assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "forced" / name).read_bytes()
+
+
+_numpy_into = engine.extrapolate_into
+_torch_kernel = engine._Pipeline._torch_kernel
