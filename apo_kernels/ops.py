@@ -8,14 +8,13 @@
 
 from __future__ import annotations
 
-import math
-import struct
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
-from apo_kernels import _cpu
+from apo_kernels import _cpu, _numpy
 from apo_kernels._numerics import FLOAT_DTYPES
 
 Backend = Literal["auto", "torch", "triton", "numpy"]
@@ -34,13 +33,7 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 def round_alpha(alpha: float, wide: torch.dtype) -> float:
     """``alpha`` rounded to nearest-even in ``wide`` (overflowing to inf), returned as an exact Python float."""
-    alpha = float(alpha)
-    if wide == torch.float64:
-        return alpha
-    try:
-        return struct.unpack("<f", struct.pack("<f", alpha))[0]  # C's double -> float conversion
-    except OverflowError:
-        return math.copysign(math.inf, alpha)
+    return _numpy.round_alpha(alpha, np.float64 if wide == torch.float64 else np.float32)
 
 
 def _decide(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float) -> tuple[torch.dtype, float]:
@@ -126,8 +119,6 @@ def extrapolate_(
 
 
 def _numpy_twin(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, a: float) -> None:
-    from apo_kernels import _numpy
-
     def raw(t: torch.Tensor):
         return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
