@@ -24,3 +24,11 @@ CANONICAL_NAN: dict[torch.dtype, int] = {
     torch.float32: 0x7FC00000,
     torch.float64: 0x7FF8000000000000,
 }
+
+# The safetensors name of each dtype: how the numpy twin (apo_kernels._numpy), which has no torch, names them.
+SAFETENSORS_NAME: dict[torch.dtype, str] = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}

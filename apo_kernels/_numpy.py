@@ -98,7 +98,7 @@ def extrapolate_into(
                 r = np.multiply(d, ak, out=r_buf)  # t = alpha * d
                 np.add(c, r, out=r)  # r = cur + t
             if not (r.max() < limit and r.min() > -limit):  # NaN, inf or overflow (rare): the exact path
-                found[k] += _store_exact(o, out_dtype, r, c, p_bits, prev_dtype, f32)
+                found[k] += _store_exact(o, out_dtype, r, c, p_bits, prev_dtype, u32, f32)
             else:
                 _store(o, out_dtype, r, u32, f32)
     return found
@@ -150,11 +150,20 @@ def _store(o: np.ndarray, name: str, r: np.ndarray, u32: np.ndarray, f32: np.nda
 
 
 def _store_exact(
-    o: np.ndarray, name: str, r: np.ndarray, c: np.ndarray, p_bits: np.ndarray, p_name: str, f32: np.ndarray
+    o: np.ndarray,
+    name: str,
+    r: np.ndarray,
+    c: np.ndarray,
+    p_bits: np.ndarray,
+    p_name: str,
+    u32: np.ndarray,
+    f32: np.ndarray,
 ) -> int:
-    """``_store``, then NaN made canonical; returns the count of non-finite outputs whose inputs were finite."""
+    """``_store``, then NaN made canonical; returns the count of non-finite outputs whose inputs were finite.
+
+    PREV is widened again (its scratch now holds d), into fresh buffers: this path is rare."""
     nan = np.isnan(r)
-    _store(o, name, r, np.empty(len(r), np.uint32), f32)
+    _store(o, name, r, u32, f32)
     o[nan] = _CANONICAL_NAN[name]
     bad = ((o & 0x7FFF) >= _NONFINITE_BITS[name]) if name in _NONFINITE_BITS else ~np.isfinite(o.view(_FLOAT[name]))
     p = _widen(p_bits, p_name, c.dtype.type, np.empty(len(c), c.dtype), np.empty(len(c), np.uint32))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from apo_kernels import _cpu, _numpy
-from apo_kernels._numerics import FLOAT_DTYPES
+from apo_kernels._numerics import FLOAT_DTYPES, SAFETENSORS_NAME
 
 Backend = Literal["auto", "torch", "triton", "numpy"]
 _BACKENDS = ("auto", "torch", "triton", "numpy")
@@ -122,7 +122,7 @@ def _numpy_twin(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, a: flo
     def raw(t: torch.Tensor):
         return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
-    name = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+    name = SAFETENSORS_NAME
     result = torch.empty(out.shape, dtype=out.dtype)  # the twin's output may not alias its inputs
     _numpy.extrapolate_into([raw(result)], name[out.dtype], raw(prev), name[prev.dtype], raw(cur), name[cur.dtype], [a])
     out.copy_(result)

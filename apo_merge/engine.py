@@ -5,9 +5,9 @@
   inputs into the page cache ahead of these reads.
 - compute: on the CPU, worker threads running apo_kernels' numpy twin on the byte buffers (torch is not even
   imported: its start-up alone would cost a third of a 1 GB merge on two cores), or torch's twin when fp16 is
-  involved (numpy has no fast fp16 conversion); on a GPU, pinned slots, two
-  CUDA streams with their own device buffers (copies of one chunk overlap the kernel of the other) and an
-  event per chunk that the writer waits on, so the compute thread never synchronises. A kernel on torch
+  involved (numpy has no fast fp16 conversion); on a GPU, pinned slots, two CUDA streams with their own device
+  buffers (copies of one chunk overlap the kernel of the other) and an event per chunk that the writer waits
+  on, so the compute thread never synchronises. A kernel on torch
   tensors can be passed instead (default on a GPU: apo_kernels' ``extrapolate_``); on the CPU it runs with one
   torch thread per worker (OpenMP threads spinning next to the I/O threads cost more than they give).
 - write: chunks in order (workers may finish out of order) through apo_merge.io.writer's SafetensorsWriter,
@@ -518,9 +518,9 @@ def execute(
 
     ``options.device`` is where to compute (``auto`` is resolved here); ``kernel`` computes each chunk (default:
     apo_kernels' numpy twin on the CPU, its ``extrapolate_`` on a GPU or when fp16 is involved); ``prefetcher``
-    is the one the caller may have started already (the CLI does, first thing). ``on_read(path, offset, data)`` is called on the reader thread after each read
-    of an input file: ``data`` holds the bytes at absolute ``offset`` and is valid only during the call (e.g.
-    to hash the inputs). OSError propagates: io.output.StagedFolder, which knows the user's OUT, turns it into
+    is the one the caller may have started already (the CLI does, first thing). ``on_read(path, offset, data)``
+    is called on the reader thread after each read of an input file: ``data`` holds the bytes at absolute
+    ``offset`` and is valid only during the call (e.g. to hash the inputs). OSError propagates: io.output.StagedFolder, which knows the user's OUT, turns it into
     a MergeError.
     """
     return execute_many(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from apo_kernels import _numpy, extrapolate
+from apo_kernels._numerics import SAFETENSORS_NAME
 from tests.kernels.oracle import (
     ALL_TRIPLES,
     ALPHAS,
@@ -29,7 +30,7 @@ from tests.kernels.oracle import (
     triple_id,
 )
 
-NAME = {FP16: "F16", BF16: "BF16", FP32: "F32", FP64: "F64"}
+NAME = SAFETENSORS_NAME
 
 
 def raw(t: torch.Tensor) -> np.ndarray:

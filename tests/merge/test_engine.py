@@ -276,6 +276,10 @@ def test_cpu_merge_and_verify_never_import_torch(tiny_checkpoints, tmp_path, dev
         assert p.returncode == 0, p.stderr
 
 
+_numpy_into = engine.extrapolate_into  # the originals, for the spies below
+_torch_kernel = engine._Pipeline._torch_kernel
+
+
 @pytest.mark.parametrize(
     ("cur_dtype", "out", "twin"),
     [
@@ -302,7 +306,3 @@ def test_cpu_twin_choice_by_dtype_same_bytes(tmp_path, monkeypatch, cur_dtype, o
     for name in os.listdir(tmp_path / "auto"):
         if name.endswith(".safetensors"):
             assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "forced" / name).read_bytes()
-
-
-_numpy_into = engine.extrapolate_into
-_torch_kernel = engine._Pipeline._torch_kernel
