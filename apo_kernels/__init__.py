@@ -25,7 +25,9 @@ torch loads on first use of the names below, so that importing the numpy twin do
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from apo_kernels.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from apo_kernels.ops import extrapolate, extrapolate_, extrapolate_many_, supported_dtypes
@@ -33,9 +35,4 @@ if TYPE_CHECKING:
 __all__ = ["extrapolate", "extrapolate_", "extrapolate_many_", "supported_dtypes"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from apo_kernels import ops
-
-        return getattr(ops, name)
-    raise AttributeError(f"module 'apo_kernels' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(__all__, "apo_kernels.ops"))

@@ -5,9 +5,10 @@ Heavy modules (torch) load lazily so that the CLI starts reading while they impo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from apo_kernels.lazy import lazy_exports
+from apo_merge._version import __version__
 
 __all__ = [
     "APOCallback",
@@ -40,9 +41,4 @@ if TYPE_CHECKING:
     from apo_merge.state import extrapolate_state_dict, extrapolate_state_dict_, extrapolate_tensors_
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'apo_merge' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apo_merge import card, sources
+from apo_merge._version import __version__
 from apo_merge.errors import MergeError, usage_error
 from apo_merge.hub import PushOptions
 from apo_merge.io import hashing
@@ -204,8 +205,6 @@ def run_merges(
 
 def _metadata(alpha: float, prev: str, cur: str) -> dict[str, str]:
     """What every weight file records (and the card repeats; ``verify`` compares the two)."""
-    from apo_merge import __version__
-
     return {"apo_merge_version": __version__, "apo_alpha": repr(alpha), "apo_prev": prev, "apo_cur": cur}
 
 

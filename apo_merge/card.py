@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from apo_merge import __version__
+from apo_merge._version import __version__
 from apo_merge.io.hashing import InputDigest
 from apo_merge.io.output import CARD_MARK
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from apo_merge import __version__
+from apo_merge._version import __version__
 from apo_merge.errors import usage_error
 from apo_merge.options import choice_enum, help_text
 from apo_merge.shell import (

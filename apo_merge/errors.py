@@ -32,6 +32,43 @@ class MergeError(UserError):
         super().__init__(message, exit_code)
 
 
+ELLIPSIS = "…"
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` if it is at most ``limit`` characters, else its head and tail around an ellipsis."""
+    if len(text) <= limit:
+        return text
+    keep = limit - len(ELLIPSIS)
+    return text[: keep - keep // 2] + ELLIPSIS + text[len(text) - keep // 2 :]
+
+
+def shown(value: object, limit: int = 60, *, quote: bool = True) -> str:
+    """A value for a one-line message: its repr (``quote=False``: a string as it is), at most ``limit`` characters.
+
+    Names and values from hostile files can be megabytes long; an int too long to print is named by its type.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return "a number over 2**64"
+    if isinstance(value, str) and not quote:
+        text = value
+    else:
+        try:
+            text = repr(value)
+        except ValueError:
+            text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_line(e: BaseException, *, typed: bool = False) -> str:
+    """The first line of an exception's message (``typed``: after its type's name), for a one-line error."""
+    lines = str(e).strip().splitlines()
+    head = lines[0] if lines else ""
+    if typed:
+        return f"{type(e).__name__}: {head}" if head else type(e).__name__
+    return head or "no details"
+
+
 def usage_error(message: str) -> MergeError:
     """The command line itself is wrong, whatever the files hold (exit code 2)."""
     return MergeError(message, exit_code=EXIT_USAGE)

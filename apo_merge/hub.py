@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apo_merge.card import recorded_files
-from apo_merge.errors import MergeError
+from apo_merge.errors import MergeError, first_line
 from apo_merge.io.header import read_regular_file
 from apo_merge.io.output import CARD_MARK, MAX_CARD_BYTES
 
@@ -96,7 +96,7 @@ def push(folder: str | os.PathLike, options: PushOptions, *, token: str | bool |
             commit_description=options.commit_description,
         )
     except Exception as e:  # noqa: BLE001 - any failure of the upload becomes one message with the retry command
-        cause = _scrub(f"{type(e).__name__}: {_first_line(e)}", token)
+        cause = _scrub(f"{type(e).__name__}: {first_line(e)}", token)
         login = " (after `hf auth login` or with HF_TOKEN set)" if isinstance(token, str) else ""
         raise MergeError(
             f"upload of {folder} to {options.repo_id} failed ({cause}); the folder is complete; "
@@ -121,11 +121,6 @@ def _check_complete(folder: Path) -> None:
                 f"{folder}: {name} is missing or not {size} bytes as its model card records; "
                 "rerun the merge instead of uploading this folder"
             )
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else "no details"
 
 
 def _scrub(text: str, token: str | bool | None) -> str:

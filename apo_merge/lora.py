@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from apo_kernels import extrapolate
-from apo_merge.errors import MergeError
+from apo_merge.errors import MergeError, shown
 from apo_merge.io.checkpoint import Checkpoint, is_inside
 from apo_merge.io.dtypes import torch_dtype
 from apo_merge.io.hashing import InputDigest, StreamHasher, digest, hash_file, listing
@@ -167,30 +167,20 @@ def _check_config(label: str, path: Path, config: dict) -> None:
         if value is not None and not (
             isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
         ):
-            raise MergeError(
-                f"{path}: {key} must be a string or a list of strings, not {_short_value(value)}; fix the config"
-            )
+            raise MergeError(f"{path}: {key} must be a string or a list of strings, not {shown(value)}; fix the config")
     for key in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(key)
         if patterns is None:
             continue
         if not isinstance(patterns, dict):
-            raise MergeError(f"{path}: {key} must be an object, not {_short_value(patterns)}; fix the config")
+            raise MergeError(f"{path}: {key} must be an object, not {shown(patterns)}; fix the config")
         for pattern in patterns:
             try:
                 re.compile(rf"(.*\.)?({pattern})$")
             except (re.error, RecursionError, OverflowError):
                 raise MergeError(
-                    f"{path}: {key} key {_short_value(pattern)} is not a valid regular expression; fix the config"
+                    f"{path}: {key} key {shown(pattern)} is not a valid regular expression; fix the config"
                 ) from None
-
-
-def _short_value(value: object, limit: int = 60) -> str:
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long to print
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_compatible(prev: Adapter, cur: Adapter) -> None:
@@ -202,13 +192,13 @@ def check_compatible(prev: Adapter, cur: Adapter) -> None:
         if p != c:
             if key == "base_model_name_or_path":
                 raise MergeError(
-                    f"PREV and CUR are adapters of different base models ({_short_value(p)} vs {_short_value(c)}); "
+                    f"PREV and CUR are adapters of different base models ({shown(p)} vs {shown(c)}); "
                     "extrapolate adapters trained from one base (or fix base_model_name_or_path in "
                     f"{ADAPTER_CONFIG} if it is the same model)"
                 )
             what = "target modules" if key == "target_modules" else key
             raise MergeError(
-                f"PREV and CUR adapters differ in {what} ({_short_value(p)} vs {_short_value(c)}); "
+                f"PREV and CUR adapters differ in {what} ({shown(p)} vs {shown(c)}); "
                 "both rounds must train the same LoRA layout"
             )
 
@@ -673,7 +663,7 @@ def check_base(prev: Source, base: Checkpoint, cur: Adapter) -> None:
             mine, same = None, True
         if not same:
             raise MergeError(
-                f"{cur.label}: is an adapter of {_short_value(recorded)}, but PREV is {_short_value(mine)}; give the "
+                f"{cur.label}: is an adapter of {shown(recorded)}, but PREV is {shown(mine)}; give the "
                 f"adapter's base as PREV (or fix base_model_name_or_path in {ADAPTER_CONFIG} if it is the same model)"
             )
     if cur.config.get("trainable_token_indices"):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from apo_merge.errors import usage_error
+from apo_merge.errors import shown, usage_error
 from apo_merge.io.dtypes import OUT_DTYPES
 
 if TYPE_CHECKING:
@@ -52,19 +52,14 @@ def parse_size(text: str | int) -> int:
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), flags=re.IGNORECASE)
         if not m:
-            raise usage_error(f"--max-shard-size {_short(text)} is not a size; write e.g. 5GB, 500MB or 2GiB")
+            raise usage_error(f"--max-shard-size {shown(text)} is not a size; write e.g. 5GB, 500MB or 2GiB")
         number = float(m.group(1))
         if not math.isfinite(number) or number > 2**63:
-            raise usage_error(f"--max-shard-size {_short(text)} is too large; write e.g. 5GB")
+            raise usage_error(f"--max-shard-size {shown(text)} is too large; write e.g. 5GB")
         size = int(number * _SIZE_UNITS[(m.group(2) or "B").upper()])
     if size <= 0:
-        raise usage_error(f"--max-shard-size {_short(text)} must be positive")
+        raise usage_error(f"--max-shard-size {shown(text)} must be positive")
     return size
-
-
-def _short(value: object, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -120,12 +115,12 @@ class MergeOptions:
             object.__setattr__(self, "alpha", _alpha(alpha))
         device = self.device
         if not isinstance(device, str) or (device not in choices("device") and not re.fullmatch(r"cuda:\d+", device)):
-            raise usage_error(f"--device {_short(device)} is not one of {', '.join(choices('device'))}")
+            raise usage_error(f"--device {shown(device)} is not one of {', '.join(choices('device'))}")
         for name in ("dtype", "on_missing", "card_paths"):
             value = getattr(self, name)
             if value not in choices(name):
                 flag = "--" + name.replace("_", "-")
-                raise usage_error(f"{flag} {_short(value)} is not one of {', '.join(choices(name))}")
+                raise usage_error(f"{flag} {shown(value)} is not one of {', '.join(choices(name))}")
         if self.max_shard_size is not None:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
 
@@ -141,7 +136,7 @@ class MergeOptions:
 
 def _alpha(value: object) -> float:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise usage_error(f"--alpha {_short(value)} is not a finite number; use e.g. --alpha 0.3")
+        raise usage_error(f"--alpha {shown(value)} is not a finite number; use e.g. --alpha 0.3")
     return float(value)
 
 

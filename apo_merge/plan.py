@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from apo_merge.errors import MergeError
+from apo_merge.errors import MergeError, shown
 from apo_merge.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from apo_merge.io.dtypes import FLOAT_DTYPES, ITEMSIZE, OUT_DTYPES
 from apo_merge.io.header import FileHeader, TensorInfo
@@ -86,15 +86,9 @@ class MergePlan(Layout):
         return sum(p.prev is not None and not p.convert for f in self.files for p in f.pieces)
 
 
-def _show(name: str, limit: int = 80) -> str:
-    """A name from a file, bounded for a one-line message (names can be megabytes long); repr escapes newlines."""
-    text = repr(name)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def short(name: str, limit: int = 80) -> str:
-    """A tensor name for a message: at most ``limit`` characters (a file can hold names megabytes long)."""
-    return name if len(name) <= limit else name[: limit - 3] + "..."
+    """A tensor name for a message, unquoted and bounded (a file can hold names megabytes long)."""
+    return shown(name, limit, quote=False)
 
 
 def _listed(names: list[str], show=short) -> str:
@@ -154,7 +148,7 @@ def lay_out(pieces: list[Piece], layout: Checkpoint, max_shard_size: int | None,
         for fname in names:  # kept names must not collide with the card, the index or side files
             if not fname.endswith(".safetensors") or fname == INDEX_NAME:
                 raise MergeError(
-                    f"{layout.root / (layout.index_name or fname)}: names shard {_show(fname)}, which the output "
+                    f"{layout.root / (layout.index_name or fname)}: names shard {shown(fname, 80)}, which the output "
                     "cannot keep (a weight file must end in .safetensors; README.md would be replaced by the model "
                     "card); rename the shard in the index, or re-shard with --max-shard-size"
                 )

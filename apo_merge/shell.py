@@ -25,11 +25,10 @@ try:  # typer 0.2x carries its own copy of click; older typer uses click itself
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as _parser
 
-from apo_merge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, UserError
+from apo_merge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, UserError, shorten
 
 MAX_VALUE_CHARS = 200  # each whitespace-separated value shown in a message (a tensor name, a path)
 MAX_MESSAGE_CHARS = 4000  # the whole line, should it hold many values
-ELLIPSIS = "…"
 DEBUG_ENV = (
     "APO_DEBUG"  # set to 1: an unanticipated OSError, or the cause of a UserError (user code), shows its traceback
 )
@@ -100,14 +99,6 @@ def interruption(e: BaseException) -> BaseException | None:
     if _received and not isinstance(e, UserError):
         return Terminated() if _received[-1] == signal.SIGTERM else KeyboardInterrupt()
     return None
-
-
-def shorten(text: str, limit: int) -> str:
-    """``text`` if it is at most ``limit`` characters, else its head and tail around an ellipsis."""
-    if len(text) <= limit:
-        return text
-    keep = limit - len(ELLIPSIS)
-    return text[: keep - keep // 2] + ELLIPSIS + text[len(text) - keep // 2 :]
 
 
 def one_line(message: str) -> str:

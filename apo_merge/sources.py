@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from apo_merge.errors import MergeError, usage_error
+from apo_merge.errors import MergeError, first_line, usage_error
 from apo_merge.io.checkpoint import WEIGHT_SUFFIXES
 
 # fnmatch patterns, as huggingface_hub applies them: `*` also matches `/`, hence the "*/*" ignore (top level only).
@@ -166,14 +166,16 @@ def _from_hub(spec: str, repo_id: str, revision: str | None, *, token: str | boo
             "is not in the Hub cache (or only partly) and HF_HUB_OFFLINE=1 forbids downloading; unset "
             "HF_HUB_OFFLINE or download it first"
             if offline
-            else f"could not be downloaded and is not in the Hub cache ({_first_line(e)}); check the network"
+            else f"could not be downloaded and is not in the Hub cache ({first_line(e, typed=True)}); check the network"
         )
         raise MergeError(f"{spec}: no such local folder, and the Hub repo {why}") from None
     except ValueError as e:  # HFValidationError: not a repo id after all
-        raise MergeError(f"{spec}: no such local folder, and not a valid Hub repo id ({_first_line(e)})") from None
+        raise MergeError(
+            f"{spec}: no such local folder, and not a valid Hub repo id ({first_line(e, typed=True)})"
+        ) from None
     except (HfHubHTTPError, OSError) as e:
         raise MergeError(
-            f"{spec}: download from the Hub failed ({_first_line(e)}); check the network and "
+            f"{spec}: download from the Hub failed ({first_line(e, typed=True)}); check the network and "
             "rerun (finished files stay in the Hub cache)"
         ) from None
     # snapshots/<commit>/<file> links to ../../blobs/<hash>: the repo's cache folder is the trusted root.
@@ -186,8 +188,3 @@ def _offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apo_merge.card import SUMMARY_METADATA, recorded_files, recorded_summary
-from apo_merge.errors import MergeError
+from apo_merge.errors import MergeError, shown
 from apo_merge.io.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, open_checkpoint
 from apo_merge.io.hashing import hash_file
 from apo_merge.io.header import read_regular_file
@@ -54,11 +54,6 @@ def _recorded(root: Path) -> tuple[dict[str, tuple[int, str]], str]:
     return recorded, text
 
 
-def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _check_summary(card: Path, text: str, files) -> None:
     """The card's alpha and inputs must be what every weight file's metadata records (both are written together)."""
     summary = recorded_summary(text)
@@ -67,7 +62,7 @@ def _check_summary(card: Path, text: str, files) -> None:
             have, want = f.metadata.get(key), summary.get(row)
             if have != want:
                 raise MergeError(
-                    f"{f.path}: metadata {key} is {_short(have)} but the model card records {row} {_short(want)} "
+                    f"{f.path}: metadata {key} is {shown(have)} but the model card records {row} {shown(want)} "
                     f"({card}); the card or the file changed after the merge, re-run it"
                 )
 

@@ -9,7 +9,9 @@ Public API (heavy modules import lazily, so the CLI starts fast)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from apo_kernels.lazy import lazy_exports
 
 __all__ = ["APOConfig", "ConfigError", "Oracle", "PairwiseOracle", "TrainError", "evaluate_run", "run"]
 
@@ -31,9 +33,4 @@ if TYPE_CHECKING:
     from apo_trainer.oracle import Oracle, PairwiseOracle
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'apo_trainer' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

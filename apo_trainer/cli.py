@@ -29,7 +29,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from apo_merge import __version__
+        from apo_merge._version import __version__
 
         typer.echo(f"apo-train {__version__}")
         raise typer.Exit()

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from apo_merge.errors import MergeError
+from apo_merge.errors import MergeError, shown
 from apo_merge.io.dtypes import ITEMSIZE
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's cap
@@ -140,17 +140,6 @@ def _utf8(s: str) -> bool:
     return True
 
 
-def _show(x: object, limit: int = 60) -> str:
-    """A bounded, one-line repr for messages (names and values in a hostile header can be megabytes long)."""
-    if isinstance(x, int) and x.bit_length() > 64:
-        return "a number over 2**64"
-    try:
-        text = repr(x)
-    except ValueError:  # an int too long to print
-        text = f"<{type(x).__name__}>"
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def parse_header(raw: bytes, data_size: int, label: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate header bytes against a data buffer of ``data_size`` bytes; return tensors (in byte order)."""
 
@@ -181,28 +170,28 @@ def parse_header(raw: bytes, data_size: int, label: str) -> tuple[dict[str, Tens
     tensors: list[TensorInfo] = []
     for name, entry in obj.items():
         if not _utf8(name):
-            raise bad(f"tensor name {_show(name)} is not valid Unicode (lone surrogate)")
+            raise bad(f"tensor name {shown(name)} is not valid Unicode (lone surrogate)")
         if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
-            raise bad(f"entry {_show(name)} must have exactly the keys dtype, shape, data_offsets")
+            raise bad(f"entry {shown(name)} must have exactly the keys dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in ITEMSIZE:
-            raise bad(f"tensor {_show(name)} has unknown dtype {_show(dtype)}")
+            raise bad(f"tensor {shown(name)} has unknown dtype {shown(dtype)}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise bad(f"tensor {_show(name)} has an invalid shape {_show(shape)} (want non-negative integers)")
+            raise bad(f"tensor {shown(name)} has an invalid shape {shown(shape)} (want non-negative integers)")
         if not _fits_u64(shape):
-            raise bad(f"tensor {_show(name)}: shape {_show(shape)} overflows 64 bits")
+            raise bad(f"tensor {shown(name)}: shape {shown(shape)} overflows 64 bits")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(_is_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise bad(f"tensor {_show(name)} has invalid data_offsets {_show(offsets)}")
+            raise bad(f"tensor {shown(name)} has invalid data_offsets {shown(offsets)}")
         info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
         if info.numel * ITEMSIZE[dtype] != info.nbytes:
             raise bad(
-                f"tensor {_show(name)}: shape {_show(list(shape))} x {dtype} is "
-                f"{_show(info.numel * ITEMSIZE[dtype])} bytes but its byte range holds {_show(info.nbytes)}"
+                f"tensor {shown(name)}: shape {shown(list(shape))} x {dtype} is "
+                f"{shown(info.numel * ITEMSIZE[dtype])} bytes but its byte range holds {shown(info.nbytes)}"
             )
         tensors.append(info)
 
@@ -211,13 +200,13 @@ def parse_header(raw: bytes, data_size: int, label: str) -> tuple[dict[str, Tens
     for t in tensors:
         if t.begin != pos:
             raise bad(
-                f"tensor {_show(t.name)} starts at byte {_show(t.begin)}, expected {_show(pos)} "
+                f"tensor {shown(t.name)} starts at byte {shown(t.begin)}, expected {shown(pos)} "
                 f"({'overlap' if t.begin < pos else 'hole'} in the data buffer)"
             )
         pos = t.end
     if pos != data_size:
         raise bad(
-            f"tensors cover {_show(pos)} bytes but the data buffer holds {data_size} "
+            f"tensors cover {shown(pos)} bytes but the data buffer holds {data_size} "
             f"({'truncated file' if pos > data_size else 'trailing bytes'})"
         )
     return {t.name: t for t in tensors}, metadata
