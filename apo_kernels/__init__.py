@@ -9,7 +9,8 @@ Numerics (the contract; every backend, every dtype mix):
   ``r = cur + t``, each rounded to nearest-even in ``w``; no fused multiply-add.
 - ``r`` is rounded ONCE to nearest-even into the output dtype (fp16, bf16, fp32, fp64), subnormals included,
   overflowing to inf. (From fp64 to 16 bits this is a direct rounding, not fp64 -> fp32 -> 16 bits.)
-- NaN results are canonical: bf16 0x7FC0, fp16 0x7E00, fp32 0x7FC00000, fp64 0x7FF8000000000000.
+- NaN results are canonical: bf16 0x7FC0, fp16 0x7E00, fp32 0x7FC00000, fp64 0x7FF8000000000000 (the table
+  ``apo_kernels.dtypes``, which holds every per-dtype fact).
 - ``alpha == 0`` returns ``cur`` exactly: its bytes (NaN payloads included) when ``out.dtype == cur.dtype``,
   otherwise ``cur`` rounded once as above, even where ``prev`` is inf or NaN.
 - ``out`` may be ``cur`` or ``prev`` itself (in place); a partial overlap is refused.
@@ -17,7 +18,7 @@ Numerics (the contract; every backend, every dtype mix):
 Backends (chosen per call in ``apo_kernels.ops``): CUDA tensors run a fused Triton kernel (one pass, small
 tensors grouped per launch); CPU tensors run a CPU twin made of torch ops. ``backend="triton"`` on CPU tensors
 runs the same kernel under Triton's interpreter (slow, for tests). A numpy twin over byte buffers
-(``apo_kernels._numpy``) is what apo-merge computes with on the CPU: it needs no torch. All paths agree bit
+(``apo_kernels.numpy_twin``) is what apo-merge computes with on the CPU: it needs no torch. All paths agree bit
 for bit.
 
 torch loads on first use of the names below, so that importing the numpy twin does not start it.

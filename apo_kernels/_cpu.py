@@ -21,11 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from apo_kernels._numerics import BITS_DTYPE, CANONICAL_NAN
+from apo_kernels.dtypes import DTYPES
 
 _CHUNK = 1 << 15  # elements per op: torch's intra-op grain size (32768), so ops run inline; 2 x 128 KiB scratch
 _CHUNK_ONE_THREAD = 1 << 18  # with torch.set_num_threads(1): ~1.8x less CPU per byte than 2**15 (2 x 1 MiB)
 _SPLIT_MIN = 1 << 18  # elements per range below which splitting across threads does not pay
+# Per output dtype (apo_kernels.dtypes): the same-width integer view of its bits and its canonical NaN.
+_NAN = {d.torch_dtype(): (getattr(torch, f"int{8 * d.itemsize}"), d.nan) for d in DTYPES if d.kernel}
 _scratch = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -58,7 +60,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, a: float, wide: torch.dtype) -> None:
+def extrapolate_(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, a: float, wide: torch.dtype) -> None:
     """``out = cur + a * (cur - prev)`` with torch ops (CPU; any device works) in the compute dtype ``wide``.
 
     ``apo_kernels.ops`` has validated the tensors, rounded ``a`` to ``wide`` and handled the alpha == 0 copy.
@@ -75,31 +77,31 @@ def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, a: fl
     parts = min(threads, n // _SPLIT_MIN)
     if parts > 1:
         step = -(-n // parts // chunk) * chunk
-        jobs = [_workers().submit(_range, o, p, c, a, wide, s, min(n, s + step), chunk) for s in range(step, n, step)]
-        _range(o, p, c, a, wide, 0, step, chunk)
+        jobs = [_workers().submit(_range, p, c, o, a, wide, s, min(n, s + step), chunk) for s in range(step, n, step)]
+        _range(p, c, o, a, wide, 0, step, chunk)
         for job in jobs:
             job.result()
     else:
-        _range(o, p, c, a, wide, 0, n, chunk)
+        _range(p, c, o, a, wide, 0, n, chunk)
     if not out.is_contiguous():
         out.copy_(o.view(out.shape))
 
 
 def _range(
-    o: torch.Tensor, p: torch.Tensor, c: torch.Tensor, a: float, wide: torch.dtype, start: int, stop: int, chunk: int
+    p: torch.Tensor, c: torch.Tensor, o: torch.Tensor, a: float, wide: torch.dtype, start: int, stop: int, chunk: int
 ) -> None:
     c_buf, d_buf = _buffers(wide, o.device, chunk)
-    pieces = (t[start:stop].split(chunk) for t in (o, p, c))  # one call per range, not three per chunk
-    for oc, pc, cc in zip(*pieces, strict=True):
+    pieces = (t[start:stop].split(chunk) for t in (p, c, o))  # one call per range, not three per chunk
+    for pc, cc, oc in zip(*pieces, strict=True):
         m = oc.numel()
         if m == c_buf.numel():
-            _chunk(oc, pc, cc, a, c_buf, d_buf)
+            _chunk(pc, cc, oc, a, c_buf, d_buf)
         else:
-            _chunk(oc, pc, cc, a, c_buf[:m], d_buf[:m])
+            _chunk(pc, cc, oc, a, c_buf[:m], d_buf[:m])
 
 
 def _chunk(
-    o: torch.Tensor, p: torch.Tensor, c: torch.Tensor, a: float, c_buf: torch.Tensor, d_buf: torch.Tensor
+    p: torch.Tensor, c: torch.Tensor, o: torch.Tensor, a: float, c_buf: torch.Tensor, d_buf: torch.Tensor
 ) -> None:
     # o may be the very memory of p or c: both are read (into scratch or by the op) before o is written.
     wide = d_buf.dtype
@@ -116,7 +118,8 @@ def _chunk(
         else:
             o.copy_(r)  # torch rounds to nearest even (subnormals included); NaN bits fixed below
     if not math.isfinite(r.sum().item()):  # NaN anywhere makes the sum NaN: one cheap pass, the mask only then
-        o.view(BITS_DTYPE[o.dtype]).masked_fill_(torch.isnan(r), CANONICAL_NAN[o.dtype])
+        bits, nan = _NAN[o.dtype]
+        o.view(bits).masked_fill_(torch.isnan(r), nan)
 
 
 def _round_to_odd_fp32(x: torch.Tensor) -> torch.Tensor:

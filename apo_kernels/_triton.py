@@ -2,6 +2,7 @@
 
 Three layers: the private ``_kernel``, typed launchers (``_launch_one``, ``_launch_grouped``) that make inputs
 contiguous and compute the grid, and ``extrapolate_`` / ``extrapolate_many_`` called by ``apo_kernels.ops``.
+Every function here takes its tensors in the kernel's order: prev, cur, out.
 
 CUDA tensors run the compiled kernel. CPU tensors run the very same kernel body under Triton's interpreter:
 ``_interpreted()`` wraps ``_kernel.fn`` (the undecorated Python function) in ``InterpretedFunction`` explicitly,
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+
+from apo_kernels.dtypes import of_torch
 
 _BLOCK = 4096  # elements per program; BLOCK * element size is a multiple of 16 bytes for every dtype
 _NUM_WARPS = 8
@@ -40,6 +43,7 @@ def _kernel(
     alpha_hi,
     alpha_lo,
     WIDE: tl.constexpr,
+    NAN: tl.constexpr,
     GROUPED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -49,15 +53,15 @@ def _kernel(
         # and sizes are multiples of 16 (bytes, elements), so the hints below are true and loads vectorize.
         # prev_ptr, cur_ptr and out_ptr are members of the group: they only supply the pointer types.
         row = table_ptr + pid * 4
-        out_base = tl.multiple_of(tl.load(row).to(out_ptr.dtype), 16)
-        prev_base = tl.multiple_of(tl.load(row + 1).to(prev_ptr.dtype), 16)
-        cur_base = tl.multiple_of(tl.load(row + 2).to(cur_ptr.dtype), 16)
+        prev_base = tl.multiple_of(tl.load(row).to(prev_ptr.dtype), 16)
+        cur_base = tl.multiple_of(tl.load(row + 1).to(cur_ptr.dtype), 16)
+        out_base = tl.multiple_of(tl.load(row + 2).to(out_ptr.dtype), 16)
         left = tl.multiple_of(tl.load(row + 3), 16)
     else:
         start = pid * BLOCK  # int64: tensors may exceed 2**31 elements
-        out_base = out_ptr + start
         prev_base = prev_ptr + start
         cur_base = cur_ptr + start
+        out_base = out_ptr + start
         left = n - start
     offs = tl.arange(0, BLOCK)
     mask = offs < left
@@ -84,6 +88,7 @@ def _kernel(
     t = a * d
     r = tl.where(a == 0.0, c, c + t)  # alpha == 0 returns cur exactly, even where prev is inf or NaN
 
+    # NaN becomes NAN, the output dtype's canonical pattern (apo_kernels.dtypes), as a same-width integer.
     OUT = out_ptr.dtype.element_ty
     if WIDE.is_fp64() and OUT.primitive_bitwidth == 16:
         # fp64 -> fp32 rounding to odd, then one round-to-nearest-even into 16 bits: with 24 >= 11 + 2 bits
@@ -98,17 +103,17 @@ def _kernel(
         # Round to nearest even by hand: x.to(tl.bfloat16) truncates under the interpreter.
         b = r.to(tl.uint32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        y = tl.where(r != r, 0x7FC0, b).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        y = tl.where(r != r, NAN, b).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     elif OUT.is_fp16():
         # fp32 -> fp16 rounds to nearest even both compiled (cvt.rn) and interpreted (numpy astype).
         h = r.to(tl.float16).to(tl.uint16, bitcast=True)
-        y = tl.where(r != r, 0x7E00, h).to(tl.uint16).to(tl.float16, bitcast=True)
+        y = tl.where(r != r, NAN, h).to(tl.uint16).to(tl.float16, bitcast=True)
     elif OUT.is_fp32():
         s = r.to(tl.float32).to(tl.uint32, bitcast=True)
-        y = tl.where(r != r, 0x7FC00000, s).to(tl.uint32).to(tl.float32, bitcast=True)
+        y = tl.where(r != r, NAN, s).to(tl.uint32).to(tl.float32, bitcast=True)
     else:
         w = r.to(tl.int64, bitcast=True)
-        y = tl.where(r != r, 0x7FF8000000000000, w).to(tl.int64).to(tl.float64, bitcast=True)
+        y = tl.where(r != r, NAN, w).to(tl.int64).to(tl.float64, bitcast=True)
     tl.store(out_base + offs, y, mask=mask)
 
 
@@ -149,7 +154,12 @@ def _kernel_args(
     wide: torch.dtype,
 ) -> tuple[tuple, dict]:
     hi, lo = _alpha_bits(alpha, wide)
-    const = {"WIDE": tl.float64 if wide == torch.float64 else tl.float32, "GROUPED": table is not None, "BLOCK": _BLOCK}
+    const = {
+        "WIDE": tl.float64 if wide == torch.float64 else tl.float32,
+        "NAN": of_torch(out.dtype).nan,
+        "GROUPED": table is not None,
+        "BLOCK": _BLOCK,
+    }
     return (prev, cur, out, table, n, hi, lo), const
 
 
@@ -178,7 +188,7 @@ def _run(
             _interpreted()[grid](*args, **const)
 
 
-def _launch_one(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float, wide: torch.dtype) -> None:
+def _launch_one(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, alpha: float, wide: torch.dtype) -> None:
     n = out.numel()
     if n == 0:
         return
@@ -188,34 +198,35 @@ def _launch_one(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha:
         out.copy_(o)
 
 
-def _groupable(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor) -> bool:
+def _groupable(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor) -> bool:
     return (
         0 < out.numel() <= _GROUP_MAX_NUMEL
         and out.numel() % 16 == 0
-        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (out, prev, cur))
+        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (prev, cur, out))
     )
 
 
 def _launch_grouped(
     members: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], alpha: float, wide: torch.dtype
 ) -> None:
-    """One launch over many small contiguous tensors sharing a dtype triple, through a table of addresses."""
+    """One launch over many small contiguous tensors sharing a dtype triple, through a table of addresses: per
+    BLOCK-sized piece, the addresses of its prev, cur and out elements and the count of elements left."""
     rows = []
-    for o, p, c in members:
+    for p, c, o in members:
         starts = torch.arange(0, o.numel(), _BLOCK, dtype=torch.int64)
         rows.append(
             torch.stack(
                 [
-                    o.data_ptr() + starts * o.element_size(),
                     p.data_ptr() + starts * p.element_size(),
                     c.data_ptr() + starts * c.element_size(),
+                    o.data_ptr() + starts * o.element_size(),
                     o.numel() - starts,
                 ],
                 dim=1,
             )
         )
     table = torch.cat(rows)
-    o, p, c = members[0]
+    p, c, o = members[0]
     if o.device.type == "cuda":
         # Pinned and non-blocking: the upload queues on the stream without a host sync; the caching host
         # allocator keeps the pinned block until the copy has run.
@@ -223,25 +234,25 @@ def _launch_grouped(
     _run((table.shape[0],), p, c, o, table, 0, alpha, wide)
 
 
-def extrapolate_(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, a: float, wide: torch.dtype) -> None:
+def extrapolate_(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, a: float, wide: torch.dtype) -> None:
     """``out = cur + a * (cur - prev)`` with the kernel, computing in ``wide``.
 
     ``apo_kernels.ops`` has validated the tensors, rounded ``a`` to ``wide`` and handled the alpha == 0 copy.
     """
-    _launch_one(out, prev, cur, a, wide)
+    _launch_one(prev, cur, out, a, wide)
 
 
 def extrapolate_many_(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.dtype]]) -> None:
-    """``extrapolate_`` over ``(out, prev, cur, a, wide)`` jobs: small tensors grouped per (device, dtypes) into
+    """``extrapolate_`` over ``(prev, cur, out, a, wide)`` jobs: small tensors grouped per (device, dtypes) into
     one launch (a, wide follow from the dtypes), large ones alone."""
     groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     decided: dict[tuple, tuple[float, torch.dtype]] = {}
-    for o, p, c, a, wide in jobs:
-        if not _groupable(o, p, c) or not _can_group(o.device):
-            _launch_one(o, p, c, a, wide)
+    for p, c, o, a, wide in jobs:
+        if not _groupable(p, c, o) or not _can_group(o.device):
+            _launch_one(p, c, o, a, wide)
         else:
-            key = (o.device, o.dtype, p.dtype, c.dtype)
-            groups.setdefault(key, []).append((o, p, c))
+            key = (o.device, p.dtype, c.dtype, o.dtype)
+            groups.setdefault(key, []).append((p, c, o))
             decided[key] = (a, wide)
     for key, members in groups.items():
         if len(members) == 1:

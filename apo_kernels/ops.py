@@ -3,7 +3,7 @@
 ``backend="auto"``: CUDA tensors -> the compiled Triton kernel, CPU tensors -> the CPU twin.
 ``backend="triton"``: the kernel; on CPU tensors it runs under Triton's interpreter (slow: tests only).
 ``backend="torch"``: the twin (plain torch ops, any device).
-``backend="numpy"``: the numpy twin the merge engine runs on the CPU (CPU tensors only).
+``backend="numpy"``: the numpy twin (``apo_kernels.numpy_twin``) the merge engine runs on the CPU (CPU tensors only).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from apo_kernels import _cpu, _numpy
-from apo_kernels._numerics import FLOAT_DTYPES, SAFETENSORS_NAME
+from apo_kernels import _cpu, numpy_twin
+from apo_kernels.dtypes import DTYPES, of_torch
 
 Backend = Literal["auto", "torch", "triton", "numpy"]
 _BACKENDS = ("auto", "torch", "triton", "numpy")
@@ -23,7 +23,7 @@ _BACKENDS = ("auto", "torch", "triton", "numpy")
 
 def supported_dtypes() -> tuple[torch.dtype, ...]:
     """Floating dtypes the kernels read and write."""
-    return FLOAT_DTYPES
+    return tuple(d.torch_dtype() for d in DTYPES if d.kernel)
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -33,7 +33,7 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 def round_alpha(alpha: float, wide: torch.dtype) -> float:
     """``alpha`` rounded to nearest-even in ``wide`` (overflowing to inf), returned as an exact Python float."""
-    return _numpy.round_alpha(alpha, np.float64 if wide == torch.float64 else np.float32)
+    return numpy_twin.round_alpha(alpha, np.float64 if wide == torch.float64 else np.float32)
 
 
 def _decide(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, alpha: float) -> tuple[torch.dtype, float]:
@@ -72,8 +72,8 @@ def _check(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, backend: st
     if prev.shape != cur.shape or out.shape != cur.shape:
         raise ValueError(f"shape mismatch: prev {tuple(prev.shape)}, cur {tuple(cur.shape)}, out {tuple(out.shape)}")
     for name, t in (("prev", prev), ("cur", cur), ("out", out)):
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, FLOAT_DTYPES))}")
+        if of_torch(t.dtype) is None:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, supported_dtypes()))}")
     if not (prev.device == cur.device == out.device):
         raise ValueError(
             f"tensors on different devices: prev {prev.device}, cur {cur.device}, out {out.device}; "
@@ -112,9 +112,9 @@ def extrapolate_(
     elif _use_triton(cur.device, backend):
         from apo_kernels import _triton
 
-        _triton.extrapolate_(out, prev, cur, a, wide)
+        _triton.extrapolate_(prev, cur, out, a, wide)
     else:
-        _cpu.extrapolate_(out, prev, cur, a, wide)
+        _cpu.extrapolate_(prev, cur, out, a, wide)
     return out
 
 
@@ -122,9 +122,11 @@ def _numpy_twin(out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor, a: flo
     def raw(t: torch.Tensor):
         return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
-    name = SAFETENSORS_NAME
+    def name(t: torch.Tensor) -> str:
+        return of_torch(t.dtype).name  # the twin names dtypes as safetensors does
+
     result = torch.empty(out.shape, dtype=out.dtype)  # the twin's output may not alias its inputs
-    _numpy.extrapolate_into([raw(result)], name[out.dtype], raw(prev), name[prev.dtype], raw(cur), name[cur.dtype], [a])
+    numpy_twin.extrapolate_into([raw(result)], name(out), raw(prev), name(prev), raw(cur), name(cur), [a])
     out.copy_(result)
 
 
@@ -172,7 +174,7 @@ def extrapolate_many_(
         elif backend == "numpy":
             _numpy_twin(o, p, c, a)
         else:
-            (kernel if _use_triton(c.device, backend) else twin).append((o, p, c, a, wide))
+            (kernel if _use_triton(c.device, backend) else twin).append((p, c, o, a, wide))  # the backends' order
     if kernel:
         from apo_kernels import _triton
 

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from apo_kernels._numpy import extrapolate_into
+from apo_kernels.dtypes import ITEMSIZE, torch_dtype
+from apo_kernels.numpy_twin import extrapolate_into
 from apo_merge.errors import MergeError
-from apo_merge.io.dtypes import ITEMSIZE, torch_dtype
 from apo_merge.io.header import FileHeader
 from apo_merge.io.prefetch import Prefetcher
 from apo_merge.io.writer import SafetensorsWriter, advise, pread_exact

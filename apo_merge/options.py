@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from apo_kernels.dtypes import CLI_NAMES
 from apo_merge.errors import shown, usage_error
-from apo_merge.io.dtypes import OUT_DTYPES
 
 if TYPE_CHECKING:
     from apo_merge.hub import PushOptions
@@ -73,7 +73,7 @@ class MergeOptions:
         }
     )
     device: str = _f("auto", "Where to compute; auto uses CUDA when present.", choices=("auto", "cpu", "cuda"))
-    dtype: str = _f("keep", "Output dtype of floating tensors; keep = CUR's.", choices=("keep", *OUT_DTYPES))
+    dtype: str = _f("keep", "Output dtype of floating tensors; keep = CUR's.", choices=("keep", *CLI_NAMES))
     max_shard_size: int | None = _f(None, "Re-shard in HF naming, e.g. 5GB [default: keep CUR's files].")
     on_missing: str = _f(
         "error", "Tensors in only one input: error, or copy CUR's unchanged.", choices=("error", "copy")

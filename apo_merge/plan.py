@@ -10,9 +10,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from apo_kernels.dtypes import CLI_NAMES, ITEMSIZE, KERNEL_NAMES
 from apo_merge.errors import MergeError, shown
 from apo_merge.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
-from apo_merge.io.dtypes import FLOAT_DTYPES, ITEMSIZE, OUT_DTYPES
 from apo_merge.io.header import FileHeader, TensorInfo
 from apo_merge.options import MergeOptions
 
@@ -100,12 +100,12 @@ def output_dtype(name: str, cur: TensorInfo, prev: TensorInfo | None, dtype: str
     """Output dtype under ``--dtype dtype`` and whether the tensor is extrapolated (else copied from CUR).
 
     ``where`` names the input files in messages."""
-    if cur.dtype in FLOAT_DTYPES:
-        if prev is not None and prev.dtype not in FLOAT_DTYPES:
+    if cur.dtype in KERNEL_NAMES:
+        if prev is not None and prev.dtype not in KERNEL_NAMES:
             raise MergeError(
                 f"{short(name)}{where}: dtype {prev.dtype} in PREV but {cur.dtype} in CUR; both must be floating"
             )
-        return (cur.dtype if dtype == "keep" else OUT_DTYPES[dtype]), prev is not None
+        return (cur.dtype if dtype == "keep" else CLI_NAMES[dtype]), prev is not None
     if cur.dtype.startswith(("F8", "C")):
         raise MergeError(
             f"{short(name)}{where}: dtype {cur.dtype} is not supported (quantized or complex weights); "

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from apo_kernels.dtypes import torch_dtype
 from apo_trainer.config import APOConfig
 from apo_trainer.store import RunStore
 
@@ -78,7 +79,7 @@ class RunContext:
     @property
     def inference_dtype(self) -> torch.dtype:
         """Dtype of the copy that samples: the mixed-precision dtype when one is set, else the training dtype."""
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision, self.dtype)
+        return torch_dtype(self.config.mixed_precision) or self.dtype
 
     def load_policy(
         self, path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from apo_kernels.dtypes import torch_name
 from apo_trainer.errors import ConfigError
 from apo_trainer.prompts import round_prompts
 from apo_trainer.runtime import RunContext, free_memory, phase_seed
@@ -167,7 +168,7 @@ def generate_vllm(
     """K sampled responses per prompt with vLLM's offline engine; the engine is torn down afterwards."""
     from vllm import LLM, SamplingParams
 
-    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(config.mixed_precision, config.dtype)
+    dtype = torch_name(config.mixed_precision) or config.dtype
     # generation_config="vllm": vLLM's neutral defaults rather than the checkpoint's generation_config.json.
     extra = {} if config.use_generation_config else {"generation_config": "vllm"}
     llm = LLM(model=str(model_path), tokenizer=tokenizer_path, dtype=dtype, seed=seed, **extra)

@@ -1,7 +1,6 @@
 """Everything apo-merge reads from and writes to disk, in one layer that the merge, LoRA, verify, the callback
 and apo-train's run store share:
 
-- ``dtypes``: the one table of dtype names (safetensors, ``--dtype``, torch) and item sizes.
 - ``header`` / ``checkpoint``: the hardened safetensors header reader and checkpoint folder reader.
 - ``hashing``: whole-file SHA-256 and the stream hasher fed by the merge's reads.
 - ``files``: fsync helpers and ``replace_atomically`` (one step, never a moment with neither old nor new).

@@ -14,8 +14,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from apo_kernels.dtypes import ITEMSIZE
 from apo_merge.errors import MergeError, shown
-from apo_merge.io.dtypes import ITEMSIZE
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's cap
 

@@ -159,7 +159,7 @@ def test_backends_receive_decided_values(monkeypatch):
         monkeypatch.setattr(
             module,
             "extrapolate_",
-            lambda o, p, c, a, w, real=real, m=module: seen.append((m, a, w)) or real(o, p, c, a, w),
+            lambda p, c, o, a, w, real=real, m=module: seen.append((m, a, w)) or real(p, c, o, a, w),
         )
     x = torch.ones(8, dtype=BF16)
     for backend in BACKENDS:

@@ -14,9 +14,9 @@ from pathlib import Path
 from hypothesis import strategies as st
 from safetensors import deserialize
 
+from apo_kernels.dtypes import ITEMSIZE, KERNEL_NAMES
 from apo_merge.errors import MergeError
 from apo_merge.io.checkpoint import Checkpoint
-from apo_merge.io.dtypes import FLOAT_DTYPES, ITEMSIZE
 from apo_merge.io.header import FileHeader, TensorInfo, parse_header
 from apo_merge.options import MergeOptions
 from apo_merge.plan import make_plan
@@ -183,7 +183,7 @@ def check_plan(
         assert list(out[0]) == [p.name for p in f.pieces]
         for p in f.pieces:
             assert p.offset == len(f.header) + out[0][p.name].begin
-            assert p.prev is None or (p.cur[1].dtype in FLOAT_DTYPES and p.prev[1].dtype in FLOAT_DTYPES)
+            assert p.prev is None or (p.cur[1].dtype in KERNEL_NAMES and p.prev[1].dtype in KERNEL_NAMES)
         names += [p.name for p in f.pieces]
     assert sorted(names) == sorted(n for n in cur[2] if n in prev[2] or options["on_missing"] == "copy")
 
@@ -191,7 +191,7 @@ def check_plan(
 @st.composite
 def header_pairs(draw) -> tuple[tuple[bytes, int], tuple[bytes, int]]:
     """CUR, and a PREV made from it (same names mostly; sometimes a dtype, shape or name changed)."""
-    cur, cur_size = draw(valid_headers(dtypes=draw(st.sampled_from([list(FLOAT_DTYPES), DTYPES]))))
+    cur, cur_size = draw(valid_headers(dtypes=draw(st.sampled_from([list(KERNEL_NAMES), DTYPES]))))
     prev: dict = {}
     pos = 0
     for name, entry in cur.items():

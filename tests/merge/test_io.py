@@ -1,14 +1,12 @@
-"""apo_merge.io: the one atomic replace, the dtype table, the weight-suffix list and the shared writer."""
+"""apo_merge.io: the one atomic replace, the weight-suffix list and the shared writer."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 
 from apo_merge.io import files
-from apo_merge.io.dtypes import FLOAT_DTYPES, ITEMSIZE, OUT_DTYPES, torch_dtype
 from apo_merge.io.files import replace_atomically
 from apo_merge.io.hashing import hash_file
 from apo_merge.io.writer import SafetensorsWriter
@@ -50,20 +48,6 @@ def test_replace_atomically_fsyncs_the_new_content_before_the_exchange_and_the_p
     _folder(tmp_path / "out", a="old")
     replace_atomically(_folder(tmp_path / ".tmp", a="new"), tmp_path / "out")
     assert events == ["file a", "dir .tmp", "exchange", f"dir {tmp_path.name}"]
-
-
-def test_one_dtype_table():
-    assert set(FLOAT_DTYPES) <= set(ITEMSIZE) and set(OUT_DTYPES.values()) <= set(FLOAT_DTYPES)
-    assert [torch_dtype(n) for n in ("bf16", "fp16", "fp32", "F64")] == [
-        torch.bfloat16,
-        torch.float16,
-        torch.float32,
-        torch.float64,
-    ]
-    assert torch_dtype("keep") is None and torch_dtype("I64") is None
-    for name, size in ITEMSIZE.items():
-        if name in FLOAT_DTYPES:
-            assert torch.empty(0, dtype=torch_dtype(name)).element_size() == size
 
 
 def test_writer_writes_at_offsets_and_reserves_the_size(tmp_path):

@@ -1,4 +1,4 @@
-"""apo_kernels._numpy, the numpy twin the merge engine runs: bit-identical to the torch twin and both oracles."""
+"""apo_kernels.numpy_twin, the numpy twin the merge engine runs: bit-identical to the torch twin and both oracles."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from apo_kernels import _numpy, extrapolate
-from apo_kernels._numerics import SAFETENSORS_NAME
+from apo_kernels import extrapolate, numpy_twin
+from apo_kernels.dtypes import of_torch
 from tests.kernels.oracle import (
     ALL_TRIPLES,
     ALPHAS,
@@ -30,7 +30,9 @@ from tests.kernels.oracle import (
     triple_id,
 )
 
-NAME = SAFETENSORS_NAME
+
+def name(dtype: torch.dtype) -> str:
+    return of_torch(dtype).name
 
 
 def raw(t: torch.Tensor) -> np.ndarray:
@@ -40,8 +42,8 @@ def raw(t: torch.Tensor) -> np.ndarray:
 def run(prev: torch.Tensor, cur: torch.Tensor, alphas, out_dtype) -> tuple[list[torch.Tensor], list[int]]:
     """The twin on its own terms (byte buffers, several alphas); the outputs as tensors and the counts."""
     outs = [torch.empty(cur.shape, dtype=out_dtype) for _ in alphas]
-    found = _numpy.extrapolate_into(
-        [raw(o) for o in outs], NAME[out_dtype], raw(prev), NAME[prev.dtype], raw(cur), NAME[cur.dtype], alphas
+    found = numpy_twin.extrapolate_into(
+        [raw(o) for o in outs], name(out_dtype), raw(prev), name(prev.dtype), raw(cur), name(cur.dtype), alphas
     )
     return outs, found
 
@@ -89,8 +91,8 @@ def test_several_alphas_equal_single_runs_and_pieces(monkeypatch):
     prev, cur = randoms((3 * 1000 + 7,), FP32, BF16)
     alphas = [0.1, 0.0, 0.3, -1.0]
     singles = [run(prev, cur, [a], BF16)[0][0] for a in alphas]
-    monkeypatch.setattr(_numpy, "PIECE", 1000)  # piece boundaries inside the buffers
-    _numpy._scratch.__dict__.clear()
+    monkeypatch.setattr(numpy_twin, "PIECE", 1000)  # piece boundaries inside the buffers
+    numpy_twin._scratch.__dict__.clear()
     outs, _ = run(prev, cur, alphas, BF16)
     for out, single in zip(outs, singles):
         assert_bits_equal(out, single)
@@ -125,9 +127,9 @@ def test_inputs_are_not_written():
 def test_refuses_mismatched_buffers_and_unknown_dtypes():
     x = np.zeros(8, np.uint8)
     with pytest.raises(ValueError, match="same number of elements"):
-        _numpy.extrapolate_into([np.zeros(8, np.uint8)], "BF16", x, "F32", x, "BF16", [0.3])
+        numpy_twin.extrapolate_into([np.zeros(8, np.uint8)], "BF16", x, "F32", x, "BF16", [0.3])
     with pytest.raises(TypeError, match="I8"):
-        _numpy.extrapolate_into([x], "I8", x, "F32", x, "F32", [0.3])
+        numpy_twin.extrapolate_into([x], "I8", x, "F32", x, "F32", [0.3])
 
 
 def test_specials_cover_the_overflow_edges():
@@ -140,5 +142,5 @@ def test_specials_cover_the_overflow_edges():
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, apo_kernels._numpy; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sys, apo_kernels.numpy_twin; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,16 +20,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-NAMES = ("F16", "BF16", "F32", "F64")  # safetensors names of the dtypes this twin reads and writes
-ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-_BITS = {"F16": np.uint16, "BF16": np.uint16, "F32": np.uint32, "F64": np.uint64}
-_FLOAT = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
-_CANONICAL_NAN = {"F16": 0x7E00, "BF16": 0x7FC0, "F32": 0x7FC00000, "F64": 0x7FF8000000000000}
-# |r| from which rounding into the dtype gives inf: halfway between its largest finite value and the next power
-# of two (inf for fp32 math into fp32: as np.float32 the fp32 threshold itself rounds to inf).
-_OVERFLOW = {"F16": 65520.0, "BF16": float.fromhex("0x1.ffp127"), "F32": float.fromhex("0x1.ffffffp127")}
-# |bits| (sign cleared) from which a 16-bit pattern is inf or NaN
-_NONFINITE_BITS = {"F16": 0x7C00, "BF16": 0x7F80}
+from apo_kernels.dtypes import BY_NAME, KERNEL_NAMES
+
+# Per-dtype views of the table (apo_kernels.dtypes), by safetensors name, for the dtypes this twin reads and writes.
+_ROWS = {n: BY_NAME[n] for n in KERNEL_NAMES}
+_BITS = {n: np.dtype(f"u{d.itemsize}") for n, d in _ROWS.items()}  # the raw bit patterns
+_FLOAT = {n: np.dtype(d.numpy) for n, d in _ROWS.items() if d.numpy}  # numpy's own float dtypes (no bf16)
 
 PIECE = 1 << 16  # elements per step: measured fastest; the scratch (1 MiB) about fills one core's L2
 _scratch = threading.local()
@@ -63,14 +59,16 @@ def extrapolate_into(
     with an input. Returns, per output, the count of non-finite results whose inputs were both finite.
     """
     for name in (out_dtype, prev_dtype, cur_dtype):
-        if name not in ITEMSIZE:
-            raise TypeError(f"dtype {name!r} is not one of {', '.join(NAMES)}")
-    n = cur.nbytes // ITEMSIZE[cur_dtype]
-    if prev.nbytes != n * ITEMSIZE[prev_dtype] or any(o.nbytes != n * ITEMSIZE[out_dtype] for o in outs):
+        if name not in _ROWS:
+            raise TypeError(f"dtype {name!r} is not one of {', '.join(KERNEL_NAMES)}")
+    size = {name: _ROWS[name].itemsize for name in (out_dtype, prev_dtype, cur_dtype)}
+    n = cur.nbytes // size[cur_dtype]
+    if prev.nbytes != n * size[prev_dtype] or any(o.nbytes != n * size[out_dtype] for o in outs):
         raise ValueError("prev, cur and every out must hold the same number of elements")
     wide = np.float64 if "F64" in (out_dtype, prev_dtype, cur_dtype) else np.float32
     a = [wide(round_alpha(x, wide)) for x in alphas]
-    limit = wide(_OVERFLOW.get(out_dtype, math.inf))
+    # |r| from which rounding gives inf (inf for fp32 math into fp32: as np.float32 the fp32 threshold is inf)
+    limit = wide(_ROWS[out_dtype].overflow)
     o_bits = [o.view(_BITS[out_dtype]) for o in outs]
     p_in, c_in = prev.view(_BITS[prev_dtype]), cur.view(_BITS[cur_dtype])
     found = [0] * len(outs)
@@ -164,8 +162,9 @@ def _store_exact(
     PREV is widened again (its scratch now holds d), into fresh buffers: this path is rare."""
     nan = np.isnan(r)
     _store(o, name, r, u32, f32)
-    o[nan] = _CANONICAL_NAN[name]
-    bad = ((o & 0x7FFF) >= _NONFINITE_BITS[name]) if name in _NONFINITE_BITS else ~np.isfinite(o.view(_FLOAT[name]))
+    o[nan] = _ROWS[name].nan  # canonical
+    row = _ROWS[name]  # 16 bits are checked as bits (numpy has no bf16): sign cleared, exponent all ones
+    bad = ((o & 0x7FFF) >= row.nonfinite_from) if row.itemsize == 2 else ~np.isfinite(o.view(_FLOAT[name]))
     p = _widen(p_bits, p_name, c.dtype.type, np.empty(len(c), c.dtype), np.empty(len(c), np.uint32))
     return int(np.count_nonzero(bad & np.isfinite(c) & np.isfinite(p)))
 
