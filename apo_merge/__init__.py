@@ -25,7 +25,7 @@ __all__ = [
 _LAZY = {
     "APOCallback": "apo_merge.callback",
     "extrapolate_checkpoints": "apo_merge.api",
-    "extrapolate": "apo_merge.api",  # the former name of extrapolate_checkpoints, positional
+    "extrapolate": "apo_merge.api",  # the former name of extrapolate_checkpoints, keyword arguments only
     "MergeOptions": "apo_merge.options",
     "MergeError": "apo_merge.errors",
     "extrapolate_state_dict": "apo_merge.state",

@@ -514,8 +514,11 @@ def extrapolate_checkpoints(
     return run_merge(prev, cur, options, output, progress=progress).output
 
 
-def extrapolate(
-    prev: str | os.PathLike, cur: str | os.PathLike, alpha: float, output: str | os.PathLike | None = None, **fields
-) -> Path:
-    """Alias of ``extrapolate_checkpoints`` with positional (prev, cur, alpha, output), kept for existing code."""
-    return extrapolate_checkpoints(prev=prev, cur=cur, alpha=alpha, output=output, **fields)
+def extrapolate(*args: Any, **kwargs: Any) -> Path:
+    """The former name of ``extrapolate_checkpoints``, kept for existing code: keyword arguments only."""
+    if args:  # positional prev and cur are easily swapped, and a swap gives a wrong model without an error
+        raise TypeError(
+            "apo_merge.extrapolate takes keyword arguments only, so that prev and cur cannot be swapped: "
+            "call extrapolate_checkpoints(prev=..., cur=..., alpha=..., output=...)"
+        )
+    return extrapolate_checkpoints(**kwargs)

@@ -1,9 +1,9 @@
-"""Phase 7, extrapolate: theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - theta_hat_t), saved as a checkpoint.
+"""Phase 6, extrapolate: theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - theta_hat_t), saved as a checkpoint.
 
 The step uses the two RAW training outputs (theta_hat_0 = the initial model), never the extrapolated theta_t: that
-is Nesterov momentum (see docs/apo.md). The trained weights are updated in place where they live (the GPU when
-training ran there, through apo_merge's Triton path; the CPU twin otherwise: fp32 math, one rounding), with
-theta_hat_t streamed to the same device in groups. alpha = 0 copies theta_hat_{t+1} exactly. With
+is Nesterov momentum (see "What APO is" in README.md). The trained weights are updated in place where they live
+(the GPU when training ran there, through apo_merge's Triton path; the CPU twin otherwise: fp32 math, one
+rounding), with theta_hat_t streamed to the same device in groups. alpha = 0 copies theta_hat_{t+1} exactly. With
 ``restart: score`` the step's alpha comes from ``apo_trainer.restart`` (0 after a round whose score dropped).
 """
 

@@ -1,4 +1,4 @@
-"""Phase 8, log: one record per round built from the phase markers, to metrics.jsonl, trackers and the console.
+"""The round record, after the six phases: built from the phase markers, to metrics.jsonl, trackers and the console.
 
 A record for round t describes theta_t's samples (mean_score, std_score, mean_length, kl_to_init, ...) and, when
 round t trained, the training that produced theta_hat_{t+1} (train_loss, train_accuracy, ...). ``time_<phase>``

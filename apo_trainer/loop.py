@@ -115,9 +115,9 @@ def _rounds(
             _phase(ctx, t, "data", data.run)
             trained = _phase(ctx, t, "train", train.run, theta_t)
             _phase(ctx, t, "extrapolate", extrapolate.run, trained)
+            del trained  # the trained model in memory: freed before the push and the next round's sampling
             if config.push_to_hub:
                 _phase(ctx, t, "push", _push_round)
-            trained = None
             ctx.step_offset += (store.done(t, "train") or {}).get("steps", 0)
         record = log.round_record(store, t)
         records.append(record)

@@ -1,4 +1,4 @@
-"""Phase 5-6, train and save: theta_hat_{t+1} from theta_t with the preference loss, then save it.
+"""Phase 5, train: theta_hat_{t+1} from theta_t with the preference loss, then save it.
 
 The reference is pi_theta_t through the log-probs stored by the reference phase (no reference model in memory).
 accelerate prepares model, optimizer and data (DDP / FSDP / DeepSpeed per ``accelerate config``); gradients

@@ -6,7 +6,7 @@ pi_hat_{t+1} ∝ pi_t exp(r / beta); in parameter space it is theta_hat_{t+1} = 
 runs in float64 so that the identities the paper relies on can be checked to machine precision.
 
 Analysis, not runtime: it lives outside the installed packages. bench/loglinear_apo.py prints the evidence tables
-of docs/demo.md from it, and tests/demo/test_loglinear.py pins its identities.
+of docs/demo.md from it, and tests/bench/test_loglinear.py pins its identities.
 """
 
 from __future__ import annotations

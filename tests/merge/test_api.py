@@ -85,7 +85,7 @@ def pair(tmp_path: Path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_exact_formula_and_float64_bound(pair, tmp_path, dtype):
     prev, cur = pair(dtype)
-    out = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "out")
+    out = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "out")
     P, C, O = load_dir(prev), load_dir(cur), load_dir(out)
     assert O.keys() == C.keys()
     for name in C:
@@ -96,14 +96,14 @@ def test_exact_formula_and_float64_bound(pair, tmp_path, dtype):
 
 def test_mixed_input_dtypes_and_dtype_option(pair, tmp_path):
     prev, cur = pair(torch.bfloat16, prev_dtype=torch.float32)
-    out = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "out")
+    out = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "out")
     P, C, O = load_dir(prev), load_dir(cur), load_dir(out)
     for name in C:
         assert P[name].dtype == torch.float32 and O[name].dtype == torch.bfloat16
         assert torch.equal(bits(O[name]), bits(formula(P[name], C[name], 0.3, torch.bfloat16)))
         assert_within_bound(O[name], P[name], C[name], 0.3)
     for flag, dt in (("fp32", torch.float32), ("fp16", torch.float16)):
-        o = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / flag, dtype=flag)
+        o = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / flag, dtype=flag)
         O = load_dir(o)
         for name in C:
             assert O[name].dtype == dt
@@ -115,7 +115,7 @@ def test_alpha_zero_is_bit_identical_to_cur(pair, tmp_path):
     C = load_dir(cur)
     C["model.norm.weight"][:3] = torch.tensor([-0.0, float("nan"), float("inf")])
     save_file(C, cur / "model.safetensors", metadata={"format": "pt"})
-    O = load_dir(apo_merge.extrapolate(prev, cur, 0.0, tmp_path / "out"))
+    O = load_dir(apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.0, output=tmp_path / "out"))
     for name in C:
         assert torch.equal(bits(O[name]), bits(C[name])), name
 
@@ -123,7 +123,7 @@ def test_alpha_zero_is_bit_identical_to_cur(pair, tmp_path):
 def test_negative_alpha_moves_toward_prev(pair, tmp_path):
     prev, cur = pair(torch.float32)
     P, C = load_dir(prev), load_dir(cur)
-    O = load_dir(apo_merge.extrapolate(prev, cur, -1.0, tmp_path / "out"))
+    O = load_dir(apo_merge.extrapolate(prev=prev, cur=cur, alpha=-1.0, output=tmp_path / "out"))
     for name in C:
         assert torch.equal(O[name], formula(P[name], C[name], -1.0, torch.float32))
         assert torch.allclose(O[name], P[name], atol=1e-6)
@@ -146,7 +146,7 @@ def test_non_floating_tensors_copied_from_cur(tmp_path):
         )
         (tmp_path / name).mkdir()
         os.replace(tmp_path / f"{name}.st", tmp_path / name / "model.safetensors")
-    out = apo_merge.extrapolate(tmp_path / "prev", tmp_path / "cur", 0.3, tmp_path / "out")
+    out = apo_merge.extrapolate(prev=tmp_path / "prev", cur=tmp_path / "cur", alpha=0.3, output=tmp_path / "out")
     C, O = load_dir(tmp_path / "cur"), load_dir(out)
     assert torch.equal(O["steps"], C["steps"]) and torch.equal(O["mask"], C["mask"])
     assert O["steps"].dtype == torch.int64 and O["mask"].dtype == torch.bool
@@ -155,7 +155,7 @@ def test_non_floating_tensors_copied_from_cur(tmp_path):
 def test_different_sharding_matched_by_name_and_cur_layout_kept(pair, tmp_path):
     prev, cur = pair(torch.bfloat16, prev_shard="20KB", cur_shard="30KB")
     assert len(list(prev.glob("*.safetensors"))) != len(list(cur.glob("*.safetensors")))
-    out = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "out")
+    out = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "out")
     assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in cur.glob("*.safetensors"))
     cur_index = json.loads((cur / "model.safetensors.index.json").read_text())
     out_index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -168,7 +168,7 @@ def test_different_sharding_matched_by_name_and_cur_layout_kept(pair, tmp_path):
 
 def test_single_file_prev_with_sharded_cur_and_reshard(pair, tmp_path):
     prev, cur = pair(torch.float32, cur_shard="40KB")
-    out = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "out", max_shard_size="30KB")
+    out = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "out", max_shard_size="30KB")
     files = sorted(p.name for p in out.glob("*.safetensors"))
     n = len(files)
     assert n > 1 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
@@ -180,7 +180,7 @@ def test_single_file_prev_with_sharded_cur_and_reshard(pair, tmp_path):
         with safe_open(out / f, "pt") as sf:
             assert all(index["weight_map"][k] == f for k in sf.keys())
         assert size < 30_000 + 4096 or len(load_file(out / f)) == 1
-    one = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "one", max_shard_size="5GB")
+    one = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "one", max_shard_size="5GB")
     assert sorted(p.name for p in one.iterdir() if p.suffix in (".safetensors", ".json")) == [
         "config.json",
         "generation_config.json",
@@ -192,7 +192,7 @@ def test_single_file_prev_with_sharded_cur_and_reshard(pair, tmp_path):
 def test_tied_embeddings(pair, tmp_path):
     prev, cur = pair(torch.bfloat16, tie_word_embeddings=True)
     assert "lm_head.weight" not in load_dir(cur)
-    out = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "out")
+    out = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "out")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -207,7 +207,7 @@ def test_loads_with_from_pretrained_and_metadata(pair, tmp_path):
     (cur / "chat_template.jinja").write_text("{{ messages }}")
     (cur / "README.md").write_text("old card")
     (cur / "pytorch_model.bin").write_bytes(b"pickle")
-    out = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "out")
+    out = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     expected, loaded = load_dir(out), model.state_dict()
     assert expected and set(expected) <= set(loaded), sorted(set(expected) - set(loaded))
@@ -324,9 +324,14 @@ def test_folder_api_names_prev_and_cur_and_takes_options(pair, tmp_path):
     options = MergeOptions(0.7, dtype="bf16")
     again = apo_merge.extrapolate_checkpoints(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "obj", options=options)
     assert weights_of(again) == weights_of(out)
-    assert weights_of(apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "alias", dtype="bf16")) == weights_of(out)
+    assert weights_of(
+        apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "alias", dtype="bf16")
+    ) == weights_of(out)
     with pytest.raises(TypeError):
         apo_merge.extrapolate_checkpoints(prev, cur, 0.3)  # prev and cur must be named
+    with pytest.raises(TypeError, match="keyword arguments only.*extrapolate_checkpoints\\(prev=") as e:
+        apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "positional")  # the former name: named too
+    assert str(e.value).count("\n") == 0 and not (tmp_path / "positional").exists()
     with pytest.raises(MergeError, match="--dtype 'int8'"):
         apo_merge.extrapolate_checkpoints(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "bad", dtype="int8")
     assert not (tmp_path / "bad").exists()
@@ -362,10 +367,10 @@ def test_chunked_streaming_matches_whole_tensor(pair, tmp_path, monkeypatch):
     import apo_merge.engine as engine
 
     prev, cur = pair(torch.bfloat16, prev_dtype=torch.float32)
-    whole = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "whole")
+    whole = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "whole")
     monkeypatch.setattr(engine, "CHUNK_ELEMS", 100)  # tensors span many chunks, tails included
     monkeypatch.setattr(engine, "COPY_CHUNK_BYTES", 64)
-    chunked = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "chunked")
+    chunked = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "chunked")
     for f in whole.glob("*.safetensors"):
         assert (chunked / f.name).read_bytes() == f.read_bytes()
 
@@ -373,7 +378,7 @@ def test_chunked_streaming_matches_whole_tensor(pair, tmp_path, monkeypatch):
 def test_triton_path_bit_identical_to_cpu_twin(pair, tmp_path):
     """The same merge through the Triton kernel (interpreter on the CPU) writes identical bytes."""
     prev, cur = pair(torch.bfloat16, prev_dtype=torch.float32, num_hidden_layers=1)
-    cpu = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "cpu")
+    cpu = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "cpu")
     triton = functools.partial(kernel_extrapolate_, backend="triton")
     tri = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "triton", kernel=triton).output
     for f in cpu.glob("*.safetensors"):
@@ -383,8 +388,8 @@ def test_triton_path_bit_identical_to_cpu_twin(pair, tmp_path):
 @pytest.mark.gpu
 def test_cuda_merge_bit_identical_to_cpu(pair, tmp_path):
     prev, cur = pair(torch.bfloat16, prev_dtype=torch.float32)
-    cpu = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "cpu", device="cpu")
-    gpu = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "gpu", device="cuda")
+    cpu = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "cpu", device="cpu")
+    gpu = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "gpu", device="cuda")
     for f in cpu.glob("*.safetensors"):
         assert (gpu / f.name).read_bytes() == f.read_bytes()
 

@@ -53,7 +53,7 @@ def test_cli_and_engine_start_without_torch():
 
 def test_workers_finishing_out_of_order_still_write_in_order(pair, tmp_path, monkeypatch):
     prev, cur = pair(prev_dtype=torch.float32)
-    reference = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "reference")
+    reference = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "reference")
 
     monkeypatch.setattr(engine, "MAX_CPU_WORKERS", 3)
     monkeypatch.setattr(engine, "CHUNK_ELEMS", 96)
@@ -90,7 +90,7 @@ def test_workers_finishing_out_of_order_still_write_in_order(pair, tmp_path, mon
 
 def test_writeback_windows_and_plain_fallback(pair, tmp_path, monkeypatch):
     prev, cur = pair()
-    reference = apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "reference")
+    reference = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "reference")
     real = writer.SYNC_FILE_RANGE
     if real is None:
         pytest.skip("no sync_file_range on this platform")
@@ -221,7 +221,7 @@ def test_overflow_reported_and_strict(tmp_path):
 def test_cpu_merge_restores_torch_threads(pair, tmp_path):
     prev, cur = pair()
     before = torch.get_num_threads()
-    apo_merge.extrapolate(prev, cur, 0.3, tmp_path / "out", device="cpu")
+    apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "out", device="cpu")
     assert torch.get_num_threads() == before
 
 
