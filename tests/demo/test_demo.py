@@ -26,6 +26,7 @@ def demo_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_report_files_are_written(demo_dir):
     png = (demo_dir / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -39,6 +40,7 @@ def test_report_files_are_written(demo_dir):
     assert "| iterative DPO | 0 | " in text and " | 0.500 | 0.500 |" in text  # round 0 against itself
 
 
+@pytest.mark.slow
 def test_true_reward_matches_the_samples(demo_dir):
     means = {}
     for name in ("dpo-alpha0-seed1", "dpo-alpha0.3-seed1"):
@@ -56,6 +58,7 @@ def test_true_reward_matches_the_samples(demo_dir):
     assert means["dpo-alpha0-seed1"][0] == means["dpo-alpha0.3-seed1"][0]
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_changed_settings_are_refused(demo_dir):
     from apo_trainer.cli import app
 
@@ -120,6 +123,7 @@ def test_missing_matplotlib_is_named_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_peft_demo_runs_lora_rounds(tmp_path):
     pytest.importorskip("peft")
     from apo_trainer.cli import app

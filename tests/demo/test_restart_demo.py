@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -12,6 +13,7 @@ from apo_trainer.restart import decide
 TINY = ["--rounds", "3", "--seeds", "1", "--prompts-per-round", "16", "--samples", "4", "--warmup-steps", "20"]
 
 
+@pytest.mark.slow
 def test_demo_runs_with_restart(tmp_path):
     from apo_trainer.cli import app
 

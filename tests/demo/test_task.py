@@ -88,6 +88,7 @@ def test_tokenizer_round_trips_and_saves(tmp_path):
     assert again(text)["input_ids"] == ids and again.pad_token_id == tok.pad_token_id
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("free_length", [False, True])
 def test_warmup_lowers_the_loss(free_length):
     task = ToyTask(warmup_steps=40, warmup_batch=32, free_length=free_length)

@@ -59,6 +59,7 @@ def _assert_bitwise(model, merged: dict[str, torch.Tensor]) -> None:
         assert t.dtype == live.dtype and torch.equal(t.view(torch.int16), live.view(torch.int16)), name
 
 
+@pytest.mark.slow
 def test_rounds_equal_the_cli_on_the_raw_checkpoints(tmp_path):
     model = make_model(seed=0, dtype=torch.bfloat16, tie_word_embeddings=True)
     model.save_pretrained(tmp_path / "raw-0")  # theta_hat_0: the model round 1 starts from

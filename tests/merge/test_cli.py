@@ -274,6 +274,7 @@ def test_a_caught_interrupt_never_turns_into_a_death_by_sigint(tmp_path, args, c
 
 
 # -- docs/errors.md is the code's list ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_errors_doc_lists_every_error_with_its_code():
     head, generated = errortable.documented()
     assert generated == errortable.table(), (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.merge.header_strategies import (
@@ -21,6 +22,7 @@ EXAMPLES = {"random": 600, "valid": 400, "mutated": 1400, "pairs": 600}  # 3,000
 _fast = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES["random"], **_fast)
 @given(random_headers())
 def test_random_bytes_and_json_never_crash_the_parser(case):
@@ -35,6 +37,7 @@ def test_valid_headers_are_accepted(case):
     assert check_parse(raw, size) is not None  # a hardened parser that refuses good files is no use
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES["mutated"], **_fast)
 @given(mutated_headers(), mutated_headers(), plan_options)
 def test_mutated_headers_never_crash_the_parser_or_the_planner(cur, prev, options):
@@ -43,6 +46,7 @@ def test_mutated_headers_never_crash_the_parser_or_the_planner(cur, prev, option
         check_plan((*prev, parsed_prev), (*cur, parsed_cur), options)
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES["pairs"], **_fast)
 @given(header_pairs(), plan_options)
 def test_planner_on_related_headers(pair, options):

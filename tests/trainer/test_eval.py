@@ -99,6 +99,7 @@ def eval_run(tiny, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_the_final_round_is_judged_on_held_out_prompts(tiny, eval_run):
     from apo_trainer.config import APOConfig
     from apo_trainer.prompts import split_prompts
@@ -114,6 +115,7 @@ def test_the_final_round_is_judged_on_held_out_prompts(tiny, eval_run):
         assert not {r["prompt"] for r in rows(t)} & set(held)
 
 
+@pytest.mark.slow
 def test_raising_rounds_after_a_held_out_final_round_samples_it_again_from_training_prompts(eval_run, tmp_path):
     from apo_trainer.loop import run
 
@@ -134,6 +136,7 @@ def test_raising_rounds_after_a_held_out_final_round_samples_it_again_from_train
     assert final == held
 
 
+@pytest.mark.slow
 def test_eval_writes_win_rates_per_round_and_resumes_to_the_same_bytes(eval_run, tmp_path, monkeypatch):
     from apo_trainer.cli import main
 
@@ -178,6 +181,7 @@ def test_eval_writes_win_rates_per_round_and_resumes_to_the_same_bytes(eval_run,
     assert e.value.code == 1  # the folder was made with other eval settings
 
 
+@pytest.mark.slow
 def test_eval_against_a_reference_file_keyed_by_prompt(eval_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(eval_run, out)

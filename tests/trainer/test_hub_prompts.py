@@ -90,6 +90,7 @@ def test_datasets_folder_chat_rows(tmp_path):
     assert load_prompts(tmp_path / "d", "messages") == ["w1 w2", "w7 w8"]
 
 
+@pytest.mark.slow
 def test_a_run_reads_prompts_from_the_hub_dataset(offline, tiny, tmp_path):
     from apo_trainer.loop import run
 

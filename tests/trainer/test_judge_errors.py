@@ -36,6 +36,7 @@ def _run(cfg_path, capsys, monkeypatch, debug=False):
     return e.value.code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode,needle",
     [

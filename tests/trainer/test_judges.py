@@ -139,6 +139,7 @@ def test_pairrm_adapter_turns_comparison_logits_into_probabilities(monkeypatch):
     assert int(m.mean(dim=1).argmax()) == 2
 
 
+@pytest.mark.slow
 def test_a_run_with_a_pairwise_judge_trains_on_its_win_rates(tiny, tmp_path):
     from apo_trainer.loop import run
     from tests.trainer.conftest import tiny_config

@@ -90,6 +90,7 @@ def _fail_at(t: int, phase: str, where: str):
     return hook
 
 
+@pytest.mark.slow
 def test_resume_after_a_fault_in_every_phase_gives_the_same_bytes(tiny, tmp_path, reference_run, monkeypatch):
     ref_out, ref_records = reference_run
     out = tmp_path / "out"

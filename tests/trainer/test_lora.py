@@ -40,6 +40,7 @@ def lora_run(tiny, tmp_path_factory):
     return out, records
 
 
+@pytest.mark.slow
 def test_lora_rounds_write_adapter_and_trained(lora_run):
     out, records = lora_run
     assert [r["round"] for r in records] == [0, 1, 2]
@@ -53,6 +54,7 @@ def test_lora_rounds_write_adapter_and_trained(lora_run):
         assert records[t]["steps"] >= 1
 
 
+@pytest.mark.slow
 def test_anchor_rule_bit_for_bit_with_lora(tiny, lora_run):
     out, _ = lora_run
     raw = [weights(tiny / "policy"), weights(out / "round-0" / "trained"), weights(out / "round-1" / "trained")]
@@ -67,6 +69,7 @@ def test_anchor_rule_bit_for_bit_with_lora(tiny, lora_run):
     assert any(not torch.equal(theta_2[n], wrong[n]) for n in theta_2)
 
 
+@pytest.mark.slow
 def test_trained_is_base_plus_scaled_BA_in_float64(tiny, lora_run):
     out, _ = lora_run
     scale = PEFT["lora_alpha"] / PEFT["r"]

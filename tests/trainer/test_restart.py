@@ -81,6 +81,7 @@ def restart_run(tiny, tmp_path_factory):
     return out, records
 
 
+@pytest.mark.slow
 def test_a_drop_restarts_the_next_extrapolation_only(tiny, restart_run):
     out, records = restart_run
     history = score_history(RunStore(out), 2)
@@ -103,6 +104,7 @@ def test_a_drop_restarts_the_next_extrapolation_only(tiny, restart_run):
     assert [r["restart"] for r in lines] == [False, True, False]
 
 
+@pytest.mark.slow
 def test_restart_is_logged_on_the_console(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     run(_config(tiny, out), ScriptedOracle(out, OFFSETS), quiet=False)
@@ -119,6 +121,7 @@ def _fail_at(t: int, phase: str, where: str):
     return hook
 
 
+@pytest.mark.slow
 def test_resume_after_a_restart_gives_the_same_bytes(tiny, tmp_path, restart_run, monkeypatch):
     ref_out, ref_records = restart_run
     out = tmp_path / "out"
@@ -133,6 +136,7 @@ def test_resume_after_a_restart_gives_the_same_bytes(tiny, tmp_path, restart_run
     assert [strip(r) for r in records] == [strip(r) for r in ref_records]
 
 
+@pytest.mark.slow
 def test_restart_mode_is_validated_and_fixed_for_a_run(tiny, restart_run):
     with pytest.raises(ConfigError, match="'restart' must be one of none, score; got 'loss'"):
         APOConfig.from_dict({"restart": "loss"})

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from apo_trainer.store import RunStore
 from tests.killing import sigkill_while_saving
 
 FILES = ["model.safetensors", "config.json", "train_log.jsonl"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_store_commits_never_loses_the_result(tmp_path):
     store = RunStore(tmp_path / "run")
     final = store.trained(0)
