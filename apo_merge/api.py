@@ -211,7 +211,7 @@ def _metadata(alpha: float, prev: str, cur: str) -> dict[str, str]:
 def _merge_checkpoints(
     src_prev: sources.Source, src_cur: sources.Source, outs: list[Path], options: MergeOptions, hooks: _Hooks
 ) -> list[MergeReport]:
-    from apo_merge.engine import execute_many, resolve_device
+    from apo_merge.engine import Hooks, execute_many, resolve_device
 
     options = options.replace(device=resolve_device(options.device))
     ckpt_prev = open_checkpoint(src_prev.path, src_prev.label, src_prev.trusted_root)
@@ -228,15 +228,9 @@ def _merge_checkpoints(
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(s) for s in staged]
         hasher = stack.enter_context(hashing.StreamHasher(*((ckpt_prev.files, ckpt_cur.files) if hash_inputs else ())))
-        stats = execute_many(
-            plans,
-            tmps,
-            options,
-            kernel=hooks.kernel,
-            prefetcher=hooks.prefetcher,
-            progress=hooks.progress,
-            on_read=hasher.update if hash_inputs else None,
-        )
+        on_read = hasher.update if hash_inputs else None
+        engine_hooks = Hooks(kernel=hooks.kernel, prefetcher=hooks.prefetcher, progress=hooks.progress, on_read=on_read)
+        stats = execute_many(plans, tmps, options.device, engine_hooks)
         for o, st in zip(each, stats):
             if options.strict and st.new_nonfinite:
                 raise MergeError(

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import apo_merge.engine as engine
 from apo_kernels import extrapolate_ as kernel_extrapolate_
 from apo_merge.api import run_merge, run_merges
+from apo_merge.engine import Tuning, use_tuning
 from apo_merge.errors import MergeError
 from apo_merge.options import MergeOptions
 from tests.merge.helpers import leftovers, run_cli_in_process, tree_state
@@ -51,21 +51,21 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_each_output_equals_a_run_with_its_alpha_alone(pair, case, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "CHUNK_ELEMS", 500)  # tensors span several chunks, tails included
-    monkeypatch.setattr(engine, "COPY_CHUNK_BYTES", 24)
+def test_each_output_equals_a_run_with_its_alpha_alone(pair, case, tmp_path):
     fields = dict(CASES[case])
     kernel = fields.pop("kernel", None)
     prev, cur = pair
     (tmp_path / "many").mkdir()
     (tmp_path / "one").mkdir()
     options = MergeOptions(ALPHAS, device="cpu", on_missing="copy", **fields)
-    reports = run_merges(prev, cur, options, tmp_path / "many" / "out{alpha}", kernel=kernel)
-    assert [r.output.name for r in reports] == ["out0.1", "out-0.5", "out2"]
-    for alpha, report in zip(ALPHAS, reports):
-        alone = run_merge(prev, cur, options.replace(alpha=alpha), tmp_path / "one" / report.output.name, kernel=kernel)
-        assert tree_state(report.output) == tree_state(alone.output)  # weights, index, card, side files
-        assert report.sha256 == alone.sha256 and report.n_tensors == alone.n_tensors == 4
+    with use_tuning(Tuning(chunk_elems=500, copy_chunk_bytes=24)):  # tensors span several chunks, tails included
+        reports = run_merges(prev, cur, options, tmp_path / "many" / "out{alpha}", kernel=kernel)
+        assert [r.output.name for r in reports] == ["out0.1", "out-0.5", "out2"]
+        for alpha, report in zip(ALPHAS, reports):
+            out = tmp_path / "one" / report.output.name
+            alone = run_merge(prev, cur, options.replace(alpha=alpha), out, kernel=kernel)
+            assert tree_state(report.output) == tree_state(alone.output)  # weights, index, card, side files
+            assert report.sha256 == alone.sha256 and report.n_tensors == alone.n_tensors == 4
     if case == "shards":
         assert len(reports[0].sha256) > 1
 

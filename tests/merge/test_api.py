@@ -363,14 +363,13 @@ def test_merge_options_validate_once_and_feed_the_cli_choices():
     assert MergeOptions(0.3, device="cuda:1").device == "cuda:1"
 
 
-def test_chunked_streaming_matches_whole_tensor(pair, tmp_path, monkeypatch):
-    import apo_merge.engine as engine
+def test_chunked_streaming_matches_whole_tensor(pair, tmp_path):
+    from apo_merge.engine import Tuning, use_tuning
 
     prev, cur = pair(torch.bfloat16, prev_dtype=torch.float32)
     whole = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "whole")
-    monkeypatch.setattr(engine, "CHUNK_ELEMS", 100)  # tensors span many chunks, tails included
-    monkeypatch.setattr(engine, "COPY_CHUNK_BYTES", 64)
-    chunked = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "chunked")
+    with use_tuning(Tuning(chunk_elems=100, copy_chunk_bytes=64)):  # tensors span many chunks, tails included
+        chunked = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "chunked")
     for f in whole.glob("*.safetensors"):
         assert (chunked / f.name).read_bytes() == f.read_bytes()
 

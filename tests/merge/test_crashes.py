@@ -1,8 +1,10 @@
-"""Crashes and interruptions of a real `python -m apo_merge` process on a 2 x 128 MB merge.
+"""Crashes and interruptions of a real apo-merge process on a 2 x 16 MiB merge.
 
 SIGKILL at seeded random moments, SIGINT, SIGTERM, a file-size limit (RLIMIT_FSIZE) standing in for a full disk,
 and two processes writing the same OUT. After each: OUT is absent or complete and valid (verify passes, weights
 equal an undisturbed run's), no temporary folder of a finished process remains, and the inputs are unchanged.
+The child runs the CLI with the engine's sizes scaled down as the inputs are (``TUNING``), so the merge is cut into
+as many chunks as a default run of 8 times the size, and kills still land while the output is being written.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from apo_merge.api import run_merge
+from apo_merge.engine import Tuning
 from apo_merge.errors import MergeError
 from apo_merge.io.hashing import hash_file
 from apo_merge.io.output import StagedFolder, _process_start, remove_stale_temporaries
@@ -31,7 +35,6 @@ from apo_merge.verify import verify_output
 from tests.merge.helpers import (
     REPO,
     Result,
-    apo_merge_cmd,
     assert_one_line_error,
     cli_env,
     leftovers,
@@ -41,7 +44,18 @@ from tests.merge.helpers import (
 
 pytestmark = pytest.mark.slow
 
-N_SHARDS, N_TENSORS, SHAPE = 4, 4, (1024, 2048)  # 4 x 4 x 8 MiB = 128 MiB of float32 per checkpoint
+N_SHARDS, N_TENSORS, SHAPE = 4, 4, (256, 1024)  # 4 x 4 x 1 MiB = 16 MiB of float32 per checkpoint
+TUNING = Tuning(chunk_elems=1 << 17, copy_chunk_bytes=1 << 19)  # the defaults / 8: 2 chunks per tensor, as at 8x
+
+# `python -m apo_merge` with TUNING
+_CHILD = f"""
+import sys
+from apo_merge.cli import main
+from apo_merge.engine import Tuning, use_tuning
+sys.argv = ["apo-merge", *sys.argv[1:]]
+with use_tuning(Tuning(**{asdict(TUNING)!r})):
+    main()
+"""
 
 
 @dataclass
@@ -53,6 +67,8 @@ class Big:
     old_out: Path  # a finished alpha=0.5 output, the OUT that --overwrite replaces
     old_weights: dict[str, str]
     t_tmp: float  # seconds from start until the temporary folder appeared
+    t_weights: float  # ... until the first weight file appeared in it (the writer opens each at its full size)
+    t_written: float  # ... until the weights were written (the side files and the card appear)
     t_end: float  # seconds from start until exit
 
 
@@ -78,7 +94,8 @@ def _weights(out: Path) -> dict[str, str]:
 
 def _start(big_or_paths, out: Path, *extra: str, alpha: str = "0.3", preexec=None) -> subprocess.Popen:
     prev, cur = big_or_paths
-    cmd = apo_merge_cmd(prev, cur, "--alpha", alpha, "-o", out, "--device", "cpu", "-q", *extra)
+    args = (prev, cur, "--alpha", alpha, "-o", out, "--device", "cpu", "-q", *extra)
+    cmd = [sys.executable, "-c", _CHILD, *map(str, args)]
 
     def child_setup() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a CI shell may start us with SIGINT ignored
@@ -100,16 +117,41 @@ def _finish(p: subprocess.Popen, timeout: float = 300) -> Result:
     return Result(p.returncode, stdout, stderr)
 
 
-def _wait_for_temp(p: subprocess.Popen, out: Path, timeout: float = 120) -> bool:
-    """Poll until the run's temporary folder exists (True) or the process has exited (False)."""
+def _temporaries(out: Path, pid: int | None = None) -> list[Path]:
+    """The temporary folders beside ``out``: all of them, or those of process ``pid`` (not stale ones)."""
+    mark = ".apo-tmp-" if pid is None else f".apo-tmp-{pid}-"
+    return [out.parent / name for name in leftovers(out) if mark in name]
+
+
+PHASES = ("started", "temp", "weights", "written")
+
+
+def _phase(p: subprocess.Popen, out: Path) -> str:
+    """How far run ``p`` into ``out`` has come: its temporary folder, a weight file in it, the weights written."""
+    phase = "started"
+    for tmp in _temporaries(out, p.pid):
+        phase = "temp"
+        if next(tmp.glob("*.safetensors"), None):
+            phase = "weights"
+        if (tmp / "config.json").exists() or (tmp / "README.md").exists():  # copied or written after the weights
+            return "written"
+    return phase
+
+
+def _wait_for(p: subprocess.Popen, out: Path, phase: str, timeout: float = 120) -> bool:
+    """Poll until the run has reached ``phase`` (True) or the process has exited (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(".apo-tmp-" in name for name in leftovers(out)):
+        if PHASES.index(_phase(p, out)) >= PHASES.index(phase):
             return True
         if p.poll() is not None:
             return False
-        time.sleep(0.005)
-    raise AssertionError("the merge never created its temporary folder")
+        time.sleep(0.002)
+    raise AssertionError(f"the merge never reached {phase!r}")
+
+
+def _wait_for_temp(p: subprocess.Popen, out: Path, timeout: float = 120) -> bool:
+    return _wait_for(p, out, "temp", timeout)
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +165,15 @@ def big(tmp_path_factory) -> Big:
     out = root / "baseline"
     t0 = time.monotonic()
     p = _start((prev, cur), out)
-    assert _wait_for_temp(p, out)
-    t_tmp = time.monotonic() - t0
+    marks = []
+    for phase in PHASES[1:]:
+        assert _wait_for(p, out, phase)
+        marks.append(time.monotonic() - t0)
     res = _finish(p)
     t_end = time.monotonic() - t0
     assert res.code == 0, res.stderr
     verify_output(out)
-    big = Big(prev, cur, tree_state(root, skip=out), _weights(out), old_out, _weights(old_out), t_tmp, t_end)
+    big = Big(prev, cur, tree_state(root, skip=out), _weights(out), old_out, _weights(old_out), *marks, t_end)
     shutil.rmtree(out)
     return big
 
@@ -150,23 +194,38 @@ def _out_state(out: Path, big: Big, old_allowed: bool = False) -> str:
     return "new"
 
 
-class _WriteWindow:
-    """How long a run spends between creating its temporary folder and exiting. Starts from the baseline and
-    shrinks whenever a run finishes sooner, so that delays drawn from it stay inside the window under any load."""
+def _part_written(p: subprocess.Popen, out: Path, big: Big) -> bool:
+    """Whether killed run ``p`` left the output part-written: weight files begun (the writer opens each at its full
+    size) but not all of them holding the finished output's bytes."""
+    return any(_weights(tmp) and _weights(tmp) != big.weights for tmp in _temporaries(out, p.pid))
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+
+class _Window:
+    """How long a run spends from reaching ``start`` ("temp": its temporary folder appeared; "weights": it began
+    writing weights) until the end of that stretch (exit; the weights written). Starts from the baseline and
+    shrinks whenever a run gets through sooner, so that delays drawn from it stay inside the window under any
+    load."""
+
+    def __init__(self, seconds: float, start: str = "temp") -> None:
+        self.seconds, self.start = seconds, start
+        self.writing = False  # whether the last signal was sent while the weights were being written
+
+    def _over(self, p: subprocess.Popen, out: Path) -> bool:
+        return p.poll() is not None or (self.start == "weights" and _phase(p, out) == "written")
 
     def signal_inside(self, p: subprocess.Popen, out: Path, delay: float, sig: int) -> bool:
-        """Wait for the temporary folder, then ``delay`` seconds, then send ``sig``; False if the run ended first."""
-        if not _wait_for_temp(p, out):
+        """Wait for ``start``, then ``delay`` seconds, then send ``sig``; False if the run ended first."""
+        self.writing = False
+        if not _wait_for(p, out, self.start):
             return False
         seen = time.monotonic()
-        while time.monotonic() - seen < delay and p.poll() is None:
+        while time.monotonic() - seen < delay and not self._over(p, out):
             time.sleep(0.002)
-        if p.poll() is not None:
+        if self._over(p, out):
             self.seconds = min(self.seconds, time.monotonic() - seen)
+        if p.poll() is not None:
             return False
+        self.writing = _phase(p, out) == "weights"
         p.send_signal(sig)
         return True
 
@@ -176,7 +235,8 @@ def test_sigkill_at_random_moments(big: Big, tmp_path):
     existing OUT (which must then be the old or the new output, never absent)."""
     rng = random.Random(20241007)
     out = tmp_path / "out"
-    window = _WriteWindow(big.t_end - big.t_tmp)
+    window = _Window(big.t_end - big.t_tmp)
+    writing = _Window(big.t_written - big.t_weights, start="weights")
     outcomes = []
     for trial in range(12):
         overwrite = trial >= 9
@@ -186,20 +246,23 @@ def test_sigkill_at_random_moments(big: Big, tmp_path):
         if trial < 5:
             time.sleep(rng.uniform(0, big.t_end))
             p.kill()
+        elif not overwrite:
+            writing.signal_inside(p, out, rng.uniform(0, writing.seconds), signal.SIGKILL)
         else:
             window.signal_inside(p, out, rng.uniform(0, 1.1 * window.seconds), signal.SIGKILL)
         res = _finish(p)
         killed = res.code == -signal.SIGKILL
         assert killed or res.code == 0, res.stderr
-        stale = [n for n in leftovers(out) if ".apo-tmp-" in n]
+        stale = _temporaries(out)
+        mid_write = _part_written(p, out, big)
         state = _out_state(out, big, old_allowed=overwrite)
         if overwrite:
             assert state != "absent", "an existing OUT must never disappear"
-        outcomes.append((trial, "killed" if killed else "finished", state, len(stale)))
+        outcomes.append((trial, "killed" if killed else "finished", state, len(stale), mid_write))
         if out.exists():
             shutil.rmtree(out)  # the user removes it before rerunning
-    print("kill trials (trial, outcome, OUT, stale temporary folders):", outcomes)
-    assert sum(o[1] == "killed" and o[3] > 0 for o in outcomes) >= 1, outcomes  # some kills left a temp folder
+    print("kill trials (trial, outcome, OUT, stale temporary folders, killed while writing):", outcomes)
+    assert sum(o[1] == "killed" and o[4] for o in outcomes) >= 2, outcomes  # kills left part-written outputs
 
     res = _finish(_start((big.prev, big.cur), out))  # the next run succeeds and removes what killed runs left
     assert res.code == 0, res.stderr
@@ -213,24 +276,25 @@ def test_sigkill_at_random_moments(big: Big, tmp_path):
 def test_interrupt_while_writing(big: Big, tmp_path, sig, code, word):
     rng = random.Random(int(sig))
     out = tmp_path / "out"
-    window = _WriteWindow(big.t_end - big.t_tmp)
-    interrupted = 0
-    for _ in range(4):
+    window = _Window(big.t_written - big.t_weights, start="weights")
+    interrupted = while_writing = 0
+    for _ in range(6):
         p = _start((big.prev, big.cur), out)
-        window.signal_inside(p, out, rng.uniform(0, 0.25 * window.seconds), sig)
+        window.signal_inside(p, out, rng.uniform(0, window.seconds), sig)
         res = _finish(p)
         if res.code in (0, -sig):  # finished first; or the signal hit interpreter exit, where Python's handler is gone
             assert "tensors" in res.stdout and _out_state(out, big) == "new", (res.code, res.stdout, res.stderr)
         else:
             assert_one_line_error(res, code, word, "no partial output was left", "inputs are unchanged")
             interrupted += 1
+            while_writing += window.writing
             _out_state(out, big)
         assert leftovers(out) == []  # the interrupted run removed its own temporary folder
         if out.exists():
             shutil.rmtree(out)
-        if interrupted == 2:
+        if interrupted >= 2 and while_writing:
             break
-    assert interrupted >= 1
+    assert while_writing >= 1, (interrupted, while_writing)  # at least one signal landed while writing
     _inputs_unchanged(big)
 
 
@@ -310,7 +374,7 @@ def test_out_appearing_during_a_merge_is_never_replaced_or_mixed(tmp_path):
 def test_interrupt_while_the_stage_threads_start(tiny_checkpoints, tmp_path, monkeypatch):
     """Ctrl-C landing between the reader's and the writer's start: the reader is stopped and joined before the
     temporary folder is removed (a reader left running kept feeding the input hasher, whose cleanup then failed)."""
-    import apo_merge.engine as engine
+    import apo_merge.engine.runner as runner
 
     class InterruptedWriterStart(threading.Thread):
         def start(self) -> None:
@@ -318,7 +382,7 @@ def test_interrupt_while_the_stage_threads_start(tiny_checkpoints, tmp_path, mon
                 raise KeyboardInterrupt
             super().start()
 
-    monkeypatch.setattr(engine.threading, "Thread", InterruptedWriterStart)
+    monkeypatch.setattr(runner.threading, "Thread", InterruptedWriterStart)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_merge(tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"], MergeOptions(0.3, device="cpu"), out)

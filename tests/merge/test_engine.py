@@ -1,10 +1,11 @@
-"""The engine's performance paths: parallel workers with in-order writes, writeback windows, prefetch, lazy torch."""
+"""The engine's performance paths: parallel workers with in-order writes, writeback windows, prefetch, lazy torch;
+its sizes (``Tuning``) never change the bytes written."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import queue
 import subprocess
 import sys
 import threading
@@ -13,17 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import apo_kernels
 import apo_merge
-import apo_merge.engine as engine
+import apo_merge.engine.compute as compute
 from apo_kernels import extrapolate_ as kernel_extrapolate_
-from apo_merge.api import run_merge
+from apo_merge.api import run_merge, run_merges
+from apo_merge.engine import Tuning, use_tuning
 from apo_merge.errors import MergeError
 from apo_merge.io import prefetch, writer
 from apo_merge.io.prefetch import Prefetcher
 from apo_merge.options import MergeOptions
 from tests.checkpoints import make_checkpoint
+from tests.merge.helpers import tree_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,38 +55,26 @@ def test_cli_and_engine_start_without_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def test_workers_finishing_out_of_order_still_write_in_order(pair, tmp_path, monkeypatch):
+def test_workers_finishing_out_of_order_still_write_in_order(pair, tmp_path):
     prev, cur = pair(prev_dtype=torch.float32)
     reference = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "reference")
-
-    monkeypatch.setattr(engine, "MAX_CPU_WORKERS", 3)
-    monkeypatch.setattr(engine, "CHUNK_ELEMS", 96)
-    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: {0, 1, 2})
-    calls = []
+    started: list[int] = []
+    finished: list[int] = []  # calls by start order, as they return: each hands its chunk to the writer next
+    lock = threading.Lock()
 
     def slow_first(out, prev, cur, alpha):  # the first chunk finishes last among its neighbours
-        calls.append(None)
-        if len(calls) == 1:
+        with lock:
+            call = len(started)
+            started.append(call)
+        if call == 0:
             time.sleep(0.3)
-        return kernel_extrapolate_(out, prev, cur, alpha)
+        kernel_extrapolate_(out, prev, cur, alpha)
+        with lock:
+            finished.append(call)
 
-    arrivals: list[int] = []
-
-    class Recording(queue.Queue):
-        def put(self, item, *args, **kwargs):
-            if item is not None:
-                arrivals.append(item.seq)
-            super().put(item, *args, **kwargs)
-
-    init = engine._Pipeline.__init__
-
-    def recording_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.to_write = Recording()
-
-    monkeypatch.setattr(engine._Pipeline, "__init__", recording_init)
-    report = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "parallel", kernel=slow_first)
-    assert arrivals != sorted(arrivals), "the chunks should have reached the writer out of order"
+    with use_tuning(Tuning(chunk_elems=96, cpu_workers=3)):  # 3 workers even on fewer cores
+        report = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "parallel", kernel=slow_first)
+    assert finished.index(0) > 0, "the chunks should have reached the writer out of order"
     assert weights(report.output) == weights(reference)
     for name, data in weights(report.output).items():
         assert report.sha256[name] == hashlib.sha256(data).hexdigest()
@@ -179,10 +171,8 @@ def test_each_merge_slides_its_own_prefetch_window(pair, tmp_path):
     assert report.bytes_written > 0
 
 
-def test_failure_in_one_worker_stops_every_stage(pair, tmp_path, monkeypatch):
+def test_failure_in_one_worker_stops_every_stage(pair, tmp_path):
     prev, cur = pair()
-    monkeypatch.setattr(engine, "MAX_CPU_WORKERS", 2)
-    monkeypatch.setattr(engine, "CHUNK_ELEMS", 64)
     calls = []
 
     def failing(out, prev, cur, alpha):
@@ -191,19 +181,25 @@ def test_failure_in_one_worker_stops_every_stage(pair, tmp_path, monkeypatch):
             raise RuntimeError("kernel failed")
         return kernel_extrapolate_(out, prev, cur, alpha)
 
-    with pytest.raises(RuntimeError, match="kernel failed"):
+    with pytest.raises(RuntimeError, match="kernel failed"), use_tuning(Tuning(chunk_elems=64, cpu_workers=2)):
         run_merge(prev, cur, MergeOptions(0.3), tmp_path / "out", kernel=failing)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cur", "prev"]
     assert not [t for t in threading.enumerate() if t.name.startswith(("apo-read", "apo-write", "apo-compute"))]
 
 
-def test_new_nonfinite_counts_overflow_of_finite_inputs_only():
-    big = torch.full((4,), 3e38, dtype=torch.bfloat16)  # finite, but its fp32 sum overflows
-    assert engine._new_nonfinite(torch, big, big, big) == 0
-    out = torch.tensor([1.0, float("inf"), float("nan"), float("inf")])
-    prev = torch.tensor([0.0, 0.0, float("nan"), 1.0])
-    cur = torch.tensor([1.0, 2.0, 1.0, float("inf")])
-    assert engine._new_nonfinite(torch, out, prev, cur) == 1
+@pytest.mark.parametrize("kernel", [None, kernel_extrapolate_], ids=["numpy-twin", "torch-kernel"])
+def test_new_nonfinite_counts_overflow_of_finite_inputs_only(tmp_path, kernel):
+    inf, nan = float("inf"), float("nan")
+    inputs = {  # (prev, cur); alpha 1: out = 2 cur - prev
+        "big": ([3e38] * 4, [3e38] * 4),  # finite outputs whose fp32 sum overflows: none counted
+        "mix": ([0.0, nan, 1.0, -3e38], [1.0, 1.0, inf, 3e38]),  # only the last overflows from finite inputs
+    }
+    for side in (0, 1):
+        (tmp_path / str(side)).mkdir()
+        tensors = {name: torch.tensor(pair[side], dtype=torch.bfloat16) for name, pair in inputs.items()}
+        save_file(tensors, tmp_path / str(side) / "model.safetensors", metadata={"format": "pt"})
+    report = run_merge(tmp_path / "0", tmp_path / "1", MergeOptions(1.0, device="cpu"), tmp_path / "out", kernel=kernel)
+    assert report.new_nonfinite == 1
 
 
 def test_overflow_reported_and_strict(tmp_path):
@@ -226,19 +222,16 @@ def test_cpu_merge_restores_torch_threads(pair, tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_pipeline_chunks_mixed_dtypes_copies_and_overflow(pair, tmp_path, monkeypatch):
+def test_cuda_pipeline_chunks_mixed_dtypes_copies_and_overflow(pair, tmp_path):
     prev, cur = pair(prev_dtype=torch.float32)
     extra = cur / "model.safetensors"
-    from safetensors.torch import load_file
-
     tensors = load_file(extra)
     tensors["extra.weight"] = torch.arange(1001, dtype=torch.bfloat16)
     save_file(tensors, extra, metadata={"format": "pt"})
-    monkeypatch.setattr(engine, "GPU_CHUNK_ELEMS", 1000)  # odd tails, many chunks, both device buffer sets
-    monkeypatch.setattr(engine, "COPY_CHUNK_BYTES", 600)
-    monkeypatch.setattr(engine, "GPU_SLOTS", 2)
-    cpu = run_merge(prev, cur, MergeOptions(0.3, device="cpu", on_missing="copy"), tmp_path / "cpu")
-    gpu = run_merge(prev, cur, MergeOptions(0.3, device="cuda", on_missing="copy"), tmp_path / "gpu")
+    # odd tails, many chunks, both device buffer sets
+    with use_tuning(Tuning(gpu_chunk_elems=1000, copy_chunk_bytes=600, gpu_slots=2)):
+        cpu = run_merge(prev, cur, MergeOptions(0.3, device="cpu", on_missing="copy"), tmp_path / "cpu")
+        gpu = run_merge(prev, cur, MergeOptions(0.3, device="cuda", on_missing="copy"), tmp_path / "gpu")
     assert weights(gpu.output) == weights(cpu.output)
     assert gpu.sha256 == cpu.sha256
 
@@ -276,8 +269,7 @@ def test_cpu_merge_and_verify_never_import_torch(tiny_checkpoints, tmp_path, dev
         assert p.returncode == 0, p.stderr
 
 
-_numpy_into = engine.extrapolate_into  # the originals, for the spies below
-_torch_kernel = engine._Pipeline._torch_kernel
+_numpy_into = compute.extrapolate_into  # the original, for the spy below
 
 
 @pytest.mark.parametrize(
@@ -295,10 +287,9 @@ def test_cpu_twin_choice_by_dtype_same_bytes(tmp_path, monkeypatch, cur_dtype, o
     prev = make_checkpoint(tmp_path / "prev", seed=0, dtype=torch.float32)
     cur = make_checkpoint(tmp_path / "cur", seed=1, dtype=cur_dtype)
     used = []
-    monkeypatch.setattr(engine, "extrapolate_into", lambda *a: used.append("numpy") or _numpy_into(*a))
-    monkeypatch.setattr(
-        engine._Pipeline, "_torch_kernel", lambda self, *a: used.append("torch") or _torch_kernel(self, *a)
-    )
+    monkeypatch.setattr(compute, "extrapolate_into", lambda *a: used.append("numpy") or _numpy_into(*a))
+    # The engine takes apo_kernels' extrapolate_ when it loads torch's twin.
+    monkeypatch.setattr(apo_kernels, "extrapolate_", lambda *a: used.append("torch") or kernel_extrapolate_(*a))
     options = MergeOptions(0.3, device="cpu", dtype=out)
     run_merge(prev, cur, options, tmp_path / "auto")
     assert set(used) == {twin}
@@ -306,3 +297,54 @@ def test_cpu_twin_choice_by_dtype_same_bytes(tmp_path, monkeypatch, cur_dtype, o
     for name in os.listdir(tmp_path / "auto"):
         if name.endswith(".safetensors"):
             assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "forced" / name).read_bytes()
+
+
+def _pair_with_copies(root: Path) -> tuple[Path, Path]:
+    """A sharded fp32 PREV and bf16 CUR, CUR with one tensor PREV lacks (copied with on_missing="copy")."""
+    prev = make_checkpoint(root / "prev", seed=0, dtype=torch.float32, max_shard_size="20KB")
+    cur = make_checkpoint(root / "cur", seed=1, dtype=torch.bfloat16, max_shard_size="20KB")
+    last = sorted(cur.glob("*.safetensors"))[-1]
+    tensors = load_file(last)
+    tensors["extra.weight"] = torch.arange(1001, dtype=torch.bfloat16)
+    save_file(tensors, last, metadata={"format": "pt"})
+    index = json.loads((cur / "model.safetensors.index.json").read_text())
+    index["weight_map"]["extra.weight"] = last.name
+    (cur / "model.safetensors.index.json").write_text(json.dumps(index))
+    return prev, cur
+
+
+TINY = Tuning(chunk_elems=7, copy_chunk_bytes=5, cpu_workers=3, spare_slots=1)  # every tensor in many chunks
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"alpha": (0.3, -0.5, 2.0)},
+        {"alpha": 0.7, "dtype": "fp16"},
+        {"alpha": 1.5, "dtype": "fp32", "hash_inputs": True},
+    ],
+    ids=["alphas", "fp16-torch-twin", "fp32-hash-inputs"],
+)
+def test_tiny_and_default_tuning_write_identical_bytes(tmp_path, fields):
+    """The golden check of the staged engine: its sizes change how the work is cut, never a byte of any output."""
+    prev, cur = _pair_with_copies(tmp_path)
+    options = MergeOptions(device="cpu", on_missing="copy", **fields)
+    reports, writes = {}, {}
+    for name, tuning in (("default", Tuning()), ("tiny", TINY)):
+        (tmp_path / name).mkdir()
+        calls: list[int] = []
+        with use_tuning(tuning):
+            reports[name] = run_merges(prev, cur, options, tmp_path / name / "out{alpha}", progress=calls.append)
+        writes[name] = len(calls)
+    assert writes["tiny"] > 10 * writes["default"]  # the tiny Tuning did reach the engine
+    for default, tiny in zip(reports["default"], reports["tiny"]):
+        assert tree_state(default.output) == tree_state(tiny.output)  # weights, index, card, side files
+        assert default.sha256 == tiny.sha256 and default.new_nonfinite == tiny.new_nonfinite
+        assert default.input_hashes == tiny.input_hashes
+
+
+def test_tuning_refuses_sizes_below_one():
+    assert Tuning().workers(gpu=True) == 1 and Tuning(cpu_workers=3).workers(gpu=False) == 3
+    for bad in ({"chunk_elems": 0}, {"gpu_slots": -1}, {"cpu_workers": 0}, {"copy_chunk_bytes": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Tuning(**bad)

@@ -1,0 +1,134 @@
+"""Compute stages: each takes filled slots from the reader, writes every alpha's output bytes into the slot and
+hands it to the writer, counting the outputs that became inf or NaN from finite inputs (``found``, per output).
+
+- ``NumpyCompute``: apo_kernels' numpy twin on the byte buffers (torch is not even imported).
+- ``TorchCompute``: a kernel on torch tensors over the same buffers (fp16 involved, or a kernel passed in).
+- ``CudaCompute``: pinned slots, two CUDA streams with their own device buffers, an event per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from apo_kernels.numpy_twin import extrapolate_into
+from apo_merge.engine.chunks import Lanes, Task
+from apo_merge.engine.device import on
+from apo_merge.engine.runner import StageRunner
+
+if TYPE_CHECKING:
+    import torch
+
+# kernel(out, prev, cur, alpha): writes cur + alpha * (cur - prev) into out (apo_kernels.extrapolate_'s contract)
+Kernel = Callable[[Any, Any, Any, float], Any]
+
+
+class Compute:
+    """The loop every compute stage shares; ``chunk`` computes one task's outputs and returns its counts."""
+
+    def __init__(self, runner: StageRunner, lanes: Lanes, alphas: Sequence[float]) -> None:
+        self.runner, self.lanes, self.alphas = runner, lanes, list(alphas)
+        self.found = [0] * len(self.alphas)
+
+    def run(self) -> None:
+        try:
+            while (task := self.runner.get(self.lanes.compute)) is not None:
+                if not task.copy:
+                    alphas = [0.0] if task.piece.convert else self.alphas  # alpha 0: CUR, rounded once
+                    for k, n in enumerate(self.chunk(task, alphas)):
+                        self.found[k] += n
+                self.lanes.write.put(task)
+        finally:
+            self.lanes.write.put(None)
+
+    def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
+        raise NotImplementedError
+
+
+class NumpyCompute(Compute):
+    def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
+        slot, piece = task.slot, task.piece
+        ob, pb, cb = task.nbytes()
+        outs = [o[:ob] for o in slot.outs[: len(alphas)]]
+        return extrapolate_into(
+            outs, piece.dtype, slot.prev[:pb], piece.prev[1].dtype, slot.cur[:cb], piece.cur[1].dtype, alphas
+        )
+
+
+class TorchCompute(Compute):
+    """On the CPU: run with one torch thread per worker (OpenMP threads spinning next to the I/O threads cost
+    more than they give); the caller sets that."""
+
+    def __init__(self, runner: StageRunner, lanes: Lanes, alphas: Sequence[float], kernel: Kernel) -> None:
+        super().__init__(runner, lanes, alphas)
+        self.kernel = kernel
+
+    def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
+        import torch
+
+        cur_t, prev_t, outs_t = task.slot.tensors()
+        counts = []
+        for k, alpha in enumerate(alphas):
+            out, prev, cur = task.operands(outs_t[k], prev_t, cur_t)
+            self.kernel(out, prev, cur, alpha)
+            counts.append(new_nonfinite(torch, out, prev, cur))
+        return counts
+
+
+class CudaCompute(TorchCompute):
+    """Chunks alternate between two streams, each with its own device buffers: chunk k+1 is copied in while chunk
+    k computes and copies out, and chunk k+2 reuses chunk k's buffers in stream order. The writer waits on each
+    chunk's event, so this thread never synchronises; the counts stay on the device until the end."""
+
+    def __init__(self, runner: StageRunner, lanes: Lanes, alphas: Sequence[float], kernel: Kernel, device: str):
+        super().__init__(runner, lanes, alphas, kernel)
+        self.device = device
+        self._k = 0  # chunks computed: chunk k runs on stream k % 2
+
+    def run(self) -> None:
+        import torch
+
+        self.streams = [torch.cuda.Stream(self.device) for _ in range(2)]
+        n, nbytes = len(self.alphas), self.lanes.ring.slot_bytes
+        self.dev = [
+            [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2 + n)] for _ in self.streams
+        ]
+        self.dev_found = [[torch.zeros((), dtype=torch.int64, device=self.device) for _ in range(n)] for _ in range(2)]
+        for s in self.streams:
+            s.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with on(self.device):
+                super().run()
+        finally:
+            for s in self.streams:
+                s.synchronize()
+            self.found = [sum(int(f[j]) for f in self.dev_found) for j in range(n)]
+
+    def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
+        import torch
+
+        (h_cur, h_prev, h_outs), (d_prev, d_cur, *d_outs), i = task.slot.tensors(), self.dev[self._k % 2], self._k % 2
+        self._k += 1
+        ob, pb, cb = task.nbytes()
+        with torch.cuda.stream(self.streams[i]):
+            d_cur[:cb].copy_(h_cur[:cb], non_blocking=True)
+            d_prev[:pb].copy_(h_prev[:pb], non_blocking=True)
+            for j, alpha in enumerate(alphas):
+                out, prev, cur = task.operands(d_outs[j], d_prev, d_cur)
+                self.kernel(out, prev, cur, alpha)
+                found = torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)
+                self.dev_found[i][j] += found.sum()
+                h_outs[j][:ob].copy_(d_outs[j][:ob], non_blocking=True)
+            task.ready = torch.cuda.Event()
+            task.ready.record(self.streams[i])
+        return ()  # counted on the device
+
+
+def new_nonfinite(torch, out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor) -> int:
+    """Outputs that are inf or NaN where both inputs are finite."""
+    # A sum is finite only if every term is: one cheap pass; count exactly only when it is not (finite sums of
+    # huge values can overflow, which only costs the exact count).
+    if math.isfinite(out.sum(dtype=torch.float32).item()):
+        return 0
+    return int((torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)).sum())

@@ -1,0 +1,61 @@
+"""The read stage: each chunk's input bytes, with pread, into a free ring slot (no input page is mapped, and
+anonymous memory does not grow with the checkpoint)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from apo_merge.engine.chunks import Lanes, Task
+from apo_merge.engine.runner import StageRunner
+from apo_kernels.dtypes import ITEMSIZE
+from apo_merge.io.header import FileHeader
+from apo_merge.io.prefetch import Prefetcher
+from apo_merge.io.writer import advise, pread_exact
+
+OnRead = Callable[[Path, int, memoryview], None]
+
+
+class Reader:
+    """Fills one slot per task in plan order and hands it to the compute stages; ``close`` closes the inputs."""
+
+    def __init__(self, runner: StageRunner, lanes: Lanes, prefetcher: Prefetcher, on_read: OnRead | None) -> None:
+        self.runner, self.lanes, self.prefetcher, self.on_read = runner, lanes, prefetcher, on_read
+        self._fds: dict[Path, int] = {}
+
+    def run(self, tasks: Iterable[Task]) -> None:
+        try:
+            for task in tasks:
+                slot = task.slot = self.lanes.ring.take(self.runner)
+                piece = task.piece
+                if task.copy:
+                    header, info = piece.cur
+                    self._pread(header, slot.out_views[0][: task.count], info.begin + task.begin)
+                else:
+                    for (h, i), name in ((piece.cur, "cur"), (piece.prev, "prev")):
+                        size = ITEMSIZE[i.dtype]
+                        self._pread(h, slot.views[name][: task.count * size], i.begin + task.begin * size)
+                self.lanes.compute.put(task)
+        finally:
+            for _ in range(self.lanes.workers):
+                self.lanes.compute.put(None)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            fd = os.open(path, os.O_RDONLY)
+            advise(fd, 0, 0, "SEQUENTIAL")
+            self._fds[path] = fd
+        return self._fds[path]
+
+    def _pread(self, header: FileHeader, view: memoryview, data_offset: int) -> None:
+        offset = header.data_start + data_offset
+        pread_exact(self._fd(header.path), view, offset, header.path)
+        self.prefetcher.consumed(len(view))
+        if self.on_read is not None:
+            self.on_read(header.path, offset, view)
