@@ -353,6 +353,7 @@ def _merge_adapters(
         if src_base.is_adapter:
             raise MergeError(f"--merge-into {src_base.label}: is an adapter; give the base model")
         _check_output(out, [src_base], options.overwrite)  # BASE is an input too: never written into or replaced
+        lora.check_recorded_base(cur_a, src_base, "--merge-into")
         base = open_checkpoint(src_base.path, src_base.label, src_base.trusted_root)
         base_from_hub = src_base.hub_id is not None
         meta["apo_merge_into"] = src_base.card_name(options.card_paths)

@@ -160,8 +160,37 @@ def open_adapter(src: Source) -> Adapter:
     return Adapter(label, root, config, tensors, digest(files))
 
 
+_FP32_MAX = 3.4028234663852886e38  # the step's scalings meet fp32 tensors: a larger lora_alpha becomes inf there
+
+
+def _check_numbers(path: Path, config: dict) -> None:
+    """No inf or NaN anywhere (the output config is strict JSON), and the alphas the step multiplies by are numbers
+    that fp32 can hold."""
+    stack: list[tuple[str, object]] = [(k, v) for k, v in config.items()]
+    while stack:  # not recursive: a config nested as deeply as json.loads allows is still one line
+        key, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{key}[{shown(k)}]", v) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise MergeError(f"{path}: {shown(key, quote=False)} is {value!r}, not a finite number; fix the config")
+    patterns = config.get("alpha_pattern")
+    alphas = [("lora_alpha", config.get("lora_alpha"))]
+    alphas += [(f"alpha_pattern[{shown(k)}]", v) for k, v in patterns.items()] if isinstance(patterns, dict) else []
+    for key, value in alphas:
+        if value is None and key == "lora_alpha":
+            continue  # reported per layer, with its rank
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > _FP32_MAX:
+            raise MergeError(
+                f"{path}: {shown(key, quote=False)} must be a number fp32 can hold (at most 3.4e38 in size), "
+                f"not {shown(value)}; fix the config"
+            )
+
+
 def _check_config(label: str, path: Path, config: dict) -> None:
     """The fields apo-merge computes with must have PEFT's types: a hand-edited config gets one line, not a crash."""
+    _check_numbers(path, config)
     for key in _UNORDERED:
         value = config.get(key)
         if value is not None and not (
@@ -499,7 +528,7 @@ def _save_adapter(
     if options.strict and bad:
         raise MergeError(f"{bad} adapter values are inf or NaN (--strict); lower --alpha")
     save_file(tensors, dest / ADAPTER_WEIGHTS, metadata={"format": "pt", **metadata})
-    (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n")
     size, sha = hash_file(dest / ADAPTER_WEIGHTS)
     card = dict(
         library_name="peft",
@@ -648,24 +677,31 @@ def _target_shape(m: _Module, fan_in_fan_out: bool) -> tuple[int, ...] | None:
     return (cols, rows) if m.kind == "embedding" or fan_in_fan_out else (rows, cols)
 
 
+def check_recorded_base(adapter: Adapter, base: Source, role: str) -> None:
+    """Refuse unless ``base`` (given as ``role``: "PREV" or "--merge-into") is the base ``adapter`` records, when
+    both name one: a Hub id against a Hub id, a local folder against a local folder."""
+    recorded = adapter.config.get("base_model_name_or_path")
+    if not (isinstance(recorded, str) and recorded):
+        return
+    if base.hub_id:
+        mine = base.hub_id
+        same = recorded == base.hub_id
+    elif os.path.isdir(os.path.expanduser(recorded)):
+        mine = base.label
+        same = os.path.realpath(os.path.expanduser(recorded)) == os.path.realpath(base.path)
+    else:  # a Hub name recorded, a local base: the folder does not say which model it is
+        mine, same = None, True
+    if not same:
+        raise MergeError(
+            f"{adapter.label}: is an adapter of {shown(recorded)}, but {role} is {shown(mine)}; give the "
+            f"adapter's base as {role} (or fix base_model_name_or_path in {ADAPTER_CONFIG} if it is the same model)"
+        )
+
+
 def check_base(prev: Source, base: Checkpoint, cur: Adapter) -> None:
     """Refuse unless CUR is an adapter over PREV: its recorded base names PREV (when both name one) and every
     targeted weight exists in PREV with the shape the adapter's factors give."""
-    recorded = cur.config.get("base_model_name_or_path")
-    if isinstance(recorded, str) and recorded:
-        if prev.hub_id:
-            mine = prev.hub_id
-            same = recorded == prev.hub_id
-        elif os.path.isdir(os.path.expanduser(recorded)):
-            mine = prev.label
-            same = os.path.realpath(os.path.expanduser(recorded)) == os.path.realpath(prev.path)
-        else:  # a Hub name recorded, a local PREV: the folder does not say which model it is
-            mine, same = None, True
-        if not same:
-            raise MergeError(
-                f"{cur.label}: is an adapter of {shown(recorded)}, but PREV is {shown(mine)}; give the "
-                f"adapter's base as PREV (or fix base_model_name_or_path in {ADAPTER_CONFIG} if it is the same model)"
-            )
+    check_recorded_base(cur, prev, "PREV")
     if cur.config.get("trainable_token_indices"):
         raise MergeError(
             f"{cur.label}: has trainable-token deltas, which a full PREV cannot pair with; merge it into its base first"

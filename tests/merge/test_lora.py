@@ -19,6 +19,7 @@ from apo_merge.api import run_merge
 from apo_merge.errors import MergeError  # noqa: E402
 from apo_merge.options import MergeOptions  # noqa: E402
 from tests.checkpoints import make_checkpoint  # noqa: E402
+from tests.merge.helpers import assert_one_line_error, run_cli_in_process  # noqa: E402
 
 ALPHA = 0.3
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: same math in another order
@@ -140,8 +141,8 @@ def test_merge_into_bf16_base_rounds_once(setup, tmp_path):
     prev, cur = setup["plain"]
     base16 = tmp_path / "base16"
     LlamaForCausalLM.from_pretrained(setup["base"]).to(torch.bfloat16).save_pretrained(base16)
-    for d in (prev, cur):  # the adapters name their base; give the bf16 copy the same name
-        shutil.copytree(d, tmp_path / d.name)
+    for d in (prev, cur):  # the adapters name their base: name the bf16 copy (another base is refused)
+        _with_config(d, tmp_path / d.name, base_model_name_or_path=str(base16))
     run_merge(tmp_path / prev.name, tmp_path / cur.name, MergeOptions(ALPHA, merge_into=base16), tmp_path / "out")
     want, _ = _reference(setup, "plain")  # fp32 base; the bf16 base differs from it by its own rounding
     base_fp32 = load_file(setup["base"] / "model.safetensors")
@@ -341,3 +342,56 @@ def test_base_and_adapter_reads_the_base_through_sha256_only_with_hash_inputs(se
     hashed = run_merge(setup["base"], cur, MergeOptions(ALPHA, hash_inputs=True), tmp_path / "hashed")
     assert hashed.input_hashes["prev"].sha256 is not None
     assert f"`{hashed.input_hashes['prev'].sha256}`" in (tmp_path / "hashed/README.md").read_text()
+
+
+# ---------------------------------------------------------------- the base an adapter records, on both paths (issue 24)
+
+
+def test_adapter_pair_merged_into_another_base_is_refused_as_with_a_full_prev(setup, tmp_path):
+    """The adapters record their base; --merge-into with another model is refused with the full-PREV rule and
+    wording, before any output exists."""
+    prev, cur = setup["plain"]
+    other = make_checkpoint(tmp_path / "other", seed=5, attention_bias=True)
+    res = run_cli_in_process(prev, cur, "--alpha", ALPHA, "--merge-into", other, "-o", tmp_path / "o1")
+    line = assert_one_line_error(res, 1, "is an adapter of", "but --merge-into is", "base_model_name_or_path")
+    with pytest.raises(MergeError, match="is an adapter of .* but PREV is"):  # the same words on the full-PREV path
+        run_merge(other, cur, MergeOptions(ALPHA), tmp_path / "o2")
+    assert "give the adapter's base as --merge-into" in line
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2))
+    # A Hub name recorded and a local BASE: the folder does not say which model it is (as for a full PREV).
+    hub_prev = _with_config(prev, tmp_path / "hub-prev", base_model_name_or_path="org/some-base")
+    hub_cur = _with_config(cur, tmp_path / "hub-cur", base_model_name_or_path="org/some-base")
+    run_merge(hub_prev, hub_cur, MergeOptions(ALPHA, merge_into=setup["base"]), tmp_path / "ok")
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        (dict(lora_alpha=float("nan")), "lora_alpha"),
+        (dict(lora_alpha=float("inf")), "lora_alpha"),
+        (dict(lora_alpha=1e39), "lora_alpha"),  # finite as a double, inf in fp32
+        (dict(lora_alpha=True), "lora_alpha"),
+        (dict(alpha_pattern={"v_proj": float("-inf")}), "alpha_pattern"),
+        (dict(alpha_pattern={"nothing_matches": "3"}), "alpha_pattern"),
+        (dict(lora_dropout=float("nan")), "lora_dropout"),  # copied into the output config: strict JSON or nothing
+        (dict(rank_pattern={"layers.1.self_attn.q_proj": float("nan")}), "rank_pattern"),
+    ],
+)
+@pytest.mark.parametrize("prev_kind", ["adapter", "base"])
+def test_adapter_config_numbers_must_be_finite_and_in_range(setup, tmp_path, changes, key, prev_kind):
+    prev, cur = setup["plain"]
+    bad = _with_config(cur, tmp_path / "cur", **changes)
+    prev = prev if prev_kind == "adapter" else setup["base"]
+    res = run_cli_in_process(prev, bad, "--alpha", ALPHA, "-o", tmp_path / "o")
+    assert_one_line_error(res, 1, str(bad / "adapter_config.json"), key, "fix the config")
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_adapter_configs_are_strict_json(setup, tmp_path):
+    _, cur = setup["fancy"]
+    run_merge(setup["base"], cur, MergeOptions(ALPHA), tmp_path / "a")
+    run_merge(*setup["fancy"], MergeOptions(ALPHA), tmp_path / "b")
+    for out in ("a", "b"):
+        constants = []
+        json.loads((tmp_path / out / "adapter_config.json").read_text(), parse_constant=constants.append)
+        assert constants == [], out
