@@ -395,3 +395,72 @@ def test_output_adapter_configs_are_strict_json(setup, tmp_path):
         constants = []
         json.loads((tmp_path / out / "adapter_config.json").read_text(), parse_constant=constants.append)
         assert constants == [], out
+
+
+# ---------------------------------------------------------------- every LoRA output against one float64 reference
+
+
+def _scalings(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """PEFT's scaling of every LoRA layer of an adapter (module name without the base_model.model. prefix)."""
+    out = {}
+    for key, t in tensors.items():
+        for suffix in (".lora_A.weight", ".lora_embedding_A"):
+            if key.endswith(suffix):
+                module = key.removeprefix("base_model.model.")[: -len(suffix)]
+                out[module] = _scale(config, module, t.shape[0])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("prev_kind", "merged"), [("adapter", False), ("adapter", True), ("base", False), ("base", True)]
+)
+def test_every_lora_output_against_a_float64_reference(setup, tmp_path, prev_kind, merged):
+    """Adapter+adapter, base+adapter and --merge-into, on rsLoRA with rank and alpha patterns, an embedding LoRA and
+    a whole lm_head: the implied full weights match BASE + (1 + a) delta_cur - a delta_prev computed in float64 from
+    the input files; the parts the method computes in float64 are bit-exact (one rounding)."""
+    prev, cur = setup["fancy"]
+    base, eps = setup["base"], torch.finfo(torch.float32).eps
+    if prev_kind == "base":
+        prev = base
+    out = tmp_path / "out"
+    report = run_merge(prev, cur, MergeOptions(ALPHA, merge_into=base if merged else None), out)
+    assert report.kind == ("merged lora" if merged else "lora adapter")
+    full_cur = _implied_full(base, cur)
+    full_prev = load_file(base / "model.safetensors") if prev_kind == "base" else _implied_full(base, prev)
+    want = {k: full_cur[k] + ALPHA * (full_cur[k] - full_prev[k].double()) for k in full_cur}
+    size = _base_step_reference(base, cur, ALPHA, magnitude=True)  # the magnitudes summed: the scale of fp32 errors
+    if prev_kind == "adapter":
+        size = {k: v + _base_step_reference(base, prev, ALPHA, magnitude=True)[k] for k, v in size.items()}
+    got = load_file(out / "model.safetensors") if merged else _implied_full(base, out)
+    assert got.keys() == want.keys()
+    for name, t in got.items():
+        err = (t.double() - want[name]).abs()
+        assert bool((err <= 16 * eps * (size[name] + want[name].abs())).all()), name
+    if merged:
+        return
+    config = json.loads((out / "adapter_config.json").read_text())
+    tensors, cur_t = load_file(out / "adapter_model.safetensors"), load_file(cur / "adapter_model.safetensors")
+    cur_config = json.loads((cur / "adapter_config.json").read_text())
+    if prev_kind == "base":  # CUR's factors byte for byte; the scale folded into lora_alpha, exact in float64
+        assert config["lora_alpha"] == (1 + ALPHA) * cur_config["lora_alpha"]
+        assert config["alpha_pattern"] == {k: (1 + ALPHA) * v for k, v in cur_config["alpha_pattern"].items()}
+        assert all(torch.equal(tensors[k], t) for k, t in cur_t.items() if ".lora_" in k)
+        return
+    # B = [(1+a) s_c B_c, -a s_p B_p] rounded once from float64, A = [A_c; A_p] copied
+    prev_t, prev_config = (
+        load_file(prev / "adapter_model.safetensors"),
+        json.loads((prev / "adapter_config.json").read_text()),
+    )
+    s_cur, s_prev = _scalings(cur_config, cur_t), _scalings(prev_config, prev_t)
+    for module, sc in s_cur.items():
+        a, b = (".lora_embedding_A", ".lora_embedding_B") if "embed" in module else (".lora_A.weight", ".lora_B.weight")
+        key = "base_model.model." + module
+        assert torch.equal(tensors[key + a], torch.cat([cur_t[key + a], prev_t[key + a]], 0)), module
+        want_b = torch.cat(
+            [
+                (cur_t[key + b].double() * ((1 + ALPHA) * sc)).float(),
+                (prev_t[key + b].double() * (-ALPHA * s_prev[module])).float(),
+            ],
+            1,
+        )
+        assert torch.equal(tensors[key + b], want_b), module
