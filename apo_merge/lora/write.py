@@ -69,14 +69,12 @@ def _save_adapter(
 ) -> Written:
     """Write an adapter's two files into ``out.dest`` (refusing inf/NaN under --strict) with its card rows;
     ``text``: the card's method row and summary."""
-    from safetensors.torch import save_file
-
     method, summary = text
     dest = out.dest
     bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors.values() if t.is_floating_point())
     if out.options.strict and bad:
         raise MergeError(f"{bad} adapter values are inf or NaN (--strict); lower --alpha")
-    save_file(tensors, dest / ADAPTER_WEIGHTS, metadata={"format": "pt", **out.metadata})
+    (dest / ADAPTER_WEIGHTS).write_bytes(_safetensors_bytes(tensors, {"format": "pt", **out.metadata}))
     (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n")
     size, sha = hash_file(dest / ADAPTER_WEIGHTS)
     card = dict(
@@ -87,6 +85,20 @@ def _save_adapter(
     )
     files = {ADAPTER_WEIGHTS: (size, sha), ADAPTER_CONFIG: hash_file(dest / ADAPTER_CONFIG)}  # verify checks both
     return Written(files, len(tensors), len(tensors), size, card=card)
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors' file with its metadata in sorted order: safetensors writes it in hash-map order, which changes
+    from call to call, and the same inputs must give the same bytes."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * (-len(body) % 8)  # data offsets are relative to the end of the header: its length may change
+    return len(body).to_bytes(8, "little") + body + raw[8 + n :]
 
 
 def write_merged(prev: Adapter, cur: Adapter, base: Checkpoint, out: Output) -> Written:
