@@ -280,10 +280,12 @@ def layers_of(adapter: Adapter) -> tuple[dict[str, Module], dict[str, torch.Tens
 
 
 def base_name(key: str) -> str:
+    """The base model's tensor an adapter key stands for (a saved whole tensor, e.g. modules_to_save)."""
     return key.removeprefix(PREFIX).replace(".base_layer.", ".")
 
 
 def read_base(base: Checkpoint, name: str) -> torch.Tensor:
+    """One tensor of a full checkpoint, read into memory (the few whole tensors an adapter replaces)."""
     header, info = base.tensors[name]
     src = torch_dtype(info.dtype)
     if src is None:

@@ -14,6 +14,7 @@ as ``(1 + alpha)`` folded into lora_alpha (``base_step_adapter``).
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from apo_merge.plan import short
 
 
 def matched_layers(prev: Adapter, cur: Adapter):
+    """PREV's and CUR's LoRA layers and whole tensors (mp, mc, wp, wc), checked to pair one to one."""
     check_compatible(prev, cur)
     mp, wp = layers_of(prev)
     mc, wc = layers_of(cur)
@@ -77,6 +79,7 @@ def check_factors(name: str, p: Module, c: Module) -> None:
 
 
 def _whole(p: torch.Tensor, c: torch.Tensor, alpha: float, dtype: torch.dtype | None) -> torch.Tensor:
+    """A tensor stored whole: ``c + alpha (c - p)`` by the kernel (fp32 math, one rounding); integer ones as CUR's."""
     if c.is_floating_point() and p.is_floating_point():
         return extrapolate(p, c, alpha, out_dtype=dtype or c.dtype)
     return c.clone()
@@ -238,7 +241,11 @@ def base_step_adapter(base: Checkpoint, cur: Adapter, alpha: float) -> tuple[dic
         tensors[key] = _whole(read_base(base, base_name(key)), t, alpha, None)
     config = dict(cur.config)
     factor = 1.0 + alpha
-    config["lora_alpha"] = factor * config["lora_alpha"]
+    if config.get("lora_alpha") is not None:  # (read.py checked it: a number fp32 holds)
+        config["lora_alpha"] = factor * config["lora_alpha"]
     if config.get("alpha_pattern"):
         config["alpha_pattern"] = {k: factor * v for k, v in config["alpha_pattern"].items()}
+    for value in [config.get("lora_alpha"), *(config.get("alpha_pattern") or {}).values()]:
+        if value is not None and not math.isfinite(value):
+            raise MergeError(f"--alpha {alpha!r}: (1 + alpha) times lora_alpha is not a finite number; lower --alpha")
     return tensors, config

@@ -387,6 +387,13 @@ def test_adapter_config_numbers_must_be_finite_and_in_range(setup, tmp_path, cha
     assert not (tmp_path / "o").exists()
 
 
+def test_base_step_adapter_refuses_a_scale_beyond_float64(setup, tmp_path):
+    _, cur = setup["plain"]
+    res = run_cli_in_process(setup["base"], cur, "--alpha", "1e308", "-o", tmp_path / "o")
+    assert_one_line_error(res, 1, "--alpha 1e+308", "lora_alpha is not a finite number", "lower --alpha")
+    assert not (tmp_path / "o").exists()
+
+
 def test_output_adapter_configs_are_strict_json(setup, tmp_path):
     _, cur = setup["fancy"]
     run_merge(setup["base"], cur, MergeOptions(ALPHA), tmp_path / "a")
