@@ -81,6 +81,7 @@ class AdapterJob:
             return self._finish(staged, inputs, written)
 
     def _start(self, cur: Adapter) -> _Inputs:
+        """What every adapter output records: the weight files' metadata, CUR's side files, the Hub base models."""
         from apo_merge.lora.read import ADAPTER_WEIGHTS
 
         o = self.options
