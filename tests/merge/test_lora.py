@@ -19,6 +19,7 @@ from apo_merge.api import run_merge
 from apo_merge.errors import MergeError  # noqa: E402
 from apo_merge.options import MergeOptions  # noqa: E402
 from tests.checkpoints import make_checkpoint  # noqa: E402
+from tests.merge.helpers import assert_one_line_error, run_cli_in_process  # noqa: E402
 
 ALPHA = 0.3
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: same math in another order
@@ -140,8 +141,8 @@ def test_merge_into_bf16_base_rounds_once(setup, tmp_path):
     prev, cur = setup["plain"]
     base16 = tmp_path / "base16"
     LlamaForCausalLM.from_pretrained(setup["base"]).to(torch.bfloat16).save_pretrained(base16)
-    for d in (prev, cur):  # the adapters name their base; give the bf16 copy the same name
-        shutil.copytree(d, tmp_path / d.name)
+    for d in (prev, cur):  # the adapters name their base: name the bf16 copy (another base is refused)
+        _with_config(d, tmp_path / d.name, base_model_name_or_path=str(base16))
     run_merge(tmp_path / prev.name, tmp_path / cur.name, MergeOptions(ALPHA, merge_into=base16), tmp_path / "out")
     want, _ = _reference(setup, "plain")  # fp32 base; the bf16 base differs from it by its own rounding
     base_fp32 = load_file(setup["base"] / "model.safetensors")
@@ -341,3 +342,143 @@ def test_base_and_adapter_reads_the_base_through_sha256_only_with_hash_inputs(se
     hashed = run_merge(setup["base"], cur, MergeOptions(ALPHA, hash_inputs=True), tmp_path / "hashed")
     assert hashed.input_hashes["prev"].sha256 is not None
     assert f"`{hashed.input_hashes['prev'].sha256}`" in (tmp_path / "hashed/README.md").read_text()
+
+
+# ---------------------------------------------------------------- the base an adapter records, on both paths (issue 24)
+
+
+def test_adapter_pair_merged_into_another_base_is_refused_as_with_a_full_prev(setup, tmp_path):
+    """The adapters record their base; --merge-into with another model is refused with the full-PREV rule and
+    wording, before any output exists."""
+    prev, cur = setup["plain"]
+    other = make_checkpoint(tmp_path / "other", seed=5, attention_bias=True)
+    res = run_cli_in_process(prev, cur, "--alpha", ALPHA, "--merge-into", other, "-o", tmp_path / "o1")
+    line = assert_one_line_error(res, 1, "is an adapter of", "but --merge-into is", "base_model_name_or_path")
+    with pytest.raises(MergeError, match="is an adapter of .* but PREV is"):  # the same words on the full-PREV path
+        run_merge(other, cur, MergeOptions(ALPHA), tmp_path / "o2")
+    assert "give the adapter's base as --merge-into" in line
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2))
+    # A Hub name recorded and a local BASE: the folder does not say which model it is (as for a full PREV).
+    hub_prev = _with_config(prev, tmp_path / "hub-prev", base_model_name_or_path="org/some-base")
+    hub_cur = _with_config(cur, tmp_path / "hub-cur", base_model_name_or_path="org/some-base")
+    run_merge(hub_prev, hub_cur, MergeOptions(ALPHA, merge_into=setup["base"]), tmp_path / "ok")
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        (dict(lora_alpha=float("nan")), "lora_alpha"),
+        (dict(lora_alpha=float("inf")), "lora_alpha"),
+        (dict(lora_alpha=1e39), "lora_alpha"),  # finite as a double, inf in fp32
+        (dict(lora_alpha=True), "lora_alpha"),
+        (dict(alpha_pattern={"v_proj": float("-inf")}), "alpha_pattern"),
+        (dict(alpha_pattern={"nothing_matches": "3"}), "alpha_pattern"),
+        (dict(lora_dropout=float("nan")), "lora_dropout"),  # copied into the output config: strict JSON or nothing
+        (dict(rank_pattern={"layers.1.self_attn.q_proj": float("nan")}), "rank_pattern"),
+    ],
+)
+@pytest.mark.parametrize("prev_kind", ["adapter", "base"])
+def test_adapter_config_numbers_must_be_finite_and_in_range(setup, tmp_path, changes, key, prev_kind):
+    prev, cur = setup["plain"]
+    bad = _with_config(cur, tmp_path / "cur", **changes)
+    prev = prev if prev_kind == "adapter" else setup["base"]
+    res = run_cli_in_process(prev, bad, "--alpha", ALPHA, "-o", tmp_path / "o")
+    assert_one_line_error(res, 1, str(bad / "adapter_config.json"), key, "fix the config")
+    assert not (tmp_path / "o").exists()
+
+
+def test_base_step_adapter_refuses_a_scale_beyond_float64(setup, tmp_path):
+    _, cur = setup["plain"]
+    res = run_cli_in_process(setup["base"], cur, "--alpha", "1e308", "-o", tmp_path / "o")
+    assert_one_line_error(res, 1, "--alpha 1e+308", "lora_alpha is not a finite number", "lower --alpha")
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_adapter_configs_are_strict_json(setup, tmp_path):
+    _, cur = setup["fancy"]
+    run_merge(setup["base"], cur, MergeOptions(ALPHA), tmp_path / "a")
+    run_merge(*setup["fancy"], MergeOptions(ALPHA), tmp_path / "b")
+    for out in ("a", "b"):
+        constants = []
+        json.loads((tmp_path / out / "adapter_config.json").read_text(), parse_constant=constants.append)
+        assert constants == [], out
+
+
+# ---------------------------------------------------------------- every LoRA output against one float64 reference
+
+
+def _scalings(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """PEFT's scaling of every LoRA layer of an adapter (module name without the base_model.model. prefix)."""
+    out = {}
+    for key, t in tensors.items():
+        for suffix in (".lora_A.weight", ".lora_embedding_A"):
+            if key.endswith(suffix):
+                module = key.removeprefix("base_model.model.")[: -len(suffix)]
+                out[module] = _scale(config, module, t.shape[0])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("prev_kind", "merged"), [("adapter", False), ("adapter", True), ("base", False), ("base", True)]
+)
+def test_every_lora_output_against_a_float64_reference(setup, tmp_path, prev_kind, merged):
+    """Adapter+adapter, base+adapter and --merge-into, on rsLoRA with rank and alpha patterns, an embedding LoRA and
+    a whole lm_head: the implied full weights match BASE + (1 + a) delta_cur - a delta_prev computed in float64 from
+    the input files; the parts the method computes in float64 are bit-exact (one rounding)."""
+    prev, cur = setup["fancy"]
+    base, eps = setup["base"], torch.finfo(torch.float32).eps
+    if prev_kind == "base":
+        prev = base
+    out = tmp_path / "out"
+    report = run_merge(prev, cur, MergeOptions(ALPHA, merge_into=base if merged else None), out)
+    assert report.kind == ("merged lora" if merged else "lora adapter")
+    full_cur = _implied_full(base, cur)
+    full_prev = load_file(base / "model.safetensors") if prev_kind == "base" else _implied_full(base, prev)
+    want = {k: full_cur[k] + ALPHA * (full_cur[k] - full_prev[k].double()) for k in full_cur}
+    size = _base_step_reference(base, cur, ALPHA, magnitude=True)  # the magnitudes summed: the scale of fp32 errors
+    if prev_kind == "adapter":
+        size = {k: v + _base_step_reference(base, prev, ALPHA, magnitude=True)[k] for k, v in size.items()}
+    got = load_file(out / "model.safetensors") if merged else _implied_full(base, out)
+    assert got.keys() == want.keys()
+    for name, t in got.items():
+        err = (t.double() - want[name]).abs()
+        assert bool((err <= 16 * eps * (size[name] + want[name].abs())).all()), name
+    if merged:
+        return
+    config = json.loads((out / "adapter_config.json").read_text())
+    tensors, cur_t = load_file(out / "adapter_model.safetensors"), load_file(cur / "adapter_model.safetensors")
+    cur_config = json.loads((cur / "adapter_config.json").read_text())
+    if prev_kind == "base":  # CUR's factors byte for byte; the scale folded into lora_alpha, exact in float64
+        assert config["lora_alpha"] == (1 + ALPHA) * cur_config["lora_alpha"]
+        assert config["alpha_pattern"] == {k: (1 + ALPHA) * v for k, v in cur_config["alpha_pattern"].items()}
+        assert all(torch.equal(tensors[k], t) for k, t in cur_t.items() if ".lora_" in k)
+        return
+    # B = [(1+a) s_c B_c, -a s_p B_p] rounded once from float64, A = [A_c; A_p] copied
+    prev_t, prev_config = (
+        load_file(prev / "adapter_model.safetensors"),
+        json.loads((prev / "adapter_config.json").read_text()),
+    )
+    s_cur, s_prev = _scalings(cur_config, cur_t), _scalings(prev_config, prev_t)
+    for module, sc in s_cur.items():
+        a, b = (".lora_embedding_A", ".lora_embedding_B") if "embed" in module else (".lora_A.weight", ".lora_B.weight")
+        key = "base_model.model." + module
+        assert torch.equal(tensors[key + a], torch.cat([cur_t[key + a], prev_t[key + a]], 0)), module
+        want_b = torch.cat(
+            [
+                (cur_t[key + b].double() * ((1 + ALPHA) * sc)).float(),
+                (prev_t[key + b].double() * (-ALPHA * s_prev[module])).float(),
+            ],
+            1,
+        )
+        assert torch.equal(tensors[key + b], want_b), module
+
+
+def test_the_same_adapter_merge_writes_the_same_bytes(setup, tmp_path):
+    """safetensors writes metadata in hash-map order, which changes from one call to the next: the adapter's header
+    is written in one order, so a rerun (and a golden comparison) gives the same file."""
+    prev, cur = setup["plain"]
+    files = set()
+    for i in range(4):
+        run_merge(prev, cur, MergeOptions(ALPHA), tmp_path / f"o{i}")
+        files.add((tmp_path / f"o{i}" / "adapter_model.safetensors").read_bytes())
+    assert len(files) == 1
