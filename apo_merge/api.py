@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from apo_merge import card, sources
 from apo_merge._version import __version__
 from apo_merge.errors import MergeError, usage_error
-from apo_merge.hub import PushOptions
 from apo_merge.io import hashing
 from apo_merge.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, is_inside, open_checkpoint
 from apo_merge.io.files import remove
@@ -198,8 +197,7 @@ def run_merges(
     if options.push_to_hub is not None:
         from apo_merge import hub
 
-        push = options.push_to_hub
-        reports[0].pushed = hub.push(outs[0], PushOptions(push) if isinstance(push, str) else push, token=options.token)
+        reports[0].pushed = hub.push(outs[0], options.push_to_hub, token=options.token)
     return reports
 
 

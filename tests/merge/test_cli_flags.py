@@ -23,8 +23,8 @@ GOLDEN = Path(__file__).parent / "data" / "cli_flags.json"
 # What a change may add to the golden on purpose: (command, flag) -> the key that may differ and why.
 INTENDED = {
     # DemoSettings declares the choices of --loss and --restart; the parser now shows and checks them
-    ("apo-train demo", "--loss"): {"choices"},
-    ("apo-train demo", "--restart"): {"choices"},
+    ("apo-train demo", "--loss"): {"choices", "type"},
+    ("apo-train demo", "--restart"): {"choices", "type"},
 }
 
 
