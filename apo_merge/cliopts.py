@@ -153,10 +153,10 @@ def takes(cls: type, name: str = "options") -> Callable[[Callable[..., Any]], Ca
     flags = _flags(cls)
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        own = inspect.signature(fn, eval_str=True)
+        own = inspect.signature(fn)
         params = []
         for p in own.parameters.values():
-            params += [parameter(f) for f in flags] if p.name == name else [p.replace(kind=p.KEYWORD_ONLY)]
+            params += [parameter(f) for f in flags] if p.name == name else [_resolved(p, fn)]
         names = [p.name for p in params]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice or name not in own.parameters:
@@ -173,6 +173,12 @@ def takes(cls: type, name: str = "options") -> Callable[[Callable[..., Any]], Ca
         return command
 
     return decorate
+
+
+def _resolved(p: inspect.Parameter, fn: Callable[..., Any]) -> inspect.Parameter:
+    # the command's own parameters, annotations evaluated as typer would (`name`'s is never read: it may be local)
+    annotation = eval(p.annotation, fn.__globals__) if isinstance(p.annotation, str) else p.annotation  # noqa: S307
+    return p.replace(kind=p.KEYWORD_ONLY, annotation=annotation)
 
 
 def build(cls: type, flags: list[_Flag], given: dict[tuple[str, ...], Any]) -> Any:

@@ -151,7 +151,7 @@ def parse_alphas(values: list[str]) -> list[float]:
                     f"{shown(value)} is not a number or a comma-separated list of numbers, e.g. 0.3 or 0.1,0.3,0.5"
                 ) from None
             if number == 0 and re.search(r"[1-9]", part.lower().split("e")[0]):  # 1e-400: below every double
-                raise _too_small(shown(part))
+                raise _too_small(shown(part.strip(), quote=False))
             out.append(number)
     return out
 
@@ -161,7 +161,7 @@ _FP32_MAX = float.fromhex("0x1.fffffep127")
 
 def _too_small(value: str) -> Exception:
     return usage_error(
-        f"--alpha {value} is too small to represent (it would be 0); give 0 to copy CUR, or an alpha of at least "
+        f"{value} is too small to represent (it would be 0); give 0 to copy CUR, or an alpha of at least "
         "1e-45 in magnitude"
     )
 
@@ -174,9 +174,12 @@ def _alpha(value: object) -> float:
     # fp32 is the merge's arithmetic (fp64 only for fp64 inputs): alpha must survive its one rounding into it
     rounded = round_alpha(float(value), np.float32)
     if math.isinf(rounded):
-        raise usage_error(f"--alpha {value!r} overflows float32, the merge's arithmetic (largest {_FP32_MAX:.7g})")
+        raise usage_error(
+            f"--alpha {value!r} overflows float32, the merge's arithmetic; give an alpha of at most "
+            f"{_FP32_MAX:.7g} in magnitude"
+        )
     if rounded == 0 and value != 0:
-        raise _too_small(repr(value))
+        raise _too_small(f"--alpha {value!r}")
     return float(value)
 
 

@@ -142,3 +142,42 @@ def _capture_help(main, args, monkeypatch) -> None:
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     GOLDEN.write_text(json.dumps(capture(), indent=1, ensure_ascii=False) + "\n")
+
+
+def test_a_new_option_is_one_field():
+    """cliopts: a field with a help text is a flag (name, help, default, choices), the command gets the object."""
+    from dataclasses import dataclass
+
+    from apo_merge.cliopts import setting, takes
+    from apo_merge.shell import run_cli, shell_command
+
+    @dataclass(frozen=True)
+    class Inner:
+        key: str | None = setting(None, "the key")
+        level: int = setting(1, "how much", min=0)
+
+    @dataclass(frozen=True)
+    class Opts:
+        size: int = setting(3, "How big.", min=1)
+        mode: str = setting("a", "Which mode.", choices=("a", "b"))
+        group: Inner | None = setting(None, "Send it.", group=Inner, key="key", applies_to="sending", metavar="K")
+        internal: int = 7  # no help: not an option
+
+    seen = []
+    app = typer.Typer(add_completion=False)
+
+    @app.command(cls=shell_command("t"))
+    @takes(Opts)
+    def command(options: Opts) -> None:
+        seen.append(options)
+
+    def run(*args: str) -> int:
+        with pytest.raises(SystemExit) as e:
+            run_cli("t", app, list(args), owns_process=False)
+        return e.value.code
+
+    assert run("--size", "5", "--mode", "b") == 0 and seen[-1] == Opts(size=5, mode="b")
+    assert run("--group", "x", "--level", "4") == 0 and seen[-1].group == Inner("x", 4)
+    assert run() == 0 and seen[-1] == Opts()
+    assert run("--mode", "c") == 2 and run("--internal", "1") == 2 and run("--size", "0") == 2
+    assert run("--level", "4") == 2 and len(seen) == 3  # --level applies to sending; add --group K
