@@ -36,8 +36,20 @@ import typer
 from apo_merge.errors import UserError, usage_error
 
 _KEYS = frozenset(
-    {"choices", "flag", "metavar", "min", "type", "parse", "text", "show_default", "argument", "group", "key"}
-    | {"applies_to"}
+    [
+        "choices",
+        "flag",
+        "metavar",
+        "min",
+        "type",
+        "parse",
+        "text",
+        "show_default",
+        "argument",
+        "group",
+        "key",
+        "applies_to",
+    ]
 )
 
 
