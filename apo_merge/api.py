@@ -23,7 +23,6 @@ from apo_merge.finish import (
     file_metadata,
     write_card,
 )
-from apo_merge.hub import PushOptions
 from apo_merge.io import hashing
 from apo_merge.io.checkpoint import open_checkpoint
 from apo_merge.io.files import remove
@@ -46,7 +45,11 @@ PUSH_ONE = "--push-to-hub uploads one output; give one --alpha, or push each out
 
 
 def output_paths(cur: sources.Source, alphas: tuple[float, ...], output: str | os.PathLike | None) -> list[Path]:
-    """One output folder per alpha: ``default_output``, or ``output`` with ``{alpha}`` replaced by each alpha."""
+    """One output folder per alpha: ``default_output``, or ``output`` with ``{alpha}`` replaced by each alpha.
+
+    Checked before any read: each name is UTF-8 (the card and the Hub name the folder), and no two alphas land in
+    one folder, compared as the folders the paths resolve to ('..' and symlinked parents resolved).
+    """
     if output is None:
         outs = [default_output(cur, a) for a in alphas]
     elif "{alpha}" in os.fspath(output):
@@ -58,13 +61,40 @@ def output_paths(cur: sources.Source, alphas: tuple[float, ...], output: str | o
         )
     else:
         outs = [Path(output).expanduser()]
+    landed: dict[str, int] = {}
     for i, out in enumerate(outs):
-        if out in outs[:i]:
+        _check_utf8(out)
+        where = _landing(out)
+        if where in landed and outs[landed[where]] == out:
             raise usage_error(
-                f"alphas {alphas[outs.index(out)]!r} and {alphas[i]!r} both give output {out}; "
+                f"alphas {alphas[landed[where]]!r} and {alphas[i]!r} both give output {out}; "
                 "give alphas that differ in the first 6 digits"
             )
+        if where in landed:
+            raise usage_error(
+                f"-o {output} gives alphas {alphas[landed[where]]!r} and {alphas[i]!r} one folder, {where} (after "
+                "resolving '..' and symlinks); put {alpha} in the output folder's own name, e.g. -o runs/apo{alpha}"
+            )
+        landed[where] = i
     return outs
+
+
+def _landing(out: Path) -> str:
+    """The folder ``out`` is written as: its parent resolved ('..', symlinks), then its own name."""
+    if out.name in ("", ".", ".."):
+        return os.path.realpath(out)
+    return os.path.join(os.path.realpath(out.parent), out.name)
+
+
+def _check_utf8(out: Path) -> None:
+    try:
+        os.fspath(out).encode("utf-8")
+    except UnicodeEncodeError:
+        shown_name = os.fsencode(out).decode("utf-8", "backslashreplace")
+        raise usage_error(
+            f"output {shown_name}: the name holds bytes that are not UTF-8, which the model card and the Hub cannot "
+            "name; choose a UTF-8 name"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -141,8 +171,7 @@ def run_merges(
     if options.push_to_hub is not None:
         from apo_merge import hub
 
-        push = options.push_to_hub
-        reports[0].pushed = hub.push(outs[0], PushOptions(push) if isinstance(push, str) else push, token=options.token)
+        reports[0].pushed = hub.push(outs[0], options.push_to_hub, token=options.token)
     return reports
 
 

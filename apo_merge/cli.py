@@ -10,10 +10,10 @@ from typing import Annotated
 import typer
 
 from apo_merge._version import __version__
-from apo_merge.errors import usage_error
-from apo_merge.options import choice_enum, help_text
+from apo_merge.cliopts import option, takes
+from apo_merge.hub import PushOptions
+from apo_merge.options import MergeOptions
 from apo_merge.shell import (
-    Terminated,
     completed,
     interrupted,
     interruption,
@@ -44,39 +44,37 @@ tools = typer.Typer(
 SUBCOMMANDS = ("verify", "push")
 
 
-# The choices of --device, --dtype, --on-missing and --card-paths, from MergeOptions' fields (which validate them too).
-Device, Dtype, OnMissing = choice_enum("device"), choice_enum("dtype"), choice_enum("on_missing")
-CardPaths = choice_enum("card_paths")
-
-
-PrivateOpt = Annotated[
-    bool, typer.Option("--private", help="Create the Hub repo private (when it does not exist yet).")
-]
-RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch to commit to; created from main when missing.")]
-CommitMessageOpt = Annotated[str | None, typer.Option(help="Summary line of the Hub commit.")]
-CommitDescriptionOpt = Annotated[str | None, typer.Option(help="Description of the Hub commit.")]
-CreatePrOpt = Annotated[bool, typer.Option("--create-pr", help="Open a Hub pull request instead of committing.")]
-TokenOpt = Annotated[str | None, typer.Option(help=help_text("token"), show_default=False)]
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"apo-merge {__version__}")
         raise typer.Exit()
 
 
-def _alphas(values: list[str]) -> list[float]:
-    """``--alpha 0.1,0.3 --alpha 0.5`` -> [0.1, 0.3, 0.5] (finiteness and repeats are MergeOptions' to check)."""
-    out = []
-    for value in values:
-        for part in value.split(","):
-            try:
-                out.append(float(part))
-            except ValueError:
-                raise typer.BadParameter(
-                    f"{value!r} is not a number or a comma-separated list of numbers, e.g. 0.3 or 0.1,0.3,0.5"
-                ) from None
-    return out
+PrevArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="PREV",
+        help="Previous round's raw checkpoint (theta_hat_t): a folder, a Hub repo id org/name[@revision], or a "
+        "LoRA adapter.",
+    ),
+]
+CurArg = Annotated[
+    str, typer.Argument(metavar="CUR", help="Current round's raw checkpoint (theta_hat_t+1), of the same kind as PREV.")
+]
+OutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "-o",
+        "--output",
+        help="Output folder [default: <CUR>-apo<ALPHA> beside CUR]; with several alphas it must contain {alpha}, "
+        "e.g. -o runs/apo{alpha}.",
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+TokenOpt = option(MergeOptions, "token")  # `apo-merge push` takes this one field of MergeOptions
+VersionOpt = Annotated[
+    bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+]
 
 
 def _human(nbytes: float) -> str:
@@ -92,92 +90,21 @@ def _human(nbytes: float) -> str:
     help=f"Write CUR + ALPHA * (CUR - PREV) for two Hugging Face safetensors checkpoints.\n\n{EXAMPLE}",
     no_args_is_help=True,
 )
+@takes(MergeOptions)
 def merge(
-    prev: Annotated[
-        str,
-        typer.Argument(
-            metavar="PREV",
-            help="Previous round's raw checkpoint (theta_hat_t): a folder, a Hub repo id "
-            "org/name[@revision], or a LoRA adapter.",
-        ),
-    ],
-    cur: Annotated[
-        str,
-        typer.Argument(metavar="CUR", help="Current round's raw checkpoint (theta_hat_t+1), of the same kind as PREV."),
-    ],
-    alpha: Annotated[list[str], typer.Option(help=help_text("alpha"), callback=_alphas)],
-    output: Annotated[
-        str | None,
-        typer.Option(
-            "-o",
-            "--output",
-            help="Output folder [default: <CUR>-apo<ALPHA> beside CUR]; with several alphas it must contain "
-            "{alpha}, e.g. -o runs/apo{alpha}.",
-        ),
-    ] = None,
-    device: Annotated[Device, typer.Option(help=help_text("device"))] = Device.auto,
-    dtype: Annotated[Dtype, typer.Option(help=help_text("dtype"))] = Dtype.keep,
-    max_shard_size: Annotated[str | None, typer.Option(help=help_text("max_shard_size"))] = None,
-    on_missing: Annotated[OnMissing, typer.Option(help=help_text("on_missing"))] = OnMissing.error,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help=help_text("overwrite"))] = False,
-    strict: Annotated[bool, typer.Option("--strict", help=help_text("strict"))] = False,
-    hash_inputs: Annotated[bool, typer.Option("--hash-inputs", help=help_text("hash_inputs"))] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    merge_into: Annotated[str | None, typer.Option(metavar="BASE", help=help_text("merge_into"))] = None,
-    push_to_hub: Annotated[
-        str | None, typer.Option(metavar="REPO_ID", help="Upload OUT to this Hub model repo once it is complete.")
-    ] = None,
-    card_paths: Annotated[
-        CardPaths,
-        typer.Option(help=help_text("card_paths")),
-    ] = CardPaths.relative,
-    private: PrivateOpt = False,
-    revision: RevisionOpt = None,
-    commit_message: CommitMessageOpt = None,
-    commit_description: CommitDescriptionOpt = None,
-    create_pr: CreatePrOpt = False,
-    token: TokenOpt = None,
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
-    ] = False,
+    prev: PrevArg,
+    cur: CurArg,
+    output: OutputOpt = None,
+    *,
+    options: MergeOptions,  # every MergeOptions field is a flag (apo_merge.cliopts)
+    quiet: QuietOpt = False,
+    version: VersionOpt = False,
 ) -> None:
-    from apo_merge.hub import PushOptions
     from apo_merge.io.prefetch import Prefetcher
-    from apo_merge.options import MergeOptions
 
     prefetcher = Prefetcher()
     prefetcher.checkpoints(prev, cur)  # the disk streams the inputs in while torch loads
-    hub_flags = [
-        f
-        for f, on in (
-            ("--private", private),
-            ("--revision", revision is not None),
-            ("--commit-message", commit_message is not None),
-            ("--commit-description", commit_description is not None),
-            ("--create-pr", create_pr),
-        )
-        if on
-    ]
-    if hub_flags and push_to_hub is None:
-        raise usage_error(f"{hub_flags[0]} applies to the upload; add --push-to-hub REPO_ID")
-    if push_to_hub is not None and len(alpha) > 1:
-        from apo_merge.api import PUSH_ONE
-
-        raise usage_error(PUSH_ONE)
     try:
-        options = MergeOptions(
-            tuple(alpha),
-            device=device.value,
-            dtype=dtype.value,
-            max_shard_size=max_shard_size,
-            on_missing=on_missing.value,
-            overwrite=overwrite,
-            strict=strict,
-            hash_inputs=hash_inputs,
-            merge_into=merge_into,
-            token=token,
-            card_paths=card_paths.value,
-        )
         reports = _run(prev, cur, options, output, quiet, prefetcher)
     except BaseException as e:
         signal = interruption(e)
@@ -186,19 +113,8 @@ def merge(
         raise interrupted(signal, NOTHING_LEFT) from None
     for report in reports:
         _summary(report)
-    if push_to_hub is not None:
-        _push(
-            reports[0].output,
-            PushOptions(
-                push_to_hub,
-                private=private,
-                revision=revision,
-                commit_message=commit_message,
-                commit_description=commit_description,
-                create_pr=create_pr,
-            ),
-            token,
-        )
+    if reports[0].pushed is not None:  # the upload is the API's (MergeOptions.push_to_hub): report it
+        _pushed(reports[0].output, reports[0].pushed)
 
 
 def _summary(report) -> None:
@@ -220,13 +136,7 @@ def _summary(report) -> None:
     )
 
 
-def _push(folder: Path, options, token: str | None) -> None:
-    from apo_merge.hub import push
-
-    try:
-        url = push(folder, options, token=token)
-    except (KeyboardInterrupt, Terminated) as e:
-        raise interrupted(e, f"{folder} is complete; retry with: {options.retry_command(folder)}", "upload") from None
+def _pushed(folder: Path, url: str) -> None:
     completed(f"uploaded {folder} -> {url}")
     say(f"apo-merge: uploaded {folder} -> {url}")
 
@@ -242,30 +152,15 @@ def _tools() -> None:
     help="Upload an apo-merge output folder to a Hub model repo (e.g. to retry a failed --push-to-hub).\n\n"
     "Example:\n\n    apo-merge push runs/round-2-apo me/model-apo --revision round-2",
 )
+@takes(PushOptions)
 def push_command(
     folder: Annotated[Path, typer.Argument(metavar="OUT", help="The output folder to upload.")],
-    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hub model repo, e.g. me/model-apo.")],
-    private: PrivateOpt = False,
-    revision: RevisionOpt = None,
-    commit_message: CommitMessageOpt = None,
-    commit_description: CommitDescriptionOpt = None,
-    create_pr: CreatePrOpt = False,
+    options: PushOptions,
     token: TokenOpt = None,
 ) -> None:
-    from apo_merge.hub import PushOptions
+    from apo_merge.hub import push
 
-    _push(
-        folder,
-        PushOptions(
-            repo_id,
-            private=private,
-            revision=revision,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            create_pr=create_pr,
-        ),
-        token,
-    )
+    _pushed(folder, push(folder, options, token=token))
 
 
 def _run(prev, cur, options, output, quiet, prefetcher):

@@ -10,8 +10,10 @@ import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from apo_merge.card import recorded_files
+from apo_merge.cliopts import flag_name, options_of, setting
 from apo_merge.errors import MergeError, first_line
 from apo_merge.io.header import read_regular_file
 from apo_merge.io.output import CARD_MARK, MAX_CARD_BYTES
@@ -19,63 +21,49 @@ from apo_merge.io.output import CARD_MARK, MAX_CARD_BYTES
 
 @dataclass(frozen=True)
 class PushOptions:
-    """Where and how to upload (the ``hf upload`` options; the token travels separately)."""
+    """Where and how to upload (the ``hf upload`` options; the token travels separately). Each field is a flag of
+    ``apo-merge push`` and, with ``--push-to-hub REPO_ID``, of ``apo-merge`` itself (see apo_merge.cliopts)."""
 
-    repo_id: str
-    private: bool = False  # create the repo private if it does not exist yet
-    revision: str | None = None  # branch to commit to, created from main when missing
-    commit_message: str | None = None
-    commit_description: str | None = None
-    create_pr: bool = False  # open a pull request (against ``revision`` if given) instead of committing
+    repo_id: str = setting(help="Hub model repo, e.g. me/model-apo.", argument=True, metavar="REPO_ID")
+    private: bool = setting(False, "Create the Hub repo private (when it does not exist yet).")
+    revision: str | None = setting(None, "Hub branch to commit to; created from main when missing.")
+    commit_message: str | None = setting(None, "Summary line of the Hub commit.")
+    commit_description: str | None = setting(None, "Description of the Hub commit.")
+    create_pr: bool = setting(False, "Open a Hub pull request instead of committing.")
 
     def retry_command(self, folder: str | os.PathLike) -> str:
         """The ``apo-merge push`` command line that repeats this upload alone (never with the token)."""
-        args = ["apo-merge", "push", str(folder), self.repo_id]
-        if self.private:
-            args.append("--private")
-        for flag, value in (
-            ("--revision", self.revision),
-            ("--commit-message", self.commit_message),
-            ("--commit-description", self.commit_description),
-        ):
-            if value is not None:
-                args += [flag, value]
-        if self.create_pr:
-            args.append("--create-pr")
-        return shlex.join(args)
+        return retry_command(folder, self)
+
+
+def retry_command(folder: str | os.PathLike, options: str | PushOptions) -> str:
+    """``apo-merge push OUT REPO_ID`` and each flag whose value is not its default, from PushOptions' fields."""
+    if isinstance(options, str):
+        return shlex.join(["apo-merge", "push", str(folder), options])
+    args = ["apo-merge", "push", str(folder), options.repo_id]
+    for f in options_of(PushOptions).values():
+        value = getattr(options, f.name)
+        if f.metadata.get("argument") or value == f.default:
+            continue
+        args += [flag_name(f)] if value is True else [flag_name(f), str(value)]
+    return shlex.join(args)
 
 
 def push_folder(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    create_pr: bool = False,
-    token: str | bool | None = None,
+    folder: str | os.PathLike, repo_id: str | PushOptions, *, token: str | bool | None = None, **settings: Any
 ) -> str:
     """Upload ``folder`` to the model repo ``repo_id`` and return the commit (or pull request) URL.
 
-    Creates the repo when missing (``private`` applies then) and the branch ``revision`` when missing, as
-    ``hf upload`` does. For trainers: one call per round's extrapolated checkpoint, e.g.
+    ``settings`` are the other fields of PushOptions (``private``, ``revision``, ``commit_message``,
+    ``commit_description``, ``create_pr``); ``repo_id`` may also be a whole PushOptions. Creates the repo when
+    missing (``private`` applies then) and the branch ``revision`` when missing, as ``hf upload`` does. For
+    trainers: one call per round's extrapolated checkpoint, e.g.
     ``push_folder(out, "me/model-apo", revision=f"round-{t}", commit_message=f"APO round {t}")``.
     Raises MergeError (exit code 1) naming the cause and the command that retries the upload alone.
     """
-    options = PushOptions(
-        repo_id,
-        private=private,
-        revision=revision,
-        commit_message=commit_message,
-        commit_description=commit_description,
-        create_pr=create_pr,
-    )
-    return push(folder, options, token=token)
-
-
-def push(folder: str | os.PathLike, options: PushOptions, *, token: str | bool | None = None) -> str:
-    """``push_folder`` with the options in one object."""
+    options = repo_id if isinstance(repo_id, PushOptions) else PushOptions(repo_id, **settings)  # the one place
+    if settings and options is repo_id:
+        raise TypeError("push_folder: give either a PushOptions or a repo id with settings, not both")
     folder = Path(folder)
     if not folder.is_dir():
         raise MergeError(f"{folder}: no such folder to upload; give the output folder of apo-merge")
@@ -84,11 +72,11 @@ def push(folder: str | os.PathLike, options: PushOptions, *, token: str | bool |
 
     try:
         api = huggingface_hub.HfApi(token=token)
-        repo_id = api.create_repo(options.repo_id, private=options.private or None, exist_ok=True).repo_id
+        repo = api.create_repo(options.repo_id, private=options.private or None, exist_ok=True).repo_id
         if options.revision is not None and not options.create_pr:
-            api.create_branch(repo_id, branch=options.revision, exist_ok=True)
+            api.create_branch(repo, branch=options.revision, exist_ok=True)
         info = api.upload_folder(
-            repo_id=repo_id,
+            repo_id=repo,
             folder_path=folder,
             revision=options.revision,
             create_pr=options.create_pr,
@@ -103,6 +91,22 @@ def push(folder: str | os.PathLike, options: PushOptions, *, token: str | bool |
             f"retry the upload alone with: {options.retry_command(folder)}{login}"
         ) from None
     return getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or str(info)
+
+
+def push(folder: str | os.PathLike, options: str | PushOptions, *, token: str | bool | None = None) -> str:
+    """The upload of a finished apo-merge output (``MergeOptions.push_to_hub``, ``apo-merge push``): as
+    ``push_folder``, and Ctrl-C or SIGTERM during it ends in the one line that says OUT is complete and gives the
+    command that retries the upload alone (exit 130 or 143)."""
+    try:
+        return push_folder(folder, options, token=token)
+    except BaseException as e:
+        from apo_merge.shell import interrupted, interruption
+
+        stop = interruption(e)
+        if stop is None:
+            raise
+        retry = retry_command(folder, options)
+        raise interrupted(stop, f"{folder} is complete; retry with: {retry}", "upload") from None
 
 
 def _check_complete(folder: Path) -> None:

@@ -1,7 +1,7 @@
 """MergeOptions: every setting of one merge, with its help text and choices, validated once.
 
-The CLI builds its options from these fields (the help and the choices of ``--device``, ``--dtype`` and
-``--on-missing`` come from here) and the pipeline takes the object whole::
+Every field is one flag of ``apo-merge`` (``apo_merge.cliopts`` builds the CLI from them: flag, help, default and
+choices come from here) and the pipeline takes the object whole::
 
     options = MergeOptions(0.3, dtype="bf16", max_shard_size="5GB")
     run_merge("runs/round-1", "runs/round-2", options, "runs/round-2-apo")
@@ -18,15 +18,13 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from apo_kernels.dtypes import CLI_NAMES
+from apo_merge.cliopts import setting
 from apo_merge.errors import shown, usage_error
-
-if TYPE_CHECKING:
-    from apo_merge.hub import PushOptions
+from apo_merge.hub import PushOptions
 
 _SIZE_UNITS = {
     "B": 1,
@@ -39,10 +37,6 @@ _SIZE_UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
-
-
-def _f(default: Any, help: str, *, choices: tuple[str, ...] | None = None, repr: bool = True) -> Any:
-    return field(default=default, repr=repr, metadata={"help": help, "choices": choices})
 
 
 def parse_size(text: str | int) -> int:
@@ -66,35 +60,46 @@ def parse_size(text: str | int) -> int:
 class MergeOptions:
     """How to merge (what to merge, PREV, CUR and OUT, are arguments of ``run_merge``). See each field's help."""
 
-    alpha: float | tuple[float, ...] = field(
-        metadata={
-            "help": "Extrapolation weight; 0 copies CUR, negative moves toward PREV. Several (--alpha 0.1,0.3,0.5 or "
-            "the option repeated) write one output each from one read of the inputs."
-        }
+    alpha: float | tuple[float, ...] = setting(
+        help="Extrapolation weight; 0 copies CUR, negative moves toward PREV. Several (--alpha 0.1,0.3,0.5 or the "
+        "option repeated) write one output each from one read of the inputs.",
+        type=list[str],
+        parse=lambda values: parse_alphas(values),
     )
-    device: str = _f("auto", "Where to compute; auto uses CUDA when present.", choices=("auto", "cpu", "cuda"))
-    dtype: str = _f("keep", "Output dtype of floating tensors; keep = CUR's.", choices=("keep", *CLI_NAMES))
-    max_shard_size: int | None = _f(None, "Re-shard in HF naming, e.g. 5GB [default: keep CUR's files].")
-    on_missing: str = _f(
+    device: str = setting("auto", "Where to compute; auto uses CUDA when present.", choices=("auto", "cpu", "cuda"))
+    dtype: str = setting("keep", "Output dtype of floating tensors; keep = CUR's.", choices=("keep", *CLI_NAMES))
+    max_shard_size: int | None = setting(None, "Re-shard in HF naming, e.g. 5GB [default: keep CUR's files].")
+    on_missing: str = setting(
         "error", "Tensors in only one input: error, or copy CUR's unchanged.", choices=("error", "copy")
     )
-    overwrite: bool = _f(False, "Replace an existing OUT (an earlier apo-merge output) atomically.")
-    strict: bool = _f(False, "Fail if finite inputs give inf/NaN outputs.")
-    merge_into: str | os.PathLike | None = _f(
-        None, "LoRA adapters only: write BASE + the extrapolated delta as full weights instead of an adapter."
+    overwrite: bool = setting(False, "Replace an existing OUT (an earlier apo-merge output) atomically.")
+    strict: bool = setting(False, "Fail if finite inputs give inf/NaN outputs.")
+    merge_into: str | os.PathLike | None = setting(
+        None,
+        "LoRA adapters only: write BASE + the extrapolated delta as full weights instead of an adapter.",
+        metavar="BASE",
     )
-    token: str | bool | None = _f(
-        None, "Hugging Face token [default: HF_TOKEN or the saved login]; never printed or stored.", repr=False
+    token: str | bool | None = setting(
+        None,
+        "Hugging Face token [default: HF_TOKEN or the saved login]; never printed or stored.",
+        repr=False,
+        show_default=False,
     )
-    push_to_hub: str | PushOptions | None = _f(
-        None, "Upload OUT to this Hub model repo (a repo id or apo_merge.hub.PushOptions) once it is complete."
+    # A repo id, or an apo_merge.hub.PushOptions; on the command line --push-to-hub REPO_ID and the Hub flags.
+    push_to_hub: str | PushOptions | None = setting(
+        None,
+        "Upload OUT to this Hub model repo once it is complete.",
+        metavar="REPO_ID",
+        group=PushOptions,
+        key="repo_id",
+        applies_to="the upload",
     )
-    hash_inputs: bool = _f(
+    hash_inputs: bool = setting(
         False,
         "Record each input's content SHA-256 in the model card (reads every input byte through SHA-256, about "
         "1 GB/s per core) [default: names, sizes, and the Hub's SHA-256 of files from the Hub cache].",
     )
-    card_paths: str = _f(
+    card_paths: str = setting(
         "relative",
         "How the card and file metadata name local inputs: relative (a relative path as given, else the folder "
         "name) or absolute. Hub inputs are always repo@commit.",
@@ -134,9 +139,47 @@ class MergeOptions:
         return dataclasses.replace(self, **changes)
 
 
+def parse_alphas(values: list[str]) -> list[float]:
+    """``--alpha 0.1,0.3 --alpha 0.5`` -> [0.1, 0.3, 0.5] (finiteness and repeats are MergeOptions' to check)."""
+    out = []
+    for value in values:
+        for part in value.split(","):
+            try:
+                number = float(part)
+            except ValueError:
+                raise usage_error(
+                    f"{shown(value)} is not a number or a comma-separated list of numbers, e.g. 0.3 or 0.1,0.3,0.5"
+                ) from None
+            if number == 0 and re.search(r"[1-9]", part.lower().split("e")[0]):  # 1e-400: below every double
+                raise _too_small(shown(part.strip(), quote=False))
+            out.append(number)
+    return out
+
+
+_FP32_MAX = float.fromhex("0x1.fffffep127")
+
+
+def _too_small(value: str) -> Exception:
+    return usage_error(
+        f"{value} is too small to represent (it would be 0); give 0 to copy CUR, or an alpha of at least "
+        "1e-45 in magnitude"
+    )
+
+
 def _alpha(value: object) -> float:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise usage_error(f"--alpha {shown(value)} is not a finite number; use e.g. --alpha 0.3")
+    from apo_kernels.numpy_twin import np, round_alpha  # the kernels' own rounding, imported only when used
+
+    # fp32 is the merge's arithmetic (fp64 only for fp64 inputs): alpha must survive its one rounding into it
+    rounded = round_alpha(float(value), np.float32)
+    if math.isinf(rounded):
+        raise usage_error(
+            f"--alpha {value!r} overflows float32, the merge's arithmetic; give an alpha of at most "
+            f"{_FP32_MAX:.7g} in magnitude"
+        )
+    if rounded == 0 and value != 0:
+        raise _too_small(f"--alpha {value!r}")
     return float(value)
 
 
@@ -145,15 +188,9 @@ def _field(name: str) -> dataclasses.Field:
 
 
 def choices(name: str) -> tuple[str, ...]:
-    """The allowed values of a MergeOptions field (``device``, ``dtype``, ``on_missing``)."""
+    """The allowed values of a MergeOptions field (``device``, ``dtype``, ``on_missing``, ``card_paths``)."""
     return _field(name).metadata["choices"]
 
 
 def help_text(name: str) -> str:
     return _field(name).metadata["help"]
-
-
-def choice_enum(name: str) -> type[Enum]:
-    """A str Enum of a field's choices, for the CLI's option parser (which shows and checks them)."""
-    values = choices(name)
-    return Enum(name.title().replace("_", ""), {v: v for v in values}, type=str)

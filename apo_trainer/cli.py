@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -44,6 +46,32 @@ def _root(
     """Run Accelerated Preference Optimization rounds (arXiv 2410.06293)."""
 
 
+@contextmanager
+def quiet_libraries(on: bool) -> Iterator[None]:
+    """-q: transformers' and huggingface_hub's progress bars ("Loading weights") and advice are off as well;
+    their settings are given back afterwards (callers in the same process)."""
+    if not on:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    level, bars, hub_off = (
+        hf_logging.get_verbosity(),
+        hf_logging.is_progress_bar_enabled(),
+        are_progress_bars_disabled(),
+    )
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # huggingface_hub's bars too
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        (disable_progress_bars if hub_off else enable_progress_bars)()
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="YAML config file (see `apo-train config`).")],
@@ -70,7 +98,8 @@ def run(
     from apo_trainer.loop import run as run_loop
 
     try:
-        run_loop(cfg, quiet=quiet, allow_changed_config=allow_changed_config)
+        with quiet_libraries(quiet):
+            run_loop(cfg, quiet=quiet, allow_changed_config=allow_changed_config)
     except BaseException as e:
         stop = interruption(e)
         if stop is None:
@@ -103,8 +132,9 @@ def eval_runs(
     labels = [str(d) if [x.name for x in run_dirs].count(d.name) > 1 else d.name for d in run_dirs]
     results = {}
     try:
-        for label, run_dir in zip(labels, run_dirs, strict=True):
-            results[label] = evaluation.evaluate_run(run_dir, overrides or [], quiet=quiet)
+        with quiet_libraries(quiet):
+            for label, run_dir in zip(labels, run_dirs, strict=True):
+                results[label] = evaluation.evaluate_run(run_dir, overrides or [], quiet=quiet)
     except BaseException as e:
         stop = interruption(e)
         if stop is None:

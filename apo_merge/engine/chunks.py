@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from apo_merge.engine.runner import StageRunner
 from apo_kernels.dtypes import ITEMSIZE, torch_dtype
+from apo_merge.engine.runner import StageRunner
 from apo_merge.plan import MergePlan, Piece
 
 if TYPE_CHECKING:

@@ -7,9 +7,9 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from apo_kernels.dtypes import ITEMSIZE
 from apo_merge.engine.chunks import Lanes, Task
 from apo_merge.engine.runner import StageRunner
-from apo_kernels.dtypes import ITEMSIZE
 from apo_merge.io.header import FileHeader
 from apo_merge.io.prefetch import Prefetcher
 from apo_merge.io.writer import advise, pread_exact

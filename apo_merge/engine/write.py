@@ -9,9 +9,9 @@ import queue
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from apo_kernels.dtypes import ITEMSIZE
 from apo_merge.engine.chunks import Lanes, Task
 from apo_merge.engine.runner import StageRunner
-from apo_kernels.dtypes import ITEMSIZE
 from apo_merge.io.writer import SafetensorsWriter
 from apo_merge.plan import MergePlan
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from apo_kernels.dtypes import torch_dtype
 from apo_merge.errors import MergeError, shown
 from apo_merge.io.checkpoint import Checkpoint, is_inside
-from apo_kernels.dtypes import torch_dtype
 from apo_merge.io.hashing import InputDigest, digest
 from apo_merge.io.header import read_regular_file
 from apo_merge.io.writer import pread_exact

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from apo_kernels import extrapolate
+from apo_kernels.dtypes import torch_dtype
 from apo_merge.errors import MergeError
 from apo_merge.io.checkpoint import Checkpoint
-from apo_kernels.dtypes import torch_dtype
 from apo_merge.lora.read import FACTORS, PREFIX, Adapter, Module, base_name, check_compatible, layers_of, read_base
 from apo_merge.plan import short
 

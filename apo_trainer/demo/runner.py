@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from apo_merge.cliopts import setting
 from apo_trainer.demo.report import Run, markdown_table, method_name, plot, table_rows, verdict
 from apo_trainer.demo.task import ToyOracle, ToyTask, make_prompts, make_start, write_prompts
 from apo_trainer.errors import ConfigError
@@ -32,25 +34,65 @@ from apo_trainer.errors import ConfigError
 START_SEED = 0
 
 
+DPO_BETA, SPPO_BETA = 0.1, 0.01  # the loss temperature when none is given
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    """``--alphas 0,0.3`` -> (0.0, 0.3)."""
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,0.3") from None
+    if not values or any(not 0 <= a < math.inf for a in values):
+        raise ConfigError("give at least one alpha, none negative, e.g. 0,0.3")
+    return values
+
+
 @dataclass(frozen=True)
 class DemoSettings:
-    """Everything a demo run depends on; the defaults finish in under 10 minutes on 2 CPU cores."""
+    """Everything a demo run depends on; the defaults finish in under 10 minutes on 2 CPU cores.
 
-    output: Path = Path("apo-demo")
-    rounds: int = 3
-    seeds: int = 3
-    alphas: tuple[float, ...] = (0.0, 0.3)
-    loss: str = "dpo"
-    prompts_per_round: int = 512
-    samples_per_prompt: int = 8
-    beta: float = 0.1
+    The fields with a help text are the options of ``apo-train demo`` (apo_merge.cliopts builds them from here).
+    """
+
+    output: Path = setting(
+        Path("apo-demo"), "Output folder (a rerun with the same settings resumes).", flag=("--output", "-o")
+    )
+    rounds: int = setting(3, "APO rounds per run.", min=1)
+    seeds: int = setting(3, "Seeds per method (spread over seeds is reported).", min=1)
+    alphas: tuple[float, ...] = setting(
+        (0.0, 0.3),
+        "Comma-separated extrapolation weights; 0 is plain iterative DPO/SPPO.",
+        type=str,
+        parse=parse_alphas,
+        text=lambda alphas: ",".join(f"{a:g}" for a in alphas),
+    )
+    loss: str = setting("dpo", "Preference loss: dpo or sppo.", choices=("dpo", "sppo"))
+    prompts_per_round: int = setting(512, "Fresh prompts per round.", min=8)
+    samples_per_prompt: int = setting(8, "Samples per prompt.", min=2, flag="--samples")
+    beta: float | None = setting(
+        None, f"Loss temperature (default {DPO_BETA:g} for DPO, {SPPO_BETA:g} for SPPO).", type=float
+    )
     learning_rate: float = 3e-4
     epochs_per_round: int = 2
     batch_size: int = 16
-    eval_prompts: int = 128
-    task: ToyTask = field(default_factory=ToyTask)
-    restart: str = "none"
+    eval_prompts: int = setting(128, "Held-out prompts for the win rates against theta_0 (and the final round).", min=8)
+    task: ToyTask = setting(help="The toy task and its warm-up.", group=ToyTask)
+    restart: str = setting(
+        "none",
+        "Momentum restart: 'score' extrapolates with alpha 0 after a round whose mean reward dropped; 'none' never "
+        "restarts.",
+        choices=("none", "score"),
+    )
     peft: dict = field(default_factory=dict)  # LoRA rounds (apo-train's peft group); {} = full fine-tuning
+
+    def __post_init__(self) -> None:
+        for name in ("loss", "restart"):
+            allowed = {f.name: f for f in dataclasses.fields(self)}[name].metadata["choices"]
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; use {' or '.join(allowed)}")
+        if self.beta is None:
+            object.__setattr__(self, "beta", DPO_BETA if self.loss == "dpo" else SPPO_BETA)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)

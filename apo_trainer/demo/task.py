@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from apo_merge.cliopts import setting
+
 WORDS: tuple[str, ...] = tuple(chr(ord("a") + i) for i in range(26)) + tuple(str(i) for i in range(6))
 PAD, EOS, UNK, SEP = "<pad>", "<eos>", "<unk>", "="
 SPECIALS: tuple[str, ...] = (PAD, EOS, UNK, SEP)
@@ -38,10 +40,14 @@ class ToyTask:
 
     prompt_words: int = 4
     response_words: int = 12
-    free_length: bool = False
+    free_length: bool = setting(
+        False,
+        "Let the policy choose its response length (end-of-sequence token) instead of exactly 12 words.",
+        flag="--free-length/--no-free-length",
+    )
     min_response_words: int = 4
     copy_prob: float = 0.25
-    warmup_steps: int = 150
+    warmup_steps: int = setting(150, "Supervised warm-up steps of the starting policy.", min=0)
     warmup_batch: int = 64
     warmup_lr: float = 1e-3
 

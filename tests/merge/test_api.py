@@ -342,14 +342,17 @@ def weights_of(folder: Path) -> dict[str, bytes]:
 
 
 def test_merge_options_validate_once_and_feed_the_cli_choices():
+    import typer
+
     from apo_merge import cli
     from apo_merge.options import choices
 
     options = MergeOptions(1, max_shard_size="2KiB")
     assert options.alpha == 1.0 and isinstance(options.alpha, float) and options.max_shard_size == 2048
     assert "token" not in repr(MergeOptions(0.3, token="hf_secret")) and "hf_secret" not in repr(options)
-    for field, enum in (("device", cli.Device), ("dtype", cli.Dtype), ("on_missing", cli.OnMissing)):
-        assert tuple(e.value for e in enum) == choices(field)
+    parser = {p.name: p.type_descriptor.annotation for p in typer.main.get_command(cli.app).params}
+    for field in ("device", "dtype", "on_missing", "card_paths"):  # the CLI's choices are generated from the field
+        assert tuple(e.value for e in parser[field]) == choices(field)
     for bad, match in (
         (dict(alpha=float("nan")), "--alpha nan is not a finite number"),
         (dict(alpha=0.3, device="tpu"), "--device 'tpu' is not one of auto, cpu, cuda"),

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from apo_merge import cli
+from apo_merge.api import run_merge
 from apo_merge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, MergeError, UserError
+from apo_merge.options import MergeOptions
 from apo_merge.shell import MAX_MESSAGE_CHARS, MAX_VALUE_CHARS, Terminated, one_line
 from apo_merge.verify import verify_output
 from apo_trainer import cli as train_cli
@@ -298,3 +300,92 @@ def test_an_error_a_signal_tore_is_reported_as_the_interruption(monkeypatch):
     assert isinstance(shell.interruption(ImportError("x")), Terminated)
     monkeypatch.setattr(shell, "_received", [])
     assert shell.interruption(ImportError("x")) is None
+
+
+# -- paths compared as the folders they are; alphas that are numbers the merge can hold ----------------------------
+@pytest.mark.parametrize("layout", ["dotdot", "symlinks"])
+def test_outputs_that_resolve_to_one_folder_are_refused_before_any_read(pair, tmp_path, monkeypatch, layout):
+    """-o 'x{alpha}/../o' (or parents that are symlinks to one folder) named one folder for two alphas: the second
+    output silently replaced the first, exit 0. Refused before anything is read or written, naming both alphas."""
+    monkeypatch.chdir(tmp_path)
+    real = tmp_path / "real"
+    real.mkdir()
+    for a in ("0.1", "0.3"):
+        if layout == "dotdot":
+            (tmp_path / f"x{a}").mkdir()
+        else:
+            (tmp_path / f"x{a}").symlink_to(real, target_is_directory=True)
+    target = "x{alpha}/../o" if layout == "dotdot" else "x{alpha}/o"
+    line = _one_line(merge(*pair, "--alpha", "0.1,0.3", "-o", target, "--overwrite", "--device", "cpu"), 2)
+    assert "0.1" in line and "0.3" in line and "{alpha}" in line, line
+    assert not (tmp_path / "o").exists() and not any(real.iterdir())
+
+
+@pytest.mark.parametrize(
+    "alpha, needle",
+    [
+        ("1e-400", "'--alpha': 1e-400 is too small to represent"),  # below every double: float() gives 0
+        ("0.3,-1e-400", "'--alpha': -1e-400 is too small to represent"),
+        ("1e-46", "--alpha 1e-46 is too small to represent"),  # 0 in float32, the merge's arithmetic
+        ("1e39", "--alpha 1e+39 overflows float32"),  # finite as a double, inf in float32
+        ("-3.5e38", "--alpha -3.5e+38 overflows float32"),
+    ],
+)
+def test_alphas_the_merge_cannot_represent_are_usage_errors(pair, tmp_path, alpha, needle):
+    line = _one_line(merge(*pair, "--alpha", alpha, "-o", tmp_path / "o{alpha}", "--device", "cpu"), 2)
+    assert needle in line, line
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(MergeError, match="overflows float32|too small") as e:
+        MergeOptions(float(alpha.split(",")[-1]) or 1e-46)
+    assert e.value.exit_code == 2
+    assert MergeOptions(1e-45).alpha == 1e-45 and MergeOptions(-3.4e38).alpha == -3.4e38  # the edges still merge
+
+
+def test_an_output_name_with_a_non_utf8_byte(pair, tmp_path):
+    """An -o holding a byte that is not UTF-8 (argv decodes it to a lone surrogate): a traceback
+    (UnicodeEncodeError) before; now one line, exit 2, nothing written, from the CLI and the API alike."""
+    name = os.fsdecode(b"out\xff")
+    res = subprocess.run(
+        apo_merge_cmd(*pair, "--alpha", "0.3", "-o", tmp_path / name, "--device", "cpu"),
+        capture_output=True,
+        env=cli_env(),
+        timeout=120,
+    )
+    err = res.stderr.decode(errors="replace")
+    assert res.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "UTF-8" in err and "\\udcff" in err or "\\xff" in err, err
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(MergeError, match="UTF-8") as e:
+        run_merge(*pair, MergeOptions(0.3, device="cpu"), tmp_path / name)
+    assert e.value.exit_code == 2 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_apo_train_quiet_silences_the_loading_bars(monkeypatch, tmp_path, pair, quiet):
+    """`apo-train run -q` printed transformers' "Loading weights" bars: -q now turns off transformers' and
+    huggingface_hub's progress bars and advice too (and gives them back after the command)."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from huggingface_hub.utils import tqdm as hub_tqdm
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    import apo_trainer.config
+    import apo_trainer.loop
+
+    class Cfg:
+        def validate(self):
+            pass
+
+    def run(cfg, **kwargs):
+        AutoModelForCausalLM.from_pretrained(pair[1])
+        for _ in hub_tqdm(range(2), desc="hub download"):
+            pass
+
+    monkeypatch.setattr(apo_trainer.config.APOConfig, "from_yaml", classmethod(lambda cls, *a: Cfg()))
+    monkeypatch.setattr(apo_trainer.loop, "run", run)
+    before = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    res = train("run", tmp_path / "c.yaml", *(["-q"] if quiet else []))
+    assert res.code == 0, res.stderr
+    shown = "Loading weights" in res.stderr, "hub download" in res.stderr
+    assert shown == ((False, False) if quiet else (True, True)), res.stderr
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()) == before

@@ -246,3 +246,29 @@ def test_python_api_pushes_after_the_merge(api, pair, tmp_path):
     )
     assert report.pushed == "https://hf.co/pr/1"
     assert api.calls[0][1] == {"token": TOKEN} and api.calls[-1][1]["folder_path"] == tmp_path / "out"
+
+
+@pytest.mark.parametrize("stop, code", [(KeyboardInterrupt(), 130), (None, 143)])
+def test_an_interrupted_upload_says_out_is_complete_and_how_to_retry(api, pair, tmp_path, stop, code):
+    """The upload runs inside the API (MergeOptions.push_to_hub); its interruption is worded by apo_merge.hub."""
+    from apo_merge.shell import Terminated
+
+    api.fail = stop if stop is not None else Terminated()
+    out = tmp_path / "out"
+    args = [str(pair[0]), str(pair[1]), "--alpha", "0.3", "-o", str(out), "--device", "cpu"]
+    result = _invoke([*args, "--push-to-hub", "me/apo", "--revision", "r2"])
+    assert result.code == code
+    word = "interrupted" if code == 130 else "terminated"
+    assert f"upload {word}; {out} is complete; retry with: apo-merge push {out} me/apo --revision r2" in result.stderr
+    _assert_complete(out)
+
+
+def test_push_options_come_from_one_field_list():
+    """The retry command and both CLIs take PushOptions' fields: a flag per field, no list written out twice."""
+    from apo_merge.cliopts import flag_name, options_of
+
+    flags = {flag_name(f) for f in options_of(PushOptions).values() if not f.metadata.get("argument")}
+    assert flags == {"--private", "--revision", "--commit-message", "--commit-description", "--create-pr"}
+    for command in (["--help"], ["push", "--help"]):
+        text = _invoke(command).stdout
+        assert all(flag in text for flag in flags), command
