@@ -387,10 +387,11 @@ def test_adapter_config_numbers_must_be_finite_and_in_range(setup, tmp_path, cha
     assert not (tmp_path / "o").exists()
 
 
-def test_base_step_adapter_refuses_a_scale_beyond_float64(setup, tmp_path):
+def test_base_step_adapter_refuses_an_alpha_beyond_float32(setup, tmp_path):
+    """(1 + alpha) * lora_alpha once overflowed into an ``Infinity`` config; such an alpha is now refused up front."""
     _, cur = setup["plain"]
     res = run_cli_in_process(setup["base"], cur, "--alpha", "1e308", "-o", tmp_path / "o")
-    assert_one_line_error(res, 1, "--alpha 1e+308", "lora_alpha is not a finite number", "lower --alpha")
+    assert_one_line_error(res, 2, "--alpha 1e+308", "overflows float32")
     assert not (tmp_path / "o").exists()
 
 
