@@ -67,7 +67,9 @@ class MergeOptions:
         parse=lambda values: parse_alphas(values),
     )
     device: str = setting("auto", "Where to compute; auto uses CUDA when present.", choices=("auto", "cpu", "cuda"))
-    dtype: str = setting("keep", "Output dtype of floating tensors; keep = CUR's.", choices=("keep", *sorted(CLI_NAMES)))
+    dtype: str = setting(
+        "keep", "Output dtype of floating tensors; keep = CUR's.", choices=("keep", *sorted(CLI_NAMES))
+    )
     max_shard_size: int | None = setting(None, "Re-shard in HF naming, e.g. 5GB [default: keep CUR's files].")
     on_missing: str = setting(
         "error", "Tensors in only one input: error, or copy CUR's unchanged.", choices=("error", "copy")
