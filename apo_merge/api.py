@@ -98,7 +98,7 @@ def _check_utf8(out: Path) -> None:
 
 
 @dataclass(frozen=True)
-class _Hooks:
+class Hooks:
     """What a run is given besides its options: callbacks and the resources it may share with its caller."""
 
     progress: Callable[[int], None] | None = None  # called with each count of bytes written
@@ -113,18 +113,12 @@ def run_merge(
     options: MergeOptions,
     output: str | os.PathLike | None = None,
     *,
-    progress: Callable[[int], None] | None = None,
-    on_plan: Callable[[Layout], None] | None = None,
-    kernel: Kernel | None = None,
-    prefetcher: Prefetcher | None = None,
+    hooks: Hooks | None = None,
 ) -> MergeReport:
     """Merge (and push, if ``options.push_to_hub``) and return a report; see ``extrapolate_checkpoints``."""
     if isinstance(options, MergeOptions) and len(options.alphas) > 1:
         raise usage_error(f"run_merge makes one output but {len(options.alphas)} alphas were given; use run_merges")
-    reports = run_merges(
-        prev, cur, options, output, progress=progress, on_plan=on_plan, kernel=kernel, prefetcher=prefetcher
-    )
-    return reports[0]
+    return run_merges(prev, cur, options, output, hooks=hooks)[0]
 
 
 def run_merges(
@@ -133,10 +127,7 @@ def run_merges(
     options: MergeOptions,
     output: str | os.PathLike | None = None,
     *,
-    progress: Callable[[int], None] | None = None,
-    on_plan: Callable[[Layout], None] | None = None,
-    kernel: Kernel | None = None,
-    prefetcher: Prefetcher | None = None,
+    hooks: Hooks | None = None,
 ) -> list[MergeReport]:
     """One output per alpha of ``options.alphas``, all from one read of PREV and CUR; a report for each.
 
@@ -146,13 +137,14 @@ def run_merges(
     place only once all are written and fsynced: any failure before that leaves none of them; if putting one in
     place fails (something appeared at its OUT meanwhile), those this call already put in place are removed
     again, except ones that replaced an earlier output under ``overwrite`` (that earlier output is gone).
-    ``on_plan`` is called once per output. Several alphas apply to full checkpoints only, without
+    ``hooks`` (``Hooks``) gives callbacks: ``progress`` with each count of bytes written, ``on_plan`` once per
+    output; and resources: a torch ``kernel`` for the engine, the CLI's ``prefetcher``. Several alphas apply to full checkpoints only, without
     ``push_to_hub``.
     """
     if not isinstance(options, MergeOptions):
         raise TypeError(f"run_merge takes a MergeOptions (e.g. MergeOptions(alpha=0.3)), not {type(options).__name__}")
     t0 = time.perf_counter()
-    hooks = _Hooks(progress, on_plan, kernel, prefetcher)
+    hooks = hooks or Hooks()
     several = len(options.alphas) > 1
     if several and options.push_to_hub is not None:
         raise usage_error(PUSH_ONE)
@@ -176,7 +168,7 @@ def run_merges(
 
 
 def _merge_checkpoints(
-    src_prev: sources.Source, src_cur: sources.Source, outs: list[Path], options: MergeOptions, hooks: _Hooks
+    src_prev: sources.Source, src_cur: sources.Source, outs: list[Path], options: MergeOptions, hooks: Hooks
 ) -> list[MergeReport]:
     from apo_merge.engine import Hooks, execute_many, resolve_device
 
@@ -268,7 +260,6 @@ def extrapolate_checkpoints(
     alpha: float,
     output: str | os.PathLike | None = None,
     options: MergeOptions | None = None,
-    progress: Callable[[int], None] | None = None,
     **fields: Any,
 ) -> Path:
     """Write ``cur + alpha * (cur - prev)`` for two checkpoints and return the output folder (for several alphas
@@ -286,14 +277,14 @@ def extrapolate_checkpoints(
     (LoRA only), ``token`` (Hub downloads and uploads), ``push_to_hub`` (a repo id or
     ``apo_merge.hub.PushOptions``), ``card_paths`` ("relative": the card and file metadata name a local input by
     its path as given when relative, else by its folder name; "absolute": by its absolute path; Hub inputs are
-    always ``repo@commit``). ``progress`` is called with each count of bytes written.
+    always ``repo@commit``). For progress callbacks, see ``run_merge``'s ``hooks``.
 
     >>> extrapolate_checkpoints(prev="runs/round-1", cur="runs/round-2", alpha=0.3, output="runs/round-2-apo")
     ... # doctest: +SKIP
     PosixPath('runs/round-2-apo')
     """
     options = options.replace(alpha=alpha, **fields) if options is not None else MergeOptions(alpha, **fields)
-    return run_merge(prev, cur, options, output, progress=progress).output
+    return run_merge(prev, cur, options, output).output
 
 
 def extrapolate(*args: Any, **kwargs: Any) -> Path:

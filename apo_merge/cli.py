@@ -174,11 +174,11 @@ def _run(prev, cur, options, output, quiet, prefetcher):
         TransferSpeedColumn,
     )
 
-    from apo_merge.api import run_merges
+    from apo_merge.api import Hooks, run_merges
 
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
-        return run_merges(prev, cur, options, output, prefetcher=prefetcher)
+        return run_merges(prev, cur, options, output, hooks=Hooks(prefetcher=prefetcher))
     with Progress(
         TextColumn("merging"),
         BarColumn(),
@@ -193,9 +193,8 @@ def _run(prev, cur, options, output, quiet, prefetcher):
         def on_plan(plan) -> None:  # once per output
             bar.update(task, total=(bar.tasks[0].total or 0) + plan.total_bytes)
 
-        return run_merges(
-            prev, cur, options, output, progress=lambda n: bar.advance(task, n), on_plan=on_plan, prefetcher=prefetcher
-        )
+        hooks = Hooks(progress=lambda n: bar.advance(task, n), on_plan=on_plan, prefetcher=prefetcher)
+        return run_merges(prev, cur, options, output, hooks=hooks)
 
 
 @tools.command(

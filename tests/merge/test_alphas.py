@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from apo_kernels import extrapolate_ as kernel_extrapolate_
-from apo_merge.api import run_merge, run_merges
+from apo_merge.api import Hooks, run_merge, run_merges
 from apo_merge.engine import Tuning, use_tuning
 from apo_merge.errors import MergeError
 from apo_merge.options import MergeOptions
@@ -59,11 +59,11 @@ def test_each_output_equals_a_run_with_its_alpha_alone(pair, case, tmp_path):
     (tmp_path / "one").mkdir()
     options = MergeOptions(ALPHAS, device="cpu", on_missing="copy", **fields)
     with use_tuning(Tuning(chunk_elems=500, copy_chunk_bytes=24)):  # tensors span several chunks, tails included
-        reports = run_merges(prev, cur, options, tmp_path / "many" / "out{alpha}", kernel=kernel)
+        reports = run_merges(prev, cur, options, tmp_path / "many" / "out{alpha}", hooks=Hooks(kernel=kernel))
         assert [r.output.name for r in reports] == ["out0.1", "out-0.5", "out2"]
         for alpha, report in zip(ALPHAS, reports):
             out = tmp_path / "one" / report.output.name
-            alone = run_merge(prev, cur, options.replace(alpha=alpha), out, kernel=kernel)
+            alone = run_merge(prev, cur, options.replace(alpha=alpha), out, hooks=Hooks(kernel=kernel))
             assert tree_state(report.output) == tree_state(alone.output)  # weights, index, card, side files
             assert report.sha256 == alone.sha256 and report.n_tensors == alone.n_tensors == 4
     if case == "shards":
@@ -79,7 +79,10 @@ def test_a_failure_in_any_output_leaves_none(pair, tmp_path):
     outs = [tmp_path / f"out{a:g}" for a in ALPHAS]
     with pytest.raises(RuntimeError, match="kernel failed"):
         run_merges(
-            *pair, MergeOptions(ALPHAS, device="cpu", on_missing="copy"), tmp_path / "out{alpha}", kernel=failing
+            *pair,
+            MergeOptions(ALPHAS, device="cpu", on_missing="copy"),
+            tmp_path / "out{alpha}",
+            hooks=Hooks(kernel=failing),
         )
     assert not any(o.exists() for o in outs) and not any(leftovers(o) for o in outs)
 
@@ -92,7 +95,10 @@ def test_an_output_that_cannot_be_put_in_place_takes_back_the_others(pair, tmp_p
 
     with pytest.raises(MergeError, match="appeared while merging"):
         run_merges(
-            *pair, MergeOptions(ALPHAS, device="cpu", on_missing="copy"), tmp_path / "out{alpha}", on_plan=on_plan
+            *pair,
+            MergeOptions(ALPHAS, device="cpu", on_missing="copy"),
+            tmp_path / "out{alpha}",
+            hooks=Hooks(on_plan=on_plan),
         )
     assert not outs[0].exists() and not outs[1].exists()
     assert outs[2].is_dir() and not any(outs[2].iterdir())  # the other process's folder, untouched

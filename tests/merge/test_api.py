@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import apo_merge
 from apo_kernels import extrapolate_ as kernel_extrapolate_
-from apo_merge.api import run_merge
+from apo_merge.api import Hooks, run_merge
 from apo_merge.cli import app
 from apo_merge.errors import MergeError
 from apo_merge.io import writer
@@ -382,7 +382,7 @@ def test_triton_path_bit_identical_to_cpu_twin(pair, tmp_path):
     prev, cur = pair(torch.bfloat16, prev_dtype=torch.float32, num_hidden_layers=1)
     cpu = apo_merge.extrapolate(prev=prev, cur=cur, alpha=0.3, output=tmp_path / "cpu")
     triton = functools.partial(kernel_extrapolate_, backend="triton")
-    tri = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "triton", kernel=triton).output
+    tri = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "triton", hooks=Hooks(kernel=triton)).output
     for f in cpu.glob("*.safetensors"):
         assert (tri / f.name).read_bytes() == f.read_bytes()
 

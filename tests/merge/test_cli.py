@@ -389,3 +389,16 @@ def test_apo_train_quiet_silences_the_loading_bars(monkeypatch, tmp_path, pair, 
     shown = "Loading weights" in res.stderr, "hub download" in res.stderr
     assert shown == ((False, False) if quiet else (True, True)), res.stderr
     assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()) == before
+
+
+def test_the_progress_bar_path_writes_the_same_output(pair, tmp_path, monkeypatch):
+    """On a terminal the merge runs under a rich progress bar (the path tests otherwise never take)."""
+    from rich.console import Console
+
+    prev, cur = pair
+    expected = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "api").output
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    res = merge(prev, cur, "--alpha", "0.3", "-o", tmp_path / "bar")
+    assert res.code == 0, res.stderr
+    for f in expected.glob("*.safetensors"):
+        assert (tmp_path / "bar" / f.name).read_bytes() == f.read_bytes()

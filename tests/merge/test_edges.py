@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apo_merge.api import run_merge
+from apo_merge.api import Hooks, run_merge
 from apo_merge.options import MergeOptions
 from tests.merge.helpers import st_tensors
 
@@ -117,7 +117,7 @@ def test_overwrite_keeps_a_folder_that_appeared_during_the_merge(tiny_checkpoint
         calls.append(n)
 
     with pytest.raises(MergeError, match="replaced during the merge"):
-        run_merge(prev, cur, MergeOptions(0.3, device="cpu", overwrite=True), out, progress=user_moves_in)
+        run_merge(prev, cur, MergeOptions(0.3, device="cpu", overwrite=True), out, hooks=Hooks(progress=user_moves_in))
     assert calls and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "mine"
     assert leftovers(out) == []

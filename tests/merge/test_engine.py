@@ -20,7 +20,7 @@ import apo_kernels
 import apo_merge
 import apo_merge.engine.compute as compute
 from apo_kernels import extrapolate_ as kernel_extrapolate_
-from apo_merge.api import run_merge, run_merges
+from apo_merge.api import Hooks, run_merge, run_merges
 from apo_merge.engine import Tuning, use_tuning
 from apo_merge.errors import MergeError
 from apo_merge.io import prefetch, writer
@@ -73,7 +73,7 @@ def test_workers_finishing_out_of_order_still_write_in_order(pair, tmp_path):
             finished.append(call)
 
     with use_tuning(Tuning(chunk_elems=96, cpu_workers=3)):  # 3 workers even on fewer cores
-        report = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "parallel", kernel=slow_first)
+        report = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "parallel", hooks=Hooks(kernel=slow_first))
     assert finished.index(0) > 0, "the chunks should have reached the writer out of order"
     assert weights(report.output) == weights(reference)
     for name, data in weights(report.output).items():
@@ -163,7 +163,7 @@ def test_each_merge_slides_its_own_prefetch_window(pair, tmp_path):
     """Reads are counted by the merge's own Prefetcher (none is shared between concurrent merges)."""
     prev, cur = pair()
     mine, other = Prefetcher(), Prefetcher()
-    report = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "out", prefetcher=mine)
+    report = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "out", hooks=Hooks(prefetcher=mine))
     inputs = sum(p.stat().st_size for p in cur.glob("*.safetensors")) + sum(
         p.stat().st_size for p in prev.glob("*.safetensors")
     )
@@ -182,7 +182,7 @@ def test_failure_in_one_worker_stops_every_stage(pair, tmp_path):
         return kernel_extrapolate_(out, prev, cur, alpha)
 
     with pytest.raises(RuntimeError, match="kernel failed"), use_tuning(Tuning(chunk_elems=64, cpu_workers=2)):
-        run_merge(prev, cur, MergeOptions(0.3), tmp_path / "out", kernel=failing)
+        run_merge(prev, cur, MergeOptions(0.3), tmp_path / "out", hooks=Hooks(kernel=failing))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cur", "prev"]
     assert not [t for t in threading.enumerate() if t.name.startswith(("apo-read", "apo-write", "apo-compute"))]
 
@@ -198,7 +198,9 @@ def test_new_nonfinite_counts_overflow_of_finite_inputs_only(tmp_path, kernel):
         (tmp_path / str(side)).mkdir()
         tensors = {name: torch.tensor(pair[side], dtype=torch.bfloat16) for name, pair in inputs.items()}
         save_file(tensors, tmp_path / str(side) / "model.safetensors", metadata={"format": "pt"})
-    report = run_merge(tmp_path / "0", tmp_path / "1", MergeOptions(1.0, device="cpu"), tmp_path / "out", kernel=kernel)
+    report = run_merge(
+        tmp_path / "0", tmp_path / "1", MergeOptions(1.0, device="cpu"), tmp_path / "out", hooks=Hooks(kernel=kernel)
+    )
     assert report.new_nonfinite == 1
 
 
@@ -293,7 +295,9 @@ def test_cpu_twin_choice_by_dtype_same_bytes(tmp_path, monkeypatch, cur_dtype, o
     options = MergeOptions(0.3, device="cpu", dtype=out)
     run_merge(prev, cur, options, tmp_path / "auto")
     assert set(used) == {twin}
-    run_merge(prev, cur, options, tmp_path / "forced", kernel=kernel_extrapolate_)  # the torch twin, always
+    run_merge(
+        prev, cur, options, tmp_path / "forced", hooks=Hooks(kernel=kernel_extrapolate_)
+    )  # the torch twin, always
     for name in os.listdir(tmp_path / "auto"):
         if name.endswith(".safetensors"):
             assert (tmp_path / "auto" / name).read_bytes() == (tmp_path / "forced" / name).read_bytes()
@@ -334,7 +338,9 @@ def test_tiny_and_default_tuning_write_identical_bytes(tmp_path, fields):
         (tmp_path / name).mkdir()
         calls: list[int] = []
         with use_tuning(tuning):
-            reports[name] = run_merges(prev, cur, options, tmp_path / name / "out{alpha}", progress=calls.append)
+            reports[name] = run_merges(
+                prev, cur, options, tmp_path / name / "out{alpha}", hooks=Hooks(progress=calls.append)
+            )
         writes[name] = len(calls)
     assert writes["tiny"] > 10 * writes["default"]  # the tiny Tuning did reach the engine
     for default, tiny in zip(reports["default"], reports["tiny"]):
