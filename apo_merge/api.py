@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from apo_merge import card, sources
+from apo_merge import card, dcp, sources
 from apo_merge._version import __version__
 from apo_merge.errors import MergeError, usage_error
 from apo_merge.hub import PushOptions
@@ -176,6 +176,8 @@ def run_merges(
     """
     if not isinstance(options, MergeOptions):
         raise TypeError(f"run_merge takes a MergeOptions (e.g. MergeOptions(alpha=0.3)), not {type(options).__name__}")
+    if dcp.is_dcp(prev) or dcp.is_dcp(cur):  # torch DCP folders: apo_merge.dcp
+        return dcp.run_merges(prev, cur, options, output, progress=progress)
     t0 = time.perf_counter()
     hooks = _Hooks(progress, on_plan, kernel, prefetcher)
     several = len(options.alphas) > 1

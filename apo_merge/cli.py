@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from apo_merge._version import __version__
+from apo_merge.dcp import cli as dcp_cli
 from apo_merge.errors import usage_error
 from apo_merge.options import choice_enum, help_text
 from apo_merge.shell import (
@@ -41,7 +42,7 @@ tools = typer.Typer(
     pretty_exceptions_enable=False,
     help="apo-merge maintenance commands.",
 )
-SUBCOMMANDS = ("verify", "push")
+SUBCOMMANDS = ("verify", "push", "export")
 
 
 # The choices of --device, --dtype, --on-missing and --card-paths, from MergeOptions' fields (which validate them too).
@@ -317,6 +318,9 @@ def verify(
         f"apo-merge: {folder}: OK, {len(report.files)} file(s), {report.n_tensors} tensors, "
         f"{_human(report.total_bytes)}; every SHA-256 matches the model card"
     )
+
+
+dcp_cli.register(tools)  # apo-merge export DCP OUT
 
 
 def command_for(args: list[str]) -> typer.Typer:
