@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -36,9 +35,11 @@ from apo_merge.dcp.sources import open_prev
 from apo_merge.errors import MergeError, shown, usage_error
 from apo_merge.io.dtypes import torch_dtype
 from apo_merge.io.output import StagedFolder
+from apo_merge.io.writer import SFR_WAIT_AFTER, SFR_WAIT_BEFORE, SFR_WRITE, SYNC_FILE_RANGE, WRITEBACK_BYTES, advise
 from apo_merge.options import MergeOptions
 
 PART = ".apo-part-"  # a rank's record of one file it wrote, read and removed by rank 0
+SFR_WAIT_ALL = SFR_WAIT_BEFORE | SFR_WRITE | SFR_WAIT_AFTER
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -79,10 +80,38 @@ def _out_dtype(options: MergeOptions, cur_dtype: torch.dtype, floating: bool) ->
     return torch_dtype(options.dtype)
 
 
-def _saved(t: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    torch.save(t, buf)  # deterministic bytes for equal tensors: a rerun writes the same files
-    return buf.getvalue()
+class _Sink:
+    """What torch.save writes, straight to an output file (no copy in between), hashed on the way."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.pos, self.sha = fd, 0, hashlib.sha256()
+        self.started = self.dropped = 0  # as SafetensorsWriter: writeback kept moving, written pages dropped
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        self.sha.update(view)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.pos += n
+        if SYNC_FILE_RANGE is not None and self.pos - self.started >= WRITEBACK_BYTES:
+            SYNC_FILE_RANGE(self.fd, self.started, self.pos - self.started, SFR_WRITE)
+            if self.started > self.dropped:
+                SYNC_FILE_RANGE(self.fd, self.dropped, self.started - self.dropped, SFR_WAIT_ALL)
+                advise(self.fd, self.dropped, self.started - self.dropped, "DONTNEED")
+                self.dropped = self.started
+            self.started = self.pos
+        return n
+
+    def flush(self) -> None:
+        pass
+
+
+def _save(t: torch.Tensor, sink: _Sink) -> int:
+    """Append ``torch.save(t)`` (the bytes are the same for equal tensors: a rerun writes the same files)."""
+    start = sink.pos
+    torch.save(t, sink)
+    return sink.pos - start
 
 
 def _write_file(name: str, cur: DcpCheckpoint, prev, kinds: dict, outs: list[tuple[Path, float]], opts) -> int:
@@ -90,9 +119,8 @@ def _write_file(name: str, cur: DcpCheckpoint, prev, kinds: dict, outs: list[tup
     options, progress = opts
     items = sorted(((c.offset, f, c) for f, e in cur.entries.items() for c in e.chunks if c.file == name))
     files = [os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) for tmp, _ in outs]
-    hashes = [hashlib.sha256() for _ in outs]
+    sinks = [_Sink(fd) for fd in files]
     records: list[list] = [[] for _ in outs]
-    pos = [0 for _ in outs]
     nonfinite = 0
     try:
         for _, fqn, chunk in items:
@@ -106,27 +134,19 @@ def _write_file(name: str, cur: DcpCheckpoint, prev, kinds: dict, outs: list[tup
                         nonfinite += int((~out.isfinite() & p.isfinite() & c.isfinite()).sum())
                 else:
                     out = c
-                raw = _saved(out)
-                _write_all(files[k], raw)
-                hashes[k].update(raw)
-                records[k].append([fqn, list(chunk.offsets), pos[k], len(raw)])
-                pos[k] += len(raw)
+                start = sinks[k].pos
+                n = _save(out, sinks[k])
+                records[k].append([fqn, list(chunk.offsets), start, n])
                 if progress:
-                    progress(len(raw))
+                    progress(n)
         for k, (tmp, _) in enumerate(outs):
             os.fsync(files[k])
-            part = {"file": name, "size": pos[k], "sha256": hashes[k].hexdigest(), "chunks": records[k]}
+            part = {"file": name, "size": sinks[k].pos, "sha256": sinks[k].sha.hexdigest(), "chunks": records[k]}
             (tmp / f"{PART}{name}.json").write_text(json.dumps(part))
     finally:
         for fd in files:
             os.close(fd)
     return nonfinite
-
-
-def _write_all(fd: int, raw: bytes) -> None:
-    view = memoryview(raw)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def share(cur: DcpCheckpoint, rank: int, world: int) -> list[str]:

@@ -38,9 +38,9 @@ class DcpPrev:
     def region(self, name: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """PREV's values of tensor ``name`` over the box ``offsets``/``sizes`` (exact: copies, no arithmetic)."""
         e = self.by_name[name]
-        for i, c in enumerate(e.chunks):
-            if c.offsets == offsets and c.sizes == sizes:  # same layout: the chunk itself
-                return self._load(e, i)
+        for c in e.chunks:
+            if c.offsets == offsets and c.sizes == sizes:  # same layout: the chunk itself, not kept
+                return self.ckpt.read_chunk(e.fqn, c)
         out = torch.empty(sizes, dtype=e.dtype)
         covered = 0
         for i, c in enumerate(e.chunks):

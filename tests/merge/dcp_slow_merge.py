@@ -6,16 +6,16 @@ import time
 
 from apo_merge.dcp import merge
 
-_saved = merge._saved
+_save = merge._save
 
 
-def _slow(t):
+def _slow(t, sink):
     time.sleep(0.15)
-    return _saved(t)
+    return _save(t, sink)
 
 
 if __name__ == "__main__":
-    merge._saved = _slow
+    merge._save = _slow
     from apo_merge.cli import main
 
     sys.argv[0] = "apo-merge"
