@@ -310,9 +310,10 @@ def _run(prev, cur, options, output, quiet, prefetcher):
 def verify(
     folder: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of an apo-merge run.")],
 ) -> None:
+    from apo_merge import dcp
     from apo_merge.verify import verify_output
 
-    report = verify_output(folder)
+    report = dcp.verify_dcp(folder) if dcp.is_dcp(folder) else verify_output(folder)
     completed(f"{folder} passed verification")
     say(
         f"apo-merge: {folder}: OK, {len(report.files)} file(s), {report.n_tensors} tensors, "

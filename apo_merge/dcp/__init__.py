@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from apo_merge.dcp.export import export_hf
     from apo_merge.dcp.merge import merge_dcp
     from apo_merge.dcp.reader import open_dcp
+    from apo_merge.dcp.verify import verify_dcp
 
-__all__ = ["is_dcp", "run_merges", "merge_dcp", "export_hf", "open_dcp"]
+__all__ = ["is_dcp", "run_merges", "merge_dcp", "export_hf", "open_dcp", "verify_dcp"]
 
 
 def is_dcp(path: str | os.PathLike) -> bool:
@@ -49,5 +50,10 @@ def run_merges(prev, cur, options, output=None, *, progress=None) -> list:
 
 __getattr__, __dir__ = lazy_exports(
     __name__,
-    {"merge_dcp": "apo_merge.dcp.merge", "export_hf": "apo_merge.dcp.export", "open_dcp": "apo_merge.dcp.reader"},
+    {
+        "merge_dcp": "apo_merge.dcp.merge",
+        "export_hf": "apo_merge.dcp.export",
+        "open_dcp": "apo_merge.dcp.reader",
+        "verify_dcp": "apo_merge.dcp.verify",
+    },
 )

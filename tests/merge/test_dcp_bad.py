@@ -53,9 +53,18 @@ def _fails(prev: Path, cur: Path, out: Path, *needles: str) -> None:
     assert not MARKER.exists()
 
 
-def test_a_good_pair_merges(pair, tmp_path, keep_sigterm):
-    res = run_cli_in_process(*pair, "--alpha", "0.3", "-o", tmp_path / "out", "--quiet")
+def test_a_good_pair_merges_and_verifies_and_a_changed_file_does_not(pair, tmp_path, keep_sigterm):
+    out = tmp_path / "out"
+    res = run_cli_in_process(*pair, "--alpha", "0.3", "-o", out, "--quiet")
     assert res.code == 0, res.stderr
+    res = run_cli_in_process("verify", out)
+    assert res.code == 0 and "every SHA-256 matches" in res.stdout, res.stderr
+    with open(out / "__0_0.distcp", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    assert_one_line_error(run_cli_in_process("verify", out), 1, "__0_0.distcp", "changed after the merge")
 
 
 def test_missing_storage_file(pair, tmp_path, keep_sigterm):
