@@ -204,9 +204,15 @@ def merge_dcp(
     from apo_merge.api import MergeReport
     from apo_merge.sources import Source
 
-    for flag, on in (("--max-shard-size", options.max_shard_size), ("--merge-into", options.merge_into)):
-        if on is not None:
-            raise usage_error(f"{flag} does not apply to a DCP checkpoint (the output keeps CUR's storage files)")
+    for flag, on in (
+        ("--max-shard-size", options.max_shard_size is not None),  # the output keeps CUR's storage files
+        ("--merge-into", options.merge_into is not None),
+        ("--hash-inputs", options.hash_inputs),
+        ("--on-missing copy", options.on_missing == "copy"),
+        (f"--device {options.device}", options.device.startswith("cuda")),  # I/O-bound: computed on the CPU
+    ):
+        if on:
+            raise usage_error(f"{flag} does not apply to torch DCP checkpoints; drop it")
     if options.push_to_hub is not None:
         raise usage_error("--push-to-hub uploads safetensors; export the DCP output first (apo-merge export)")
     t0 = time.perf_counter()

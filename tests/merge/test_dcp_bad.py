@@ -144,3 +144,18 @@ def test_export_of_a_bad_folder_leaves_nothing(pair, tmp_path, keep_sigterm):
     res = run_cli_in_process("export", pair[1], tmp_path / "hf")
     assert_one_line_error(res, 1, "missing")
     assert not (tmp_path / "hf").exists() and leftovers(tmp_path / "hf") == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--max-shard-size", "1GB"], "--max-shard-size"),
+        (["--hash-inputs"], "--hash-inputs"),
+        (["--on-missing", "copy"], "--on-missing copy"),
+        (["--device", "cuda"], "--device cuda"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused(pair, tmp_path, keep_sigterm, flags, needle):
+    res = run_cli_in_process(*pair, "--alpha", "0.3", "-o", tmp_path / "out", "--quiet", *flags)
+    assert_one_line_error(res, 2, needle)
+    assert not (tmp_path / "out").exists()
