@@ -82,6 +82,7 @@ def main() -> None:
         "apo-merge (1 process)": [py, "-m", "apo_merge", prev, cur, "--alpha", args.alpha, "-o", "{out}", "--quiet"],
         "dcp_to_torch_save x2 + merge + dcp.save": [py, "-c", BASELINE, prev, cur, "{out}", args.alpha],
     }
+    routes["(floor: python + torch + apo_merge.dcp imported)"] = [py, "-c", "import torch, apo_merge.dcp.merge"]
     if args.ranks > 1:
         routes[f"apo-merge (torchrun, {args.ranks} ranks)"] = [
             py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks), "-m", "apo_merge",
@@ -94,6 +95,8 @@ def main() -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         warm(prev)
         warm(cur)
+        if name.startswith("(floor"):
+            out.mkdir()  # nothing to write: the fsync after it has a folder
         m = measure([str(c).replace("{out}", str(out)) for c in cmd], out)
         results[name] = m
         rows.append([name, f"{m.seconds:.2f}", f"{m.peak_rss / 2**20:.0f}", f"{m.peak_anon / 2**20:.0f}"])
