@@ -127,6 +127,11 @@ class DcpCheckpoint:
         try:
             t = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - anything torch.load refuses is a bad chunk
+            if _safetensors_file(path):
+                raise MergeError(
+                    f"{path}: is a safetensors file (FileSystemWriter(serialization_format=SAFETENSORS)), which "
+                    "apo-merge does not read; save with dcp.save's default serialization"
+                ) from None
             raise MergeError(
                 f"{path}: the chunk of {shown(fqn)} at byte {chunk.offset} is not a tensor torch.load reads with "
                 f"weights_only ({shown(first_line(e), 80, quote=False)}); {_REWRITE}"
@@ -139,6 +144,12 @@ class DcpCheckpoint:
                 f"{want} {chunk.sizes}; the metadata does not match the files, {_REWRITE}"
             )
         return t
+
+
+def _safetensors_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30
 
 
 _REWRITE = "save the checkpoint again (dcp.save) or restore the folder from a copy"

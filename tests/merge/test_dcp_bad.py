@@ -159,3 +159,13 @@ def test_options_that_do_not_apply_are_refused(pair, tmp_path, keep_sigterm, fla
     res = run_cli_in_process(*pair, "--alpha", "0.3", "-o", tmp_path / "out", "--quiet", *flags)
     assert_one_line_error(res, 2, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_safetensors_serialization_is_named(tmp_path, keep_sigterm):
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    for name, seed in (("prev", 0), ("cur", 1)):
+        writer = FileSystemWriter(tmp_path / name, serialization_format=SerializationFormat.SAFETENSORS)
+        dcp.save({"model": model(seed)}, storage_writer=writer)
+    _fails(tmp_path / "prev", tmp_path / "cur", tmp_path / "out", "serialization_format=SAFETENSORS")
