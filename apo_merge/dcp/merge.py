@@ -230,6 +230,11 @@ def merge_dcp(
             names = [[str(t) for t in tmps] if rank == 0 else None]
             dist.broadcast_object_list(names, src=0, group=group)
             tmps = [Path(t) for t in names[0]]
+            if not all(t.is_dir() for t in tmps):
+                raise MergeError(
+                    f"{tmps[0].parent}: rank {rank} does not see the staging folder rank 0 made there; put OUT on a "
+                    "file system every node shares"
+                )
         outs = list(zip(tmps, options.alphas))
         mine = share(cur_ck, rank, world)
         nonfinite = sum(_write_file(n, cur_ck, prev_src, kinds, outs, (options, progress)) for n in mine)

@@ -169,3 +169,22 @@ def test_the_safetensors_serialization_is_named(tmp_path, keep_sigterm):
         writer = FileSystemWriter(tmp_path / name, serialization_format=SerializationFormat.SAFETENSORS)
         dcp.save({"model": model(seed)}, storage_writer=writer)
     _fails(tmp_path / "prev", tmp_path / "cur", tmp_path / "out", "serialization_format=SAFETENSORS")
+
+
+def test_accelerate_checkpoint_folders_are_found(tmp_path, keep_sigterm):
+    """accelerate's SHARDED_STATE_DICT saves the model into <checkpoint>/pytorch_model_fsdp_0."""
+    from apo_merge.dcp import open_dcp
+
+    prev = save(tmp_path / "checkpoint-1" / "pytorch_model_fsdp_0", model(0)).parent
+    cur = save(tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0", model(1)).parent
+    res = run_cli_in_process(prev, cur, "--alpha", "0.3", "-o", tmp_path / "out", "--quiet")
+    assert res.code == 0, res.stderr
+    got = {
+        k: open_dcp(tmp_path / "out").read_chunk(k, e.chunks[0]) for k, e in open_dcp(tmp_path / "out").entries.items()
+    }
+    from apo_merge import extrapolate_state_dict
+
+    want = extrapolate_state_dict(prev=model(0), cur=model(1), alpha=0.3)
+    assert {k: v.view(torch.int32) for k, v in got.items()}.keys() == {f"model.{k}" for k in want}
+    for name, w in want.items():
+        assert torch.equal(got[f"model.{name}"].view(torch.int32), w.view(torch.int32)), name
