@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from apo_merge import card, lora, sources
+from apo_merge import card, dcp, lora, sources
 from apo_merge.errors import MergeError, usage_error
 from apo_merge.finish import (
     MergeReport,
@@ -143,6 +143,8 @@ def run_merges(
     """
     if not isinstance(options, MergeOptions):
         raise TypeError(f"run_merge takes a MergeOptions (e.g. MergeOptions(alpha=0.3)), not {type(options).__name__}")
+    if dcp.is_dcp(prev) or dcp.is_dcp(cur):  # torch DCP folders: apo_merge.dcp
+        return dcp.run_merges(prev, cur, options, output, progress=(hooks or Hooks()).progress)
     t0 = time.perf_counter()
     hooks = hooks or Hooks()
     several = len(options.alphas) > 1

@@ -11,6 +11,7 @@ import typer
 
 from apo_merge._version import __version__
 from apo_merge.cliopts import option, takes
+from apo_merge.dcp import cli as dcp_cli
 from apo_merge.hub import PushOptions
 from apo_merge.options import MergeOptions
 from apo_merge.shell import (
@@ -41,7 +42,7 @@ tools = typer.Typer(
     pretty_exceptions_enable=False,
     help="apo-merge maintenance commands.",
 )
-SUBCOMMANDS = ("verify", "push")
+SUBCOMMANDS = ("verify", "push", "export")
 
 
 def _version(value: bool) -> None:
@@ -203,14 +204,18 @@ def _run(prev, cur, options, output, quiet, prefetcher):
 def verify(
     folder: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of an apo-merge run.")],
 ) -> None:
+    from apo_merge import dcp
     from apo_merge.verify import verify_output
 
-    report = verify_output(folder)
+    report = dcp.verify_dcp(folder) if dcp.is_dcp(folder) else verify_output(folder)
     completed(f"{folder} passed verification")
     say(
         f"apo-merge: {folder}: OK, {len(report.files)} file(s), {report.n_tensors} tensors, "
         f"{_human(report.total_bytes)}; every SHA-256 matches the model card"
     )
+
+
+dcp_cli.register(tools)  # apo-merge export DCP OUT
 
 
 def command_for(args: list[str]) -> typer.Typer:

@@ -1,0 +1,31 @@
+"""`apo-merge verify OUT` for a DCP output: the metadata against the files, and each file against the card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from apo_merge.dcp.reader import open_dcp
+from apo_merge.errors import MergeError, shown
+from apo_merge.io.hashing import hash_file
+from apo_merge.verify import VerifyReport, _recorded
+
+
+def verify_dcp(folder: str | Path) -> VerifyReport:
+    """Every chunk of ``.metadata`` lies inside its file, and the folder's files are exactly the card's, each of the
+    recorded size and SHA-256."""
+    root = Path(folder)
+    ckpt = open_dcp(root, str(folder))
+    recorded, _ = _recorded(root)
+    present = {p.name for p in root.iterdir() if p.name != "README.md"}
+    if present != set(recorded):
+        extra, missing = sorted(present - set(recorded)), sorted(set(recorded) - present)
+        what = f"not in the card: {shown(extra)}" if extra else f"missing: {shown(missing)}"
+        raise MergeError(f"{root}: the files differ from those the model card records ({what}); re-run the merge")
+    for name, (size, sha) in sorted(recorded.items()):
+        got = hash_file(root / name)
+        if got != (size, sha):
+            raise MergeError(
+                f"{root / name}: {got[0]} bytes, SHA-256 {got[1][:12]}…, but the model card records {size} bytes, "
+                f"{sha[:12]}…; the file changed after the merge, re-run it"
+            )
+    return VerifyReport(root, recorded, len(ckpt.entries))
