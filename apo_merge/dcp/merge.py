@@ -29,11 +29,11 @@ from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from apo_kernels import extrapolate_
+from apo_kernels.dtypes import torch_dtype
 from apo_merge import card
 from apo_merge.dcp.reader import METADATA, DcpCheckpoint, open_dcp
 from apo_merge.dcp.sources import open_prev
 from apo_merge.errors import MergeError, shown, usage_error
-from apo_merge.io.dtypes import torch_dtype
 from apo_merge.io.output import StagedFolder
 from apo_merge.io.writer import SFR_WAIT_AFTER, SFR_WAIT_BEFORE, SFR_WRITE, SYNC_FILE_RANGE, WRITEBACK_BYTES, advise
 from apo_merge.options import MergeOptions

@@ -62,8 +62,8 @@ class HfPrev:
     """PREV as a Hugging Face safetensors folder (e.g. round 0's model before any DCP round)."""
 
     def __init__(self, root: Path, label: str) -> None:
+        from apo_kernels.dtypes import torch_dtype
         from apo_merge.io.checkpoint import open_checkpoint
-        from apo_merge.io.dtypes import torch_dtype
 
         self.ckpt = open_checkpoint(root, label)
         self._dtype = torch_dtype
