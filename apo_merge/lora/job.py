@@ -77,7 +77,7 @@ class AdapterJob:
             raise MergeError("--max-shard-size applies to full weights; an adapter is written as one file")
         staged = StagedFolder(self.out, self.options.overwrite)
         with staged as tmp:
-            written = self._write(inputs, Output(tmp, self.options, inputs.metadata, progress, on_plan))
+            written = _write(inputs, Output(tmp, self.options, inputs.metadata, progress, on_plan))
             return self._finish(staged, inputs, written)
 
     def _start(self, cur: Adapter) -> _Inputs:
@@ -132,16 +132,6 @@ class AdapterJob:
         inputs.metadata["apo_merge_into"] = src.card_name(self.options.card_paths)
         inputs.side.insert(0, (base.root, base.weight_file_names, src.trusted_root))
 
-    def _write(self, inputs: _Inputs, out: Output) -> Written:
-        from apo_merge.lora import step, write
-
-        if self.options.merge_into is not None:
-            prev = inputs.prev if inputs.prev is not None else step.base_as_adapter(inputs.base, inputs.cur)
-            return write.write_merged(prev, inputs.cur, inputs.base, out)
-        if inputs.prev is None:
-            return write.write_base_step_adapter(inputs.base, inputs.cur, out)
-        return write.write_adapter(inputs.prev, inputs.cur, out)
-
     def _base_digest(self, inputs: _Inputs, written: Written) -> hashing.InputDigest:
         """BASE (or the full PREV) as any full-checkpoint input: content hashes with --hash-inputs (read on the way
         when the output streamed it), else names and sizes, with the Hub's SHA-256s where the cache has them."""
@@ -187,3 +177,15 @@ class AdapterJob:
             input_hashes=hashes,
             kind="lora adapter" if o.merge_into is None else "merged lora",
         )
+
+
+def _write(inputs: _Inputs, out: Output) -> Written:
+    """The step written as full weights over BASE (--merge-into), as an adapter over BASE, or as one adapter."""
+    from apo_merge.lora import step, write
+
+    if out.options.merge_into is not None:
+        prev = inputs.prev if inputs.prev is not None else step.base_as_adapter(inputs.base, inputs.cur)
+        return write.write_merged(prev, inputs.cur, inputs.base, out)
+    if inputs.prev is None:
+        return write.write_base_step_adapter(inputs.base, inputs.cur, out)
+    return write.write_adapter(inputs.prev, inputs.cur, out)
