@@ -291,8 +291,8 @@ class _Pipeline:
                         )
                     else:
                         counts = self._torch_kernel(task, alphas)
-                    for k, n in enumerate(counts):
-                        found[k] += n
+                    for k in range(self.n_out):  # a converted chunk is every output's: count it in each
+                        found[k] += counts[0 if piece.convert else k]
                 self.to_write.put(task)
         finally:
             with self.lock:
@@ -339,9 +339,11 @@ class _Pipeline:
                             for j, alpha in enumerate(self.alphas[:1] if task.piece.convert else self.alphas):
                                 out, prev, cur = _operands(task, d_outs[j], d_prev, d_cur)
                                 self.kernel(out, prev, cur, 0.0 if task.piece.convert else alpha)
-                                found[i][j] += (
+                                bad = (
                                     torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)
                                 ).sum()
+                                for jj in range(n) if task.piece.convert else (j,):  # converted: every output's
+                                    found[i][jj] += bad
                                 h_outs[j][:ob].copy_(d_outs[j][:ob], non_blocking=True)
                             task.ready = torch.cuda.Event()
                             task.ready.record(streams[i])
