@@ -21,6 +21,7 @@ HASH_DEFINITION = (
     "file, so they match `sha256sum` and the SHA256 the Hub shows for LFS files."
 )
 UNKNOWN = "unknown"
+SIDE_HEADING = "Other files, copied from the input"
 UNKNOWN_NOTE = (
     "Input files marked unknown were not read through SHA-256 (it costs a pass over every input byte); the "
     "SHA-256 of a Hub input's LFS files is the Hub's own, as the Hub cache names them. To record every content "
@@ -126,7 +127,7 @@ def render(info: CardInfo, title: str) -> str:
     side = ""
     if info.side_files:
         side = (
-            "\nOther files, copied from the input (`apo-merge verify` checks them too):\n\n"
+            f"\n{SIDE_HEADING} (`apo-merge verify` checks them too):\n\n"
             "| file | bytes | sha256 |\n| --- | --- | --- |\n"
             + "\n".join(_file_row(name, size, sha) for name, (size, sha) in sorted(info.side_files.items()))
             + "\n"
@@ -175,9 +176,18 @@ _ROW = re.compile(rf"^\| `((?:[^`\\]|{_ESCAPE})+)` \| (\d+) \| `([0-9a-f]{{64}})
 
 
 def recorded_files(card_text: str) -> dict[str, tuple[int, str]]:
-    """The (bytes, sha256) per file that ``render`` recorded: the weight files, then the other files (side files:
-    config, tokenizer, ...) of cards that record them. CRLF line ends (git autocrlf, an editor) read as LF."""
-    text = card_text.replace("\r\n", "\n")
+    """The (bytes, sha256) per weight file that ``render`` recorded. CRLF line ends (git autocrlf, an editor) read
+    as LF."""
+    return _rows(card_text.replace("\r\n", "\n").partition(f"\n{SIDE_HEADING}")[0])
+
+
+def recorded_side_files(card_text: str) -> dict[str, tuple[int, str]]:
+    """The (bytes, sha256) per other file (config, tokenizer, ...: the side files) that ``render`` recorded; empty
+    for cards written before side files were recorded."""
+    return _rows(card_text.replace("\r\n", "\n").partition(f"\n{SIDE_HEADING}")[2])
+
+
+def _rows(text: str) -> dict[str, tuple[int, str]]:
     return {unescape_name(m.group(1)): (int(m.group(2)), m.group(3)) for m in _ROW.finditer(text)}
 
 

@@ -296,21 +296,21 @@ def _evaluate(
 
     store = RunStore(run_dir / "eval")
     run_store = RunStore(run_dir)
+    sampling = eval_sampling(cfg)
+    ctx = RunContext(
+        config=sampling,
+        accelerator=Accelerator(cpu=not torch.cuda.is_available()),
+        store=store,
+        tokenizer=load_tokenizer(cfg),
+        prompts=held_out,
+        oracle=oracle,
+        quiet=quiet,
+    )
+    # the judge is built before the first sample (and before RUN_DIR/eval is made): one that cannot load costs nothing
+    judge = oracle or build_oracle(cfg, ctx.device)
     with store.lock():
         _check_settings(store, cfg)
         store.remove_stale_temporaries()
-        sampling = eval_sampling(cfg)
-        ctx = RunContext(
-            config=sampling,
-            accelerator=Accelerator(cpu=not torch.cuda.is_available()),
-            store=store,
-            tokenizer=load_tokenizer(cfg),
-            prompts=held_out,
-            oracle=oracle,
-            quiet=quiet,
-        )
-        # the judge is built before the first sample: a judge that cannot load stops here, not after sampling
-        judge = oracle or build_oracle(cfg, ctx.device)
         records = []
         t = 0
         while t == 0 or run_store.done(t - 1, "extrapolate") is not None:

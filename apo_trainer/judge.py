@@ -43,9 +43,7 @@ def run(ctx: RunContext, t: int) -> dict[str, Any]:
     """
     cfg = ctx.config
     rows = load_samples(ctx, t)
-    oracle = ctx.oracle or load_oracle(
-        cfg.oracle, device=ctx.device, batch_size=cfg.oracle_batch_size, trust_remote_code=cfg.trust_remote_code
-    )
+    oracle = ctx.oracle or build_oracle(cfg, ctx.device)
     name = cfg.oracle or getattr(oracle, "name", type(oracle).__name__)
     prompts = [r["prompt"] for r in rows]
     responses = [r["responses"] for r in rows]

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from apo_merge.api import run_merge, run_merges
-from apo_merge.card import CardInfo, escape_name, recorded_files, render, unescape_name
+from apo_merge.card import CardInfo, escape_name, recorded_files, recorded_side_files, render, unescape_name
 from apo_merge.options import MergeOptions
 from tests.merge.helpers import run_cli_in_process
 
@@ -52,8 +52,8 @@ def test_every_name_round_trips_through_a_rendered_card():
     info = CardInfo(alpha=0.3, prev="p", cur="c", dtype="bf16", files=files, base_models=[])
     info.side_files = {"config.json": (5, SHA), "odd|`name.json": (6, SHA)}
     card = render(info, "out")
-    assert recorded_files(card) == {**files, **info.side_files}
-    assert recorded_files(card.replace("\n", "\r\n")) == {**files, **info.side_files}
+    for text in (card, card.replace("\n", "\r\n")):
+        assert recorded_files(text) == files and recorded_side_files(text) == info.side_files
 
 
 @pytest.fixture
@@ -100,8 +100,8 @@ def test_a_card_with_crlf_line_ends_verifies(single_out):
 def test_the_side_files_are_recorded_and_a_changed_one_fails_verify(single_out):
     side = sorted(p.name for p in single_out.iterdir() if p.suffix != ".safetensors" and p.name != "README.md")
     assert "config.json" in side
-    recorded = recorded_files((single_out / "README.md").read_text(encoding="utf-8"))
-    assert set(side) <= set(recorded)
+    recorded = recorded_side_files((single_out / "README.md").read_text(encoding="utf-8"))
+    assert set(side) == set(recorded)
     assert run_cli_in_process("verify", single_out).code == 0
     config = json.loads((single_out / "config.json").read_text())
     config["rms_norm_eps"] = 0.5

@@ -173,6 +173,20 @@ def test_an_oracle_that_cannot_be_built_fails_before_the_first_sample(tiny, tmp_
     assert not out.exists()
 
 
+def test_eval_builds_its_judge_before_the_first_sample(trust_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trust_run, out)
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text(json.dumps({"model_type": "no-such-architecture", "num_labels": 1}))
+    values = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**values, "oracle": f"reward-model:{rm}"}))
+    code, err = _cli(["eval", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "no-such-architecture" in lines[0], err
+    assert not (out / "eval").exists()
+
+
 def test_an_oracle_module_whose_import_fails_names_its_own_error(tiny, tmp_path, monkeypatch):
     (tmp_path / "judge_with_bad_dep.py").write_text("import not_a_module_anywhere_xyz\n\ndef f(p, r):\n    return r\n")
     monkeypatch.syspath_prepend(str(tmp_path))
