@@ -1,8 +1,9 @@
 """``apo-train eval RUN_DIR``: each round's policy against a reference on held-out prompts, as the paper reports.
 
 For every policy of a run (theta_0 = the configured model, theta_t = round-<t-1>/policy), one response per held-out
-prompt is sampled with the ``eval_*`` keys and judged against a reference response by the run's oracle: the
-reference is theta_0's response (round 0's) unless ``eval_reference`` names a JSONL of responses keyed by prompt.
+prompt is sampled with the ``eval_*`` keys (training's keys otherwise, :func:`eval_sampling`) and judged against a
+reference response by the run's oracle: the reference is theta_0's response to the same row (round 0's) unless
+``eval_reference`` names a JSONL of responses keyed by prompt (each prompt once).
 A pairwise oracle is asked both orders (``(f(x, y, ref) + 1 - f(x, ref, y)) / 2``), a scalar one through
 Bradley-Terry ``sigmoid(s(y) - s(ref))``; equal scores count one half. Per round:
 
@@ -11,7 +12,7 @@ Bradley-Terry ``sigmoid(s(y) - s(ref))``; equal scores count one half. Per round
 
 Layout, beside the run's rounds::
 
-    RUN_DIR/eval/settings.json            the eval keys the folder was made with (other values are refused)
+    RUN_DIR/eval/settings.json            the eval keys and min_new_tokens it was made with (others are refused)
     RUN_DIR/eval/round-<t>/samples.jsonl  theta_t's response per held-out prompt
     RUN_DIR/eval/round-<t>/eval.jsonl     per prompt: response, reference, preference, lengths in characters
     RUN_DIR/eval/round-<t>/done/*.json    markers (the judge marker holds the round's summary)
@@ -124,7 +125,8 @@ def length_warning(policy_lengths: Sequence[float], reference_lengths: Sequence[
     if len(x) < 2 or float(x.abs().max()) == 0.0 or float(x.std()) >= LC_MIN_SPREAD:
         return None
     return (
-        f"the length feature tanh(d / sd(d)) is near-constant (spread {float(x.std()):.2g}, mean {float(x.mean()):.2g}): "
+        f"the length feature tanh(d / sd(d)) is near-constant (spread {float(x.std()):.2g}, "
+        f"mean {float(x.mean()):.2g}): "
         "every reference is much longer or shorter than the responses, so the LC win rate leans toward 0.5 and "
         "says little; read the raw win rate"
     )
@@ -441,9 +443,12 @@ def reference_file(path: Path, prompt_field: str) -> list[tuple[str, str]]:
 
 def _check_settings(store: RunStore, cfg: APOConfig) -> None:
     now = {k: getattr(cfg, k) for k in ("oracle", *EVAL_KEYS)}
+    # the shortest answer comes from training's key: recorded too, so that rounds sampled otherwise never mix
+    # (folders made before it was recorded sampled with 0)
+    now["min_new_tokens"] = eval_sampling(cfg).min_new_tokens
     path = store.root / "settings.json"
     if path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
+        before = {"min_new_tokens": 0, **json.loads(path.read_text(encoding="utf-8"))}
         changed = [k for k in now if before.get(k) != now[k]]
         if changed:
             detail = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed[:3])

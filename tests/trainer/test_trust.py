@@ -282,6 +282,18 @@ def test_eval_pairs_references_by_row_and_answers_have_the_training_length(trust
         assert [len(r["response_ids"][0]) for r in rows] == [6] * 5
 
 
+def test_an_eval_folder_sampled_without_the_training_minimum_is_not_resumed(trust_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trust_run, out)
+    evaluation.evaluate_run(out, quiet=True)
+    settings = out / "eval/settings.json"
+    assert json.loads(settings.read_text())["min_new_tokens"] == 6
+    old = {k: v for k, v in json.loads(settings.read_text()).items() if k != "min_new_tokens"}
+    settings.write_text(json.dumps(old))  # as written by a release whose eval sampled with min_new_tokens 0
+    with pytest.raises(ConfigError, match=r"other eval settings \(min_new_tokens: 0 -> 6\)"):
+        evaluation.evaluate_run(out, quiet=True)
+
+
 def test_a_reference_file_with_a_prompt_twice_is_refused(trust_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trust_run, out)
