@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from apo_merge._version import __version__
-from apo_merge.io.hashing import InputDigest
+from apo_merge.io.checkpoint import INDEX_NAME
+from apo_merge.io.hashing import InputDigest, hash_file
 from apo_merge.io.output import CARD_MARK
 
 HASH_DEFINITION = (
@@ -18,11 +21,49 @@ HASH_DEFINITION = (
     "file, so they match `sha256sum` and the SHA256 the Hub shows for LFS files."
 )
 UNKNOWN = "unknown"
+SIDE_HEADING = "Other files, copied from the input"
 UNKNOWN_NOTE = (
     "Input files marked unknown were not read through SHA-256 (it costs a pass over every input byte); the "
     "SHA-256 of a Hub input's LFS files is the Hub's own, as the Hub cache names them. To record every content "
     "hash, merge with `--hash-inputs`, or run the command above in the input folder."
 )
+
+
+def escape_name(name: str) -> str:
+    r"""A file name as the card's tables write it inside a code span: ``\\`` and ``\|`` for backslash and bar
+    (GFM reads ``\|`` as a bar even in a code span), ``\xNN`` for a backtick, a control character or a byte
+    that is not UTF-8 (Python's surrogate escape, as ``os.listdir`` gives it), ``\uNNNN`` for any other lone
+    surrogate; every other character as it is. :func:`unescape_name` is its inverse."""
+    out = []
+    for ch in name:
+        o = ord(ch)
+        if ch in "\\|":
+            out.append("\\" + ch)
+        elif ch == "`" or o < 0x20 or o == 0x7F:
+            out.append(f"\\x{o:02x}")
+        elif 0xDC80 <= o <= 0xDCFF:
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif 0xD800 <= o <= 0xDFFF:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+_ESCAPE = r"\\(?:[\\|]|x[0-9a-f]{2}|u[0-9a-f]{4})"
+
+
+def unescape_name(text: str) -> str:
+    """The file name :func:`escape_name` wrote as ``text``."""
+
+    def one(m: re.Match) -> str:
+        e = m.group(0)[1:]
+        if e[0] == "x":
+            o = int(e[1:], 16)
+            return chr(o) if o < 0x80 else chr(0xDC00 + o)
+        return chr(int(e[1:], 16)) if e[0] == "u" else e
+
+    return re.sub(_ESCAPE, one, text)
 
 
 @dataclass
@@ -37,6 +78,7 @@ class CardInfo:
     library_name: str = "transformers"
     tags: list[str] = field(default_factory=list)  # beyond apo, merge, extrapolation
     rows: list[tuple[str, str]] = field(default_factory=list)  # extra (what, value) rows of the summary table
+    side_files: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (bytes, sha256): config, ...
     summary: str = (
         "This checkpoint is an APO (Accelerated Preference Optimization, arXiv 2410.06293) "
         "extrapolation step,\n`theta = cur + alpha * (cur - prev)`"
@@ -68,11 +110,11 @@ def render(info: CardInfo, title: str) -> str:
         ("tool", f"apo-merge {__version__}"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in summary)
-    rows = [f"| `{name}` | {size} | `{sha}` |" for name, (size, sha) in sorted(info.files.items())]
+    rows = [_file_row(name, size, sha) for name, (size, sha) in sorted(info.files.items())]
     inputs = ""
     if hashes:
         lines = [
-            f"| {role} | `{f.name}` | {f.size} | {UNKNOWN if f.sha256 is None else f'`{f.sha256}`'} |"
+            f"| {role} | `{escape_name(f.name)}` | {f.size} | {UNKNOWN if f.sha256 is None else f'`{f.sha256}`'} |"
             for role, d in hashes.items()
             for f in d.files
         ]
@@ -81,6 +123,14 @@ def render(info: CardInfo, title: str) -> str:
             "\nInput files:\n\n| input | file | bytes | sha256 |\n| --- | --- | --- | --- |\n"
             + "\n".join(lines)
             + f"\n\n{HASH_DEFINITION}{note}\n"
+        )
+    side = ""
+    if info.side_files:
+        side = (
+            f"\n{SIDE_HEADING} (`apo-merge verify` checks them too):\n\n"
+            "| file | bytes | sha256 |\n| --- | --- | --- |\n"
+            + "\n".join(_file_row(name, size, sha) for name, (size, sha) in sorted(info.side_files.items()))
+            + "\n"
         )
     return (
         "\n".join(front)
@@ -99,16 +149,46 @@ Weight files (check with `apo-merge verify <folder>`):
 | file | bytes | sha256 |
 | --- | --- | --- |
 {chr(10).join(rows)}
-"""
+{side}"""
     )
 
 
-_ROW = re.compile(r"^\| `([^`]+)` \| (\d+) \| `([0-9a-f]{64})` \|$", re.MULTILINE)
+def side_files(folder: Path, recorded: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """(bytes, sha256) of each file an output holds besides the ``recorded`` weight files, its card, its index and
+    hidden files: the files copied from the input (config.json, generation_config.json, the tokenizer's files, a
+    chat template, ...), which decide how the weights load and run."""
+    skip = {*recorded, "README.md", INDEX_NAME}
+    out = {}
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if name in skip or name.startswith(".") or name.endswith(".safetensors") or path.is_symlink():
+            continue
+        if path.is_file():
+            out[name] = hash_file(path)
+    return out
+
+
+def _file_row(name: str, size: int, sha: str) -> str:
+    return f"| `{escape_name(name)}` | {size} | `{sha}` |"
+
+
+_ROW = re.compile(rf"^\| `((?:[^`\\]|{_ESCAPE})+)` \| (\d+) \| `([0-9a-f]{{64}})` \|$", re.MULTILINE)
 
 
 def recorded_files(card_text: str) -> dict[str, tuple[int, str]]:
-    """The (bytes, sha256) per weight file that ``render`` recorded."""
-    return {m.group(1): (int(m.group(2)), m.group(3)) for m in _ROW.finditer(card_text)}
+    """The (bytes, sha256) per weight file that ``render`` recorded. CRLF line ends (git autocrlf, an editor) read
+    as LF."""
+    return _rows(card_text.replace("\r\n", "\n").partition(f"\n{SIDE_HEADING}")[0])
+
+
+def recorded_side_files(card_text: str) -> dict[str, tuple[int, str]]:
+    """The (bytes, sha256) per other file (config, tokenizer, ...: the side files) that ``render`` recorded; empty
+    for cards written before side files were recorded."""
+    return _rows(card_text.replace("\r\n", "\n").partition(f"\n{SIDE_HEADING}")[2])
+
+
+def _rows(text: str) -> dict[str, tuple[int, str]]:
+    return {unescape_name(m.group(1)): (int(m.group(2)), m.group(3)) for m in _ROW.finditer(text)}
 
 
 # Summary rows the weight files' metadata also records: card row -> metadata key.
@@ -119,7 +199,7 @@ _SUMMARY_ROW = re.compile(r"^\| (alpha|prev|cur|merged into) \| (.*) \|$", re.MU
 def recorded_summary(card_text: str) -> dict[str, str]:
     """The card's alpha, prev, cur (and merged-into) values, as ``render`` wrote them (code quotes removed)."""
     out: dict[str, str] = {}
-    for m in _SUMMARY_ROW.finditer(card_text):
+    for m in _SUMMARY_ROW.finditer(card_text.replace("\r\n", "\n")):
         value = m.group(2)
         if m.group(1) != "alpha" and len(value) >= 2 and value[0] == value[-1] == "`":
             value = value[1:-1]

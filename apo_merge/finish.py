@@ -87,6 +87,7 @@ def write_card(folder: Path, out: Path, index: dict | None, info: card.CardInfo)
     """Write the index (when sharded) and the model card of output ``out`` into ``folder``."""
     if index is not None:
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    info.side_files = card.side_files(folder, info.files)  # the copied config, tokenizer, ...: verify checks them
     (folder / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
 
 

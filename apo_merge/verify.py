@@ -2,7 +2,7 @@
 
 Every header goes through the hardened parser, the index must map every tensor to the file that holds it (and
 nothing else), the weight files must be exactly those the card lists, and each file's size and SHA-256 must equal
-the recorded ones. The first mismatch is a MergeError naming the file.
+the recorded ones: the weight files', then those of the side files (config, tokenizer, ...) the card records. The first mismatch is a MergeError naming the file.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from apo_merge.card import SUMMARY_METADATA, recorded_files, recorded_summary
+from apo_merge.card import SUMMARY_METADATA, recorded_files, recorded_side_files, recorded_summary
 from apo_merge.errors import MergeError, shown
 from apo_merge.io.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, open_checkpoint
 from apo_merge.io.hashing import hash_file
@@ -100,8 +100,13 @@ def verify_output(folder: str | Path) -> VerifyReport:
         _check_total_size(root / INDEX_NAME, ckpt.total_bytes)
     _check_summary(root / CARD_NAME, card_text, ckpt.files)
 
-    for name in sorted(recorded):
-        path, (size, sha) = root / name, recorded[name]
+    side = recorded_side_files(card_text)  # config.json, tokenizer files, ...: checked as the weight files are
+    for name in sorted(side):
+        path = root / name
+        if "/" in name or name.startswith(".") or not path.is_file() or path.is_symlink():
+            raise MergeError(f"{path}: recorded in the model card but missing; re-run the merge")
+    for name in [*sorted(recorded), *sorted(side)]:
+        path, (size, sha) = root / name, recorded.get(name) or side[name]
         actual_size = path.stat().st_size
         if actual_size != size:
             raise MergeError(

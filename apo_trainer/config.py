@@ -218,9 +218,10 @@ class APOConfig:
         group="Evaluation (apo-train eval)",
     )
     eval_fraction: float = _f(
-        0.0,
+        0.05,
         "Fraction of the prompt set held out of training for evaluation when eval_prompts is empty (a fixed "
-        "split that does not depend on the seed). 0 = no held-out prompts.",
+        "split that does not depend on the seed; at least one prompt), so that `apo-train eval` works on a run "
+        "started with the defaults. 0 = no held-out prompts (train on every prompt).",
     )
     eval_reference: str = _f(
         "",
@@ -344,9 +345,10 @@ class APOConfig:
         and the sampler's availability. ``need_oracle=False`` when an Oracle object is supplied in code.
         """
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"config: '{f.name}' must be finite; got {value}")
+            for key, value in _floats(f.name, getattr(self, f.name)):
+                if not math.isfinite(value):
+                    raise ConfigError(f"config: '{key}' must be finite; got {value}")
+        _check_alpha(self.alpha)
         positive = (
             "rounds",
             "samples_per_prompt",
@@ -504,9 +506,38 @@ def peft_group(value: Any, source: str) -> dict[str, Any]:
     if isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
         raise ConfigError(f"{source}: 'peft.target_modules' must be 'all-linear' or a list of module names")
     out["target_modules"] = targets
+    for key in ("lora_alpha", "lora_dropout"):
+        if not math.isfinite(out[key]):
+            raise ConfigError(f"{source}: 'peft.{key}' must be finite; got {out[key]}")
     if out["r"] < 1 or out["lora_alpha"] <= 0 or not 0 <= out["lora_dropout"] < 1:
         raise ConfigError(f"{source}: peft needs r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
     return out
+
+
+def _floats(key: str, value: Any) -> list[tuple[str, float]]:
+    """Every float in a config value, nested groups (``peft``) and lists included, as (dotted key, value)."""
+    if isinstance(value, float):
+        return [(key, value)]
+    if isinstance(value, dict):
+        return [x for k, v in value.items() for x in _floats(f"{key}.{k}", v)]
+    if isinstance(value, (list, tuple)):
+        return [x for i, v in enumerate(value) for x in _floats(f"{key}[{i}]", v)]
+    return []
+
+
+def _check_alpha(alpha: float) -> None:
+    """alpha must survive its one rounding into fp32, the step's arithmetic: 1e39 would become inf (every weight
+    NaN), and 1e-50 would become 0 (plain iterative DPO, silently)."""
+    import torch
+
+    from apo_kernels.ops import round_alpha
+
+    rounded = round_alpha(alpha, torch.float32)
+    if not math.isfinite(rounded) or (rounded == 0.0) != (alpha == 0.0):
+        raise ConfigError(
+            f"config: 'alpha' {alpha!r} is not representable in fp32, the arithmetic of the extrapolation step "
+            f"(it would become {rounded!r}); use a magnitude between about 1.4e-45 and 3.4e38 (the paper uses 0.3)"
+        )
 
 
 def _fields() -> dict[str, dataclasses.Field]:

@@ -9,6 +9,7 @@ rounding), with theta_hat_t streamed to the same device in groups. alpha = 0 cop
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,22 @@ def extrapolate_state_(*, prev: dict[str, torch.Tensor], cur: dict[str, torch.Te
 
 
 @torch.no_grad()
+def first_new_non_finite(prev: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """The first of ``out``'s floating tensors holding inf or NaN where ``prev`` is finite, with their count.
+
+    One sum per tensor (finite only when every term is); the exact count only for a tensor whose sum is not.
+    """
+    for name, x in out.items():
+        if not x.is_floating_point() or x.numel() == 0 or math.isfinite(x.sum(dtype=torch.float32).item()):
+            continue
+        p = prev[name].to(x.device)
+        count = int((torch.isfinite(x).logical_not_() & torch.isfinite(p)).sum())
+        if count:
+            return name, count
+    return None
+
+
+@torch.no_grad()
 def run(ctx: RunContext, t: int, model: Any | None) -> dict[str, Any]:
     """Write round-<t>/policy = theta_{t+1}; ``model`` is the trained model in memory, or None to read it back."""
     from transformers import AutoModelForCausalLM
@@ -64,6 +81,15 @@ def run(ctx: RunContext, t: int, model: Any | None) -> dict[str, Any]:
         prev = AutoModelForCausalLM.from_pretrained(previous_raw(ctx, t), dtype=ctx.dtype).state_dict()
         summary["tensors"] = extrapolate_state_(prev=prev, cur=state, alpha=summary["alpha"])
         summary["device"] = str(next(iter(state.values())).device)
+        bad = first_new_non_finite(prev, state)
+        if bad is not None:
+            name, count = bad
+            raise TrainError(
+                f"round {t}, extrapolate phase: theta_{t + 1} = theta_hat_{t + 1} + {summary['alpha']!r} "
+                f"(theta_hat_{t + 1} - theta_hat_t) has {count} inf/NaN values in {name} (the first such tensor) "
+                "where theta_hat_t is finite; nothing was written: lower alpha (with --allow-changed-config) and "
+                "rerun the same command"
+            )
         del prev
         tmp = store.tmp_path(store.policy(t))
         holder.save_pretrained(Path(tmp), state_dict=state)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from apo_merge.errors import shorten
+from apo_merge.shell import DEBUG_ENV
 from apo_trainer.errors import TrainError
 from apo_trainer.oracle import (
     Oracle,
@@ -29,6 +32,7 @@ from apo_trainer.oracle import (
 )
 from apo_trainer.runtime import RunContext, free_memory
 from apo_trainer.sample import load_samples
+from apo_trainer.store import dumps
 
 
 def run(ctx: RunContext, t: int) -> dict[str, Any]:
@@ -39,9 +43,7 @@ def run(ctx: RunContext, t: int) -> dict[str, Any]:
     """
     cfg = ctx.config
     rows = load_samples(ctx, t)
-    oracle = ctx.oracle or load_oracle(
-        cfg.oracle, device=ctx.device, batch_size=cfg.oracle_batch_size, trust_remote_code=cfg.trust_remote_code
-    )
+    oracle = ctx.oracle or build_oracle(cfg, ctx.device)
     name = cfg.oracle or getattr(oracle, "name", type(oracle).__name__)
     prompts = [r["prompt"] for r in rows]
     responses = [r["responses"] for r in rows]
@@ -59,7 +61,7 @@ def run(ctx: RunContext, t: int) -> dict[str, Any]:
     win_rates = [m.mean(dim=1).tolist() for m in matrices]
     if ctx.is_main:
         body = {"scores": scores, "win_rates": win_rates, "matrices": [m.tolist() for m in matrices]}
-        ctx.store.write_text(ctx.store.scores(t), json.dumps(body) + "\n", round_index=t, phase="judge")
+        ctx.store.write_text(ctx.store.scores(t), dumps(body, ctx.store.scores(t)) + "\n", round_index=t, phase="judge")
     if scores is None:
         # Every P_ij + P_ji = 1, so mean p_i is 1/2 by construction: report the spread of the win rates instead.
         flat = [v for row in win_rates for v in row]
@@ -84,23 +86,31 @@ def _scalar(ctx: RunContext, t: int, oracle: Oracle, prompts: list[str], respons
     for start in range(0, len(mine), cfg.oracle_batch_size):
         chunk = mine[start : start + cfg.oracle_batch_size]
         got = oracle.score([prompts[i] for i, _ in chunk], [responses[i][s] for i, s in chunk])
-        if len(got) != len(chunk):
-            raise TrainError(
-                f"oracle returned {len(got)} scores for {len(chunk)} responses; it must return one "
-                "float per (prompt, response)"
-            )
-        got_mine.extend(float(x) for x in got)
+        got_mine.extend(checked_scores(got, len(chunk)))
     from accelerate.utils import gather_object
 
     gathered = dict(gather_object(list(zip(mine, got_mine, strict=True))))
     scores = [[gathered[(i, s)] for s in range(k)] for i in range(len(prompts))]
     for i, row in enumerate(scores):
         for s, v in enumerate(row):
-            if not math.isfinite(v):
-                raise TrainError(
-                    f"round {t}: the oracle scored prompt {i} response {s} as {v}; it must return finite floats"
-                )
+            check_score(v, t, f"prompt {i} response {s}")
     return scores
+
+
+def check_score(value: float, t: int, what: str) -> None:
+    """One judge score as the trainer accepts it: a finite float (NaN or inf would poison every mean after it).
+    Training's judge phase and ``apo-train eval`` both check every score here."""
+    if not math.isfinite(value):
+        raise TrainError(f"round {t}: the oracle scored {what} as {value}; it must return finite floats")
+
+
+def checked_scores(got: Sequence[Any], n: int) -> list[float]:
+    """``got`` (an oracle's answer for ``n`` responses) as floats, one per response; ``check_score`` each next."""
+    if len(got) != n:
+        raise TrainError(
+            f"oracle returned {len(got)} scores for {n} responses; it must return one float per (prompt, response)"
+        )
+    return [float(x) for x in got]
 
 
 def _pairwise(
@@ -118,6 +128,24 @@ def _pairwise(
         matrix_from_comparisons(k, {(a, b): gathered[(i, a, b)] for a, b in ordered_pairs(k)})
         for i in range(len(prompts))
     ]
+
+
+def build_oracle(cfg: Any, device: torch.device | str) -> Oracle | PairwiseOracle:
+    """The configured oracle, built now (its module imported, its model loaded): one line naming the oracle and
+    what failed, exit code 1, when it cannot be. Runs before the first sample, so a judge that cannot load costs
+    nothing."""
+    try:
+        return load_oracle(
+            cfg.oracle, device=device, batch_size=cfg.oracle_batch_size, trust_remote_code=cfg.trust_remote_code
+        )
+    except TrainError:
+        raise
+    except Exception as e:  # the oracle's own code and its libraries fail in any way while loading
+        detail = shorten(" ".join(str(e).split()) or "no message", 300)
+        raise TrainError(
+            f"the oracle {cfg.oracle} cannot be built ({type(e).__name__}: {detail}); fix it and rerun "
+            f"({DEBUG_ENV}=1 shows the traceback)"
+        ) from e
 
 
 def load_judgement(ctx: RunContext, t: int) -> dict[str, Any]:

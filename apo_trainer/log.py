@@ -7,7 +7,6 @@ is the wall time of each phase in seconds (as recorded by the run that did the p
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from apo_trainer.store import PHASES, RunStore
@@ -42,7 +41,7 @@ def round_record(store: RunStore, t: int) -> dict[str, Any]:
 
 def write_metrics(store: RunStore, records: list[dict[str, Any]]) -> None:
     """Rewrite OUTPUT/metrics.jsonl with one record per round (atomically)."""
-    store.write_text(store.metrics, "".join(json.dumps(r) + "\n" for r in records))
+    store.write_jsonl(store.metrics, records)
 
 
 def format_row(record: dict[str, Any]) -> list[str]:

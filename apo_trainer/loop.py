@@ -67,12 +67,29 @@ def run(
     )
     store = RunStore(config.output_dir)
     try:
+        # Everything that can fail at the start (prompts, tokenizer, oracle) runs before the run folder is made or
+        # its config pinned: a failed start leaves nothing, and the corrected rerun is a fresh run.
+        prompts, held_out = split_prompts(config)
+        ctx = RunContext(
+            config=config,
+            accelerator=accelerator,
+            store=store,
+            tokenizer=load_tokenizer(config),
+            prompts=prompts,
+            eval_prompts=held_out,
+            oracle=oracle,
+            quiet=quiet,
+        )
+        if oracle is None:
+            built = judge.build_oracle(config, accelerator.device)
+            if hasattr(built, "close"):
+                built.close()  # a reward model would hold its memory through sampling and training: reloaded there
         with store.lock() if accelerator.is_main_process else nullcontext():
             if accelerator.is_main_process:
                 _check_config(store, config, allow_changed_config)
                 store.remove_stale_temporaries()
             accelerator.wait_for_everyone()
-            return _rounds(config, accelerator, store, oracle, quiet, trackers)
+            return _rounds(ctx, trackers)
     finally:
         accelerator.end_training()
         if bars_were_on:
@@ -81,20 +98,9 @@ def run(
         AcceleratorState._reset_state()
 
 
-def _rounds(
-    config: APOConfig, accelerator: Any, store: RunStore, oracle: Oracle | None, quiet: bool, trackers: list[str]
-) -> list[dict[str, Any]]:
-    prompts, held_out = split_prompts(config)
-    ctx = RunContext(
-        config=config,
-        accelerator=accelerator,
-        store=store,
-        tokenizer=load_tokenizer(config),
-        prompts=prompts,
-        eval_prompts=held_out,
-        oracle=oracle,
-        quiet=quiet,
-    )
+def _rounds(ctx: RunContext, trackers: list[str]) -> list[dict[str, Any]]:
+    config, accelerator, store, quiet = ctx.config, ctx.accelerator, ctx.store, ctx.quiet
+    held_out = ctx.eval_prompts
     if trackers:
         accelerator.init_trackers(
             "apo-train", config={k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
@@ -152,9 +158,13 @@ def _phase(ctx: RunContext, t: int, name: str, fn: Callable[..., Any], *args: An
 
 
 def _check_config(store: RunStore, config: APOConfig, allow_changed: bool) -> None:
-    """Record the config on a fresh run; on a resume refuse one that differs (unless allowed)."""
+    """Record the config on a fresh run; on a resume refuse one that differs (unless allowed).
+
+    A run folder in which no phase has finished holds no result to stay consistent with: its config.yaml (left by a
+    start that failed) is replaced, not enforced.
+    """
     text = yaml.safe_dump(config.to_dict(), sort_keys=True)
-    if store.config.is_file():
+    if store.config.is_file() and any(store.root.glob("round-*/done/*.json")):
         previous = yaml.safe_load(store.config.read_text(encoding="utf-8")) or {}
         changed = config.changed_fields(previous)
         if changed and not allow_changed:

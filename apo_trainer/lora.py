@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from apo_trainer.errors import ConfigError
+from apo_trainer.store import dumps
 
 ADAPTER = "default"
 
@@ -133,4 +134,4 @@ def canonical_config(path: Path) -> None:
     for key in ("target_modules", "modules_to_save", "exclude_modules"):
         if isinstance(config.get(key), list):
             config[key] = sorted(config[key])
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    path.write_text(dumps(config, path, indent=2, sort_keys=True) + "\n", encoding="utf-8")  # strict JSON

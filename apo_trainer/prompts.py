@@ -27,6 +27,13 @@ def _is_datasets_folder(path: Path) -> bool:
 
 
 def _read_jsonl(path: Path, prompt_field: str, limit: int | None = None) -> list[str]:
+    try:
+        return _read_jsonl_lines(path, prompt_field, limit)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} of a line); save it as UTF-8", exit_code=1) from None
+
+
+def _read_jsonl_lines(path: Path, prompt_field: str, limit: int | None) -> list[str]:
     out: list[str] = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -68,8 +75,15 @@ def _read_datasets_folder(path: Path, prompt_field: str) -> list[str]:
 _HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+# A name ending like a data file is a path that does not exist yet, not a Hub dataset id (data/prompts.jsonl).
+FILE_SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".parquet", ".arrow", ".tsv", ".gz", ".zst")
+
+
 def is_hub_dataset(spec: str) -> bool:
-    """``org/name`` that is not a local path: a dataset on the Hub (or in the offline cache)."""
+    """``org/name`` that is not a local path and does not end like a data file: a dataset on the Hub (or in the
+    offline cache)."""
+    if spec.lower().endswith(FILE_SUFFIXES):
+        return False
     return bool(_HUB_DATASET.match(spec)) and not Path(spec).exists()
 
 
@@ -156,7 +170,8 @@ def load_prompts(
 
 def split_prompts(config) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts) of a config: ``eval_prompts`` when set, else an ``eval_fraction`` of
-    the prompt set chosen by a fixed shuffle (the same for every seed, so runs on one prompt file share it)."""
+    the prompt set (rounded, at least one) chosen by a fixed shuffle (the same for every seed, so runs on one
+    prompt file share it)."""
     prompts = load_prompts(
         config.prompts, config.prompt_field, split=config.prompts_split, revision=config.prompts_revision
     )
@@ -165,11 +180,11 @@ def split_prompts(config) -> tuple[list[str], list[str]]:
     if config.eval_fraction <= 0:
         return prompts, []
     n = len(prompts)
-    held = round(config.eval_fraction * n)
-    if held < 1 or held >= n:
+    held = max(1, round(config.eval_fraction * n))
+    if held >= n:
         raise ConfigError(
             f"config: eval_fraction {config.eval_fraction} of {n} prompts holds out {held}; it must leave at least "
-            "one prompt on each side",
+            "one prompt on each side: set eval_fraction: 0 or give more prompts",
         )
     order = list(range(n))
     random.Random("apo-eval-split").shuffle(order)

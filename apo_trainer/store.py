@@ -101,7 +101,7 @@ class RunStore:
 
     def mark_done(self, t: int, phase: str, summary: dict[str, Any]) -> None:
         _fault_point(t, phase, "end")
-        self.write_text(self.marker(t, phase), json.dumps(summary, sort_keys=True) + "\n")
+        self.write_text(self.marker(t, phase), dumps(summary, self.marker(t, phase), sort_keys=True) + "\n")
 
     def clear_markers(self, t: int, phases: tuple[str, ...]) -> None:
         """Forget that these phases of round ``t`` finished, so the next run redoes them (results are replaced)."""
@@ -125,7 +125,7 @@ class RunStore:
         self.commit(tmp, final, round_index=round_index, phase=phase)
 
     def write_jsonl(self, final: Path, rows: list[dict[str, Any]], **kw: Any) -> None:
-        self.write_text(final, "".join(json.dumps(r) + "\n" for r in rows), **kw)
+        self.write_text(final, "".join(dumps(r, final) + "\n" for r in rows), **kw)
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete temporary files and folders left by crashed runs (names starting with ``.tmp-``)."""
@@ -156,6 +156,18 @@ class RunStore:
                     f"another apo-train run is using {self.root}; wait for it or pick another output_dir"
                 ) from None
             yield
+
+
+def dumps(value: Any, path: Path, **kw: Any) -> str:
+    """``value`` as strict JSON for ``path``: NaN and inf have no JSON spelling (Python's ``NaN`` is not JSON that
+    other readers accept), so a non-finite number is refused here rather than written."""
+    try:
+        return json.dumps(value, allow_nan=False, **kw)
+    except ValueError:
+        raise TrainError(
+            f"{path}: refusing to write a non-finite number (NaN or inf) into a JSON file; the values that led to "
+            "it are wrong (a judge or a setting), fix them and rerun the same command"
+        ) from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -36,8 +36,9 @@ class Compute:
             while (task := self.runner.get(self.lanes.compute)) is not None:
                 if not task.copy:
                     alphas = [0.0] if task.piece.convert else self.alphas  # alpha 0: CUR, rounded once
-                    for k, n in enumerate(self.chunk(task, alphas)):
-                        self.found[k] += n
+                    counts = self.chunk(task, alphas)  # empty where the device counts
+                    for k in range(len(self.alphas) if counts else 0):  # a converted chunk is every output's
+                        self.found[k] += counts[0 if task.piece.convert else k]
                 self.lanes.write.put(task)
         finally:
             self.lanes.write.put(None)
@@ -117,8 +118,9 @@ class CudaCompute(TorchCompute):
             for j, alpha in enumerate(alphas):
                 out, prev, cur = task.operands(d_outs[j], d_prev, d_cur)
                 self.kernel(out, prev, cur, alpha)
-                found = torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)
-                self.dev_found[i][j] += found.sum()
+                bad = (torch.isfinite(out).logical_not_() & torch.isfinite(prev) & torch.isfinite(cur)).sum()
+                for k in range(len(self.alphas)) if task.piece.convert else (j,):  # converted: every output's
+                    self.dev_found[i][k] += bad
                 h_outs[j][:ob].copy_(d_outs[j][:ob], non_blocking=True)
             task.ready = torch.cuda.Event()
             task.ready.record(self.streams[i])

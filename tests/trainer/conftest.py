@@ -45,6 +45,7 @@ def tiny_config(tiny: Path, out: Path, **overrides) -> APOConfig:
         grad_accum=2,
         warmup_ratio=0.0,
         seed=3,
+        eval_fraction=0.0,  # every prompt trains, as the tests' expectations were set (the default holds 5% out)
     )
     values.update(overrides)
     return APOConfig.from_dict(values)

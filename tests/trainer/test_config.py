@@ -136,6 +136,7 @@ def test_the_paper_example_is_the_papers_setup():
     cfg = APOConfig.from_yaml(Path(__file__).parents[2] / "examples" / "apo_mistral7b.yaml")
     assert (cfg.rounds, cfg.alpha, cfg.samples_per_prompt, cfg.loss) == (3, 0.3, 5, "dpo")
     assert "Mistral-7B-Instruct" in cfg.model and not cfg.shuffle_prompts and cfg.prompts_per_round > 0
+    assert cfg.eval_fraction == 0 and not cfg.eval_prompts  # round t samples exactly part t+1: none held out
 
 
 def test_cli_version():
