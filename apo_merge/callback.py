@@ -7,13 +7,15 @@ round. Before the first round theta_hat_0 is the model the round starts from, un
 
 Use one callback object for all rounds (pass it to each round's trainer), or ``save_raw`` / ``prev`` to carry
 the raw weights between processes. APO's DPO reference in round t is theta_t, the policy the round starts from: at
-the start of a round the callback checks the trainer's ``ref_model`` (TRL) against the policy and refuses a
-reference that is not theta_t (TRL's ``ref_model=None`` reloads ``model.config._name_or_path``, theta_0 in every
+the start of a round the callback compares the trainer's ``ref_model`` (TRL) with the policy and refuses a
+reference that is not theta_t (TRL's ``ref_model=None`` loads ``model.config._name_or_path``: theta_0 in every
 round); pass ``ref_model=copy.deepcopy(model)`` or ``precompute_ref_log_probs=True``. A ``train()`` resumed from a
 checkpoint needs ``prev`` (the checkpoint is not the round's start), and one that resumes a finished round is
-reported. Needs each process to hold the full weights (one device or DDP); with FSDP or
-DeepSpeed ZeRO-3 save checkpoints and run ``apo-merge`` between rounds instead. LoRA (PEFT) models are refused:
-extrapolating their factors in place is not the APO step; save the adapters and run ``apo-merge PREV CUR``.
+refused or reported.
+
+Needs each process to hold the full weights (one device or DDP); with FSDP or DeepSpeed ZeRO-3 save checkpoints
+and run ``apo-merge`` between rounds instead. LoRA (PEFT) models are refused: extrapolating their factors in place
+is not the APO step; save the adapters and run ``apo-merge PREV CUR``.
 """
 
 from __future__ import annotations
@@ -105,15 +107,14 @@ class APOCallback(TrainerCallback):
                 stacklevel=2,
             )
         elif step == 0 and self.check_reference:
-            self._check_reference(_trainer_running(self), model, live)
+            self._check_reference(_trainer_running(self), live)
 
-    def _check_reference(self, trainer: Trainer | None, model: torch.nn.Module, live: dict[str, torch.Tensor]):
+    def _check_reference(self, trainer: Trainer | None, live: dict[str, torch.Tensor]) -> None:
         """Refuse a round whose DPO reference is not the policy it starts from (APO's reference is theta_t)."""
         ref = getattr(trainer, "ref_model", None)
         fix = "pass ref_model=copy.deepcopy(model) or DPOConfig(precompute_ref_log_probs=True)"
         if ref is not None:
-            if hasattr(trainer, "accelerator"):
-                ref = trainer.accelerator.unwrap_model(ref)
+            ref = trainer.accelerator.unwrap_model(ref)  # a DeepSpeed engine or a wrapper: the module inside
             name = _first_difference(ref.state_dict(), live)
             if name is not None:
                 path = getattr(getattr(ref, "config", None), "_name_or_path", "")
@@ -168,7 +169,8 @@ def _trainer_running(callback: APOCallback) -> Trainer | None:
         if frame is None:
             return None
         obj = frame.f_locals.get("self")
-        if isinstance(obj, Trainer) and any(c is callback for c in obj.callback_handler.callbacks):
+        handler = getattr(obj, "callback_handler", None) if isinstance(obj, Trainer) else None
+        if handler is not None and any(c is callback for c in handler.callbacks):
             return obj
         frame = frame.f_back
     return None
