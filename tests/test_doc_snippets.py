@@ -18,6 +18,15 @@ DOCS = ["README.md", "docs/merge.md"]
 PAIRS = {"README.md": 8, "docs/merge.md": 72}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Trainer leaves accelerate's process-wide state (device, mixed precision) behind; later tests build their own."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def marked_blocks(doc: str) -> list[str]:
     """The code of every block fenced with MARK in ``doc`` (a path relative to the repository root)."""
     text = (ROOT / doc).read_text(encoding="utf-8")

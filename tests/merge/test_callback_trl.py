@@ -26,6 +26,15 @@ ALPHA = 0.3
 LN2 = math.log(2)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Trainer leaves accelerate's process-wide state (device, mixed precision) behind; later tests build their own."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def theta0(tmp_path_factory):
     return make_policy(tmp_path_factory.mktemp("trl") / "theta0")
