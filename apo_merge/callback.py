@@ -6,22 +6,33 @@ weights theta_hat_{t+1}, sets the model in memory to ``theta_hat_{t+1} + alpha *
 round. Before the first round theta_hat_0 is the model the round starts from, unless ``prev`` names it.
 
 Use one callback object for all rounds (pass it to each round's trainer), or ``save_raw`` / ``prev`` to carry
-the raw weights between processes. Needs each process to hold the full weights (one device or DDP); with FSDP or
-DeepSpeed ZeRO-3 save checkpoints and run ``apo-merge`` between rounds instead. LoRA (PEFT) models are refused:
-extrapolating their factors in place is not the APO step; save the adapters and run ``apo-merge PREV CUR``.
+the raw weights between processes. APO's DPO reference in round t is theta_t, the policy the round starts from: at
+the start of a round the callback compares the trainer's ``ref_model`` (TRL) with the policy and refuses a
+reference that is not theta_t (TRL's ``ref_model=None`` loads ``model.config._name_or_path``: theta_0 in every
+round); pass ``ref_model=copy.deepcopy(model)`` or ``precompute_ref_log_probs=True``. A ``train()`` resumed from a
+checkpoint needs ``prev`` (the checkpoint is not the round's start), and one that resumes a finished round is
+refused or reported.
+
+Needs each process to hold the full weights (one device or DDP); with FSDP or DeepSpeed ZeRO-3 save checkpoints
+and run ``apo-merge`` between rounds instead. LoRA (PEFT) models are refused: extrapolating their factors in place
+is not the APO step; save the adapters and run ``apo-merge PREV CUR``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
+import warnings
+import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
+from apo_merge.errors import shown
 from apo_merge.state import StateMismatchError, extrapolate_state_dict_, matching_tensors, tensors_once
 
 
@@ -30,11 +41,14 @@ class APOCallback(TrainerCallback):
 
     ``prev``: the previous round's raw weights (a checkpoint folder or a state dict); default: the weights the
     first round starts from. ``save_raw``: a folder where each round's raw weights are written (replaced every
-    round, by the main process) so that the next run can pass it as ``prev``.
+    round, by the main process) so that the next run can pass it as ``prev``. ``check_reference=False`` lets a
+    round train against a reference that is not the policy it starts from (not APO's rule).
 
     >>> apo = APOCallback(0.3)
-    >>> for data in rounds:  # doctest: +SKIP
-    ...     DPOTrainer(model=model, train_dataset=data, callbacks=[apo], ...).train()
+    >>> for t, data in enumerate(rounds, 1):  # doctest: +SKIP
+    ...     args = DPOConfig(output_dir=f"runs/round-{t}")  # one output_dir per round
+    ...     DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
+    ...                processing_class=tokenizer, callbacks=[apo]).train()
     """
 
     def __init__(
@@ -43,11 +57,14 @@ class APOCallback(TrainerCallback):
         *,
         prev: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
         save_raw: str | os.PathLike | None = None,
+        check_reference: bool = True,
     ) -> None:
         self.alpha = float(alpha)
         self.save_raw = Path(save_raw) if save_raw is not None else None
+        self.check_reference = check_reference
         self.rounds = 0  # finished rounds
         self._prev: dict[str, torch.Tensor] | None = None
+        self._built_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainer -> self.rounds when built
         if isinstance(prev, Mapping):
             self._prev = {n: t.detach().to("cpu", copy=True) for n, t in prev.items()}
         elif prev is not None:
@@ -58,12 +75,61 @@ class APOCallback(TrainerCallback):
         """theta_hat_t: the raw weights the next extrapolation starts from (CPU copies)."""
         return self._prev
 
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = _trainer_running(self)
+        if trainer is not None:  # TRL precomputes reference log-probs from the policy as it is now
+            self._built_at[trainer] = self.rounds
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         live = _state(model)
+        step, steps = getattr(state, "global_step", 0), getattr(state, "max_steps", 0)
+        if step > 0 and self._prev is None:
+            # Trainer loads the checkpoint before this event: the weights are not the ones the round started from.
+            raise ValueError(
+                f"APOCallback: train() resumed at step {step} of {steps} and the callback has no prev, so the "
+                f"round's start is unknown; pass APOCallback(prev=...) the previous round's raw weights (its "
+                f"save_raw folder or last checkpoint; for round 1 the initial model)"
+            )
         with _mismatch_as_callback_error():
             if self._prev is None:
                 self._prev = _raw_copy(live)
             matching_tensors(prev=self._prev, cur=live)
+        if step > 0 and step >= steps:
+            if _equal(self._prev, live):
+                raise ValueError(
+                    f"APOCallback: train() resumed from a finished checkpoint (step {step} of {steps}) that equals "
+                    f"prev: this round would train nothing and take no APO step (one output_dir for every round?); "
+                    f"give each round its own output_dir and resume from that round's checkpoint"
+                )
+            warnings.warn(
+                f"APOCallback: train() resumed from a finished checkpoint (step {step} of {steps}): this round trains "
+                f"0 steps and the APO step takes that checkpoint as its raw output",
+                stacklevel=2,
+            )
+        elif step == 0 and self.check_reference:
+            self._check_reference(_trainer_running(self), live)
+
+    def _check_reference(self, trainer: Trainer | None, live: dict[str, torch.Tensor]) -> None:
+        """Refuse a round whose DPO reference is not the policy it starts from (APO's reference is theta_t)."""
+        ref = getattr(trainer, "ref_model", None)
+        fix = "pass ref_model=copy.deepcopy(model) or DPOConfig(precompute_ref_log_probs=True)"
+        if ref is not None:
+            ref = trainer.accelerator.unwrap_model(ref)  # a DeepSpeed engine or a wrapper: the module inside
+            name = _first_difference(ref.state_dict(), live)
+            if name is not None:
+                path = getattr(getattr(ref, "config", None), "_name_or_path", "")
+                source = f"; ref_model=None makes TRL load it from {shown(path)}" if path else ""
+                raise ValueError(
+                    f"APOCallback: the trainer's reference model is not the policy this round starts from "
+                    f"({name} differs{source}); APO's reference is theta_t: {fix}"
+                )
+        elif (
+            getattr(trainer, "precompute_ref_logps", False) and self._built_at.get(trainer, self.rounds) != self.rounds
+        ):
+            raise ValueError(
+                "APOCallback: the trainer precomputed its reference log-probs before the previous round's APO step; "
+                "build each round's trainer after the previous train() returns"
+            )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         live = _state(model)
@@ -93,6 +159,34 @@ def _state(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
                 "apo-merge between rounds instead"
             )
     return {n: t.detach() for n, t in state.items()}
+
+
+def _trainer_running(callback: APOCallback) -> Trainer | None:
+    """The Trainer whose event is being dispatched, or None: events are not passed the trainer, so it is taken from
+    the calling frames (the Trainer method that calls ``callback_handler.on_*``)."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        handler = getattr(obj, "callback_handler", None) if isinstance(obj, Trainer) else None
+        if handler is not None and any(c is callback for c in handler.callbacks):
+            return obj
+        frame = frame.f_back
+    return None
+
+
+def _first_difference(ref: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]) -> str | None:
+    """The first of ``live``'s tensors that ``ref`` lacks or holds with other values (in ref's dtype), else None."""
+    for name, t in live.items():
+        r = ref.get(name)
+        if r is None or r.shape != t.shape or not torch.equal(r, t.to(device=r.device, dtype=r.dtype)):
+            return name
+    return None
+
+
+def _equal(prev: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]) -> bool:
+    return all(torch.equal(t, live[n].to("cpu")) for n, t in prev.items())
 
 
 def _raw_copy(live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

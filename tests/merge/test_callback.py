@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,7 +30,7 @@ class _Data(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _train_round(model, apo, out_dir, seed: int, use_cpu: bool = True) -> None:
+def _train_round(model, apo, out_dir, seed: int, use_cpu: bool = True, trainer=Trainer, **extra) -> None:
     args = TrainingArguments(
         output_dir=str(out_dir),
         max_steps=2,
@@ -41,7 +43,15 @@ def _train_round(model, apo, out_dir, seed: int, use_cpu: bool = True) -> None:
         logging_strategy="no",
         seed=seed,
     )
-    Trainer(model=model, args=args, train_dataset=_Data(seed), callbacks=[apo]).train()
+    trainer(model=model, args=args, train_dataset=_Data(seed), callbacks=[apo], **extra).train()
+
+
+class _RefTrainer(Trainer):
+    """A Trainer with a DPO-style reference model, as TRL's trainers hold one in ``ref_model``."""
+
+    def __init__(self, ref_model, **kwargs):
+        super().__init__(**kwargs)
+        self.ref_model = ref_model
 
 
 def _cli_merge(prev, cur, out) -> dict[str, torch.Tensor]:
@@ -117,6 +127,42 @@ def test_state_dict_prev_and_tied_weights_step_once():
     assert "lm_head.weight" not in apo.prev_raw and torch.equal(
         apo.prev_raw["model.norm.weight"], raw["model.norm.weight"]
     )
+
+
+def test_a_reference_that_is_not_the_policy_is_refused_before_the_round(tmp_path):
+    model = make_model(seed=0)
+    apo = APOCallback(ALPHA)
+    _train_round(model, apo, tmp_path / "r1", seed=1, trainer=_RefTrainer, ref_model=copy.deepcopy(model))
+    theta1 = {n: t.clone() for n, t in model.state_dict().items()}
+    stale = make_model(seed=0)  # theta_0, as TRL's ref_model=None would reload it
+    with pytest.raises(ValueError, match=r"reference model is not the policy this round starts from \(model\.embed"):
+        _train_round(model, apo, tmp_path / "r2", seed=2, trainer=_RefTrainer, ref_model=stale)
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in theta1.items()) and apo.rounds == 1
+    _train_round(model, apo, tmp_path / "r2", seed=2, trainer=_RefTrainer, ref_model=copy.deepcopy(model))
+    apo.check_reference = False
+    _train_round(model, apo, tmp_path / "r3", seed=3, trainer=_RefTrainer, ref_model=stale)
+    assert apo.rounds == 3
+
+
+def test_a_resumed_round_needs_prev_and_a_finished_one_is_reported():
+    model = make_model(seed=0)
+    with pytest.raises(
+        ValueError, match=r"resumed at step 2 of 4 and the callback has no prev.*for round 1 the initial"
+    ):
+        APOCallback(ALPHA).on_train_begin(None, SimpleNamespace(global_step=2, max_steps=4), None, model=model)
+
+    same = {n: t.clone() for n, t in model.state_dict().items()}
+    finished = SimpleNamespace(global_step=4, max_steps=4)
+    with pytest.raises(ValueError, match=r"finished checkpoint \(step 4 of 4\) that equals prev"):
+        APOCallback(ALPHA, prev=same).on_train_begin(None, finished, None, model=model)
+
+    prev = {n: t - 0.5 for n, t in same.items()}
+    apo = APOCallback(ALPHA, prev=prev)
+    with pytest.warns(UserWarning, match=r"finished checkpoint \(step 4 of 4\): this round trains 0 steps"):
+        apo.on_train_begin(None, finished, None, model=model)
+    apo.on_train_end(None, finished, None, model=model)
+    want = apo_merge.extrapolate_state_dict(prev=prev, cur=same, alpha=ALPHA)
+    assert all(torch.equal(model.state_dict()[n], want[n]) for n in want)
 
 
 @pytest.mark.gpu
