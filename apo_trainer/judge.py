@@ -2,7 +2,7 @@
 across processes.
 
 A scalar oracle scores each response once and the K x K matrix is Bradley-Terry's ``sigmoid(s_i - s_j)``; a
-pairwise oracle is asked every ordered pair (both orders, averaged: ``P_ij = (f(i, j) + 1 - f(j, i)) / 2``). Either
+pairwise oracle is asked every ordered pair (both orders, averaged: ``P_ij = 1/2 + (f(i, j) - f(j, i)) / 2``). Either
 way each response's win rate against the policy is ``p_i = mean_j P_ij`` with ``P_ii = 1/2`` (SPPO's estimate of
 P(y_i beats pi_t | x)), and the data phase picks pairs from ``p``.
 """

@@ -7,7 +7,7 @@
 - :class:`PairRMOracle`: PairRM through the optional ``llm-blender`` package.
 - :func:`bradley_terry`: pairwise preference probabilities ``P[i, j] = sigmoid(s_i - s_j)`` from scores.
 - :func:`preference_matrices`: the K x K matrix per prompt that both kinds share (pairwise: both orders asked and
-  averaged, ``P_ij = (f(i, j) + 1 - f(j, i)) / 2``, cancelling position bias; scalar: Bradley-Terry).
+  averaged, ``P_ij = 1/2 + (f(i, j) - f(j, i)) / 2``, cancelling position bias; scalar: Bradley-Terry).
 
 Spec strings (the ``oracle`` config key): ``reward-model:PATH``, ``callable:module:function``,
 ``pairwise:module:function`` or ``pairrm:PATH_OR_HUB_ID``.
@@ -264,14 +264,21 @@ def ordered_pairs(k: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(k) if i != j]
 
 
-def matrix_from_comparisons(k: int, probs: dict[tuple[int, int], float]) -> torch.Tensor:
-    """P_ij = (f(i, j) + 1 - f(j, i)) / 2 from ``probs[(i, j)] = f(i, j)``, diagonal 1/2 (float64).
+def both_orders(f_ij: float, f_ji: float) -> float:
+    """P(i beats j) from the judge asked both ways: ``1/2 + (f_ij - f_ji) / 2``.
 
-    Asking both orders and averaging cancels a judge's preference for the first (or second) position.
+    Asking both orders and averaging cancels a judge's preference for the first (or second) position. Written so
+    that a tie (f_ij == f_ji) gives exactly 1/2: ``(f_ij + 1 - f_ji) / 2`` rounds ``f_ij + 1`` first and gives
+    1/2 +- 1 ulp, which would turn prompts whose answers all tie into training pairs.
     """
+    return 0.5 + (f_ij - f_ji) / 2
+
+
+def matrix_from_comparisons(k: int, probs: dict[tuple[int, int], float]) -> torch.Tensor:
+    """P_ij = :func:`both_orders` (f(i, j), f(j, i)) from ``probs[(i, j)] = f(i, j)``, diagonal 1/2 (float64)."""
     m = torch.full((k, k), 0.5, dtype=torch.float64)
     for i, j in ordered_pairs(k):
-        m[i, j] = (probs[(i, j)] + 1.0 - probs[(j, i)]) / 2
+        m[i, j] = both_orders(probs[(i, j)], probs[(j, i)])
     return m
 
 

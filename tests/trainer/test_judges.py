@@ -155,3 +155,18 @@ def test_a_run_with_a_pairwise_judge_trains_on_its_win_rates(tiny, tmp_path):
         w = judged["win_rates"][p["prompt"]]
         assert p["p_chosen"] == max(w) and p["p_rejected"] == min(w)
     assert records[0]["judge"] == "pairwise" and records[0]["steps"] >= 1
+
+
+@pytest.mark.parametrize("f", [0.4, 0.9, 0.15, sig(1.0), 0.5])
+def test_a_judge_that_cannot_tell_answers_apart_gives_exact_ties_and_no_pair(f):
+    # (f + 1 - f) / 2 rounds f + 1 first: 1/2 +- 1 ulp for these f, and the tied prompt became a training pair.
+    oracle = PairwiseCallableOracle(lambda ps, a, b: [f] * len(ps))
+    mats, _ = preference_matrices(oracle, ["x", "y"], [["a", "b", "c"], ["a", "b"]], batch_size=4)
+    assert all(bool((m == 0.5).all()) for m in mats)
+    pairs, ties = build_pairs(None, [m.mean(dim=1).tolist() for m in mats])
+    assert pairs == [] and ties == 2
+    # Ties inside a prompt stay exact while others are told apart: 0 and 1 tie, 2 loses to both.
+    table = {("a", "b"): f, ("b", "a"): f, ("a", "c"): 0.9, ("c", "a"): 0.2, ("b", "c"): 0.8, ("c", "b"): 0.1}
+    oracle = PairwiseCallableOracle(lambda ps, a, b: [table[(x, y)] for x, y in zip(a, b)])
+    (m,), _ = preference_matrices(oracle, ["x"], [["a", "b", "c"]], batch_size=4)
+    assert m[0, 1] == m[1, 0] == 0.5
