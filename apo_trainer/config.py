@@ -94,7 +94,7 @@ class APOConfig:
         "output), 'callable:module:function' (called with lists of prompts and responses, returns "
         "one float per pair), 'pairwise:module:function' (called with prompts, responses_a, responses_b, "
         "returns P(a beats b) per triple; both orders are asked and averaged) or 'pairrm:PATH_OR_HUB_ID' "
-        "(PairRM through the optional llm-blender package). Required unless an Oracle object is passed to loop.run().",
+        "(PairRM, llm-blender's pairwise ranker, run on transformers). Required unless an Oracle object is passed to loop.run().",
     )
     trust_remote_code: bool = _f(
         False,
@@ -597,11 +597,6 @@ def check_oracle_spec(spec: str) -> None:
     if kind in ("callable", "pairwise"):
         resolve_callable(rest)
     elif kind == "pairrm":
-        if importlib.util.find_spec("llm_blender") is None:
-            raise ConfigError(
-                "config: oracle 'pairrm:...' needs the llm-blender package; pip install 'apo-merge[pairrm]'",
-                exit_code=1,
-            )
         _check_model_ref("oracle PairRM", rest, required=True)
     else:
         _check_model_ref("oracle reward model", rest, required=True)

@@ -4,7 +4,7 @@
 - :class:`CallableOracle`: a Python function ``f(prompts: list[str], responses: list[str]) -> list[float]``.
 - :class:`PairwiseCallableOracle`: a Python function ``f(prompts, responses_a, responses_b) -> list[float]``, each
   the probability that a beats b.
-- :class:`PairRMOracle`: PairRM through the optional ``llm-blender`` package.
+- :class:`PairRMOracle`: PairRM, reimplemented on transformers in :mod:`apo_trainer.pairrm`.
 - :func:`bradley_terry`: pairwise preference probabilities ``P[i, j] = sigmoid(s_i - s_j)`` from scores.
 - :func:`preference_matrices`: the K x K matrix per prompt that both kinds share (pairwise: both orders asked and
   averaged, ``P_ij = 1/2 + (f(i, j) - f(j, i)) / 2``, cancelling position bias; scalar: Bradley-Terry).
@@ -225,36 +225,41 @@ class PairwiseCallableOracle:
 
 
 class PairRMOracle:
-    """PairRM (llm-blender's pairwise ranker): P(a beats b) = sigmoid of the ranker's comparison logit.
+    """PairRM (llm-blender's pairwise ranker, reimplemented in :mod:`apo_trainer.pairrm`, no llm-blender needed):
+    P(a beats b) = sigmoid of llm-blender's comparison logit ``L(a, b) - L(b, a)``.
 
-    ``blender`` stands in for ``llm_blender.Blender()`` (tests pass an object with the same methods).
+    The ranker runs both orders of each pair it is asked; the reverse's logit is kept until it is asked (by
+    :func:`preference_matrices`, in a later batch), so each ordered pair goes through the encoder once.
     """
 
-    def __init__(self, ranker: str, *, batch_size: int = 16, device: torch.device | str = "cpu", blender: Any = None):
-        if blender is None:
-            try:
-                import llm_blender
-            except ImportError:
-                raise ConfigError(
-                    "config: oracle 'pairrm:...' needs the llm-blender package; pip install 'apo-merge[pairrm]'",
-                    exit_code=1,
-                ) from None
-            blender = llm_blender.Blender()
-            blender.loadranker(ranker, device=str(device))
-        self.blender = blender
-        self.batch_size = batch_size
+    def __init__(
+        self, ranker: str, *, batch_size: int = 16, device: torch.device | str = "cpu", model: Any = None
+    ) -> None:
+        if model is None:
+            from apo_trainer.pairrm import load_pairrm
+
+            model = load_pairrm(ranker, device=device, batch_size=batch_size)
+        self.model = model
+        self.name = f"pairrm:{ranker}"
+        self._seen: dict[tuple[str, str, str], float] = {}
 
     def compare(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
-        logits = self.blender.compare(
-            list(prompts), list(responses_a), list(responses_b), batch_size=self.batch_size, return_logits=True
-        )
-        out = torch.sigmoid(torch.as_tensor(logits, dtype=torch.float64).reshape(-1)).tolist()
-        if len(out) != len(prompts):
-            raise TrainError(f"PairRM returned {len(out)} logits for {len(prompts)} comparisons")
-        return out
+        keys = list(zip(prompts, responses_a, responses_b, strict=True))
+        todo = list(dict.fromkeys(k for k in keys if k not in self._seen))
+        if todo:
+            d = self.model.compare(*(list(c) for c in zip(*todo)))
+            if len(d) != len(todo):
+                raise TrainError(f"PairRM returned {len(d)} logits for {len(todo)} comparisons")
+            for (p, a, b), v in zip(todo, d, strict=True):
+                self._seen[(p, a, b)], self._seen[(p, b, a)] = v, -v
+        logits = [self._seen[k] for k in keys]
+        for k in keys:  # each order is asked once: keep only the reverses still to come
+            self._seen.pop(k, None)
+        return torch.sigmoid(torch.tensor(logits, dtype=torch.float64)).tolist()
 
     def close(self) -> None:
-        del self.blender
+        del self.model
+        self._seen.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

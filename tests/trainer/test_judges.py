@@ -1,8 +1,7 @@
-"""Pairwise judges: the K x K matrix with both orders averaged, win rates p_i, best/worst pairs, PairRM's adapter."""
+"""Pairwise judges: the K x K matrix with both orders averaged, win rates p_i, best/worst pairs (PairRM: test_pairrm)."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 
@@ -14,10 +13,8 @@ from apo_trainer.demo.task import ToyOracle, ToyPairwiseJudge, ToyTask
 from apo_trainer.errors import TrainError
 from apo_trainer.oracle import (
     CallableOracle,
-    PairRMOracle,
     PairwiseCallableOracle,
     bradley_terry,
-    load_oracle,
     preference_matrices,
 )
 
@@ -105,56 +102,6 @@ def test_a_scalar_judge_gives_the_same_pairs_through_the_shared_path():
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == _old_build_pairs(scores)
     assert ties == len(scores) - len(pairs)
     assert all(p["p_chosen"] == pytest.approx(win_rates(scores[p["prompt"]])[p["chosen"]]) for p in pairs)
-
-
-class _StandInBlender:
-    """Stands in for llm_blender.Blender: the methods PairRMOracle calls, with PairRM's conventions."""
-
-    def __init__(self):
-        self.loaded, self.calls = None, []
-
-    def loadranker(self, ranker, device=None):
-        self.loaded = (ranker, device)
-
-    def compare(self, inputs, candidates_A, candidates_B, batch_size=32, return_logits=False, **kw):
-        self.calls.append((len(inputs), batch_size, return_logits))
-        logits = [float(len(a) - len(b)) for a, b in zip(candidates_A, candidates_B, strict=True)]
-        return torch.tensor(logits).numpy() if return_logits else [x > 0 for x in logits]
-
-
-def test_pairrm_adapter_turns_comparison_logits_into_probabilities(monkeypatch):
-    import sys
-    import types
-
-    blender = _StandInBlender()
-    fake = types.ModuleType("llm_blender")
-    fake.Blender = lambda: blender
-    monkeypatch.setitem(sys.modules, "llm_blender", fake)
-    oracle = load_oracle("pairrm:llm-blender/PairRM", batch_size=3)
-    assert isinstance(oracle, PairRMOracle) and blender.loaded == ("llm-blender/PairRM", "cpu")
-    got = oracle.compare(["p", "p"], ["long answer", "a"], ["short", "abc"])
-    assert got == pytest.approx([sig(6.0), sig(-2.0)], abs=1e-7)
-    assert blender.calls == [(2, 3, True)]
-    (m,), _ = preference_matrices(oracle, ["p"], [["aa", "a", "aaaa"]], batch_size=16)
-    assert int(m.mean(dim=1).argmax()) == 2
-
-
-def test_a_run_with_a_pairwise_judge_trains_on_its_win_rates(tiny, tmp_path):
-    from apo_trainer.loop import run
-    from tests.trainer.conftest import tiny_config
-
-    out = tmp_path / "out"
-    records = run(tiny_config(tiny, out, rounds=1, oracle="pairwise:tests.trainer.tiny:word_sum_pairwise"), quiet=True)
-    judged = json.loads((out / "round-0" / "scores.json").read_text())
-    assert judged["scores"] is None and len(judged["win_rates"]) == 6
-    for m in judged["matrices"]:
-        t = torch.tensor(m, dtype=torch.float64)
-        assert torch.allclose(t + t.T, torch.ones_like(t), atol=1e-15, rtol=0)
-    pairs = [json.loads(x) for x in (out / "round-0" / "pairs.jsonl").read_text().splitlines()]
-    for p in pairs:
-        w = judged["win_rates"][p["prompt"]]
-        assert p["p_chosen"] == max(w) and p["p_rejected"] == min(w)
-    assert records[0]["judge"] == "pairwise" and records[0]["steps"] >= 1
 
 
 @pytest.mark.parametrize("f", [0.4, 0.9, 0.15, sig(1.0), 0.5])
