@@ -11,6 +11,8 @@ attention, a sentencepiece tokenizer, ``pytorch_model.bin`` written by llm-blend
    batch size 1 and 4, mode "[A,B]" (one order) at batch size 1, and the token ids its collator builds.
 2. In this project's venv (``--ours-python``, default this interpreter): ``apo_trainer.pairrm.load_pairrm`` on the
    same folder, the same numbers, batch size 8.
+    python bench/pairrm_fidelity.py --speed     # pairs/s, batch 1 vs batched, on a scaled-down random PairRM
+
 Exit 1 when a logit differs by more than 1e-5 or a token id differs (llm-blender at batch size 1 is the reference;
 its batch-4 numbers differ on long inputs by design, see apo_trainer/pairrm.py).
 
@@ -211,13 +213,66 @@ def report(folder: Path) -> int:
     return 0 if ok else 1
 
 
+def speed(pairs: int = 48, threads: int = 2) -> None:
+    """Pairs/s of apo_trainer.pairrm at batch 1, 8 and 16 on random weights: deberta-v3-large's layout scaled down
+    (hidden 256, 4 layers, 4 heads instead of 1024, 24, 16; 2 CPU cores cannot run the real shape in a useful time),
+    prompts of ~120 tokens and answers of ~150-300 tokens (the lengths vary, so batches carry padding)."""
+    import random
+    import time
+
+    import torch
+    from transformers import DebertaV2Config, DebertaV2Tokenizer
+
+    from apo_trainer.pairrm import PairRM, PairRMModel
+
+    torch.set_num_threads(threads)
+    words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "why", "is", "sky", "blue", "good", "bad"]
+    vocab = [("[PAD]", 0.0), ("[CLS]", 0.0), ("[SEP]", 0.0), ("[UNK]", 0.0), ("[MASK]", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -3.0) for w in words]
+    tok = DebertaV2Tokenizer(vocab=vocab, unk_id=3)
+    config = DebertaV2Config(
+        vocab_size=len(tok) + 4,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        relative_attention=True,
+        position_buckets=256,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        max_relative_positions=-1,
+        type_vocab_size=0,
+    )
+    torch.manual_seed(0)
+    rm = PairRM(PairRMModel(config), tok)
+    rng = random.Random(0)
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    ps = [text(120) for _ in range(pairs)]
+    a, b = [text(rng.randint(150, 300)) for _ in range(pairs)], [text(rng.randint(150, 300)) for _ in range(pairs)]
+    print(f"{pairs} pairs, {threads} threads, torch {torch.__version__}; sequence lengths ~420-720 tokens")
+    for bs in (1, 8, 16):
+        rm.batch_size = bs
+        rm.logits(ps[:bs], a[:bs], b[:bs])  # warm-up
+        t0 = time.perf_counter()
+        rm.logits(ps, a, b)
+        dt = time.perf_counter() - t0
+        print(f"batch {bs:2d}: {pairs / dt:.1f} pairs/s ({dt:.1f} s)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blender-python", default="/work/venvs/blender/bin/python")
     ap.add_argument("--ours-python", default=sys.executable)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/pairrm-fidelity"))
     ap.add_argument("--stage", choices=["blender", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--speed", action="store_true", help="pairs/s at batch 1 vs batched (this venv only)")
     args = ap.parse_args()
+    if args.speed:
+        sys.path.insert(0, str(ROOT))
+        speed()
+        return 0
     if args.stage == "blender":
         blender_side(args.dir)
         return 0
