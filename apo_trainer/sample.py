@@ -1,7 +1,12 @@
 """Phase 1, sample: K responses per prompt from the current policy theta_t.
 
 Prompts are sorted by length and dealt round-robin across processes; each process generates its share in batches
-(left padding, KV cache) and the main process gathers everything into ``round-<t>/samples.jsonl``. Backends:
+(left padding, KV cache) and the main process gathers everything into ``round-<t>/samples.jsonl``.
+
+Every sample has its own seed, :func:`sample_seed` of (the phase's seed, the prompt's index in the prompt list, the
+sample's index), recorded in samples.jsonl as ``seeds``: who computes a row (the process count, the batch it lands
+in) does not choose its random numbers. The transformers backends draw each row's noise from its own generator
+(:class:`RowSampler`, Gumbel-max); vLLM gets one request per sample with that seed. Backends:
 
 - ``generate``: transformers' generate with the default dynamic cache (works everywhere);
 - ``static``: transformers' generate with ``cache_implementation="static"`` sized once per round
@@ -11,6 +16,7 @@ Prompts are sorted by length and dealt round-robin across processes; each proces
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import time
 from collections.abc import Sequence
@@ -41,6 +47,43 @@ def select_sampler(requested: str, *, cuda: bool, num_processes: int, vllm_avail
                 "config: sampler 'vllm' runs in a single process; launch one process or use sampler: static"
             )
     return requested
+
+
+def sample_seed(base: int, source: int, index: int) -> int:
+    """The 63-bit seed of sample ``index`` of prompt ``source`` (its index in the prompt list) in a phase whose
+    seed is ``base``: independent of processes, batches and the other prompts."""
+    digest = hashlib.sha256(f"apo-train-sample:{base}:{source}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class RowSampler:
+    """A logits processor that samples each row from its own ``torch.Generator`` (generate then takes the argmax).
+
+    Gumbel-max: argmax(filtered logits / T + G), G = -log(-log U) with U uniform from the row's generator, is an exact
+    draw from softmax(filtered logits / T). Temperature, top-k and top-p are transformers' own warpers (per row), and
+    every row draws one vocabulary-sized U per step whatever its batch, so a row's tokens depend on its seed alone (up
+    to the float rounding of batched logits).
+    """
+
+    def __init__(self, seeds: Sequence[int], config: Any, device: torch.device) -> None:
+        from transformers.generation.logits_process import (
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.warpers: list[Any] = [TemperatureLogitsWarper(config.temperature)]
+        if config.top_k > 0:
+            self.warpers.append(TopKLogitsWarper(config.top_k))
+        if config.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(config.top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        return scores.float() - torch.log(-torch.log(u))
 
 
 def vllm_available() -> bool:
@@ -101,13 +144,16 @@ def generate_transformers(
     eos: list[int],
     static: bool,
     progress: Any = None,
+    seeds: list[list[int]] | None = None,
 ) -> list[list[list[int]]]:
     """K sampled responses (token ids, untrimmed) per prompt with ``model.generate``, longest prompts first.
 
-    ``static``: a static KV cache sized for the longest prompt of the call list and a constant batch (the last
-    batch is filled with copies), so a compiled decode step sees one shape.
+    ``seeds[i][s]``: the seed of prompt i's sample s (:class:`RowSampler`); without them, generate's own sampling
+    from the global generator (a row's sample then depends on its batch). ``static``: a static KV cache sized for
+    the longest prompt of the call list and a constant batch (the last batch is filled with copies), so a compiled
+    decode step sees one shape.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     per_call = max(1, config.generation_batch_size // k)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
@@ -120,14 +166,12 @@ def generate_transformers(
         model.generation_config = GenerationConfig(
             bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id
         )
+    sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
     gen = GenerationConfig(
-        do_sample=True,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k,
+        **({"do_sample": False} if seeds is not None else sampling),
         max_new_tokens=config.max_new_tokens,
         min_new_tokens=config.min_new_tokens,
-        num_return_sequences=k,
+        num_return_sequences=1 if seeds is not None else k,
         pad_token_id=pad_id,
         eos_token_id=eos or None,
         use_cache=True,
@@ -142,8 +186,14 @@ def generate_transformers(
         if static:
             rows += [rows[-1]] * (per_call - len(rows))
         input_ids, mask = _left_pad(rows, pad_id)
+        extra: dict[str, Any] = {}
+        if seeds is not None:  # one row per sample, each drawing from its own generator
+            input_ids, mask = input_ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+            row_seeds = [x for i in idx for x in seeds[i]]
+            row_seeds += [0] * (input_ids.shape[0] - len(row_seeds))  # a static batch's filler rows
+            extra["logits_processor"] = LogitsProcessorList([RowSampler(row_seeds, config, model.device)])
         out = model.generate(
-            input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device), generation_config=gen
+            input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device), generation_config=gen, **extra
         )
         new = out[:, input_ids.shape[1] :].tolist()  # (rows * k, new tokens)
         for j, i in enumerate(idx):
@@ -163,24 +213,34 @@ def generate_vllm(
     seed: int,
     eos: list[int],
     quiet: bool,
+    seeds: list[list[int]] | None = None,
 ) -> list[list[list[int]]]:
-    """K sampled responses per prompt with vLLM's offline engine; the engine is torn down afterwards."""
+    """K sampled responses per prompt with vLLM's offline engine; the engine is torn down afterwards.
+
+    ``seeds[i][s]``: one request per sample, seeded (vLLM's per-request ``seed``; its batched kernels may still
+    change a token in the last bits between batch compositions, see docs/train.md)."""
     from vllm import LLM, SamplingParams
 
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(config.mixed_precision, config.dtype)
     # generation_config="vllm": vLLM's neutral defaults rather than the checkpoint's generation_config.json.
     extra = {} if config.use_generation_config else {"generation_config": "vllm"}
     llm = LLM(model=str(model_path), tokenizer=tokenizer_path, dtype=dtype, seed=seed, **extra)
-    params = SamplingParams(
-        n=k,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k if config.top_k > 0 else -1,
-        max_tokens=config.max_new_tokens,
-        min_tokens=config.min_new_tokens,
-    )
+    keys = {
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k if config.top_k > 0 else -1,
+        "max_tokens": config.max_new_tokens,
+        "min_tokens": config.min_new_tokens,
+    }
+    if seeds is None:
+        requests, params = [{"prompt_token_ids": ids} for ids in prompt_ids], SamplingParams(n=k, **keys)
+    else:
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids for _ in range(k)]
+        params = [SamplingParams(n=1, seed=x % 2**63, **keys) for row in seeds for x in row]
     try:
-        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=not quiet)
+        outs = llm.generate(requests, params, use_tqdm=not quiet)
+        if seeds is not None:  # k one-sample requests per prompt, in order
+            outs = [_Joined([c for o in outs[i * k : (i + 1) * k] for c in o.outputs]) for i in range(len(prompt_ids))]
         results = []
         for o in outs:
             rows = []
@@ -207,6 +267,13 @@ def generate_vllm(
         free_memory()
 
 
+class _Joined:
+    """One prompt's k single-sample vLLM outputs, seen as one output with k completions."""
+
+    def __init__(self, outputs: list[Any]) -> None:
+        self.outputs = outputs
+
+
 def run(ctx: RunContext, t: int, policy_path: str | Path, held_out: bool = False) -> dict[str, Any]:
     """Sample round ``t`` from the policy at ``policy_path``; writes samples.jsonl and returns the phase summary.
 
@@ -219,7 +286,7 @@ def run(ctx: RunContext, t: int, policy_path: str | Path, held_out: bool = False
         texts = ctx.prompts
         picked, reused = round_prompts(texts, t, cfg.prompts_per_round, seed=cfg.seed, shuffle=cfg.shuffle_prompts)
     rows_out, summary = sample_rows(
-        ctx, cfg, policy_path, texts, picked, f"round {t}", phase_seed(cfg.seed, t, "sample", ctx.rank)
+        ctx, cfg, policy_path, texts, picked, f"round {t}", phase_seed(cfg.seed, t, "sample")
     )
     if ctx.is_main:
         ctx.store.write_jsonl(ctx.store.samples(t), rows_out, round_index=t, phase="sample")
@@ -241,6 +308,7 @@ def sample_rows(
         )
     by_length = sorted(keep, key=lambda j: -len(encoded[j]))
     mine = by_length[ctx.rank :: acc.num_processes]
+    seeds = {j: [sample_seed(seed, picked[j], s) for s in range(k)] for j in keep}
 
     backend = select_sampler(
         cfg.sampler, cuda=ctx.device.type == "cuda", num_processes=acc.num_processes, vllm_available=vllm_available()
@@ -257,6 +325,7 @@ def sample_rows(
             seed=seed % 2**31,
             eos=eos,
             quiet=ctx.quiet,
+            seeds=[seeds[j] for j in mine],
         )
     else:
         model = ctx.load_policy(policy_path, dtype=ctx.inference_dtype)
@@ -270,6 +339,7 @@ def sample_rows(
                 eos=eos,
                 static=backend == "static",
                 progress=_Scaled(bar, acc.num_processes),
+                seeds=[seeds[j] for j in mine],
             )
         del model
         free_memory()
@@ -291,6 +361,7 @@ def sample_rows(
                 "response_ids": [ids for ids, _ in trimmed],
                 "finished": [fin for _, fin in trimmed],
                 "responses": [ctx.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in trimmed],
+                "seeds": seeds[j],
             }
         )
     new_tokens = sum(len(ids) for r in rows_out for ids in r["response_ids"])

@@ -204,10 +204,12 @@ class _FakeVLLM:
             def generate(self, prompts, params, use_tqdm):
                 fake.calls.append((kw, prompts, params))
                 out = []
-                for p in prompts:
+                for i, p in enumerate(prompts):
+                    # one seeded request per sample (n=1): sample j of a prompt is request i, j = i % 4
+                    n, first = (1, i % 4) if isinstance(params, list) else (params["n"], 0)
                     rows = [
                         _ns(token_ids=[10 + j, 11], finish_reason="stop" if j % 2 else "length")
-                        for j in range(params["n"])
+                        for j in range(first, first + n)
                     ]
                     out.append(_ns(outputs=rows, prompt=p))
                 return out
@@ -232,8 +234,9 @@ def test_vllm_backend_drives_the_engine_and_keeps_end_tokens(tiny, tmp_path, mon
     assert records[0]["sampler"] == "vllm"
     kw, prompts, params = fake.calls[0]
     assert kw["model"] == str(tiny / "policy") and kw["dtype"] == "float32"
-    assert params["n"] == 4 and params["temperature"] == 0.7 and params["max_tokens"] == 6
-    assert all("prompt_token_ids" in p for p in prompts)
+    assert all(p["n"] == 1 and p["temperature"] == 0.7 and p["max_tokens"] == 6 for p in params)
+    assert all("prompt_token_ids" in p for p in prompts) and len(prompts) == len(params) == 4 * 6
     rows = [json.loads(line) for line in (tmp_path / "out/round-0/samples.jsonl").open()]
+    assert sorted(p["seed"] for p in params) == sorted(x for r in rows for x in r["seeds"])
     assert rows[0]["response_ids"] == [[10, 11], [11, 11, 2], [12, 11], [13, 11, 2]]
     assert rows[0]["finished"] == [False, True, False, True]
