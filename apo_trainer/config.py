@@ -159,10 +159,20 @@ class APOConfig:
         "auto",
         "Generation backend: 'generate' (transformers, dynamic KV cache), 'static' "
         "(transformers, static KV cache, compiled on GPU), 'vllm', or 'auto' (vllm when "
-        "importable on a single GPU process, else static on GPU, else generate).",
-        choices=("auto", "generate", "static", "vllm"),
+        "importable on a single GPU process, else static on GPU, else generate), or 'server' (an "
+        "OpenAI-compatible /v1/completions server at server_url).",
+        choices=("auto", "generate", "static", "vllm", "server"),
     )
     generation_batch_size: int = _f(64, "Sequences per generate call (prompts x K), prompts grouped by length.")
+    server_url: str = _f(
+        "", "sampler: server: the server's base URL, e.g. http://127.0.0.1:8000 (vllm serve).", resume_safe=True
+    )
+    server_model: str = _f("", "sampler: server: the model name sent; empty = the round's policy path.")
+    server_concurrency: int = _f(8, "sampler: server: requests in flight at once (per process).", resume_safe=True)
+    server_timeout: float = _f(600.0, "sampler: server: seconds one request may take.", resume_safe=True)
+    server_retries: int = _f(
+        4, "sampler: server: retries of a failed request (backoff 0.5 s, doubling).", resume_safe=True
+    )
 
     oracle_batch_size: int = _f(
         16, "(prompt, response) pairs per oracle call.", group="Judging and reference log-probs"

@@ -11,7 +11,8 @@ in) does not choose its random numbers. The transformers backends draw each row'
 - ``generate``: transformers' generate with the default dynamic cache (works everywhere);
 - ``static``: transformers' generate with ``cache_implementation="static"`` sized once per round
   (``max_cache_len``) and a fixed batch shape, so that on a GPU the decode step compiles once;
-- ``vllm``: vLLM's offline engine, when vllm is importable (single process).
+- ``vllm``: vLLM's offline engine, when vllm is importable (single process);
+- ``server``: an OpenAI-compatible ``/v1/completions`` server at ``server_url`` (:class:`ServerSampler`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ from apo_trainer.runtime import RunContext, free_memory, phase_seed
 from apo_trainer.store import read_jsonl
 
 
-def select_sampler(requested: str, *, cuda: bool, num_processes: int, vllm_available: bool) -> str:
+def select_sampler(
+    requested: str, *, cuda: bool, num_processes: int, vllm_available: bool, server_url: str = ""
+) -> str:
     """The backend to use: ``auto`` picks vllm (importable, CUDA, one process), else static on CUDA, else generate."""
     if requested == "auto":
         if cuda and vllm_available and num_processes == 1:
             return "vllm"
         return "static" if cuda else "generate"
+    if requested == "server":
+        if not server_url:
+            raise ConfigError("config: sampler 'server' needs server_url (e.g. http://127.0.0.1:8000)")
+        return requested
     if requested == "vllm":
         if not vllm_available:
             raise ConfigError(
@@ -311,7 +318,11 @@ def sample_rows(
     seeds = {j: [sample_seed(seed, picked[j], s) for s in range(k)] for j in keep}
 
     backend = select_sampler(
-        cfg.sampler, cuda=ctx.device.type == "cuda", num_processes=acc.num_processes, vllm_available=vllm_available()
+        cfg.sampler,
+        cuda=ctx.device.type == "cuda",
+        num_processes=acc.num_processes,
+        vllm_available=vllm_available(),
+        server_url=cfg.server_url,
     )
     eos = eos_ids(policy_path, ctx.tokenizer)
     start = time.perf_counter()
@@ -327,6 +338,13 @@ def sample_rows(
             quiet=ctx.quiet,
             seeds=[seeds[j] for j in mine],
         )
+    elif backend == "server":
+        cache = ctx.store.root / f".server-rows-{seed:016x}-{ctx.rank}.jsonl"
+        sampler = ServerSampler(cfg, cfg.server_model or str(policy_path), ctx.tokenizer, eos)
+        with ctx.progress(f"{label}: sampling", len(by_length)) as bar:
+            raw = sampler.run(
+                [encoded[j] for j in mine], [seeds[j] for j in mine], cache, _Scaled(bar, acc.num_processes)
+            )
     else:
         model = ctx.load_policy(policy_path, dtype=ctx.inference_dtype)
         with ctx.progress(f"{label}: sampling", len(by_length)) as bar:
@@ -349,6 +367,8 @@ def sample_rows(
 
     gathered = gather_object([(j, rows) for j, rows in zip(mine, raw, strict=True)])
     by_pos = dict(gathered)
+    if backend == "server":
+        cache.unlink(missing_ok=True)  # every process has its rows back: the partial rows are not needed
     rows_out = []
     for j in keep:
         trimmed = [trim_response(r, eos) for r in by_pos[j]]
@@ -376,6 +396,88 @@ def sample_rows(
         "finished_fraction": finished / (len(rows_out) * k),
         "new_tokens_per_second": new_tokens / seconds if seconds > 0 else 0.0,
     }
+
+
+class ServerSampler:
+    """``sampler: server``: one seeded /v1/completions request per sample (prompt as token ids, ``n`` 1,
+    ``seed`` = the sample's seed mod 2**31), ``server_concurrency`` at a time.
+
+    Finished samples are appended to ``cache`` as they arrive, so a rerun after a crash asks only for the rest. The
+    response's ``token_ids`` are taken when the server sends them, else its text is tokenized; an end-of-sequence
+    token is appended when the server stopped on it (``finish_reason: stop``). A completion longer than
+    ``max_new_tokens`` is refused.
+    """
+
+    def __init__(self, cfg: Any, model: str, tokenizer: Any, eos: list[int]) -> None:
+        from apo_trainer.server import CompletionClient
+
+        self.cfg, self.model, self.tokenizer, self.eos = cfg, model, tokenizer, eos
+        self.client = CompletionClient(
+            cfg.server_url, concurrency=cfg.server_concurrency, timeout=cfg.server_timeout, retries=cfg.server_retries
+        )
+
+    def body(self, prompt_ids: list[int], seed: int) -> dict[str, Any]:
+        cfg = self.cfg
+        body = {"model": self.model, "prompt": prompt_ids, "max_tokens": cfg.max_new_tokens, "n": 1}
+        body.update(temperature=cfg.temperature, top_p=cfg.top_p, seed=seed % 2**31)
+        if cfg.top_k > 0:
+            body["top_k"] = cfg.top_k  # vLLM / SGLang extensions
+        if cfg.min_new_tokens > 0:
+            body["min_tokens"] = cfg.min_new_tokens
+        return body
+
+    def tokens(self, choice: dict[str, Any]) -> list[int]:
+        from apo_trainer.server import ServerError
+
+        ids = choice.get("token_ids")
+        if ids is None:
+            ids = self.tokenizer(choice.get("text") or "", add_special_tokens=False)["input_ids"]
+        ids = [int(x) for x in ids]
+        n = (choice.get("usage") or {}).get("completion_tokens", len(ids))
+        if n > self.cfg.max_new_tokens or len(ids) > self.cfg.max_new_tokens + 1:
+            raise ServerError(
+                f"server {self.client.url} returned a completion of {max(n, len(ids))} tokens for max_new_tokens="
+                f"{self.cfg.max_new_tokens}; it ignores max_tokens, or serves another tokenizer than the policy's"
+            )
+        if choice.get("finish_reason") == "stop" and self.eos and (not ids or ids[-1] not in self.eos):
+            ids.append(self.eos[0])
+        return ids
+
+    def run(self, prompt_ids: list[list[int]], seeds: list[list[int]], cache: Path, progress: Any) -> list:
+        import hashlib
+        import json
+
+        def key(i: int, s: int) -> str:
+            return hashlib.sha256(json.dumps([prompt_ids[i], seeds[i][s]]).encode()).hexdigest()[:32]
+
+        wanted = {key(i, s): (i, s) for i in range(len(prompt_ids)) for s in range(len(seeds[i]))}
+        got: dict[tuple[int, int], list[int]] = {}
+        if cache.exists():
+            for line in cache.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line cut short by the crash
+                    continue
+                if rec.get("key") in wanted:
+                    got[wanted[rec["key"]]] = rec["ids"]
+        todo = [(i, s) for i in range(len(prompt_ids)) for s in range(len(seeds[i])) if (i, s) not in got]
+        if todo:
+            self.client.wait_healthy()
+        with open(cache, "a", encoding="utf-8") as fh:
+
+            def done(item: tuple[int, int], ids: list[int]) -> None:
+                got[item] = ids
+                fh.write(json.dumps({"key": key(*item), "ids": ids}) + "\n")
+                fh.flush()
+                if item[1] == len(seeds[item[0]]) - 1:
+                    progress.advance(1)
+
+            self.client.map(
+                lambda it: self.tokens(self.client.complete(self.body(prompt_ids[it[0]], seeds[it[0]][it[1]]))),
+                todo,
+                done,
+            )
+        return [[got[(i, s)] for s in range(len(seeds[i]))] for i in range(len(prompt_ids))]
 
 
 class _Scaled:
