@@ -403,7 +403,7 @@ class APOConfig:
             raise ConfigError("config: 'top_p' must be in (0, 1] and 'warmup_ratio' in [0, 1]")
         if not self.output_dir:
             raise ConfigError("config: 'output_dir' must not be empty")
-        if self.restart == "score" and self.oracle.partition(":")[0] in ("pairwise", "pairrm"):
+        if self.restart == "score" and self.oracle.partition(":")[0] in ("pairwise", "pairrm", "llm"):
             raise ConfigError(
                 "config: restart: score reads each round's mean oracle score, which a pairwise oracle does not give; "
                 "use a scalar oracle or restart: none"
@@ -608,5 +608,9 @@ def check_oracle_spec(spec: str) -> None:
         resolve_callable(rest)
     elif kind == "pairrm":
         _check_model_ref("oracle PairRM", rest, required=True)
+    elif kind == "llm":
+        from apo_trainer.llm_judge import parse_spec
+
+        parse_spec(rest)
     else:
         _check_model_ref("oracle reward model", rest, required=True)

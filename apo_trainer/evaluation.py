@@ -262,6 +262,7 @@ def _evaluate(
                     device=ctx.device,
                     batch_size=cfg.oracle_batch_size,
                     trust_remote_code=cfg.trust_remote_code,
+                    cache_dir=store.root,
                 )
                 with user_oracle(cfg.oracle or getattr(judge, "name", type(judge).__name__), t, "eval judge"):
                     rows = _judge(store, cfg, judge, t)

@@ -40,7 +40,11 @@ def run(ctx: RunContext, t: int) -> dict[str, Any]:
     cfg = ctx.config
     rows = load_samples(ctx, t)
     oracle = ctx.oracle or load_oracle(
-        cfg.oracle, device=ctx.device, batch_size=cfg.oracle_batch_size, trust_remote_code=cfg.trust_remote_code
+        cfg.oracle,
+        device=ctx.device,
+        batch_size=cfg.oracle_batch_size,
+        trust_remote_code=cfg.trust_remote_code,
+        cache_dir=ctx.store.root,
     )
     name = cfg.oracle or getattr(oracle, "name", type(oracle).__name__)
     prompts = [r["prompt"] for r in rows]

@@ -10,7 +10,7 @@
   averaged, ``P_ij = 1/2 + (f(i, j) - f(j, i)) / 2``, cancelling position bias; scalar: Bradley-Terry).
 
 Spec strings (the ``oracle`` config key): ``reward-model:PATH``, ``callable:module:function``,
-``pairwise:module:function`` or ``pairrm:PATH_OR_HUB_ID``.
+``pairwise:module:function``, ``pairrm:PATH_OR_HUB_ID`` or ``llm:URL:MODEL`` (:mod:`apo_trainer.llm_judge`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -341,15 +342,29 @@ def compare_batched(
     return out
 
 
-ORACLE_KINDS = ("reward-model", "callable", "pairwise", "pairrm")
-ORACLE_FORMS = "'reward-model:PATH', 'callable:module:function', 'pairwise:module:function' or 'pairrm:PATH_OR_HUB_ID'"
+ORACLE_KINDS = ("reward-model", "callable", "pairwise", "pairrm", "llm")
+ORACLE_FORMS = (
+    "'reward-model:PATH', 'callable:module:function', 'pairwise:module:function', 'pairrm:PATH_OR_HUB_ID' or "
+    "'llm:URL:MODEL'"
+)
 
 
 def load_oracle(
-    spec: str, *, device: torch.device | str = "cpu", batch_size: int = 16, trust_remote_code: bool = False
+    spec: str,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> Oracle | PairwiseOracle:
-    """Build the oracle a spec string names (scalar: reward-model, callable; pairwise: pairwise, pairrm)."""
+    """Build the oracle a spec string names (scalar: reward-model, callable; pairwise: pairwise, pairrm, llm).
+    ``cache_dir``: where the LLM judge keeps its verdicts (the run folder)."""
     kind, _, rest = spec.partition(":")
+    if kind == "llm":
+        from apo_trainer.llm_judge import LLMJudge, parse_spec
+
+        url, model = parse_spec(rest)
+        return LLMJudge(url, model, concurrency=batch_size, cache_dir=cache_dir)
     if kind == "callable":
         return CallableOracle(resolve_callable(rest), batch_size=batch_size, name=rest)
     if kind == "pairwise":

@@ -28,6 +28,25 @@ def completion(prompt: list[int], seed: int, max_tokens: int) -> tuple[list[int]
     return ids + [4 + (seed + k) % 40 for k in range(max_tokens - n)], "length"
 
 
+def judge_answer(prompt: str, f: dict[str, Any]) -> dict[str, Any]:
+    """The stand-in judge prefers the longer output, with a bias toward the first one (logit 1 + length gap / 4).
+    Fault modes: ``no_logprobs`` (text only), ``bad_answer`` (answers "maybe"), ``nan_logprob``."""
+    import math
+    import re
+
+    out1, out2 = re.findall(r'"output": """(.*?)"""', prompt, flags=re.S)
+    z = 1.0 + (len(out1) - len(out2)) / 4
+    p_m = 1 / (1 + math.exp(-z))
+    text = "m" if p_m >= 0.5 else "M"
+    if f.get("bad_answer"):
+        return {"choices": [{"text": "maybe", "logprobs": None, "finish_reason": "length"}]}
+    logprobs = {"tokens": [text], "top_logprobs": [{"m": math.log(p_m), " M": math.log(1 - p_m), "x": -9.0}]}
+    if f.get("nan_logprob"):
+        logprobs["top_logprobs"][0]["m"] = "NaN"
+    choice = {"text": text, "finish_reason": "length", "logprobs": None if f.get("no_logprobs") else logprobs}
+    return {"choices": [choice]}
+
+
 class StandIn:
     def __init__(self) -> None:
         self.faults: dict[str, Any] = {"healthy": True}
@@ -81,6 +100,8 @@ class StandIn:
                     return None
                 if fault == "malformed":
                     return self._send(200, b"<html>gateway</html>")
+                if isinstance(body["prompt"], str):  # the LLM judge's pairwise prompt
+                    return self._send(200, json.dumps(judge_answer(body["prompt"], f)).encode())
                 if "models" in f and body["model"] not in f["models"]:
                     msg = f"The model `{body['model']}` does not exist."
                     return self._send(404, json.dumps({"error": {"message": msg, "code": 404}}).encode())
