@@ -5,7 +5,8 @@ Its completion is a function of (prompt, seed, max_tokens) alone, so a test know
 the connection without an answer), ``malformed`` (200 with a body that is not JSON), ``slow`` (sleep that many
 seconds before answering, once per request while ``slow_left`` > 0), ``fail_after`` (every completion request after
 that many answers 500), ``healthy`` (False: /health answers 503), ``models`` (names served, else 404 as OpenAI
-words it), ``too_long`` (answer max_tokens + 3 tokens), ``text_only`` (no token_ids: text only).
+words it), ``too_long`` (answer max_tokens + 3 tokens), ``text_only`` (no token_ids: text only), ``latency`` (seconds every
+answer takes: a stand-in for generation time, for bench/server_sampling.py).
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ class StandIn:
                     slow = f.get("slow", 0) if f.get("slow_left", 0) > 0 else 0
                     if slow:
                         f["slow_left"] -= 1
-                if slow:
-                    time.sleep(slow)
+                if slow or f.get("latency"):
+                    time.sleep(slow or f["latency"])
                 if fault == "fail":
                     return self._send(500, b'{"error": {"message": "CUDA out of memory (stand-in)"}}')
                 if fault == "drop":
@@ -120,7 +121,10 @@ class StandIn:
                 answer = {"choices": [choice], "usage": {"completion_tokens": len(ids)}}
                 self._send(200, json.dumps(answer).encode())
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # a listen backlog for 32 clients at once (the default 5 resets connections)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
