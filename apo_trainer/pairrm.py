@@ -215,6 +215,8 @@ def load_pairrm(
             f"{unexpected[:3]}); check that it is a PairRM checkpoint",
             exit_code=1,
         )
+    if dtype is None and torch.device(device).type in ("cuda", "mps") and config.get("fp16"):
+        dtype = torch.float16  # llm-blender's loadranker: half precision on an accelerator when the config says fp16
     if dtype is not None:
         model = model.to(dtype)
     lengths = (

@@ -135,30 +135,40 @@ class CompletionClient:
         return self.request("POST", "/v1/completions", body, check)
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], done: Callable[[Any, Any], None]) -> None:
-        """``fn(item)`` for every item, ``concurrency`` at a time; ``done(item, result)`` under a lock, in
-        completion order. The first failure cancels what has not started and is raised."""
+        """``fn(item)`` for every item, ``concurrency`` at a time; ``done(item, result)`` in completion order. The
+        first failure cancels what has not started, waits for what runs (keeping its results), and is raised."""
         lock, stop = threading.Lock(), threading.Event()
+        first: list[BaseException] = []
+
+        def fail(e: BaseException) -> None:
+            with lock:
+                if not first:
+                    first.append(e)
+            stop.set()
 
         def guarded(item: Any) -> Any:
             if stop.is_set():  # a request failed for good: start no more
                 raise _Stopped
             try:
                 return fn(item)
-            except BaseException:
-                stop.set()
+            except BaseException as e:
+                fail(e)
                 raise
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = {pool.submit(guarded, item): item for item in items}
-            try:
-                for fut in _as_completed(futures):
-                    result = fut.result()
-                    with lock:
-                        done(futures[fut], result)
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+            for fut in _as_completed(futures):
+                if fut.cancelled() or fut.exception() is not None:
+                    continue  # recorded by guarded (or stopped)
+                try:  # results that arrive after a failure are still kept (a rerun skips them)
+                    done(futures[fut], fut.result())
+                except BaseException as e:
+                    fail(e)
+                if stop.is_set():
+                    for f in futures:
+                        f.cancel()
+        if first:
+            raise first[0]
 
 
 def _as_completed(futures: Iterable[Any]) -> Iterable[Any]:

@@ -144,3 +144,26 @@ def test_base_url_and_error_messages():
     with pytest.raises(ServerError, match="refused"), StandIn() as s:
         s.faults["models"] = []
         CompletionClient(s.url, retries=0).complete({"model": "x", "prompt": [1], "seed": 0, "max_tokens": 2})
+
+
+def test_map_raises_the_first_failure_and_keeps_the_results_that_finished():
+    import threading
+
+    started = threading.Event()  # item 3 fails once item 4 runs
+
+    def fn(i):
+        if i == 3:
+            started.wait(5)
+            raise ValueError("boom")
+        if i == 4:
+            started.set()
+            time.sleep(0.2)  # still running when item 3 fails: its result is kept
+        return i * 10
+
+    got = {}
+    for _ in range(5):  # the order threads finish in varies: the first failure wins every time
+        got.clear()
+        started.clear()
+        with pytest.raises(ValueError, match="boom"):
+            CompletionClient("http://127.0.0.1:9", concurrency=4).map(fn, range(40), got.__setitem__)
+        assert got[4] == 40 and 3 not in got and len(got) < 40
