@@ -164,6 +164,7 @@ class APOConfig:
         choices=("auto", "generate", "static", "vllm", "server"),
     )
     generation_batch_size: int = _f(64, "Sequences per generate call (prompts x K), prompts grouped by length.")
+    vllm_tensor_parallel_size: int = _f(1, "sampler: vllm: GPUs per engine (tensor parallel; one process only).")
     server_url: str = _f(
         "", "sampler: server: the server's base URL, e.g. http://127.0.0.1:8000 (vllm serve).", resume_safe=True
     )

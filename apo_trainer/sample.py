@@ -35,7 +35,8 @@ from apo_trainer.store import read_jsonl
 def select_sampler(
     requested: str, *, cuda: bool, num_processes: int, vllm_available: bool, server_url: str = ""
 ) -> str:
-    """The backend to use: ``auto`` picks vllm (importable, CUDA, one process), else static on CUDA, else generate."""
+    """The backend to use: ``auto`` picks vllm (importable, CUDA, one process), else static on CUDA, else generate.
+    ``vllm`` asked for by name also runs under several processes (one engine each, vLLM's external launcher)."""
     if requested == "auto":
         if cuda and vllm_available and num_processes == 1:
             return "vllm"
@@ -44,15 +45,8 @@ def select_sampler(
         if not server_url:
             raise ConfigError("config: sampler 'server' needs server_url (e.g. http://127.0.0.1:8000)")
         return requested
-    if requested == "vllm":
-        if not vllm_available:
-            raise ConfigError(
-                "config: sampler 'vllm' needs the vllm package; install it or use sampler: auto", exit_code=1
-            )
-        if num_processes > 1:
-            raise ConfigError(
-                "config: sampler 'vllm' runs in a single process; launch one process or use sampler: static"
-            )
+    if requested == "vllm" and not vllm_available:
+        raise ConfigError("config: sampler 'vllm' needs the vllm package; install it or use sampler: auto", exit_code=1)
     return requested
 
 
@@ -225,12 +219,29 @@ def generate_vllm(
     """K sampled responses per prompt with vLLM's offline engine; the engine is torn down afterwards.
 
     ``seeds[i][s]``: one request per sample, seeded (vLLM's per-request ``seed``; its batched kernels may still
-    change a token in the last bits between batch compositions, see docs/train.md)."""
+    change a token in the last bits between batch compositions, see docs/train.md). Under a launcher with several
+    processes (``WORLD_SIZE`` > 1) each process runs its own engine on its GPU with vLLM's ``external_launcher``
+    (data parallel, its shard of the prompts), and the launcher's process group is left alone at teardown. Not yet
+    run on a device."""
+    import os
+
     from vllm import LLM, SamplingParams
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = getattr(config, "vllm_tensor_parallel_size", 1)
+    if world > 1 and tp > 1:
+        raise ConfigError(
+            "config: vllm_tensor_parallel_size > 1 runs in one process (vLLM starts its own workers); launch one "
+            "process, or use sampler: server with vllm serve --tensor-parallel-size",
+            exit_code=1,
+        )
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(config.mixed_precision, config.dtype)
     # generation_config="vllm": vLLM's neutral defaults rather than the checkpoint's generation_config.json.
-    extra = {} if config.use_generation_config else {"generation_config": "vllm"}
+    extra: dict[str, Any] = {} if config.use_generation_config else {"generation_config": "vllm"}
+    if world > 1:
+        extra["distributed_executor_backend"] = "external_launcher"
+    if tp > 1:
+        extra["tensor_parallel_size"] = tp
     llm = LLM(model=str(model_path), tokenizer=tokenizer_path, dtype=dtype, seed=seed, **extra)
     keys = {
         "temperature": config.temperature,
@@ -268,7 +279,8 @@ def generate_vllm(
             )
 
             destroy_model_parallel()
-            destroy_distributed_environment()
+            if world == 1:  # under a launcher the process group is the launcher's (accelerate gathers with it)
+                destroy_distributed_environment()
         except Exception:  # teardown helpers move between vLLM versions; memory is freed below regardless
             pass
         free_memory()

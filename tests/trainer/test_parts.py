@@ -127,11 +127,11 @@ def test_sampler_selection(requested, cuda, procs, vllm, want):
     assert select_sampler(requested, cuda=cuda, num_processes=procs, vllm_available=vllm) == want
 
 
-def test_vllm_sampler_refused_when_missing_or_multi_process():
+def test_vllm_sampler_refused_when_missing_and_allowed_on_several_processes():
     with pytest.raises(ConfigError, match="needs the vllm package"):
         select_sampler("vllm", cuda=True, num_processes=1, vllm_available=False)
-    with pytest.raises(ConfigError, match="single process"):
-        select_sampler("vllm", cuda=True, num_processes=2, vllm_available=True)
+    # one engine per process (issue 26): no longer refused
+    assert select_sampler("vllm", cuda=True, num_processes=2, vllm_available=True) == "vllm"
 
 
 def test_trim_response_keeps_the_first_end_token():
@@ -240,3 +240,34 @@ def test_vllm_backend_drives_the_engine_and_keeps_end_tokens(tiny, tmp_path, mon
     assert sorted(p["seed"] for p in params) == sorted(x for r in rows for x in r["seeds"])
     assert rows[0]["response_ids"] == [[10, 11], [11, 11, 2], [12, 11], [13, 11, 2]]
     assert rows[0]["finished"] == [False, True, False, True]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_vllm_under_a_launcher_runs_one_engine_per_process_and_keeps_the_process_group(monkeypatch, world):
+    import sys
+
+    from apo_trainer.config import APOConfig
+    from apo_trainer.sample import generate_vllm
+
+    fake = _FakeVLLM()
+    torn = []
+    state = types.ModuleType("vllm.distributed.parallel_state")
+    state.destroy_model_parallel = lambda: torn.append("model_parallel")
+    state.destroy_distributed_environment = lambda: torn.append("distributed_environment")
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setitem(sys.modules, "vllm.distributed", types.ModuleType("vllm.distributed"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", state)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = APOConfig(max_new_tokens=4)
+    out = generate_vllm("m", "m", [[1, 2]], k=4, config=cfg, seed=0, eos=[2], quiet=True, seeds=[[5, 6, 7, 8]])
+    assert [r[0] for r in out[0]] == [10, 11, 12, 13]
+    kw = fake.calls[0][0]
+    assert kw.get("distributed_executor_backend") == ("external_launcher" if world > 1 else None)
+    assert torn == (["model_parallel"] if world > 1 else ["model_parallel", "distributed_environment"])
+    two = APOConfig(vllm_tensor_parallel_size=2)
+    if world > 1:
+        with pytest.raises(ConfigError, match="vllm_tensor_parallel_size > 1 runs in one process"):
+            generate_vllm("m", "m", [[1]], k=1, config=two, seed=0, eos=[], quiet=True)
+    else:
+        generate_vllm("m", "m", [[1]], k=1, config=two, seed=0, eos=[], quiet=True)
+        assert fake.calls[-1][0]["tensor_parallel_size"] == 2
