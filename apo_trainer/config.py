@@ -94,7 +94,7 @@ class APOConfig:
         "output), 'callable:module:function' (called with lists of prompts and responses, returns "
         "one float per pair), 'pairwise:module:function' (called with prompts, responses_a, responses_b, "
         "returns P(a beats b) per triple; both orders are asked and averaged) or 'pairrm:PATH_OR_HUB_ID' "
-        "(PairRM through the optional llm-blender package). Required unless an Oracle object is passed to loop.run().",
+        "(PairRM, llm-blender's pairwise ranker, run on transformers). Required unless an Oracle object is passed to loop.run().",
     )
     trust_remote_code: bool = _f(
         False,
@@ -159,10 +159,21 @@ class APOConfig:
         "auto",
         "Generation backend: 'generate' (transformers, dynamic KV cache), 'static' "
         "(transformers, static KV cache, compiled on GPU), 'vllm', or 'auto' (vllm when "
-        "importable on a single GPU process, else static on GPU, else generate).",
-        choices=("auto", "generate", "static", "vllm"),
+        "importable on a single GPU process, else static on GPU, else generate), or 'server' (an "
+        "OpenAI-compatible /v1/completions server at server_url).",
+        choices=("auto", "generate", "static", "vllm", "server"),
     )
     generation_batch_size: int = _f(64, "Sequences per generate call (prompts x K), prompts grouped by length.")
+    vllm_tensor_parallel_size: int = _f(1, "sampler: vllm: GPUs per engine (tensor parallel; one process only).")
+    server_url: str = _f(
+        "", "sampler: server: the server's base URL, e.g. http://127.0.0.1:8000 (vllm serve).", resume_safe=True
+    )
+    server_model: str = _f("", "sampler: server: the model name sent; empty = the round's policy path.")
+    server_concurrency: int = _f(8, "sampler: server: requests in flight at once (per process).", resume_safe=True)
+    server_timeout: float = _f(600.0, "sampler: server: seconds one request may take.", resume_safe=True)
+    server_retries: int = _f(
+        4, "sampler: server: retries of a failed request (backoff 0.5 s, doubling).", resume_safe=True
+    )
 
     oracle_batch_size: int = _f(
         16, "(prompt, response) pairs per oracle call.", group="Judging and reference log-probs"
@@ -395,7 +406,7 @@ class APOConfig:
             raise ConfigError("config: 'top_p' must be in (0, 1] and 'warmup_ratio' in [0, 1]")
         if not self.output_dir:
             raise ConfigError("config: 'output_dir' must not be empty")
-        if self.restart == "score" and self.oracle.partition(":")[0] in ("pairwise", "pairrm"):
+        if self.restart == "score" and self.oracle.partition(":")[0] in ("pairwise", "pairrm", "llm"):
             raise ConfigError(
                 "config: restart: score reads each round's mean oracle score, which a pairwise oracle does not give; "
                 "use a scalar oracle or restart: none"
@@ -628,11 +639,10 @@ def check_oracle_spec(spec: str) -> None:
     if kind in ("callable", "pairwise"):
         resolve_callable(rest)
     elif kind == "pairrm":
-        if importlib.util.find_spec("llm_blender") is None:
-            raise ConfigError(
-                "config: oracle 'pairrm:...' needs the llm-blender package; pip install 'apo-merge[pairrm]'",
-                exit_code=1,
-            )
         _check_model_ref("oracle PairRM", rest, required=True)
+    elif kind == "llm":
+        from apo_trainer.llm_judge import parse_spec
+
+        parse_spec(rest)
     else:
         _check_model_ref("oracle reward model", rest, required=True)

@@ -309,7 +309,7 @@ def _evaluate(
         quiet=quiet,
     )
     # the judge is built before the first sample (and before RUN_DIR/eval is made): one that cannot load costs nothing
-    judge = oracle or build_oracle(cfg, ctx.device)
+    judge = oracle or build_oracle(cfg, ctx.device, store.root)
     with store.lock():
         _check_settings(store, cfg)
         store.remove_stale_temporaries()

@@ -2,7 +2,7 @@
 across processes.
 
 A scalar oracle scores each response once and the K x K matrix is Bradley-Terry's ``sigmoid(s_i - s_j)``; a
-pairwise oracle is asked every ordered pair (both orders, averaged: ``P_ij = (f(i, j) + 1 - f(j, i)) / 2``). Either
+pairwise oracle is asked every ordered pair (both orders, averaged: ``P_ij = 1/2 + (f(i, j) - f(j, i)) / 2``). Either
 way each response's win rate against the policy is ``p_i = mean_j P_ij`` with ``P_ii = 1/2`` (SPPO's estimate of
 P(y_i beats pi_t | x)), and the data phase picks pairs from ``p``.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ def run(ctx: RunContext, t: int) -> dict[str, Any]:
     """
     cfg = ctx.config
     rows = load_samples(ctx, t)
-    oracle = ctx.oracle or build_oracle(cfg, ctx.device)
+    oracle = ctx.oracle or build_oracle(cfg, ctx.device, ctx.store.root)
     name = cfg.oracle or getattr(oracle, "name", type(oracle).__name__)
     prompts = [r["prompt"] for r in rows]
     responses = [r["responses"] for r in rows]
@@ -130,13 +131,17 @@ def _pairwise(
     ]
 
 
-def build_oracle(cfg: Any, device: torch.device | str) -> Oracle | PairwiseOracle:
+def build_oracle(cfg: Any, device: torch.device | str, cache_dir: Path | None = None) -> Oracle | PairwiseOracle:
     """The configured oracle, built now (its module imported, its model loaded): one line naming the oracle and
     what failed, exit code 1, when it cannot be. Runs before the first sample, so a judge that cannot load costs
     nothing."""
     try:
         return load_oracle(
-            cfg.oracle, device=device, batch_size=cfg.oracle_batch_size, trust_remote_code=cfg.trust_remote_code
+            cfg.oracle,
+            device=device,
+            batch_size=cfg.oracle_batch_size,
+            trust_remote_code=cfg.trust_remote_code,
+            cache_dir=cache_dir,  # the LLM judge's verdict cache
         )
     except TrainError:
         raise

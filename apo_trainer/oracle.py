@@ -4,13 +4,13 @@
 - :class:`CallableOracle`: a Python function ``f(prompts: list[str], responses: list[str]) -> list[float]``.
 - :class:`PairwiseCallableOracle`: a Python function ``f(prompts, responses_a, responses_b) -> list[float]``, each
   the probability that a beats b.
-- :class:`PairRMOracle`: PairRM through the optional ``llm-blender`` package.
+- :class:`PairRMOracle`: PairRM, reimplemented on transformers in :mod:`apo_trainer.pairrm`.
 - :func:`bradley_terry`: pairwise preference probabilities ``P[i, j] = sigmoid(s_i - s_j)`` from scores.
 - :func:`preference_matrices`: the K x K matrix per prompt that both kinds share (pairwise: both orders asked and
-  averaged, ``P_ij = (f(i, j) + 1 - f(j, i)) / 2``, cancelling position bias; scalar: Bradley-Terry).
+  averaged, ``P_ij = 1/2 + (f(i, j) - f(j, i)) / 2``, cancelling position bias; scalar: Bradley-Terry).
 
 Spec strings (the ``oracle`` config key): ``reward-model:PATH``, ``callable:module:function``,
-``pairwise:module:function`` or ``pairrm:PATH_OR_HUB_ID``.
+``pairwise:module:function``, ``pairrm:PATH_OR_HUB_ID`` or ``llm:URL:MODEL`` (:mod:`apo_trainer.llm_judge`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -225,36 +226,41 @@ class PairwiseCallableOracle:
 
 
 class PairRMOracle:
-    """PairRM (llm-blender's pairwise ranker): P(a beats b) = sigmoid of the ranker's comparison logit.
+    """PairRM (llm-blender's pairwise ranker, reimplemented in :mod:`apo_trainer.pairrm`, no llm-blender needed):
+    P(a beats b) = sigmoid of llm-blender's comparison logit ``L(a, b) - L(b, a)``.
 
-    ``blender`` stands in for ``llm_blender.Blender()`` (tests pass an object with the same methods).
+    The ranker runs both orders of each pair it is asked; the reverse's logit is kept until it is asked (by
+    :func:`preference_matrices`, in a later batch), so each ordered pair goes through the encoder once.
     """
 
-    def __init__(self, ranker: str, *, batch_size: int = 16, device: torch.device | str = "cpu", blender: Any = None):
-        if blender is None:
-            try:
-                import llm_blender
-            except ImportError:
-                raise ConfigError(
-                    "config: oracle 'pairrm:...' needs the llm-blender package; pip install 'apo-merge[pairrm]'",
-                    exit_code=1,
-                ) from None
-            blender = llm_blender.Blender()
-            blender.loadranker(ranker, device=str(device))
-        self.blender = blender
-        self.batch_size = batch_size
+    def __init__(
+        self, ranker: str, *, batch_size: int = 16, device: torch.device | str = "cpu", model: Any = None
+    ) -> None:
+        if model is None:
+            from apo_trainer.pairrm import load_pairrm
+
+            model = load_pairrm(ranker, device=device, batch_size=batch_size)
+        self.model = model
+        self.name = f"pairrm:{ranker}"
+        self._seen: dict[tuple[str, str, str], float] = {}
 
     def compare(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
-        logits = self.blender.compare(
-            list(prompts), list(responses_a), list(responses_b), batch_size=self.batch_size, return_logits=True
-        )
-        out = torch.sigmoid(torch.as_tensor(logits, dtype=torch.float64).reshape(-1)).tolist()
-        if len(out) != len(prompts):
-            raise TrainError(f"PairRM returned {len(out)} logits for {len(prompts)} comparisons")
-        return out
+        keys = list(zip(prompts, responses_a, responses_b, strict=True))
+        todo = list(dict.fromkeys(k for k in keys if k not in self._seen))
+        if todo:
+            d = self.model.compare(*(list(c) for c in zip(*todo)))
+            if len(d) != len(todo):
+                raise TrainError(f"PairRM returned {len(d)} logits for {len(todo)} comparisons")
+            for (p, a, b), v in zip(todo, d, strict=True):
+                self._seen[(p, a, b)], self._seen[(p, b, a)] = v, -v
+        logits = [self._seen[k] for k in keys]
+        for k in keys:  # each order is asked once: keep only the reverses still to come
+            self._seen.pop(k, None)
+        return torch.sigmoid(torch.tensor(logits, dtype=torch.float64)).tolist()
 
     def close(self) -> None:
-        del self.blender
+        del self.model
+        self._seen.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -264,14 +270,21 @@ def ordered_pairs(k: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(k) if i != j]
 
 
-def matrix_from_comparisons(k: int, probs: dict[tuple[int, int], float]) -> torch.Tensor:
-    """P_ij = (f(i, j) + 1 - f(j, i)) / 2 from ``probs[(i, j)] = f(i, j)``, diagonal 1/2 (float64).
+def both_orders(f_ij: float, f_ji: float) -> float:
+    """P(i beats j) from the judge asked both ways: ``1/2 + (f_ij - f_ji) / 2``.
 
-    Asking both orders and averaging cancels a judge's preference for the first (or second) position.
+    Asking both orders and averaging cancels a judge's preference for the first (or second) position. Written so
+    that a tie (f_ij == f_ji) gives exactly 1/2: ``(f_ij + 1 - f_ji) / 2`` rounds ``f_ij + 1`` first and gives
+    1/2 +- 1 ulp, which would turn prompts whose answers all tie into training pairs.
     """
+    return 0.5 + (f_ij - f_ji) / 2
+
+
+def matrix_from_comparisons(k: int, probs: dict[tuple[int, int], float]) -> torch.Tensor:
+    """P_ij = :func:`both_orders` (f(i, j), f(j, i)) from ``probs[(i, j)] = f(i, j)``, diagonal 1/2 (float64)."""
     m = torch.full((k, k), 0.5, dtype=torch.float64)
     for i, j in ordered_pairs(k):
-        m[i, j] = (probs[(i, j)] + 1.0 - probs[(j, i)]) / 2
+        m[i, j] = both_orders(probs[(i, j)], probs[(j, i)])
     return m
 
 
@@ -329,15 +342,29 @@ def compare_batched(
     return out
 
 
-ORACLE_KINDS = ("reward-model", "callable", "pairwise", "pairrm")
-ORACLE_FORMS = "'reward-model:PATH', 'callable:module:function', 'pairwise:module:function' or 'pairrm:PATH_OR_HUB_ID'"
+ORACLE_KINDS = ("reward-model", "callable", "pairwise", "pairrm", "llm")
+ORACLE_FORMS = (
+    "'reward-model:PATH', 'callable:module:function', 'pairwise:module:function', 'pairrm:PATH_OR_HUB_ID' or "
+    "'llm:URL:MODEL'"
+)
 
 
 def load_oracle(
-    spec: str, *, device: torch.device | str = "cpu", batch_size: int = 16, trust_remote_code: bool = False
+    spec: str,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> Oracle | PairwiseOracle:
-    """Build the oracle a spec string names (scalar: reward-model, callable; pairwise: pairwise, pairrm)."""
+    """Build the oracle a spec string names (scalar: reward-model, callable; pairwise: pairwise, pairrm, llm).
+    ``cache_dir``: where the LLM judge keeps its verdicts (the run folder)."""
     kind, _, rest = spec.partition(":")
+    if kind == "llm":
+        from apo_trainer.llm_judge import LLMJudge, parse_spec
+
+        url, model = parse_spec(rest)
+        return LLMJudge(url, model, concurrency=batch_size, cache_dir=cache_dir)
     if kind == "callable":
         return CallableOracle(resolve_callable(rest), batch_size=batch_size, name=rest)
     if kind == "pairwise":

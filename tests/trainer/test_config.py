@@ -57,8 +57,10 @@ def test_bad_config_is_one_line_config_error(tmp_path, text, overrides, needle):
         ({"oracle": "callable:tests.trainer.tiny:WORDS"}, "is not callable"),
         (
             {"oracle": "judge-me"},
-            "must be 'reward-model:PATH', 'callable:module:function', 'pairwise:module:function' or 'pairrm:PATH_OR_HUB_ID'",
+            "must be 'reward-model:PATH', 'callable:module:function', 'pairwise:module:function', "
+            "'pairrm:PATH_OR_HUB_ID' or 'llm:URL:MODEL'",
         ),
+        ({"oracle": "llm:localhost:8000"}, "must be 'llm:URL:MODEL', e.g. llm:http://127.0.0.1:8000:"),
         ({"oracle": "reward-model:/nonexistent/rm"}, "neither an existing folder nor a Hub id"),
         ({"oracle": ""}, "'oracle' is required"),
         ({"model": "./missing-model"}, "neither an existing folder nor a Hub id"),

@@ -252,7 +252,8 @@ def test_first_training_step_has_margin_zero_with_dropout_disabled(tmp_path, dis
     out = tmp_path / "out"
     run(tiny_config(tmp_path, out, rounds=1, final_eval=False, grad_accum=1, disable_dropout=disable), quiet=True)
     first = json.loads((out / "round-0/train_log.jsonl").read_text().splitlines()[0])
+    # Reference and training batch the sequences differently: equal up to float rounding, not bit for bit.
     if disable:
-        assert first["margin"] == 0.0 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert abs(first["margin"]) <= 1e-6 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     else:
-        assert first["margin"] != 0.0
+        assert abs(first["margin"]) > 1e-5  # dropout: orders of magnitude above the rounding

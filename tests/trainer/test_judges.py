@@ -1,8 +1,7 @@
-"""Pairwise judges: the K x K matrix with both orders averaged, win rates p_i, best/worst pairs, PairRM's adapter."""
+"""Pairwise judges: the K x K matrix with both orders averaged, win rates p_i, best/worst pairs (PairRM: test_pairrm)."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 
@@ -14,10 +13,8 @@ from apo_trainer.demo.task import ToyOracle, ToyPairwiseJudge, ToyTask
 from apo_trainer.errors import TrainError
 from apo_trainer.oracle import (
     CallableOracle,
-    PairRMOracle,
     PairwiseCallableOracle,
     bradley_terry,
-    load_oracle,
     preference_matrices,
 )
 
@@ -107,38 +104,6 @@ def test_a_scalar_judge_gives_the_same_pairs_through_the_shared_path():
     assert all(p["p_chosen"] == pytest.approx(win_rates(scores[p["prompt"]])[p["chosen"]]) for p in pairs)
 
 
-class _StandInBlender:
-    """Stands in for llm_blender.Blender: the methods PairRMOracle calls, with PairRM's conventions."""
-
-    def __init__(self):
-        self.loaded, self.calls = None, []
-
-    def loadranker(self, ranker, device=None):
-        self.loaded = (ranker, device)
-
-    def compare(self, inputs, candidates_A, candidates_B, batch_size=32, return_logits=False, **kw):
-        self.calls.append((len(inputs), batch_size, return_logits))
-        logits = [float(len(a) - len(b)) for a, b in zip(candidates_A, candidates_B, strict=True)]
-        return torch.tensor(logits).numpy() if return_logits else [x > 0 for x in logits]
-
-
-def test_pairrm_adapter_turns_comparison_logits_into_probabilities(monkeypatch):
-    import sys
-    import types
-
-    blender = _StandInBlender()
-    fake = types.ModuleType("llm_blender")
-    fake.Blender = lambda: blender
-    monkeypatch.setitem(sys.modules, "llm_blender", fake)
-    oracle = load_oracle("pairrm:llm-blender/PairRM", batch_size=3)
-    assert isinstance(oracle, PairRMOracle) and blender.loaded == ("llm-blender/PairRM", "cpu")
-    got = oracle.compare(["p", "p"], ["long answer", "a"], ["short", "abc"])
-    assert got == pytest.approx([sig(6.0), sig(-2.0)], abs=1e-7)
-    assert blender.calls == [(2, 3, True)]
-    (m,), _ = preference_matrices(oracle, ["p"], [["aa", "a", "aaaa"]], batch_size=16)
-    assert int(m.mean(dim=1).argmax()) == 2
-
-
 @pytest.mark.slow
 def test_a_run_with_a_pairwise_judge_trains_on_its_win_rates(tiny, tmp_path):
     from apo_trainer.loop import run
@@ -156,3 +121,18 @@ def test_a_run_with_a_pairwise_judge_trains_on_its_win_rates(tiny, tmp_path):
         w = judged["win_rates"][p["prompt"]]
         assert p["p_chosen"] == max(w) and p["p_rejected"] == min(w)
     assert records[0]["judge"] == "pairwise" and records[0]["steps"] >= 1
+
+
+@pytest.mark.parametrize("f", [0.4, 0.9, 0.15, sig(1.0), 0.5])
+def test_a_judge_that_cannot_tell_answers_apart_gives_exact_ties_and_no_pair(f):
+    # (f + 1 - f) / 2 rounds f + 1 first: 1/2 +- 1 ulp for these f, and the tied prompt became a training pair.
+    oracle = PairwiseCallableOracle(lambda ps, a, b: [f] * len(ps))
+    mats, _ = preference_matrices(oracle, ["x", "y"], [["a", "b", "c"], ["a", "b"]], batch_size=4)
+    assert all(bool((m == 0.5).all()) for m in mats)
+    pairs, ties = build_pairs(None, [m.mean(dim=1).tolist() for m in mats])
+    assert pairs == [] and ties == 2
+    # Ties inside a prompt stay exact while others are told apart: 0 and 1 tie, 2 loses to both.
+    table = {("a", "b"): f, ("b", "a"): f, ("a", "c"): 0.9, ("c", "a"): 0.2, ("b", "c"): 0.8, ("c", "b"): 0.1}
+    oracle = PairwiseCallableOracle(lambda ps, a, b: [table[(x, y)] for x, y in zip(a, b)])
+    (m,), _ = preference_matrices(oracle, ["x"], [["a", "b", "c"]], batch_size=4)
+    assert m[0, 1] == m[1, 0] == 0.5

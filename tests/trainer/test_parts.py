@@ -127,11 +127,11 @@ def test_sampler_selection(requested, cuda, procs, vllm, want):
     assert select_sampler(requested, cuda=cuda, num_processes=procs, vllm_available=vllm) == want
 
 
-def test_vllm_sampler_refused_when_missing_or_multi_process():
+def test_vllm_sampler_refused_when_missing_and_allowed_on_several_processes():
     with pytest.raises(ConfigError, match="needs the vllm package"):
         select_sampler("vllm", cuda=True, num_processes=1, vllm_available=False)
-    with pytest.raises(ConfigError, match="single process"):
-        select_sampler("vllm", cuda=True, num_processes=2, vllm_available=True)
+    # one engine per process (issue 26): no longer refused
+    assert select_sampler("vllm", cuda=True, num_processes=2, vllm_available=True) == "vllm"
 
 
 def test_trim_response_keeps_the_first_end_token():
@@ -204,10 +204,12 @@ class _FakeVLLM:
             def generate(self, prompts, params, use_tqdm):
                 fake.calls.append((kw, prompts, params))
                 out = []
-                for p in prompts:
+                for i, p in enumerate(prompts):
+                    # one seeded request per sample (n=1): sample j of a prompt is request i, j = i % 4
+                    n, first = (1, i % 4) if isinstance(params, list) else (params["n"], 0)
                     rows = [
                         _ns(token_ids=[10 + j, 11], finish_reason="stop" if j % 2 else "length")
-                        for j in range(params["n"])
+                        for j in range(first, first + n)
                     ]
                     out.append(_ns(outputs=rows, prompt=p))
                 return out
@@ -232,8 +234,40 @@ def test_vllm_backend_drives_the_engine_and_keeps_end_tokens(tiny, tmp_path, mon
     assert records[0]["sampler"] == "vllm"
     kw, prompts, params = fake.calls[0]
     assert kw["model"] == str(tiny / "policy") and kw["dtype"] == "float32"
-    assert params["n"] == 4 and params["temperature"] == 0.7 and params["max_tokens"] == 6
-    assert all("prompt_token_ids" in p for p in prompts)
+    assert all(p["n"] == 1 and p["temperature"] == 0.7 and p["max_tokens"] == 6 for p in params)
+    assert all("prompt_token_ids" in p for p in prompts) and len(prompts) == len(params) == 4 * 6
     rows = [json.loads(line) for line in (tmp_path / "out/round-0/samples.jsonl").open()]
+    assert sorted(p["seed"] for p in params) == sorted(x for r in rows for x in r["seeds"])
     assert rows[0]["response_ids"] == [[10, 11], [11, 11, 2], [12, 11], [13, 11, 2]]
     assert rows[0]["finished"] == [False, True, False, True]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_vllm_under_a_launcher_runs_one_engine_per_process_and_keeps_the_process_group(monkeypatch, world):
+    import sys
+
+    from apo_trainer.config import APOConfig
+    from apo_trainer.sample import generate_vllm
+
+    fake = _FakeVLLM()
+    torn = []
+    state = types.ModuleType("vllm.distributed.parallel_state")
+    state.destroy_model_parallel = lambda: torn.append("model_parallel")
+    state.destroy_distributed_environment = lambda: torn.append("distributed_environment")
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setitem(sys.modules, "vllm.distributed", types.ModuleType("vllm.distributed"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", state)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = APOConfig(max_new_tokens=4)
+    out = generate_vllm("m", "m", [[1, 2]], k=4, config=cfg, seed=0, eos=[2], quiet=True, seeds=[[5, 6, 7, 8]])
+    assert [r[0] for r in out[0]] == [10, 11, 12, 13]
+    kw = fake.calls[0][0]
+    assert kw.get("distributed_executor_backend") == ("external_launcher" if world > 1 else None)
+    assert torn == (["model_parallel"] if world > 1 else ["model_parallel", "distributed_environment"])
+    two = APOConfig(vllm_tensor_parallel_size=2)
+    if world > 1:
+        with pytest.raises(ConfigError, match="vllm_tensor_parallel_size > 1 runs in one process"):
+            generate_vllm("m", "m", [[1]], k=1, config=two, seed=0, eos=[], quiet=True)
+    else:
+        generate_vllm("m", "m", [[1]], k=1, config=two, seed=0, eos=[], quiet=True)
+        assert fake.calls[-1][0]["tensor_parallel_size"] == 2
