@@ -79,11 +79,13 @@ VersionOpt = Annotated[
 
 
 def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if nbytes < 1000 or unit == "TB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+    if nbytes < 1000:
+        return f"{int(nbytes)} B"
+    for unit in ("KB", "MB", "GB"):
         nbytes /= 1000
-    return ""
+        if nbytes < 1000:
+            return f"{nbytes:.1f} {unit}"
+    return f"{nbytes / 1000:.1f} TB"
 
 
 @app.command(
