@@ -37,22 +37,23 @@ static inline uint32_t h2f(uint32_t h)
     uint32_t normal = s | ((e + 112u) << 23) | (m << 13);
     uint32_t special = s | 0x7f800000u | (m << 13);
     uint32_t sub = s | f32_bits((float)(int32_t)m * 0x1p-24f);
-    return e == 31u ? special : (e == 0u ? sub : normal);
+    uint32_t is_sub = 0u - (uint32_t)(e == 0u), is_special = 0u - (uint32_t)(e == 31u); /* masks: no branches */
+    return (sub & is_sub) | (special & is_special) | (normal & ~(is_sub | is_special));
 }
 
-/* fp32 bits -> fp16 bits, nearest-even, subnormals, overflow to inf, canonical NaN. */
+/* fp32 bits -> fp16 bits, nearest-even, subnormals, overflow to inf, canonical NaN. Normal results: integer
+ * rounding of the 13 dropped bits. Subnormal results (|x| < 2**-14): |x| + 0.5 in fp32, whose ulp is 2**-24, the
+ * fp16 subnormal step, so the hardware's nearest-even addition is exactly the wanted rounding (also under
+ * flush-to-zero: the sum is normal) and the low bits are the fp16 bits, 0x400 when it rounds up to 2**-14. */
 static inline uint32_t f2h(uint32_t u)
 {
     uint32_t s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    uint32_t n = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13; /* normal: rebias, round the 13 bits */
+    uint32_t n = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13; /* rebias, round the 13 bits */
     n = n < 0x7c00u ? n : 0x7c00u;
-    uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u; /* subnormal: the significand shifted into 2**-24 units */
-    uint32_t sh = 126u - (e < 112u ? e : 112u);            /* 14..126 */
-    sh = sh < 31u ? sh : 31u;                               /* >= 25 gives 0 either way */
-    uint32_t q = m >> sh, rem = m & ((1u << sh) - 1u), half = 1u << (sh - 1u);
-    q += (rem > half) | ((rem == half) & q & 1u);
-    uint32_t r = (a >= (113u << 23) ? n : q) | s;
-    return a > 0x7f800000u ? 0x7e00u : r;
+    uint32_t q = f32_bits(bits_f32(a) + 0.5f) - 0x3f000000u;
+    uint32_t is_normal = 0u - (uint32_t)(a >= (113u << 23)), is_nan = 0u - (uint32_t)(a > 0x7f800000u);
+    uint32_t r = ((n & is_normal) | (q & ~is_normal)) | s;
+    return (0x7e00u & is_nan) | (r & ~is_nan);
 }
 
 /* fp32 bits -> bf16 bits: add 0x7FFF plus the kept part's lowest bit, drop 16 bits; canonical NaN. */
@@ -90,14 +91,6 @@ CLONES static void widen32(int code, const char *src, float *dst, size_t n)
     }
 }
 
-/* 1 where both inputs are finite. */
-CLONES static void finite32(const float *c, const float *p, uint8_t *fin, size_t n)
-{
-    const uint32_t *cu = (const uint32_t *)c, *pu = (const uint32_t *)p;
-    for (size_t i = 0; i < n; i++)
-        fin[i] = ((cu[i] & 0x7fffffffu) < 0x7f800000u) & ((pu[i] & 0x7fffffffu) < 0x7f800000u);
-}
-
 CLONES static void formula32(const float *c, const float *p, float a, float *r, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -107,17 +100,17 @@ CLONES static void formula32(const float *c, const float *p, float a, float *r, 
     }
 }
 
-/* Round r into the output; returns the count of non-finite outputs where fin is 1. */
-CLONES static size_t store32(int code, const float *r, const uint8_t *fin, char *dst, size_t n)
+/* Round r into the output; returns nonzero where any output is inf or NaN (then count_new counts exactly). */
+CLONES static uint32_t store32(int code, const float *r, char *dst, size_t n)
 {
     const uint32_t *u = (const uint32_t *)r;
-    uint32_t count = 0;
+    uint32_t any = 0;
     if (code == F32) {
         uint32_t o[BLOCK];
         for (size_t i = 0; i < n; i++) {
             uint32_t a = u[i] & 0x7fffffffu;
             o[i] = a > 0x7f800000u ? 0x7fc00000u : u[i];
-            count += (a >= 0x7f800000u) & fin[i];
+            any |= a >= 0x7f800000u;
         }
         memcpy(dst, o, n * 4);
     } else {
@@ -126,17 +119,17 @@ CLONES static size_t store32(int code, const float *r, const uint8_t *fin, char 
             for (size_t i = 0; i < n; i++) {
                 uint32_t h = f2bf(u[i]);
                 o[i] = (uint16_t)h;
-                count += ((h & 0x7fffu) >= 0x7f80u) & fin[i];
+                any |= (h & 0x7fffu) >= 0x7f80u;
             }
         else
             for (size_t i = 0; i < n; i++) {
                 uint32_t h = f2h(u[i]);
                 o[i] = (uint16_t)h;
-                count += ((h & 0x7fffu) >= 0x7c00u) & fin[i];
+                any |= (h & 0x7fffu) >= 0x7c00u;
             }
         memcpy(dst, o, n * 2);
     }
-    return count;
+    return any;
 }
 
 /* ---- blocks with fp64 math -------------------------------------------------------------------------------- */
@@ -156,13 +149,6 @@ CLONES static void widen64(int code, const char *src, double *dst, size_t n)
     }
 }
 
-CLONES static void finite64(const double *c, const double *p, uint8_t *fin, size_t n)
-{
-    const uint64_t *cu = (const uint64_t *)c, *pu = (const uint64_t *)p;
-    const uint64_t inf = 0x7ff0000000000000ull, mag = 0x7fffffffffffffffull;
-    for (size_t i = 0; i < n; i++) fin[i] = ((cu[i] & mag) < inf) & ((pu[i] & mag) < inf);
-}
-
 CLONES static void formula64(const double *c, const double *p, double a, double *r, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -172,19 +158,19 @@ CLONES static void formula64(const double *c, const double *p, double a, double 
     }
 }
 
-CLONES static size_t store64(int code, const double *r, const uint8_t *fin, char *dst, size_t n)
+CLONES static uint32_t store64(int code, const double *r, char *dst, size_t n)
 {
-    uint32_t count = 0;
     if (code == F64) {
         const uint64_t *u = (const uint64_t *)r;
         uint64_t o[BLOCK];
+        uint32_t any = 0;
         for (size_t i = 0; i < n; i++) {
             uint64_t a = u[i] & 0x7fffffffffffffffull;
             o[i] = a > 0x7ff0000000000000ull ? 0x7ff8000000000000ull : u[i];
-            count += (a >= 0x7ff0000000000000ull) & fin[i];
+            any |= a >= 0x7ff0000000000000ull;
         }
         memcpy(dst, o, n * 8);
-        return count;
+        return any;
     }
     float f[BLOCK];
     uint32_t *fu = (uint32_t *)f;
@@ -193,7 +179,33 @@ CLONES static size_t store64(int code, const double *r, const uint8_t *fin, char
     } else {
         for (size_t i = 0; i < n; i++) fu[i] = d2f_odd(r[i]);
     }
-    return store32(code, f, fin, dst, n);
+    return store32(code, f, dst, n);
+}
+
+/* The rare path: outputs just written that are inf or NaN where both inputs are finite (c, p: the widened inputs,
+ * fp32 or fp64 by wide64). */
+static size_t count_new(int code, const char *dst, const void *c, const void *p, int wide64, size_t n)
+{
+    size_t count = 0;
+    for (size_t i = 0; i < n; i++) {
+        int out_bad, in_ok;
+        if (code == F64 || code == F32) {
+            uint64_t u = 0;
+            memcpy(&u, dst + i * SIZE[code], SIZE[code]);
+            out_bad = code == F64 ? (u & 0x7fffffffffffffffull) >= 0x7ff0000000000000ull
+                                  : (u & 0x7fffffffu) >= 0x7f800000u;
+        } else {
+            uint16_t h;
+            memcpy(&h, dst + i * 2, 2);
+            out_bad = (h & 0x7fffu) >= (code == F16 ? 0x7c00u : 0x7f80u);
+        }
+        if (wide64)
+            in_ok = __builtin_isfinite(((const double *)c)[i]) && __builtin_isfinite(((const double *)p)[i]);
+        else
+            in_ok = __builtin_isfinite(((const float *)c)[i]) && __builtin_isfinite(((const float *)p)[i]);
+        count += out_bad && in_ok;
+    }
+    return count;
 }
 
 /* ---- the pass --------------------------------------------------------------------------------------------- */
@@ -210,7 +222,6 @@ typedef struct {
 static void run32(const Job *job)
 {
     float c[BLOCK], p[BLOCK], r[BLOCK];
-    uint8_t fin[BLOCK];
     int copy_only = job->oc == job->cc;
     for (int k = 0; k < job->nalpha; k++) copy_only &= job->alphas[k] == 0.0;
     size_t ps = SIZE[job->pc], cs = SIZE[job->cc], os = SIZE[job->oc];
@@ -220,18 +231,20 @@ static void run32(const Job *job)
         if (!copy_only) {
             widen32(job->cc, cb, c, m);
             widen32(job->pc, job->prev + start * ps, p, m);
-            finite32(c, p, fin, m);
         }
         for (int k = 0; k < job->nalpha; k++) {
             char *o = job->outs[k] + start * os;
             float a = (float)job->alphas[k];
             if (a == 0.0f && job->oc == job->cc) { /* cur's own bytes, NaN payloads included */
                 memcpy(o, cb, m * os);
-            } else if (a == 0.0f) {
-                job->found[k] += store32(job->oc, c, fin, o, m);
             } else {
-                formula32(c, p, a, r, m);
-                job->found[k] += store32(job->oc, r, fin, o, m);
+                const float *v = c; /* alpha 0: cur, rounded once */
+                if (a != 0.0f) {
+                    formula32(c, p, a, r, m);
+                    v = r;
+                }
+                if (store32(job->oc, v, o, m))
+                    job->found[k] += count_new(job->oc, o, c, p, 0, m);
             }
         }
     }
@@ -240,7 +253,6 @@ static void run32(const Job *job)
 static void run64(const Job *job)
 {
     double c[BLOCK], p[BLOCK], r[BLOCK];
-    uint8_t fin[BLOCK];
     int copy_only = job->oc == job->cc;
     for (int k = 0; k < job->nalpha; k++) copy_only &= job->alphas[k] == 0.0;
     size_t ps = SIZE[job->pc], cs = SIZE[job->cc], os = SIZE[job->oc];
@@ -250,18 +262,20 @@ static void run64(const Job *job)
         if (!copy_only) {
             widen64(job->cc, cb, c, m);
             widen64(job->pc, job->prev + start * ps, p, m);
-            finite64(c, p, fin, m);
         }
         for (int k = 0; k < job->nalpha; k++) {
             char *o = job->outs[k] + start * os;
             double a = job->alphas[k];
             if (a == 0.0 && job->oc == job->cc) {
                 memcpy(o, cb, m * os);
-            } else if (a == 0.0) {
-                job->found[k] += store64(job->oc, c, fin, o, m);
             } else {
-                formula64(c, p, a, r, m);
-                job->found[k] += store64(job->oc, r, fin, o, m);
+                const double *v = c; /* alpha 0: cur, rounded once */
+                if (a != 0.0) {
+                    formula64(c, p, a, r, m);
+                    v = r;
+                }
+                if (store64(job->oc, v, o, m))
+                    job->found[k] += count_new(job->oc, o, c, p, 1, m);
             }
         }
     }
