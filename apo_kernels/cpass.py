@@ -22,6 +22,7 @@ except ImportError:  # built without a compiler (or not built in a source checko
 _CODES = {"F16": 0, "BF16": 1, "F32": 2, "F64": 3}  # the C code's dtype numbers
 assert set(_CODES) == set(KERNEL_NAMES), "apo_kernels/_cpass.c knows exactly the kernel dtypes"
 
+_GROUP = 64  # MAX_ALPHAS in _cpass.c
 Into = Callable[..., list[int]]  # extrapolate_into's signature
 
 
@@ -47,9 +48,14 @@ def extrapolate_into(
             raise TypeError(f"dtype {name!r} is not one of {', '.join(KERNEL_NAMES)}")
     wide = np.float64 if "F64" in (out_dtype, prev_dtype, cur_dtype) else np.float32
     rounded = [numpy_twin.round_alpha(a, wide) for a in alphas]
-    return _cpass.extrapolate_into(
-        list(outs), _CODES[out_dtype], prev, _CODES[prev_dtype], cur, _CODES[cur_dtype], rounded
-    )
+    outs, found = list(outs), []
+    codes = _CODES[out_dtype], _CODES[prev_dtype], _CODES[cur_dtype]
+    for i in range(0, len(rounded), _GROUP):  # the C code takes up to 64 alphas per call
+        group = slice(i, i + _GROUP)
+        found += _cpass.extrapolate_into(outs[group], codes[0], prev, codes[1], cur, codes[2], rounded[group])
+    if len(outs) != len(rounded):
+        raise ValueError("one output per alpha")
+    return found
 
 
 def best() -> Into:

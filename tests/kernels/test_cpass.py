@@ -161,6 +161,17 @@ def test_empty_and_block_edges_equal_numpy_twin():
 
 
 @built
+def test_more_alphas_than_one_call_takes():
+    prev, cur = randoms((3000,), FP32, BF16)
+    alphas = [0.01 * k for k in range(70)]  # the C code takes 64 per call
+    outs, found = run(cpass.extrapolate_into, prev, cur, alphas, BF16)
+    twins, twin_found = run(numpy_twin.extrapolate_into, prev, cur, alphas, BF16)
+    for out, twin in zip(outs, twins):
+        assert_bits_equal(out, twin)
+    assert found == twin_found
+
+
+@built
 def test_refuses_bad_buffers_and_leaves_inputs_alone():
     x = np.zeros(8, np.uint8)
     with pytest.raises(ValueError, match="same number of elements"):
