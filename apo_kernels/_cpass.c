@@ -367,4 +367,11 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpass", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__cpass(void) { return PyModule_Create(&module); }
+/* VERSION: bumped with any change of behaviour, so that a stale build in a source tree is not used (cpass.py). */
+PyMODINIT_FUNC PyInit__cpass(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "VERSION", 1) < 0)
+        Py_CLEAR(m);
+    return m;
+}

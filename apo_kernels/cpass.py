@@ -14,10 +14,14 @@ import numpy as np
 from apo_kernels import numpy_twin
 from apo_kernels.dtypes import KERNEL_NAMES
 
+_VERSION = 1  # VERSION in _cpass.c: a build left from older C source in a checkout is not used
+
 try:
     from apo_kernels import _cpass
 except ImportError:  # built without a compiler (or not built in a source checkout): the numpy twin computes
     _cpass = None
+if getattr(_cpass, "VERSION", None) != _VERSION:
+    _cpass = None  # stale: rebuild with pip install -e . (or python setup.py build_ext --inplace)
 
 _CODES = {"F16": 0, "BF16": 1, "F32": 2, "F64": 3}  # the C code's dtype numbers
 assert set(_CODES) == set(KERNEL_NAMES), "apo_kernels/_cpass.c knows exactly the kernel dtypes"
