@@ -3,9 +3,9 @@
 - read (``read.Reader``): pread into a small ring of reusable buffers (``chunks.Ring``, pinned when the GPU
   computes): anonymous memory does not grow with checkpoint size and no input page is mapped. A ``Prefetcher``
   (apo_merge.io.prefetch) streams the inputs into the page cache ahead of these reads.
-- compute (``compute``): on the CPU, worker threads running apo_kernels' numpy twin on the byte buffers (torch
-  is not even imported: its start-up alone would cost a third of a 1 GB merge on two cores), or torch's twin
-  when fp16 is involved (numpy has no fast fp16 conversion); on a GPU, pinned slots, two CUDA streams with their
+- compute (``compute``): on the CPU, worker threads running apo_kernels' compiled pass (else its numpy twin) on
+  the byte buffers (torch is not even imported: its start-up alone would cost a third of a 1 GB merge on two
+  cores); without the compiled pass, torch's twin when fp16 is involved (numpy has no fast fp16 conversion); on a GPU, pinned slots, two CUDA streams with their
   own device buffers (copies of one chunk overlap the kernel of the other) and an event per chunk that the
   writer waits on, so the compute thread never synchronises. A kernel on torch tensors can be passed instead
   (default on a GPU: apo_kernels' ``extrapolate_``); on the CPU it runs with one torch thread per worker

@@ -1,8 +1,10 @@
 """Compute stages: each takes filled slots from the reader, writes every alpha's output bytes into the slot and
 hands it to the writer, counting the outputs that became inf or NaN from finite inputs (``found``, per output).
 
-- ``NumpyCompute``: apo_kernels' numpy twin on the byte buffers (torch is not even imported).
-- ``TorchCompute``: a kernel on torch tensors over the same buffers (fp16 involved, or a kernel passed in).
+- ``NumpyCompute``: on the byte buffers, apo_kernels' compiled pass (``apo_kernels.cpass``, one fused pass per
+  chunk, GIL released) where the install built it, else the numpy twin; same bytes, torch not even imported.
+- ``TorchCompute``: a kernel on torch tensors over the same buffers (a kernel passed in, or fp16 without the
+  compiled pass).
 - ``CudaCompute``: pinned slots, two CUDA streams with their own device buffers, an event per chunk.
 """
 
@@ -12,7 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from apo_kernels.numpy_twin import extrapolate_into
+from apo_kernels import cpass
 from apo_merge.engine.chunks import Lanes, Task
 from apo_merge.engine.device import on
 from apo_merge.engine.runner import StageRunner
@@ -48,11 +50,15 @@ class Compute:
 
 
 class NumpyCompute(Compute):
+    def __init__(self, runner: StageRunner, lanes: Lanes, alphas: Sequence[float]) -> None:
+        super().__init__(runner, lanes, alphas)
+        self.into = cpass.best()  # the compiled pass if built, else the numpy twin: the same bytes and counts
+
     def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
         slot, piece = task.slot, task.piece
         ob, pb, cb = task.nbytes()
         outs = [o[:ob] for o in slot.outs[: len(alphas)]]
-        return extrapolate_into(
+        return self.into(
             outs, piece.dtype, slot.prev[:pb], piece.prev[1].dtype, slot.cur[:cb], piece.cur[1].dtype, alphas
         )
 

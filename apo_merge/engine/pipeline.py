@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from apo_kernels import cpass
 from apo_merge.engine.chunks import Lanes, Ring, tasks, widest
 from apo_merge.engine.compute import Compute, CudaCompute, Kernel, NumpyCompute, TorchCompute
 from apo_merge.engine.device import is_gpu, on
@@ -30,7 +31,7 @@ class EngineStats:
 class Hooks:
     """What a run is given besides its plans, device and tuning; every field is optional."""
 
-    kernel: Kernel | None = None  # computes each chunk (default: the numpy twin on the CPU, else apo_kernels')
+    kernel: Kernel | None = None  # computes each chunk (default: the compiled pass or numpy twin on the CPU)
     prefetcher: Prefetcher | None = None  # the one the caller may have started already (the CLI does, first thing)
     progress: Callable[[int], None] | None = None  # called with each count of bytes written
     on_read: OnRead | None = None  # called on the reader thread after each read of an input file
@@ -42,7 +43,8 @@ def execute(
     """Write every file of ``plan`` into ``out_dir`` (which must exist and be empty of those names).
 
     ``device`` is where to compute, as ``resolve_device`` returned it. ``hooks.kernel`` computes each chunk
-    (default: apo_kernels' numpy twin on the CPU, its ``extrapolate_`` on a GPU or when fp16 is involved);
+    (default on the CPU: apo_kernels' compiled pass, else its numpy twin, or its ``extrapolate_`` when fp16 is
+    involved and the pass is not built; on a GPU its ``extrapolate_``);
     ``hooks.on_read(path, offset, data)`` is called on the reader thread after each read of an input file:
     ``data`` holds the bytes at absolute ``offset`` and is valid only during the call (e.g. to hash the inputs).
     ``tuning`` sets the engine's sizes (default: the enclosing ``use_tuning`` block's, else ``Tuning()``); the
@@ -77,7 +79,7 @@ def execute_many(
     hooks = replace(hooks, prefetcher=hooks.prefetcher or Prefetcher())
     hooks.prefetcher.prefetch([h.path for h in first.prev.files], [h.path for h in first.cur.files])
     tuning = tuning or current_tuning()
-    if device == "cpu" and hooks.kernel is None and not _has_fp16(first):  # the numpy twin: no torch
+    if device == "cpu" and hooks.kernel is None and (cpass.available() or not _has_fp16(first)):  # no torch
         return _Merge(plans, out_dirs, device, tuning).run(hooks)
     from apo_merge.shell import import_torch
 
@@ -141,6 +143,7 @@ class _Merge:
 
 
 def _has_fp16(plan: MergePlan) -> bool:
-    """Whether any computed tensor reads or writes fp16: numpy converts fp16 an element at a time, 8x slower than
-    torch's twin (measured 7.9 against 1.0 ns per element for fp16 -> fp16), which outweighs torch's start-up."""
+    """Whether any computed tensor reads or writes fp16: without the compiled pass, numpy converts fp16 an element
+    at a time, 8x slower than torch's twin (measured 7.9 against 1.0 ns per element for fp16 -> fp16), which
+    outweighs torch's start-up. The compiled pass converts fp16 as fast as torch (docs/performance.md)."""
     return any("F16" in (p.dtype, p.prev[1].dtype, p.cur[1].dtype) for f in plan.files for p in f.pieces if p.prev)

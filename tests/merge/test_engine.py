@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import apo_kernels
 import apo_merge
-import apo_merge.engine.compute as compute
+from apo_kernels import cpass, numpy_twin
 from apo_kernels import extrapolate_ as kernel_extrapolate_
 from apo_merge.api import Hooks, run_merge, run_merges
 from apo_merge.engine import Tuning, use_tuning
@@ -271,9 +271,11 @@ def test_cpu_merge_and_verify_never_import_torch(tiny_checkpoints, tmp_path, dev
         assert p.returncode == 0, p.stderr
 
 
-_numpy_into = compute.extrapolate_into  # the original, for the spy below
+_numpy_into = numpy_twin.extrapolate_into  # the originals, for the spies below
+_compiled_into = cpass.extrapolate_into
 
 
+@pytest.mark.parametrize("built", [True, False], ids=["compiled", "not-built"])
 @pytest.mark.parametrize(
     ("cur_dtype", "out", "twin"),
     [
@@ -283,18 +285,23 @@ _numpy_into = compute.extrapolate_into  # the original, for the spy below
         (torch.bfloat16, "fp16", "torch"),
     ],
 )
-def test_cpu_twin_choice_by_dtype_same_bytes(tmp_path, monkeypatch, cur_dtype, out, twin):
-    """numpy's fp16 conversions run an element at a time (8x slower than torch's): fp16 merges take torch's twin.
-    Either twin writes the same bytes."""
+def test_cpu_twin_choice_by_dtype_same_bytes(tmp_path, monkeypatch, cur_dtype, out, twin, built):
+    """The compiled pass computes every dtype where the install built it. Without it, numpy's fp16 conversions run
+    an element at a time (8x slower than torch's): fp16 merges take torch's twin. All write the same bytes."""
+    if built and not cpass.available():
+        pytest.skip("apo_kernels._cpass is not built")
+    if not built:
+        monkeypatch.setattr(cpass, "_cpass", None)
     prev = make_checkpoint(tmp_path / "prev", seed=0, dtype=torch.float32)
     cur = make_checkpoint(tmp_path / "cur", seed=1, dtype=cur_dtype)
     used = []
-    monkeypatch.setattr(compute, "extrapolate_into", lambda *a: used.append("numpy") or _numpy_into(*a))
+    monkeypatch.setattr(numpy_twin, "extrapolate_into", lambda *a: used.append("numpy") or _numpy_into(*a))
+    monkeypatch.setattr(cpass, "extrapolate_into", lambda *a: used.append("compiled") or _compiled_into(*a))
     # The engine takes apo_kernels' extrapolate_ when it loads torch's twin.
     monkeypatch.setattr(apo_kernels, "extrapolate_", lambda *a: used.append("torch") or kernel_extrapolate_(*a))
     options = MergeOptions(0.3, device="cpu", dtype=out)
     run_merge(prev, cur, options, tmp_path / "auto")
-    assert set(used) == {twin}
+    assert set(used) == {"compiled" if built else twin}
     run_merge(
         prev, cur, options, tmp_path / "forced", hooks=Hooks(kernel=kernel_extrapolate_)
     )  # the torch twin, always

@@ -1,0 +1,377 @@
+/* The compiled CPU pass: cur + alpha * (cur - prev) for every (prev, cur, out) dtype triple in one pass over the
+ * buffers, several alphas sharing the widening, with the contract of apo_kernels (see its __init__) bit for bit.
+ *
+ * Work goes in blocks of BLOCK elements that stay in L1: widen prev and cur into the compute dtype once, then per
+ * alpha compute r = cur + alpha * (cur - prev) and round r once into the output, counting new non-finite results.
+ * The loops are branch-free so that the compiler vectorises them (SSE2 / NEON baseline, AVX2 clone on x86-64).
+ *
+ * Exactness: built with -ffp-contract=off and without -ffast-math, so d, t and r are each rounded in the compute
+ * dtype and no multiply-add is fused (tests/kernels/test_cpass.py checks the machine code and the results).
+ * Conversions to and from 16 bits are integer code (round to nearest-even, subnormals, overflow to inf); fp64 to
+ * 16 bits goes through fp32 rounded to odd, which makes the second rounding a correct single one. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { F16 = 0, BF16 = 1, F32 = 2, F64 = 3 };
+static const int SIZE[4] = {2, 2, 4, 8};
+#define BLOCK 1024
+#define MAX_ALPHAS 64
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint64_t f64_bits(double f) { uint64_t u; memcpy(&u, &f, 8); return u; }
+
+/* fp16 bits -> fp32 bits, exact. Subnormals: m * 2**-24 is exact in fp32 (m < 2**10). */
+static inline uint32_t h2f(uint32_t h)
+{
+    uint32_t s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t normal = s | ((e + 112u) << 23) | (m << 13);
+    uint32_t special = s | 0x7f800000u | (m << 13);
+    uint32_t sub = s | f32_bits((float)(int32_t)m * 0x1p-24f);
+    uint32_t is_sub = 0u - (uint32_t)(e == 0u), is_special = 0u - (uint32_t)(e == 31u); /* masks: no branches */
+    return (sub & is_sub) | (special & is_special) | (normal & ~(is_sub | is_special));
+}
+
+/* fp32 bits -> fp16 bits, nearest-even, subnormals, overflow to inf, canonical NaN. Normal results: integer
+ * rounding of the 13 dropped bits. Subnormal results (|x| < 2**-14): |x| + 0.5 in fp32, whose ulp is 2**-24, the
+ * fp16 subnormal step, so the hardware's nearest-even addition is exactly the wanted rounding (also under
+ * flush-to-zero: the sum is normal) and the low bits are the fp16 bits, 0x400 when it rounds up to 2**-14. */
+static inline uint32_t f2h(uint32_t u)
+{
+    uint32_t s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    uint32_t n = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13; /* rebias, round the 13 bits */
+    n = n < 0x7c00u ? n : 0x7c00u;
+    uint32_t q = f32_bits(bits_f32(a) + 0.5f) - 0x3f000000u;
+    uint32_t is_normal = 0u - (uint32_t)(a >= (113u << 23)), is_nan = 0u - (uint32_t)(a > 0x7f800000u);
+    uint32_t r = ((n & is_normal) | (q & ~is_normal)) | s;
+    return (0x7e00u & is_nan) | (r & ~is_nan);
+}
+
+/* fp32 bits -> bf16 bits: add 0x7FFF plus the kept part's lowest bit, drop 16 bits; canonical NaN. */
+static inline uint32_t f2bf(uint32_t u)
+{
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r;
+}
+
+/* fp64 -> fp32 bits rounded to odd: nearest-even, then a magnitude rounded up is stepped down to truncation and the
+ * lowest bit set where inexact. */
+static inline uint32_t d2f_odd(double x)
+{
+    float f = (float)x;
+    double back = (double)f;
+    uint32_t inexact = back != x;
+    uint32_t up = inexact & (__builtin_fabs(back) > __builtin_fabs(x));
+    return (f32_bits(f) - up) | inexact;
+}
+
+/* ---- blocks with fp32 math -------------------------------------------------------------------------------- */
+
+CLONES static void widen32(int code, const char *src, float *dst, size_t n)
+{
+    uint32_t *u = (uint32_t *)dst;
+    if (code == F32) {
+        memcpy(dst, src, n * 4);
+    } else {
+        uint16_t h[BLOCK];
+        memcpy(h, src, n * 2);
+        if (code == BF16)
+            for (size_t i = 0; i < n; i++) u[i] = (uint32_t)h[i] << 16;
+        else
+            for (size_t i = 0; i < n; i++) u[i] = h2f(h[i]);
+    }
+}
+
+CLONES static void formula32(const float *c, const float *p, float a, float *r, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        float d = c[i] - p[i];
+        float t = a * d;
+        r[i] = c[i] + t;
+    }
+}
+
+/* Round r into the output; returns nonzero where any output is inf or NaN (then count_new counts exactly). */
+CLONES static uint32_t store32(int code, const float *r, char *dst, size_t n)
+{
+    const uint32_t *u = (const uint32_t *)r;
+    uint32_t any = 0;
+    if (code == F32) {
+        uint32_t o[BLOCK];
+        for (size_t i = 0; i < n; i++) {
+            uint32_t a = u[i] & 0x7fffffffu;
+            o[i] = a > 0x7f800000u ? 0x7fc00000u : u[i];
+            any |= a >= 0x7f800000u;
+        }
+        memcpy(dst, o, n * 4);
+    } else {
+        uint16_t o[BLOCK];
+        if (code == BF16)
+            for (size_t i = 0; i < n; i++) {
+                uint32_t h = f2bf(u[i]);
+                o[i] = (uint16_t)h;
+                any |= (h & 0x7fffu) >= 0x7f80u;
+            }
+        else
+            for (size_t i = 0; i < n; i++) {
+                uint32_t h = f2h(u[i]);
+                o[i] = (uint16_t)h;
+                any |= (h & 0x7fffu) >= 0x7c00u;
+            }
+        memcpy(dst, o, n * 2);
+    }
+    return any;
+}
+
+/* ---- blocks with fp64 math -------------------------------------------------------------------------------- */
+
+CLONES static void widen64(int code, const char *src, double *dst, size_t n)
+{
+    if (code == F64) {
+        memcpy(dst, src, n * 8);
+    } else if (code == F32) {
+        float f[BLOCK];
+        memcpy(f, src, n * 4);
+        for (size_t i = 0; i < n; i++) dst[i] = (double)f[i];
+    } else {
+        float f[BLOCK];
+        widen32(code, src, f, n);
+        for (size_t i = 0; i < n; i++) dst[i] = (double)f[i];
+    }
+}
+
+CLONES static void formula64(const double *c, const double *p, double a, double *r, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        double d = c[i] - p[i];
+        double t = a * d;
+        r[i] = c[i] + t;
+    }
+}
+
+CLONES static uint32_t store64(int code, const double *r, char *dst, size_t n)
+{
+    if (code == F64) {
+        const uint64_t *u = (const uint64_t *)r;
+        uint64_t o[BLOCK];
+        uint32_t any = 0;
+        for (size_t i = 0; i < n; i++) {
+            uint64_t a = u[i] & 0x7fffffffffffffffull;
+            o[i] = a > 0x7ff0000000000000ull ? 0x7ff8000000000000ull : u[i];
+            any |= a >= 0x7ff0000000000000ull;
+        }
+        memcpy(dst, o, n * 8);
+        return any;
+    }
+    float f[BLOCK];
+    uint32_t *fu = (uint32_t *)f;
+    if (code == F32) {
+        for (size_t i = 0; i < n; i++) f[i] = (float)r[i]; /* nearest-even, subnormals, overflow to inf */
+    } else {
+        for (size_t i = 0; i < n; i++) fu[i] = d2f_odd(r[i]);
+    }
+    return store32(code, f, dst, n);
+}
+
+/* The rare path: outputs just written that are inf or NaN where both inputs are finite (c, p: the widened inputs,
+ * fp32 or fp64 by wide64). */
+static size_t count_new(int code, const char *dst, const void *c, const void *p, int wide64, size_t n)
+{
+    size_t count = 0;
+    for (size_t i = 0; i < n; i++) {
+        int out_bad, in_ok;
+        if (code == F64 || code == F32) {
+            uint64_t u = 0;
+            memcpy(&u, dst + i * SIZE[code], SIZE[code]);
+            out_bad = code == F64 ? (u & 0x7fffffffffffffffull) >= 0x7ff0000000000000ull
+                                  : (u & 0x7fffffffu) >= 0x7f800000u;
+        } else {
+            uint16_t h;
+            memcpy(&h, dst + i * 2, 2);
+            out_bad = (h & 0x7fffu) >= (code == F16 ? 0x7c00u : 0x7f80u);
+        }
+        if (wide64)
+            in_ok = __builtin_isfinite(((const double *)c)[i]) && __builtin_isfinite(((const double *)p)[i]);
+        else
+            in_ok = __builtin_isfinite(((const float *)c)[i]) && __builtin_isfinite(((const float *)p)[i]);
+        count += out_bad && in_ok;
+    }
+    return count;
+}
+
+/* ---- the pass --------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const char *prev, *cur;
+    char **outs;
+    int pc, cc, oc, nalpha;
+    const double *alphas;
+    size_t n;
+    size_t *found;
+} Job;
+
+static void run32(const Job *job)
+{
+    float c[BLOCK], p[BLOCK], r[BLOCK];
+    int copy_only = job->oc == job->cc;
+    for (int k = 0; k < job->nalpha; k++) copy_only &= job->alphas[k] == 0.0;
+    size_t ps = SIZE[job->pc], cs = SIZE[job->cc], os = SIZE[job->oc];
+    for (size_t start = 0; start < job->n; start += BLOCK) {
+        size_t m = job->n - start < BLOCK ? job->n - start : BLOCK;
+        const char *cb = job->cur + start * cs;
+        if (!copy_only) {
+            widen32(job->cc, cb, c, m);
+            widen32(job->pc, job->prev + start * ps, p, m);
+        }
+        for (int k = 0; k < job->nalpha; k++) {
+            char *o = job->outs[k] + start * os;
+            float a = (float)job->alphas[k];
+            if (a == 0.0f && job->oc == job->cc) { /* cur's own bytes, NaN payloads included */
+                memcpy(o, cb, m * os);
+            } else {
+                const float *v = c; /* alpha 0: cur, rounded once */
+                if (a != 0.0f) {
+                    formula32(c, p, a, r, m);
+                    v = r;
+                }
+                if (store32(job->oc, v, o, m))
+                    job->found[k] += count_new(job->oc, o, c, p, 0, m);
+            }
+        }
+    }
+}
+
+static void run64(const Job *job)
+{
+    double c[BLOCK], p[BLOCK], r[BLOCK];
+    int copy_only = job->oc == job->cc;
+    for (int k = 0; k < job->nalpha; k++) copy_only &= job->alphas[k] == 0.0;
+    size_t ps = SIZE[job->pc], cs = SIZE[job->cc], os = SIZE[job->oc];
+    for (size_t start = 0; start < job->n; start += BLOCK) {
+        size_t m = job->n - start < BLOCK ? job->n - start : BLOCK;
+        const char *cb = job->cur + start * cs;
+        if (!copy_only) {
+            widen64(job->cc, cb, c, m);
+            widen64(job->pc, job->prev + start * ps, p, m);
+        }
+        for (int k = 0; k < job->nalpha; k++) {
+            char *o = job->outs[k] + start * os;
+            double a = job->alphas[k];
+            if (a == 0.0 && job->oc == job->cc) {
+                memcpy(o, cb, m * os);
+            } else {
+                const double *v = c; /* alpha 0: cur, rounded once */
+                if (a != 0.0) {
+                    formula64(c, p, a, r, m);
+                    v = r;
+                }
+                if (store64(job->oc, v, o, m))
+                    job->found[k] += count_new(job->oc, o, c, p, 1, m);
+            }
+        }
+    }
+}
+
+static int overlaps(const Py_buffer *a, const Py_buffer *b)
+{
+    const char *a0 = a->buf, *b0 = b->buf;
+    return a->len && b->len && a0 < b0 + b->len && b0 < a0 + a->len;
+}
+
+/* extrapolate_into(outs, out_code, prev, prev_code, cur, cur_code, alphas) -> list of counts. alphas are already
+ * rounded to the compute dtype (exact as Python floats); codes: 0 F16, 1 BF16, 2 F32, 3 F64. */
+static PyObject *extrapolate_into(PyObject *self, PyObject *args)
+{
+    PyObject *outs_obj, *alphas_obj, *result = NULL;
+    int oc, pc, cc;
+    Py_buffer prev = {0}, cur = {0}, outs[MAX_ALPHAS];
+    int nbuf = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Oiy*iy*iO", &outs_obj, &oc, &prev, &pc, &cur, &cc, &alphas_obj))
+        return NULL;
+    PyObject *outs_seq = PySequence_Fast(outs_obj, "outs must be a sequence");
+    PyObject *alphas_seq = outs_seq ? PySequence_Fast(alphas_obj, "alphas must be a sequence") : NULL;
+    if (!alphas_seq)
+        goto done;
+    Py_ssize_t nalpha = PySequence_Fast_GET_SIZE(alphas_seq);
+    if (oc < 0 || oc > 3 || pc < 0 || pc > 3 || cc < 0 || cc > 3) {
+        PyErr_SetString(PyExc_TypeError, "dtype code out of range");
+        goto done;
+    }
+    if (PySequence_Fast_GET_SIZE(outs_seq) != nalpha || nalpha > MAX_ALPHAS) {
+        PyErr_Format(PyExc_ValueError, "one output per alpha, at most %d", MAX_ALPHAS);
+        goto done;
+    }
+    double alphas[MAX_ALPHAS];
+    char *out_ptrs[MAX_ALPHAS];
+    size_t found[MAX_ALPHAS] = {0};
+    size_t n = (size_t)cur.len / SIZE[cc];
+    int bad = (size_t)cur.len != n * SIZE[cc] || (size_t)prev.len != n * SIZE[pc];
+    for (Py_ssize_t k = 0; k < nalpha; k++) {
+        alphas[k] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(alphas_seq, k));
+        if (alphas[k] == -1.0 && PyErr_Occurred())
+            goto done;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(outs_seq, k), &outs[k], PyBUF_WRITABLE) < 0)
+            goto done;
+        nbuf++;
+        out_ptrs[k] = outs[k].buf;
+        bad |= (size_t)outs[k].len != n * SIZE[oc];
+    }
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "prev, cur and every out must hold the same number of elements");
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < nalpha; k++)
+        if (overlaps(&outs[k], &prev) || overlaps(&outs[k], &cur)) {
+            PyErr_SetString(PyExc_ValueError, "an output may not share memory with an input");
+            goto done;
+        }
+    Job job = {prev.buf, cur.buf, out_ptrs, pc, cc, oc, (int)nalpha, alphas, n, found};
+    Py_BEGIN_ALLOW_THREADS
+    if (oc == F64 || pc == F64 || cc == F64)
+        run64(&job);
+    else
+        run32(&job);
+    Py_END_ALLOW_THREADS
+    result = PyList_New(nalpha);
+    for (Py_ssize_t k = 0; result && k < nalpha; k++) {
+        PyObject *v = PyLong_FromSize_t(found[k]);
+        if (!v) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyList_SET_ITEM(result, k, v);
+    }
+done:
+    for (int k = 0; k < nbuf; k++) PyBuffer_Release(&outs[k]);
+    PyBuffer_Release(&prev);
+    PyBuffer_Release(&cur);
+    Py_XDECREF(outs_seq);
+    Py_XDECREF(alphas_seq);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"extrapolate_into", extrapolate_into, METH_VARARGS, "The fused pass over byte buffers (apo_kernels.cpass)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpass", NULL, -1, methods};
+
+/* VERSION: bumped with any change of behaviour, so that a stale build in a source tree is not used (cpass.py). */
+PyMODINIT_FUNC PyInit__cpass(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "VERSION", 1) < 0)
+        Py_CLEAR(m);
+    return m;
+}
