@@ -3,6 +3,7 @@ every inconsistency one line with nothing left."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -151,9 +152,12 @@ def test_cur_only_quantized_weight_is_dequantized(tmp_path):
 def test_one_command(tmp_path, keep_sigterm):
     prev = qb.checkpoint(tmp_path / "base-fp8", 0, True)
     cur = qb.checkpoint(tmp_path / "raw-1", 1, False)
-    res = run_cli_in_process(prev, cur, "--alpha", ALPHA, "-o", tmp_path / "apo-1")
+    res = run_cli_in_process(prev, cur, "--alpha", ALPHA, "-o", tmp_path / "apo-1", "--hash-inputs")
     assert res.code == 0, res.stderr
     assert run_cli_in_process("verify", tmp_path / "apo-1").code == 0
+    card = (tmp_path / "apo-1" / "README.md").read_text()
+    for f in sorted(prev.glob("*.safetensors")):  # the inputs' content hashes, read beside the dequantization
+        assert hashlib.sha256(f.read_bytes()).hexdigest() in card
 
 
 def _tamper(folder, edit) -> None:
