@@ -43,9 +43,26 @@ def fp8_values(name: str) -> np.ndarray:
     return out
 
 
+@cache
+def _fp8_pairs(name: str) -> np.ndarray:
+    """Two values per entry, indexed by two bytes read as one little-endian uint16 (512 KiB): one gather per
+    two elements, which is what the read stage spends its time on."""
+    i = np.arange(1 << 16)
+    values = fp8_values(name)
+    return np.stack([values[i & 0xFF], values[i >> 8]], axis=1).view(np.uint64).reshape(-1)
+
+
+def decode(raw: np.ndarray, name: str, out: np.ndarray) -> None:
+    """``out[i] = fp32(raw[i])`` for fp8 bytes ``raw`` of dtype ``name`` (exact: every fp8 value is an fp32)."""
+    half = len(raw) // 2
+    np.take(_fp8_pairs(name), raw[: 2 * half].view(np.uint16), out=out[: 2 * half].view(np.uint64), mode="clip")
+    if len(raw) % 2:
+        out[-1] = fp8_values(name)[raw[-1]]
+
+
 def dequant_block(raw: np.ndarray, begin: int, info: QuantInfo, scale: np.ndarray, out: np.ndarray) -> None:
     """Dequantize ``raw`` (uint8: elements ``begin..`` of ``info``'s flattened 2-D weight) into ``out`` (float32)."""
-    np.take(fp8_values(info.raw_dtype), raw, out=out)
+    decode(raw, info.raw_dtype, out)
     cols = info.shape[1]
     bo, bi = info.block
     pos, idx, n = 0, begin, len(raw)
