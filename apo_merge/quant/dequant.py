@@ -8,6 +8,7 @@ bit what torch's ``w.to(torch.float32) * scale_expanded`` gives, on any device.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from functools import cache
 
@@ -79,22 +80,35 @@ def dequant_block(raw: np.ndarray, begin: int, info: QuantInfo, scale: np.ndarra
         pos, idx = pos + k, idx + k
 
 
+_local = threading.local()  # each compute thread's copy of the raw bytes
+
+
+def dequantize(task) -> None:
+    """The compute stage's part: each quantized side of ``task`` (an engine Task) from the raw bytes the reader
+    left at the front of its slot buffer to fp32 over the same buffer."""
+    for side, info, scale in task.quant:
+        view, count = task.slot.views[side], task.count
+        raw = getattr(_local, "raw", None)
+        if raw is None or raw.size < count:
+            raw = _local.raw = np.empty(count, np.uint8)
+        raw = raw[:count]
+        raw[:] = np.frombuffer(view, np.uint8, count)
+        out = np.frombuffer(view, np.float32, count)  # the slot's bytes: little-endian hosts only, as elsewhere
+        dequant_block(raw, task.begin, info, scale, out)
+
+
 class Dequantizer:
-    """The read stage's dequantization: reads a quantized chunk's bytes and its tensor's scales (kept for the
-    tensor's next chunks; at most one scale tensor per side), writes fp32 into the slot."""
+    """The read stage's part: a quantized chunk's raw bytes into the slot, and its tensor's scales (kept for the
+    tensor's next chunks; at most two scale tensors at a time)."""
 
     def __init__(self, pread: Pread) -> None:
         self.pread = pread
-        self._raw = np.empty(0, np.uint8)
         self._scales: dict[tuple, np.ndarray] = {}
 
-    def read(self, header: FileHeader, info: QuantInfo, view: memoryview, begin: int, count: int) -> None:
-        if self._raw.size < count:
-            self._raw = np.empty(count, np.uint8)
-        raw = self._raw[:count]
-        self.pread(header, memoryview(raw), info.begin + begin)
-        out = np.frombuffer(view, np.float32, count)  # the slot's bytes: little-endian hosts only, as elsewhere
-        dequant_block(raw, begin, info, self._scale(info), out)
+    def read(self, header: FileHeader, info: QuantInfo, view: memoryview, task) -> np.ndarray:
+        """Read ``task``'s raw bytes of ``info`` to the front of ``view``; return the tensor's scales."""
+        self.pread(header, view[: task.count], info.begin + task.begin)
+        return self._scale(info)
 
     def _scale(self, info: QuantInfo) -> np.ndarray:
         sh, si = info.scale
