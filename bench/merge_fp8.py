@@ -7,7 +7,8 @@ The bf16 pair comes from merge_e2e.build_pair (Llama-shaped, a small vocabulary 
 weights); PREV's linear weights are then quantized as DeepSeek's releases are (e4m3, scale = amax / 448 per
 128x128 block, ``weight_scale_inv`` in the same shard, ``quantization_config`` in config.json). Methods alternate
 and read cold: ``floor-tuned`` (merge_e2e's: read both inputs, write CUR's byte count, fsync) and ``apo-cpu``
-(the CLI). Columns as merge_e2e's: wall seconds (median, min-max), ratio to the floor, peak anonymous memory.
+(the CLI), and both again with PREV in bf16 (``-bf16``: the same CUR, the bf16 PREV it was quantized from).
+Columns as merge_e2e's: wall seconds (median, min-max), ratio to the floor, peak anonymous memory.
 """
 
 from __future__ import annotations
@@ -78,11 +79,11 @@ def main() -> None:
     out = args.scratch / "out-fp8"
     moved = sum(p.stat().st_size for p in inputs) + sum(p.stat().st_size for p in merge_e2e.weight_files(cur))
     me = [sys.executable, str(Path(merge_e2e.__file__).resolve()), "--worker"]
-    cmds = {
-        "floor-tuned": me + ["floor-tuned", str(prev), str(cur), str(out)],
-        "apo-cpu": [sys.executable, "-m", "apo_merge", str(prev), str(cur), "--alpha", repr(args.alpha)]
-        + ["-o", str(out), "-q", "--device", "cpu"],
-    }
+    cmds = {}
+    for tag, p in (("", prev), ("-bf16", prev_bf16)):  # the same CUR with the bf16 PREV: how far apo is from it
+        cmds["floor-tuned" + tag] = me + ["floor-tuned", str(p), str(cur), str(out)]
+        cmds["apo-cpu" + tag] = [sys.executable, "-m", "apo_merge", str(p), str(cur), "--alpha", repr(args.alpha)]
+        cmds["apo-cpu" + tag] += ["-o", str(out), "-q", "--device", "cpu"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     print(
         f"inputs {sum(p.stat().st_size for p in inputs) / 1e9:.2f} GB (PREV FP8, CUR bf16), {moved / 1e9:.2f} GB moved"
@@ -93,18 +94,18 @@ def main() -> None:
         for name, cmd in cmds.items():
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
-            evict(inputs)
+            evict(inputs + merge_e2e.weight_files(prev_bf16))
             m = run_measured(cmd, cwd=REPO, env=env, after=lambda: fsync_tree(out))
             if m.returncode != 0:
                 raise SystemExit(f"{name} failed: {m.output_tail}")
             times[name].append(m.seconds)
             anon[name] = max(anon[name], m.peak_anon)
-    floor = statistics.median(times["floor-tuned"])
     for name, ts in times.items():
         med = statistics.median(ts)
+        floor = statistics.median(times["floor-tuned" + ("-bf16" if name.endswith("-bf16") else "")])
         print(
-            f"{name:12s} {med:6.2f} s ({min(ts):.2f}-{max(ts):.2f})  x{med / floor:.2f} floor-tuned  "
-            f"{moved / med / 1e9:.2f} GB/s  anon {anon[name] / 2**20:.0f} MiB"
+            f"{name:17s} {med:6.2f} s ({min(ts):.2f}-{max(ts):.2f})  x{med / floor:.2f} its floor-tuned  "
+            f"anon {anon[name] / 2**20:.0f} MiB"
         )
 
 
