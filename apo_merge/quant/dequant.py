@@ -117,7 +117,12 @@ class Dequantizer:
             if len(self._scales) >= 2:
                 self._scales.clear()
             arr = np.empty(si.shape, np.float32)
-            self.pread(sh, memoryview(arr.reshape(-1).view(np.uint8)), si.begin)
+            if si.dtype == "BF16":  # widened exactly: a bf16 is the top half of an fp32
+                half = np.empty(si.shape, np.uint16)
+                self.pread(sh, memoryview(half.reshape(-1).view(np.uint8)), si.begin)
+                arr.view(np.uint32)[...] = half.astype(np.uint32) << 16
+            else:
+                self.pread(sh, memoryview(arr.reshape(-1).view(np.uint8)), si.begin)
             bad = int(np.count_nonzero(~np.isfinite(arr)))
             if bad:
                 raise MergeError(

@@ -137,10 +137,12 @@ def _quant_info(ckpt: Checkpoint, side: str, weight: tuple[FileHeader, TensorInf
     if len(info.shape) != 2:
         raise MergeError(f"{where}: an FP8 block-scaled weight of shape {list(info.shape)} is not 2-D; not supported")
     want = [math.ceil(info.shape[0] / block[0]), math.ceil(info.shape[1] / block[1])]
-    if scale[1].dtype != "F32" or list(scale[1].shape) != want:
+    if scale[1].dtype not in ("F32", "BF16"):
+        raise MergeError(f"{where}: its scale is {scale[1].dtype}, not F32 or BF16; not supported")
+    if list(scale[1].shape) != want:
         raise MergeError(
-            f"{where}: its scale is {scale[1].dtype} {list(scale[1].shape)} but weight_block_size {list(block)} "
-            f"needs F32 {want}; the config's block size does not match the weights"
+            f"{where}: its scale has shape {list(scale[1].shape)} but weight_block_size {list(block)} needs "
+            f"{want}; the config's block size does not match the weights"
         )
     return QuantInfo(info.name, "F32", info.shape, info.begin, info.end, raw_dtype=info.dtype, block=block, scale=scale)
 

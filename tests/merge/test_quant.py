@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from apo_kernels import extrapolate_
-from apo_merge.api import Hooks, run_merge
+from apo_merge.api import Hooks, run_merge, run_merges
 from apo_merge.engine import Tuning, use_tuning
 from apo_merge.options import MergeOptions
 from apo_merge.quant.dequant import dequant_block, fp8_values
@@ -41,7 +41,7 @@ def reference_dequant(w: torch.Tensor, scale: torch.Tensor, block=(128, 128)) ->
     x = e4m3_f64(w.view(torch.uint8).numpy())
     rows, cols = w.shape
     s = np.repeat(np.repeat(scale.double().numpy(), block[0], 0), block[1], 1)[:rows, :cols]
-    return torch.from_numpy((x * s).astype(np.float32))
+    return torch.from_numpy((x * s).astype(np.float32))  # bf16 scales: .double() of a bf16 is exact too
 
 
 def test_fp8_table_matches_torch():
@@ -116,6 +116,20 @@ def test_merge_every_combination(tmp_path, prev_q, cur_q):
     for side, q in (("prev", prev_q), ("cur", cur_q)):
         assert (f"| {side} dequantized | 4 FP8 block-scaled weights (F8_E4M3, 128x128 blocks)" in card) == q
     verify_output(tmp_path / "out")
+
+
+def test_bf16_scales_and_several_alphas(tmp_path):
+    """Scales stored in bf16 are widened exactly (transformers multiplies by scales.to(float32)); several alphas
+    from one read give each alpha's bytes."""
+    prev = qb.checkpoint(tmp_path / "prev", 0, True)
+    cur = qb.checkpoint(tmp_path / "cur", 1, False)
+    _tamper(prev, lambda t: t.update({k: v.bfloat16() for k, v in t.items() if k.endswith("_scale_inv")}))
+    with use_tuning(Tuning(chunk_elems=500)):
+        reports = run_merges(prev, cur, MergeOptions((0.3, -0.5)), tmp_path / "out{alpha}")
+    p, c = _side(prev), _side(cur)
+    for alpha, report in zip((0.3, -0.5), reports):
+        for name, got in _load(report.output).items():
+            assert_bits_equal(got, contract(p[name], c[name], alpha, torch.bfloat16))
 
 
 def test_torch_kernel_and_fp32_output(tmp_path):
