@@ -135,10 +135,12 @@ def _quant_info(ckpt: Checkpoint, side: str, weight: tuple[FileHeader, TensorInf
             "download every shard again"
         )
     if len(info.shape) != 2:
-        raise MergeError(f"{where}: an FP8 block-scaled weight of shape {list(info.shape)} is not 2-D; not supported")
+        raise MergeError(
+            f"{where}: an FP8 block-scaled weight of shape {list(info.shape)} is not 2-D, which apo-merge does not read; dequantize it to bf16 first"
+        )
     want = [math.ceil(info.shape[0] / block[0]), math.ceil(info.shape[1] / block[1])]
     if scale[1].dtype not in ("F32", "BF16"):
-        raise MergeError(f"{where}: its scale is {scale[1].dtype}, not F32 or BF16; not supported")
+        raise MergeError(f"{where}: its scale is {scale[1].dtype}, not F32 or BF16; dequantize it to bf16 first")
     if list(scale[1].shape) != want:
         raise MergeError(
             f"{where}: its scale has shape {list(scale[1].shape)} but weight_block_size {list(block)} needs "
