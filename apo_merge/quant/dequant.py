@@ -47,7 +47,7 @@ def fp8_values(name: str) -> np.ndarray:
 @cache
 def _fp8_pairs(name: str) -> np.ndarray:
     """Two values per entry, indexed by two bytes read as one little-endian uint16 (512 KiB): one gather per
-    two elements, which is what the read stage spends its time on."""
+    two elements (the gather is most of the dequantization's time)."""
     i = np.arange(1 << 16)
     values = fp8_values(name)
     return np.stack([values[i & 0xFF], values[i >> 8]], axis=1).view(np.uint64).reshape(-1)
