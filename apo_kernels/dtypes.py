@@ -32,6 +32,7 @@ class DType:
     torch: str | None = None  # the torch attribute name ("bfloat16"), resolved on first use
     cli: str | None = None  # its name on the command line (apo-merge --dtype, the trainer's mixed_precision)
     kernel: bool = False  # the kernels read and write it: apo-merge extrapolates it; other dtypes are copied
+    finite_top: bool = False  # the all-ones exponent holds numbers, no inf (OCP E4M3FN: only S.1111.111 is NaN)
 
     @property
     def nonfinite_from(self) -> int:
@@ -60,8 +61,8 @@ DTYPES: tuple[DType, ...] = (
     DType("BOOL", 1, numpy="bool", torch="bool"),
     DType("U8", 1, numpy="uint8", torch="uint8"),
     DType("I8", 1, numpy="int8", torch="int8"),
-    DType("F8_E4M3", 1, floating=True, bits=(1, 4, 3), torch="float8_e4m3fn"),
-    DType("F8_E5M2", 1, floating=True, bits=(1, 5, 2), torch="float8_e5m2"),
+    DType("F8_E4M3", 1, floating=True, bits=(1, 4, 3), nan=0x7F, torch="float8_e4m3fn", finite_top=True),
+    DType("F8_E5M2", 1, floating=True, bits=(1, 5, 2), nan=0x7E, torch="float8_e5m2"),
     DType("F8_E8M0", 1, floating=True, bits=(0, 8, 0), torch="float8_e8m0fnu"),
     DType("F8_E4M3FNUZ", 1, floating=True, bits=(1, 4, 3), torch="float8_e4m3fnuz"),
     DType("F8_E5M2FNUZ", 1, floating=True, bits=(1, 5, 2), torch="float8_e5m2fnuz"),

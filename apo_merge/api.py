@@ -29,6 +29,7 @@ from apo_merge.io.files import remove
 from apo_merge.io.output import StagedFolder
 from apo_merge.options import MergeOptions
 from apo_merge.plan import Layout, make_plan
+from apo_merge.quant import layout as quant
 
 if TYPE_CHECKING:
     from apo_merge.engine import Kernel
@@ -210,6 +211,8 @@ def _merge_checkpoints(
         reports = []
         for o, plan, st, tmp, out in zip(each, plans, stats, tmps, outs):
             copied, skipped = copy_side_files(ckpt_cur.root, ckpt_cur.weight_file_names, src_cur.trusted_root, tmp)
+            if "CUR" in plan.dequantized:  # the output's weights are not quantized: its config must not say so
+                quant.strip_config(tmp)
             info = card.CardInfo(
                 alpha=o.alpha,
                 prev=prev_name,
@@ -218,6 +221,7 @@ def _merge_checkpoints(
                 files={f.name: (f.size, st.sha256[f.name]) for f in plan.files},
                 base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
                 input_hashes=input_hashes,
+                rows=quant.card_rows(plan.dequantized),
             )
             write_card(tmp, out, plan.index, info)
             reports.append(

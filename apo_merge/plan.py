@@ -15,6 +15,7 @@ from apo_merge.errors import MergeError, shown
 from apo_merge.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from apo_merge.io.header import FileHeader, TensorInfo
 from apo_merge.options import MergeOptions
+from apo_merge.quant.layout import QuantInfo, fold
 
 _MAX_LISTED = 10
 
@@ -80,6 +81,7 @@ class MergePlan(Layout):
     alpha: float
     copied_cur_only: list[str] = field(default_factory=list)
     ignored_prev_only: list[str] = field(default_factory=list)
+    dequantized: dict[str, str] = field(default_factory=dict)  # "PREV" / "CUR" -> what was read as fp32
 
     @property
     def n_extrapolated(self) -> int:
@@ -190,8 +192,10 @@ def make_plan(
     on_missing = options.on_missing
     if not cur.tensors:
         raise MergeError(f"CUR {cur.label}: holds no tensors; give a checkpoint with weights")
-    cur_only = [n for n in cur.tensors if n not in prev.tensors]
-    prev_only = [n for n in prev.tensors if n not in cur.tensors]
+    folded = {"PREV": fold(prev, "PREV"), "CUR": fold(cur, "CUR")}  # quantized weights + scales -> fp32 sources
+    prev_t, cur_t = folded["PREV"].tensors, folded["CUR"].tensors
+    cur_only = [n for n in cur_t if n not in prev_t]
+    prev_only = [n for n in prev_t if n not in cur_t]
     if on_missing == "error" and (cur_only or prev_only):
         parts = []
         if cur_only:
@@ -203,9 +207,9 @@ def make_plan(
             "use --on-missing copy to copy CUR-only tensors unchanged"
         )
     mismatched = [
-        f"{short(n)} {list(prev.tensors[n][1].shape)} vs {list(info.shape)}"
-        for n, (_, info) in cur.tensors.items()
-        if n in prev.tensors and prev.tensors[n][1].shape != info.shape
+        f"{short(n)} {list(prev_t[n][1].shape)} vs {list(info.shape)}"
+        for n, (_, info) in cur_t.items()
+        if n in prev_t and prev_t[n][1].shape != info.shape
     ]
     if mismatched:
         raise MergeError(
@@ -214,11 +218,15 @@ def make_plan(
         )
 
     pieces = []  # in CUR's layout order, not yet placed
-    for name, (header, info) in cur.tensors.items():
-        p = prev.tensors.get(name)
+    for name, (header, info) in cur_t.items():
+        p = prev_t.get(name)
         where = f" (PREV {p[0].path}, CUR {header.path})" if p else f" (CUR {header.path})"  # which input, which file
         out_dtype, extrapolated = output_dtype(name, info, p[1] if p else None, options.dtype, where)
-        convert = not extrapolated and out_dtype != info.dtype  # CUR-only float tensor under --dtype
+        quantized = isinstance(info, QuantInfo)
+        if quantized and options.dtype == "keep":
+            out_dtype = "BF16"  # a quantized CUR weight keeps no dtype of its own: bf16, as the release's others
+        # CUR-only float tensor under --dtype, or quantized (its bytes are never the output's)
+        convert = not extrapolated and (out_dtype != info.dtype or quantized)
         source = p if extrapolated else (header, info) if convert else None
         pieces.append(Piece(name, out_dtype, info.shape, 0, (header, info), source, convert))
     layout = lay_out(pieces, cur, options.max_shard_size, metadata or {})
@@ -230,4 +238,5 @@ def make_plan(
         alpha=options.alpha,
         copied_cur_only=cur_only if on_missing == "copy" else [],
         ignored_prev_only=prev_only if on_missing == "copy" else [],
+        dequantized={side: f.describe() for side, f in folded.items() if f.dequantized},
     )

@@ -30,6 +30,7 @@ class Task:
     slot: Slot | None = None
     ready: Any = None  # a CUDA event the writer waits for before writing the slot's outputs
     holds: int = 0  # hash stages still to read the slot's outputs before it is free again
+    quant: tuple = ()  # (slot side, QuantInfo, scales): raw fp8 bytes the compute stage dequantizes in place first
 
     @property
     def copy(self) -> bool:

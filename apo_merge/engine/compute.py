@@ -18,6 +18,7 @@ from apo_kernels import cpass
 from apo_merge.engine.chunks import Lanes, Task
 from apo_merge.engine.device import on
 from apo_merge.engine.runner import StageRunner
+from apo_merge.quant.dequant import dequantize
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +38,7 @@ class Compute:
         try:
             while (task := self.runner.get(self.lanes.compute)) is not None:
                 if not task.copy:
+                    dequantize(task)  # quantized inputs: raw bytes -> fp32, here to spread it over the workers
                     alphas = [0.0] if task.piece.convert else self.alphas  # alpha 0: CUR, rounded once
                     counts = self.chunk(task, alphas)  # empty where the device counts
                     for k in range(len(self.alphas) if counts else 0):  # a converted chunk is every output's

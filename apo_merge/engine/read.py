@@ -13,6 +13,8 @@ from apo_merge.engine.runner import StageRunner
 from apo_merge.io.header import FileHeader
 from apo_merge.io.prefetch import Prefetcher
 from apo_merge.io.writer import advise, pread_exact
+from apo_merge.quant.dequant import Dequantizer
+from apo_merge.quant.layout import QuantInfo
 
 OnRead = Callable[[Path, int, memoryview], None]
 
@@ -23,6 +25,7 @@ class Reader:
     def __init__(self, runner: StageRunner, lanes: Lanes, prefetcher: Prefetcher, on_read: OnRead | None) -> None:
         self.runner, self.lanes, self.prefetcher, self.on_read = runner, lanes, prefetcher, on_read
         self._fds: dict[Path, int] = {}
+        self._dequant = Dequantizer(self._pread)  # reads quantized inputs' raw bytes and scales
 
     def run(self, tasks: Iterable[Task]) -> None:
         try:
@@ -34,6 +37,9 @@ class Reader:
                     self._pread(header, slot.out_views[0][: task.count], info.begin + task.begin)
                 else:
                     for (h, i), name in ((piece.cur, "cur"), (piece.prev, "prev")):
+                        if isinstance(i, QuantInfo):  # raw bytes now, dequantized by the compute stage
+                            task.quant += ((name, i, self._dequant.read(h, i, slot.views[name], task)),)
+                            continue
                         size = ITEMSIZE[i.dtype]
                         self._pread(h, slot.views[name][: task.count * size], i.begin + task.begin * size)
                 self.lanes.compute.put(task)

@@ -1,0 +1,133 @@
+"""FP8 block-scaled dequantization of one chunk: ``out[i] = fp32(w[i]) * scale[row // bo, col // bi]``.
+
+The contract (DeepSeek's ``weight_dequant``, transformers' FP8 dequantization): every fp8 value is exact in fp32,
+so the only rounding is the one fp32 product per element; numpy's float32 multiply is IEEE, so this is bit for
+bit what torch's ``w.to(torch.float32) * scale_expanded`` gives, on any device.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from functools import cache
+
+import numpy as np
+
+from apo_kernels.dtypes import BY_NAME
+from apo_merge.errors import MergeError, shown
+from apo_merge.io.header import FileHeader
+from apo_merge.quant.layout import QuantInfo
+
+# pread(header, view, data_offset): fills ``view`` with the file's bytes at ``data_offset`` of its data buffer
+Pread = Callable[[FileHeader, memoryview, int], None]
+
+
+@cache
+def fp8_values(name: str) -> np.ndarray:
+    """The 256 values of an fp8 dtype as float32, indexed by bit pattern, from its row of the dtype table."""
+    row = BY_NAME[name]
+    _, e, m = row.bits
+    bias = (1 << (e - 1)) - 1
+    out = np.empty(256, np.float32)
+    for b in range(256):
+        sign = -1.0 if b >> (e + m) else 1.0
+        exp, man = (b >> m) & ((1 << e) - 1), b & ((1 << m) - 1)
+        if row.finite_top and b & 0x7F == 0x7F:  # E4M3FN: S.1111.111 is NaN, the rest of that exponent finite
+            out[b] = math.nan
+        elif exp == (1 << e) - 1 and not row.finite_top:  # IEEE: all-ones exponent is inf or NaN
+            out[b] = math.nan if man else sign * math.inf
+        elif exp == 0:
+            out[b] = sign * math.ldexp(man, 1 - bias - m)
+        else:
+            out[b] = sign * math.ldexp((1 << m) | man, exp - bias - m)
+    return out
+
+
+@cache
+def _fp8_pairs(name: str) -> np.ndarray:
+    """Two values per entry, indexed by two bytes read as one little-endian uint16 (512 KiB): one gather per
+    two elements (the gather is most of the dequantization's time)."""
+    i = np.arange(1 << 16)
+    values = fp8_values(name)
+    return np.stack([values[i & 0xFF], values[i >> 8]], axis=1).view(np.uint64).reshape(-1)
+
+
+def decode(raw: np.ndarray, name: str, out: np.ndarray) -> None:
+    """``out[i] = fp32(raw[i])`` for fp8 bytes ``raw`` of dtype ``name`` (exact: every fp8 value is an fp32)."""
+    half = len(raw) // 2
+    np.take(_fp8_pairs(name), raw[: 2 * half].view(np.uint16), out=out[: 2 * half].view(np.uint64), mode="clip")
+    if len(raw) % 2:
+        out[-1] = fp8_values(name)[raw[-1]]
+
+
+def dequant_block(raw: np.ndarray, begin: int, info: QuantInfo, scale: np.ndarray, out: np.ndarray) -> None:
+    """Dequantize ``raw`` (uint8: elements ``begin..`` of ``info``'s flattened 2-D weight) into ``out`` (float32)."""
+    decode(raw, info.raw_dtype, out)
+    cols = info.shape[1]
+    bo, bi = info.block
+    pos, idx, n = 0, begin, len(raw)
+    while pos < n:
+        r, c = divmod(idx, cols)
+        srow = np.repeat(scale[r // bo], bi)[:cols]  # this block row's scale for each column
+        if c or n - pos < cols:  # part of one row
+            k = min(cols - c, n - pos)
+            out[pos : pos + k] *= srow[c : c + k]
+        else:  # whole rows inside one block row
+            k = min((n - pos) // cols, bo - r % bo) * cols
+            seg = out[pos : pos + k].reshape(-1, cols)  # a view: multiplied in place
+            seg *= srow
+        pos, idx = pos + k, idx + k
+
+
+_local = threading.local()  # each compute thread's copy of the raw bytes
+
+
+def dequantize(task) -> None:
+    """The compute stage's part: each quantized side of ``task`` (an engine Task) from the raw bytes the reader
+    left at the front of its slot buffer to fp32 over the same buffer."""
+    for side, info, scale in task.quant:
+        view, count = task.slot.views[side], task.count
+        raw = getattr(_local, "raw", None)
+        if raw is None or raw.size < count:
+            raw = _local.raw = np.empty(count, np.uint8)
+        raw = raw[:count]
+        raw[:] = np.frombuffer(view, np.uint8, count)
+        out = np.frombuffer(view, np.float32, count)  # the slot's bytes: little-endian hosts only, as elsewhere
+        dequant_block(raw, task.begin, info, scale, out)
+
+
+class Dequantizer:
+    """The read stage's part: a quantized chunk's raw bytes into the slot, and its tensor's scales (kept for the
+    tensor's next chunks; at most two scale tensors at a time)."""
+
+    def __init__(self, pread: Pread) -> None:
+        self.pread = pread
+        self._scales: dict[tuple, np.ndarray] = {}
+
+    def read(self, header: FileHeader, info: QuantInfo, view: memoryview, task) -> np.ndarray:
+        """Read ``task``'s raw bytes of ``info`` to the front of ``view``; return the tensor's scales."""
+        self.pread(header, view[: task.count], info.begin + task.begin)
+        return self._scale(info)
+
+    def _scale(self, info: QuantInfo) -> np.ndarray:
+        sh, si = info.scale
+        key = (sh.path, si.name)
+        if key not in self._scales:
+            if len(self._scales) >= 2:
+                self._scales.clear()
+            arr = np.empty(si.shape, np.float32)
+            if si.dtype == "BF16":  # widened exactly: a bf16 is the top half of an fp32
+                half = np.empty(si.shape, np.uint16)
+                self.pread(sh, memoryview(half.reshape(-1).view(np.uint8)), si.begin)
+                arr.view(np.uint32)[...] = half.astype(np.uint32) << 16
+            else:
+                self.pread(sh, memoryview(arr.reshape(-1).view(np.uint8)), si.begin)
+            bad = int(np.count_nonzero(~np.isfinite(arr)))
+            if bad:
+                raise MergeError(
+                    f"{shown(si.name, 80, quote=False)} ({sh.path}): {bad} of {arr.size} scales are inf or NaN, so "
+                    "its weight cannot be dequantized; the checkpoint is damaged, download it again"
+                )
+            self._scales[key] = arr
+        return self._scales[key]
