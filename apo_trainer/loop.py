@@ -39,7 +39,12 @@ from apo_trainer.store import RunStore
 
 
 def run(
-    config: APOConfig, oracle: Oracle | None = None, *, quiet: bool = False, allow_changed_config: bool = False
+    config: APOConfig,
+    oracle: Oracle | None = None,
+    *,
+    quiet: bool = False,
+    allow_changed_config: bool = False,
+    train_fn: Callable[[str, str, str], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every round of ``config``; return the per-round records, also in OUTPUT/metrics.jsonl.
 
@@ -49,6 +54,10 @@ def run(
     ``config.oracle``. ``allow_changed_config`` accepts a config that differs from the one the run folder started
     with (the new values apply to phases not yet done).
 
+    ``train_fn(policy, pairs, output)`` replaces the train phase in this process (as ``train_command`` does with
+    a command, see apo_trainer.external): called with theta_t's folder (also the DPO reference), the folder of
+    the round's pairs as a TRL preference dataset (``train.jsonl``) and the folder to save theta_hat_{t+1} into.
+
     >>> records = run(APOConfig.from_yaml("run.yaml"))  # doctest: +SKIP
     """
     from accelerate import Accelerator
@@ -56,6 +65,11 @@ def run(
     from transformers.utils import logging as hf_logging
 
     config.validate(need_oracle=oracle is None)
+    if train_fn is not None and (config.train_command or not callable(train_fn)):
+        raise ConfigError(
+            "run(): train_fn must be a callable train_fn(policy, pairs, output), and replaces train_command: "
+            "give one of them"
+        )
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # our own bars cover the phases; theirs repeat per checkpoint load
     trackers = [x.strip() for x in config.log_with.split(",") if x.strip()]
@@ -89,7 +103,7 @@ def run(
                 _check_config(store, config, allow_changed_config)
                 store.remove_stale_temporaries()
             accelerator.wait_for_everyone()
-            return _rounds(ctx, trackers)
+            return _rounds(ctx, trackers, train_fn)
     finally:
         accelerator.end_training()
         if bars_were_on:
@@ -98,7 +112,7 @@ def run(
         AcceleratorState._reset_state()
 
 
-def _rounds(ctx: RunContext, trackers: list[str]) -> list[dict[str, Any]]:
+def _rounds(ctx: RunContext, trackers: list[str], train_fn: Any = None) -> list[dict[str, Any]]:
     config, accelerator, store, quiet = ctx.config, ctx.accelerator, ctx.store, ctx.quiet
     held_out = ctx.eval_prompts
     if trackers:
@@ -119,7 +133,7 @@ def _rounds(ctx: RunContext, trackers: list[str]) -> list[dict[str, Any]]:
         _phase(ctx, t, "reference", reference.run, theta_t)
         if t < config.rounds:
             _phase(ctx, t, "data", data.run)
-            trained = _phase(ctx, t, "train", train.run, theta_t)
+            trained = _phase(ctx, t, "train", train.run, theta_t, train_fn)
             _phase(ctx, t, "extrapolate", extrapolate.run, trained)
             del trained  # the trained model in memory: freed before the push and the next round's sampling
             if config.push_to_hub:
