@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -21,6 +22,7 @@ import signal
 import string
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,7 @@ def run(ctx: RunContext, t: int, policy_path: str, train_fn: TrainFn | None = No
         store = ctx.store
         pairs_dir, orlhf = write_pairs(ctx, t)
         out = store.round_dir(t) / "external"
+        stop_stale(store.round_dir(t) / "train.pid")
         if out.exists():  # a rerun: the last attempt's (maybe partial) output goes; out is inside the run folder
             shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -150,30 +153,65 @@ def _die_with_parent() -> None:
         pass
 
 
+def stop_stale(pid_file: Path) -> None:
+    """Kill what a killed run's trainer left behind: its process group (the command runs in its own session, and
+    launchers such as ``trl`` or ``accelerate launch`` start children that outlive a SIGKILLed parent). The run
+    lock guarantees the run that started them is gone; an unreadable file or a vanished group is nothing to do."""
+    try:
+        pgid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    _kill_group(pgid)
+    pid_file.unlink(missing_ok=True)
+
+
+def _kill_group(pgid: int) -> None:
+    for _ in range(200):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
+
+
 def _run_command(t: int, argv: list[str], log: Path, *, echo: bool) -> None:
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL)
+    pid_file = log.with_name("train.pid")
     try:
         proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,
             preexec_fn=_die_with_parent,
         )
     except OSError as e:
         raise TrainError(
             f"round {t}: cannot start the train command {shown(argv[0])} ({e.strerror or e}); check train_command"
         ) from None
-    with proc, log.open("wb") as fh:
-        for raw in iter(proc.stdout.readline, b""):
-            fh.write(raw)
-            fh.flush()
-            if echo:
-                sys.stderr.buffer.write(raw)
-                sys.stderr.flush()
-            text = raw.decode("utf-8", "replace").replace("\r", "\n").strip()
-            tail.extend(x.strip() for x in text.splitlines() if x.strip())
-        rc = proc.wait()
+    pid_file.write_text(f"{proc.pid}\n")
+    try:
+        with log.open("wb") as fh:
+            for raw in iter(proc.stdout.readline, b""):
+                fh.write(raw)
+                fh.flush()
+                if echo:
+                    sys.stderr.buffer.write(raw)
+                    sys.stderr.flush()
+                text = raw.decode("utf-8", "replace").replace("\r", "\n").strip()
+                tail.extend(x.strip() for x in text.splitlines() if x.strip())
+            rc = proc.wait()
+    finally:
+        # Ctrl-C or an error here, or children left running after the command returned: none outlive the phase.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        _kill_group(proc.pid)
+        proc.stdout.close()
+        pid_file.unlink(missing_ok=True)
     if rc != 0:
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
         last = shorten(" | ".join(tail), 400) or "(no output)"
