@@ -12,6 +12,7 @@ another architecture. The result is saved as ``round-<t>/trained`` and extrapola
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -126,6 +127,7 @@ def run(ctx: RunContext, t: int, policy_path: str, train_fn: TrainFn | None = No
         model.save_pretrained(tmp)
         ctx.tokenizer.save_pretrained(tmp)
         store.commit(tmp, store.trained(t), round_index=t, phase="train")
+        shutil.rmtree(store.round_dir(t) / "external-hf", ignore_errors=True)  # a DCP output's export, now copied
         summary.update(output=kind, output_path=str(path.relative_to(store.root)), train_pairs=len(load_pairs(ctx, t)))
         summary.update(trainer_log(path, out))
     return summary, None
@@ -204,10 +206,8 @@ def _run_command(t: int, argv: list[str], log: Path, *, echo: bool) -> None:
             rc = proc.wait()
     finally:
         # Ctrl-C or an error here, or children left running after the command returned: none outlive the phase.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         proc.wait()
         _kill_group(proc.pid)
         proc.stdout.close()

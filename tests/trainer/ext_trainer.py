@@ -28,13 +28,18 @@ def _step(policy: str, pairs: str, salt: int):
 
 def train(policy: str, pairs: str, output: str, kind: str = "checkpoints") -> None:
     """``kind``: 'hf' (weights in OUTPUT), 'checkpoints' (OUTPUT/checkpoint-{1,2}, the last one the result),
-    'lora' (a PEFT adapter with a random B), 'wide' (another architecture), 'nothing'."""
+    'lora' (a PEFT adapter with a random B), 'dcp' (torch DCP), 'wide' (another architecture), 'nothing'."""
     out = Path(output)
     if kind == "nothing":
         return
     if kind == "checkpoints":
         _step(policy, pairs, 1).save_pretrained(out / "checkpoint-1")
         _step(policy, pairs, 2).save_pretrained(out / "checkpoint-10")
+        return
+    if kind == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"model": _step(policy, pairs, 2).state_dict()}, checkpoint_id=out)
         return
     if kind == "wide":
         from tests.checkpoints import make_model

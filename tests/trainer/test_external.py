@@ -150,3 +150,16 @@ def test_lora_adapter_output_merged_exactly(tiny, tmp_path):
     B = adapter[f"base_model.model.{name}.lora_B.weight"]
     assert torch.equal(trained[f"{name}.weight"], merged_weight(base[f"{name}.weight"], A, B, 2.0))
     assert torch.equal(trained["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_output_exported_and_read(tiny, tmp_path):
+    out = tmp_path / "out"
+    loop.run(tiny_config(tiny, out, rounds=1), quiet=True, train_fn=partial(ext_trainer.train, kind="dcp"))
+    rec = json.loads((out / "round-0" / "done" / "train.json").read_text())
+    assert rec["output"] == "dcp" and rec["output_path"] == "round-0/external"
+    want = ext_trainer._step(str(tiny / "policy"), str(out / "round-0" / "pairs-trl"), 2).state_dict()
+    got = _weights(out / "round-0" / "trained")
+    assert got.keys() <= want.keys() and len(got) > 0
+    for name, tensor in got.items():
+        assert torch.equal(tensor, want[name]), name

@@ -101,3 +101,52 @@ def test_trl_dpo_cli_drives_two_apo_rounds_and_resumes_after_kill(tiny, tmp_path
     theta0 = tmp_path / "theta0"
     AutoModelForCausalLM.from_pretrained(tiny / "policy").save_pretrained(theta0)
     _check_anchor(out, [theta0, out / "round-0" / "external", out / "round-1" / "external"], cfg.alpha)
+
+
+def trl_dpo(policy: str, pairs: str, output: str) -> None:
+    """A notebook user's train_fn: TRL's DPOTrainer on the round's pairs, reference = policy (TRL's default)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(x) for x in (Path(pairs) / "train.jsonl").read_text().splitlines()]
+    args = DPOConfig(
+        output_dir=output,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        beta=0.5,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        seed=3,
+    )
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows))
+    trainer.train()
+    trainer.save_model(output)
+    trainer.state.save_to_json(str(Path(output) / "trainer_state.json"))
+
+
+@pytest.mark.slow
+def test_trl_dpo_trainer_in_process_on_conversational_pairs(tmp_path):
+    pytest.importorskip("trl")
+    from tests.trainer.tiny import make_policy, make_prompts
+
+    make_policy(tmp_path / "policy", chat_template=True)
+    make_prompts(tmp_path / "prompts.jsonl", n=8)
+    out = tmp_path / "out"
+    from apo_trainer import loop
+
+    records = loop.run(tiny_config(tmp_path, out, final_eval=False, rounds=1), quiet=True, train_fn=trl_dpo)
+    row = json.loads((out / "round-0" / "pairs-trl" / "train.jsonl").read_text().splitlines()[0])
+    assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+    assert isinstance(row["p_chosen"], float)
+    orlhf = json.loads((out / "round-0" / "pairs-openrlhf.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in orlhf["chosen"]] == ["user", "assistant"]
+    assert records[0]["train_fn"].endswith("trl_dpo") and abs(records[0]["train_first_loss"] - math.log(2)) < 1e-5
+    theta0 = tmp_path / "theta0"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "policy").save_pretrained(theta0)
+    _check_anchor(out, [theta0, out / "round-0" / "external"], 0.3)
