@@ -107,6 +107,10 @@ def run(ctx: RunContext, t: int, policy_path: str, train_fn: TrainFn | None = No
             "run_dir": str(store.root),
         }
         log = store.round_dir(t) / "train.log"
+        n_pairs = len(load_pairs(ctx, t))
+        if n_pairs == 0:  # every prompt tied: no step, theta_hat_{t+1} = theta_t (as apo-train's own train phase)
+            _save_trained(ctx, t, ctx.load_policy(policy_path, device="cpu"))
+            return {**summary, "output": "none", "train_pairs": 0, "steps": 0}, None
         if train_fn is None:
             argv = render(ctx.config.train_command, values)
             summary["train_command"] = shlex.join(argv)
@@ -122,15 +126,19 @@ def run(ctx: RunContext, t: int, policy_path: str, train_fn: TrainFn | None = No
                 "and rerun the same command"
             )
         kind, path = found
-        model = load_output(ctx, t, policy_path, kind, path)
-        tmp = store.tmp_path(store.trained(t))
-        model.save_pretrained(tmp)
-        ctx.tokenizer.save_pretrained(tmp)
-        store.commit(tmp, store.trained(t), round_index=t, phase="train")
+        _save_trained(ctx, t, load_output(ctx, t, policy_path, kind, path))
         shutil.rmtree(store.round_dir(t) / "external-hf", ignore_errors=True)  # a DCP output's export, now copied
-        summary.update(output=kind, output_path=str(path.relative_to(store.root)), train_pairs=len(load_pairs(ctx, t)))
+        summary.update(output=kind, output_path=str(path.relative_to(store.root)), train_pairs=n_pairs)
         summary.update(trainer_log(path, out))
     return summary, None
+
+
+def _save_trained(ctx: RunContext, t: int, model: Any) -> None:
+    store = ctx.store
+    tmp = store.tmp_path(store.trained(t))
+    model.save_pretrained(tmp)
+    ctx.tokenizer.save_pretrained(tmp)
+    store.commit(tmp, store.trained(t), round_index=t, phase="train")
 
 
 def write_pairs(ctx: RunContext, t: int) -> tuple[Path, Path]:

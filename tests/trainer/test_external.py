@@ -163,3 +163,17 @@ def test_dcp_output_exported_and_read(tiny, tmp_path):
     assert got.keys() <= want.keys() and len(got) > 0
     for name, tensor in got.items():
         assert torch.equal(tensor, want[name]), name
+
+
+def test_round_without_pairs_runs_no_trainer(tiny, tmp_path):
+    def never(policy, pairs, output):
+        raise AssertionError("the trainer ran on a round without pairs")
+
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny, out, rounds=1, oracle="callable:tests.trainer.ext_trainer:flat", final_eval=False)
+    (rec,) = loop.run(cfg, quiet=True, train_fn=never)
+    assert rec["pairs"] == 0 and rec["output"] == "none" and rec["steps"] == 0
+    base = _weights(tiny / "policy")
+    for folder in ("trained", "policy"):
+        got = _weights(out / "round-0" / folder)
+        assert all(torch.equal(got[k], base[k]) for k in got)
