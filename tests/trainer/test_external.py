@@ -98,7 +98,7 @@ def test_failed_command_names_round_code_and_log_then_rerun_runs_again(tiny, tmp
     out = tmp_path / "out"
     flag = tmp_path / "fixed"
     script = (
-        f"echo starting; echo partial > {{output}}/junk; test -e {flag} || {{{{ echo boom >&2; exit 3; }}}}; "
+        f"echo starting; test -e {flag} || {{{{ echo partial > {{output}}/stale; echo boom >&2; exit 3; }}}}; "
         f"{shlex.quote(sys.executable)} -m tests.trainer.ext_trainer hf {{policy}} {{pairs}} {{output}}"
     )
     cfg = tiny_config(tiny, out, train_command=f"bash -c {shlex.quote(script)}", rounds=1, final_eval=False)
@@ -107,12 +107,12 @@ def test_failed_command_names_round_code_and_log_then_rerun_runs_again(tiny, tmp
     msg = e.value.message
     assert "round 0" in msg and "exited with code 3" in msg and "starting | boom" in msg and "train.log" in msg
     assert "\n" not in msg
-    assert (out / "round-0" / "external" / "junk").is_file()
+    assert (out / "round-0" / "external" / "stale").is_file()
     assert not (out / "round-0" / "trained").exists() and (out / "round-0" / "done" / "data.json").is_file()
     flag.touch()
     records = loop.run(cfg, quiet=True)
     assert records[0]["output"] == "hf" and records[0]["train"] == "external"
-    assert (out / "round-0" / "external" / "junk").read_text() == "partial\n"  # written again by the rerun
+    assert not (out / "round-0" / "external" / "stale").exists()  # the failed attempt's output was cleared
     assert (out / "round-0" / "policy" / "model.safetensors").is_file()
 
 
