@@ -116,7 +116,8 @@ def run(ctx: RunContext, t: int, policy_path: str, train_fn: TrainFn | None = No
             summary["train_command"] = shlex.join(argv)
             _run_command(t, argv, log, echo=not ctx.quiet)
         else:
-            summary["train_fn"] = f"{getattr(train_fn, '__module__', '?')}.{getattr(train_fn, '__qualname__', '?')}"
+            named = getattr(train_fn, "func", train_fn)  # a functools.partial is named by its function
+            summary["train_fn"] = f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', '?')}"
             train_fn(policy_path, str(pairs_dir), str(out))
         found = find_output(out)
         if found is None:

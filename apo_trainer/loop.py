@@ -7,6 +7,7 @@ For t = 0 .. T-1, with theta_0 = theta_hat_0 = the initial model:
     reference   log pi_theta_t (and log pi_theta_0 for the KL estimate)   round-<t>/logprobs.safetensors
     data        best vs worst pairs, SPPO win-rates                       round-<t>/pairs.jsonl
     train       theta_hat_{t+1} from theta_t, reference pi_theta_t        round-<t>/trained/
+                (or by another trainer: train_command / run(train_fn=...), see external.py)
     extrapolate theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - theta_hat_t)   round-<t>/policy/
                 (alpha 0 after a drop in mean score with ``restart: score``, see restart.py)
     log         one record per round                                      metrics.jsonl
@@ -101,6 +102,8 @@ def run(
         with store.lock() if accelerator.is_main_process else nullcontext():
             if accelerator.is_main_process:
                 _check_config(store, config, allow_changed_config)
+                if not allow_changed_config:
+                    _check_train_fn(store, config.rounds, train_fn)
                 store.remove_stale_temporaries()
             accelerator.wait_for_everyone()
             return _rounds(ctx, trackers, train_fn)
@@ -191,6 +194,20 @@ def _check_config(store: RunStore, config: APOConfig, allow_changed: bool) -> No
         if not changed and previous == config.to_dict():
             return
     store.write_text(store.config, text)
+
+
+def _check_train_fn(store: RunStore, rounds: int, train_fn: Any) -> None:
+    """A resume keeps the train phase's kind: train_fn is no config key, so its presence is checked against the
+    rounds already trained (a function's rounds then apo-train's own, or the reverse, is one run of two methods)."""
+    for t in range(rounds):
+        done = store.done(t, "train")
+        if done is not None and ("train_fn" in done) != (train_fn is not None):
+            was = f"by train_fn {done['train_fn']}" if "train_fn" in done else "without a train_fn"
+            raise ConfigError(
+                f"{store.root}: round {t} was trained {was}; resume it the same way (pass "
+                "--allow-changed-config / allow_changed_config=True to mix them)",
+                exit_code=1,
+            )
 
 
 def _push_round(ctx: RunContext, t: int) -> dict[str, Any]:

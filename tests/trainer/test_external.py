@@ -177,3 +177,17 @@ def test_round_without_pairs_runs_no_trainer(tiny, tmp_path):
     for folder in ("trained", "policy"):
         got = _weights(out / "round-0" / folder)
         assert all(torch.equal(got[k], base[k]) for k in got)
+
+
+def test_resume_keeps_the_train_phase_kind(tiny, tmp_path):
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny, out, rounds=1, final_eval=False)
+    loop.run(cfg, quiet=True, train_fn=partial(ext_trainer.train, kind="hf"))
+    cfg.rounds = 2
+    with pytest.raises(
+        ConfigError, match="round 0 was trained by train_fn tests.trainer.ext_trainer.train; resume it the same way"
+    ):
+        loop.run(cfg, quiet=True)
+    assert not (out / "round-1").exists()
+    records = loop.run(cfg, quiet=True, train_fn=partial(ext_trainer.train, kind="hf"))
+    assert [r["train"] for r in records] == ["external", "external"]
