@@ -191,3 +191,13 @@ def test_resume_keeps_the_train_phase_kind(tiny, tmp_path):
     assert not (out / "round-1").exists()
     records = loop.run(cfg, quiet=True, train_fn=partial(ext_trainer.train, kind="hf"))
     assert [r["train"] for r in records] == ["external", "external"]
+
+
+def test_killed_trainer_named_by_its_signal(tiny, tmp_path):
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny, out, rounds=1, train_command="bash -c 'echo step 1 {round}; kill -9 $$'")
+    with pytest.raises(
+        TrainError, match=r"round 0: the train command was killed by signal 9; last lines of .*: step 1 0;"
+    ):
+        loop.run(cfg, quiet=True)
+    assert not (out / "round-0" / "train.pid").exists() and not (out / "round-0" / "trained").exists()
