@@ -207,6 +207,16 @@ class APOConfig:
         "scale lora_alpha/r or lora_alpha/sqrt(r) with rsLoRA) into theta_hat_{t+1}; the adapter is saved in "
         "round-<t>/adapter. Override one key with --set peft.r=8.",
     )
+    train_command: str = _f(
+        "",
+        "Run another trainer as the train phase (TRL, OpenRLHF, an accelerate launch line...): a command template "
+        "with placeholders {policy} (theta_t, also the DPO reference), {reference} (the same), {pairs} (a folder "
+        "holding train.jsonl, the round's pairs as a TRL preference dataset), {pairs_jsonl} (that file), "
+        "{pairs_openrlhf} (a JSONL file for OpenRLHF's default keys), {output} (where theta_hat_{t+1} must be "
+        "saved: an HF folder, checkpoint-N folders, a LoRA adapter or DCP), {round}, {seed} and {run_dir}. Split "
+        "into words like a shell line but run without a shell (write bash -c '...' for one); its output goes to "
+        "the console and round-<t>/train.log. Empty = apo-train's own DPO/SPPO step. See docs/train.md.",
+    )
     dtype: str = _f(
         "float32",
         "Dtype the policy is loaded, trained and saved in. Keep float32 master weights with "
@@ -414,6 +424,15 @@ class APOConfig:
         if self.push_to_hub and not self.hub_repo_id:
             raise ConfigError("config: push_to_hub needs 'hub_repo_id' (e.g. me/apo-model)")
         _check_model_ref("model", self.model, required=True)
+        if self.train_command:
+            from apo_trainer.external import check_command
+
+            if self.peft:
+                raise ConfigError(
+                    "config: peft configures apo-train's own LoRA rounds, but train_command trains instead; drop the "
+                    "peft group and pass LoRA options to the trainer (its output adapter is merged exactly)"
+                )
+            check_command(self.train_command)
         if self.peft:
             from apo_trainer.lora import check_peft_config
 

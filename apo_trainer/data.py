@@ -58,3 +58,47 @@ def run(ctx: RunContext, t: int) -> dict[str, Any]:
 
 def load_pairs(ctx: RunContext, t: int) -> list[dict[str, Any]]:
     return read_jsonl(ctx.store.pairs(t))
+
+
+# Preference columns other trainers read; the win rates (SPPO's targets) and scores ride along as extra columns.
+_EXTRA = ("p_chosen", "p_rejected", "score_chosen", "score_rejected")
+
+
+def trainer_rows(
+    pairs: list[dict[str, Any]], samples: list[dict[str, Any]], tokenizer: Any, conversational: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Round pairs as (TRL rows, OpenRLHF rows).
+
+    TRL's preference dataset: ``prompt`` / ``chosen`` / ``rejected`` (conversational: message lists, the user turn
+    in ``prompt`` and the assistant turn in ``chosen`` / ``rejected``; else the texts). OpenRLHF's train_dpo with
+    its default keys (``--prompt_key`` unset, ``--chosen_key chosen``, ``--rejected_key rejected``) reads the
+    whole sequence from ``chosen`` / ``rejected`` (the conversation, or prompt and response decoded together);
+    ``prompt`` is kept beside them.
+    """
+    trl, orlhf = [], []
+    for p in pairs:
+        row = samples[p["prompt"]]
+        extra = {k: p[k] for k in _EXTRA if k in p}
+        chosen, rejected = row["responses"][p["chosen"]], row["responses"][p["rejected"]]
+        if conversational:
+            user = [{"role": "user", "content": row["prompt"]}]
+            trl.append(
+                {
+                    "prompt": user,
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                    **extra,
+                }
+            )
+            orlhf.append(
+                {"prompt": user, "chosen": user + trl[-1]["chosen"], "rejected": user + trl[-1]["rejected"], **extra}
+            )
+            continue
+        trl.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, **extra})
+        ids = row["prompt_ids"]
+        full = [
+            tokenizer.decode(ids + row["response_ids"][i], skip_special_tokens=True)
+            for i in (p["chosen"], p["rejected"])
+        ]
+        orlhf.append({"prompt": row["prompt"], "chosen": full[0], "rejected": full[1], **extra})
+    return trl, orlhf

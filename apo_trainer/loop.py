@@ -7,6 +7,7 @@ For t = 0 .. T-1, with theta_0 = theta_hat_0 = the initial model:
     reference   log pi_theta_t (and log pi_theta_0 for the KL estimate)   round-<t>/logprobs.safetensors
     data        best vs worst pairs, SPPO win-rates                       round-<t>/pairs.jsonl
     train       theta_hat_{t+1} from theta_t, reference pi_theta_t        round-<t>/trained/
+                (or by another trainer: train_command / run(train_fn=...), see external.py)
     extrapolate theta_{t+1} = theta_hat_{t+1} + alpha (theta_hat_{t+1} - theta_hat_t)   round-<t>/policy/
                 (alpha 0 after a drop in mean score with ``restart: score``, see restart.py)
     log         one record per round                                      metrics.jsonl
@@ -39,7 +40,12 @@ from apo_trainer.store import RunStore
 
 
 def run(
-    config: APOConfig, oracle: Oracle | None = None, *, quiet: bool = False, allow_changed_config: bool = False
+    config: APOConfig,
+    oracle: Oracle | None = None,
+    *,
+    quiet: bool = False,
+    allow_changed_config: bool = False,
+    train_fn: Callable[[str, str, str], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every round of ``config``; return the per-round records, also in OUTPUT/metrics.jsonl.
 
@@ -49,6 +55,10 @@ def run(
     ``config.oracle``. ``allow_changed_config`` accepts a config that differs from the one the run folder started
     with (the new values apply to phases not yet done).
 
+    ``train_fn(policy, pairs, output)`` replaces the train phase in this process (as ``train_command`` does with
+    a command, see apo_trainer.external): called with theta_t's folder (also the DPO reference), the folder of
+    the round's pairs as a TRL preference dataset (``train.jsonl``) and the folder to save theta_hat_{t+1} into.
+
     >>> records = run(APOConfig.from_yaml("run.yaml"))  # doctest: +SKIP
     """
     from accelerate import Accelerator
@@ -56,6 +66,11 @@ def run(
     from transformers.utils import logging as hf_logging
 
     config.validate(need_oracle=oracle is None)
+    if train_fn is not None and (config.train_command or not callable(train_fn)):
+        raise ConfigError(
+            "run(): train_fn must be a callable train_fn(policy, pairs, output), and replaces train_command: "
+            "give one of them"
+        )
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # our own bars cover the phases; theirs repeat per checkpoint load
     trackers = [x.strip() for x in config.log_with.split(",") if x.strip()]
@@ -87,9 +102,11 @@ def run(
         with store.lock() if accelerator.is_main_process else nullcontext():
             if accelerator.is_main_process:
                 _check_config(store, config, allow_changed_config)
+                if not allow_changed_config:
+                    _check_train_fn(store, config.rounds, train_fn)
                 store.remove_stale_temporaries()
             accelerator.wait_for_everyone()
-            return _rounds(ctx, trackers)
+            return _rounds(ctx, trackers, train_fn)
     finally:
         accelerator.end_training()
         if bars_were_on:
@@ -98,7 +115,7 @@ def run(
         AcceleratorState._reset_state()
 
 
-def _rounds(ctx: RunContext, trackers: list[str]) -> list[dict[str, Any]]:
+def _rounds(ctx: RunContext, trackers: list[str], train_fn: Any = None) -> list[dict[str, Any]]:
     config, accelerator, store, quiet = ctx.config, ctx.accelerator, ctx.store, ctx.quiet
     held_out = ctx.eval_prompts
     if trackers:
@@ -119,7 +136,7 @@ def _rounds(ctx: RunContext, trackers: list[str]) -> list[dict[str, Any]]:
         _phase(ctx, t, "reference", reference.run, theta_t)
         if t < config.rounds:
             _phase(ctx, t, "data", data.run)
-            trained = _phase(ctx, t, "train", train.run, theta_t)
+            trained = _phase(ctx, t, "train", train.run, theta_t, train_fn)
             _phase(ctx, t, "extrapolate", extrapolate.run, trained)
             del trained  # the trained model in memory: freed before the push and the next round's sampling
             if config.push_to_hub:
@@ -177,6 +194,20 @@ def _check_config(store: RunStore, config: APOConfig, allow_changed: bool) -> No
         if not changed and previous == config.to_dict():
             return
     store.write_text(store.config, text)
+
+
+def _check_train_fn(store: RunStore, rounds: int, train_fn: Any) -> None:
+    """A resume keeps the train phase's kind: train_fn is no config key, so its presence is checked against the
+    rounds already trained (a function's rounds then apo-train's own, or the reverse, is one run of two methods)."""
+    for t in range(rounds):
+        done = store.done(t, "train")
+        if done is not None and ("train_fn" in done) != (train_fn is not None):
+            was = f"by train_fn {done['train_fn']}" if "train_fn" in done else "without a train_fn"
+            raise ConfigError(
+                f"{store.root}: round {t} was trained {was}; resume it the same way (pass "
+                "--allow-changed-config / allow_changed_config=True to mix them)",
+                exit_code=1,
+            )
 
 
 def _push_round(ctx: RunContext, t: int) -> dict[str, Any]:

@@ -99,11 +99,18 @@ def _check_agreement(ctx: RunContext, t: int, digest: str) -> list[str]:
     return seen
 
 
-def run(ctx: RunContext, t: int, policy_path: str) -> tuple[dict[str, Any], torch.nn.Module]:
+def run(
+    ctx: RunContext, t: int, policy_path: str, train_fn: Any = None
+) -> tuple[dict[str, Any], torch.nn.Module | None]:
     """Train theta_hat_{t+1} from the policy at ``policy_path``, save it to round-<t>/trained; returns the phase
-    summary and the trained (accelerate-prepared) model, so extrapolation needs no disk round trip."""
+    summary and the trained (accelerate-prepared) model, so extrapolation needs no disk round trip. With
+    ``train_command`` or a ``train_fn`` another trainer does it (apo_trainer.external) and the model is None."""
     from transformers import get_scheduler
 
+    if train_fn is not None or ctx.config.train_command:
+        from apo_trainer import external
+
+        return external.run(ctx, t, policy_path, train_fn)
     cfg, acc = ctx.config, ctx.accelerator
     items = training_items(ctx, t)
     g = torch.Generator().manual_seed(phase_seed(cfg.seed, t, "train-order"))
