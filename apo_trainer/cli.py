@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from apo_merge.shell import import_torch, interrupted, interruption, run_cli, say, shell_group
+from apo_trainer.log import quiet_libraries
 
 PROG = "apo-train"
 app = typer.Typer(
@@ -44,32 +43,6 @@ def _root(
     ] = False,
 ) -> None:
     """Run Accelerated Preference Optimization rounds (arXiv 2410.06293)."""
-
-
-@contextmanager
-def quiet_libraries(on: bool) -> Iterator[None]:
-    """-q: transformers' and huggingface_hub's progress bars ("Loading weights") and advice are off as well;
-    their settings are given back afterwards (callers in the same process)."""
-    if not on:
-        yield
-        return
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    level, bars, hub_off = (
-        hf_logging.get_verbosity(),
-        hf_logging.is_progress_bar_enabled(),
-        are_progress_bars_disabled(),
-    )
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # huggingface_hub's bars too
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-        (disable_progress_bars if hub_off else enable_progress_bars)()
 
 
 @app.command()

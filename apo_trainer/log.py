@@ -7,6 +7,8 @@ is the wall time of each phase in seconds (as recorded by the run that did the p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from apo_trainer.store import PHASES, RunStore
@@ -73,3 +75,29 @@ def print_round(record: dict[str, Any]) -> None:
     if record.get("restart"):
         parts.append(f"momentum restart (theta_{record['round'] + 1} not extrapolated)")
     Console(stderr=True, soft_wrap=True).print("  ".join(parts), highlight=False)
+
+
+@contextmanager
+def quiet_libraries(on: bool) -> Iterator[None]:
+    """-q: transformers' and huggingface_hub's progress bars ("Loading weights") and advice are off as well;
+    their settings are given back afterwards (callers in the same process)."""
+    if not on:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    level, bars, hub_off = (
+        hf_logging.get_verbosity(),
+        hf_logging.is_progress_bar_enabled(),
+        are_progress_bars_disabled(),
+    )
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # huggingface_hub's bars too
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        (disable_progress_bars if hub_off else enable_progress_bars)()

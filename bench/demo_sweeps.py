@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apo_trainer.demo.cli import SPPO_BETA  # noqa: E402
 from apo_trainer.demo.report import markdown_table, method_name, summarise, verdict  # noqa: E402
-from apo_trainer.demo.runner import DemoSettings, quiet_transformers, run_demo  # noqa: E402
+from apo_trainer.demo.runner import DemoSettings, run_demo  # noqa: E402
 from apo_trainer.demo.task import ToyTask  # noqa: E402
+from apo_trainer.log import quiet_libraries  # noqa: E402
 
 EXPERIMENTS = ("alpha", "sppo", "length")
 
@@ -74,7 +75,7 @@ def main() -> None:
         if settings.task in shared_start and not start.exists():
             shutil.copytree(shared_start[settings.task], start)
         t0 = time.perf_counter()
-        with quiet_transformers():
+        with quiet_libraries(True):
             runs = run_demo(settings, jobs=args.jobs, log=_log, on_record=_progress)
         seconds = time.perf_counter() - t0
         shared_start.setdefault(settings.task, start)

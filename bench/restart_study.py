@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apo_trainer.demo.report import markdown_table, summarise  # noqa: E402
-from apo_trainer.demo.runner import DemoSettings, quiet_transformers, run_demo  # noqa: E402
+from apo_trainer.demo.runner import DemoSettings, run_demo  # noqa: E402
+from apo_trainer.log import quiet_libraries  # noqa: E402
 
 MODES = ("none", "score")
 
@@ -82,7 +83,7 @@ def main() -> None:
         if mode != MODES[0] and first.exists() and not (settings.output / "start").exists():
             shutil.copytree(first, settings.output / "start")  # the warm-up is seeded: this only saves time
         t0 = time.perf_counter()
-        with quiet_transformers():
+        with quiet_libraries(True):
             by_mode[mode] = run_demo(settings, jobs=args.jobs, log=_log, on_record=_progress)
         seconds[mode] = time.perf_counter() - t0
     text = (

@@ -43,7 +43,8 @@ def demo(
     from rich.table import Table
 
     from apo_trainer.demo.report import table_rows, verdict
-    from apo_trainer.demo.runner import quiet_transformers, run_demo
+    from apo_trainer.demo.runner import run_demo
+    from apo_trainer.log import quiet_libraries
 
     if importlib.util.find_spec("matplotlib") is None:  # a missing package: the state of the machine, exit 1
         raise TrainError("demo: the report's plot needs matplotlib; install it with pip install 'apo-merge[demo]'")
@@ -68,7 +69,7 @@ def demo(
             )
             progress.advance(bar)
 
-        with quiet_transformers():
+        with quiet_libraries(True):
             runs = run_demo(settings, jobs=jobs, log=progress.console.print, on_record=on_record)
     header, rows = table_rows(runs)
     table = Table(*header, title="true reward, length and KL per round (mean ± sd over seeds)")

@@ -20,9 +20,8 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from apo_merge.cliopts import setting
 from apo_trainer.demo.report import Run, markdown_table, method_name, plot, table_rows, verdict
 from apo_trainer.demo.task import ToyOracle, ToyTask, make_prompts, make_start, write_prompts
 from apo_trainer.errors import ConfigError
+from apo_trainer.log import quiet_libraries
 
 START_SEED = 0
 
@@ -225,29 +225,13 @@ def _run_one(config, task: ToyTask, threads: int | None) -> list[dict]:
         torch.set_num_threads(threads)
     from apo_trainer.evaluation import evaluate_run
 
-    with quiet_transformers():
+    with quiet_libraries(True):
         records = run_rounds(config, ToyOracle(task), quiet=True)
         wins = evaluate_run(config.output_dir, oracle=ToyOracle(task), quiet=True)
     # win rates of theta_t against theta_0 on the held-out prompts, judged by the exact reward (Bradley-Terry)
     for rec, win in zip(records, wins, strict=False):
         rec.update(win_rate=win["win_rate"], lc_win_rate=win["lc_win_rate"])
     return records
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' advice and per-checkpoint progress bars (the demo shows its own progress)."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def write_report(settings: DemoSettings, runs: list[Run], seconds: float | None = None) -> Path:
