@@ -129,17 +129,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-def save_dcp(state: Mapping[str, torch.Tensor], folder: str | os.PathLike, side=None) -> None:
+def save_dcp(state: Mapping[str, torch.Tensor], folder: str | os.PathLike, *, tmp=None, side=None, commit=None):
     """Write ``{"model": state}`` as a DCP folder (every rank its shards), replacing ``folder`` only once complete.
 
-    Every rank calls it. ``side(tmp)``, on rank 0, adds side files (config, tokenizer) before the commit.
+    Every rank calls it. On rank 0 ``side(tmp)`` adds side files (config, tokenizer), then ``commit(tmp, folder)``
+    (default: an atomic replace) puts the folder in place; a rank that dies first leaves the old folder or none.
     """
     import torch.distributed.checkpoint as dcp
 
     from apo_merge.io.files import replace_atomically
 
     folder = Path(folder)
-    tmp = folder.parent / f".{folder.name}.apo-dcp-tmp"  # one name for every rank
+    tmp = Path(tmp) if tmp is not None else folder.parent / f".{folder.name}.apo-dcp-tmp"  # one name on every rank
     main = not _distributed() or dist.get_rank() == 0
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +151,7 @@ def save_dcp(state: Mapping[str, torch.Tensor], folder: str | os.PathLike, side=
     if main:
         if side is not None:
             side(tmp)
-        replace_atomically(tmp, folder)  # a rank that dies before this leaves the old folder (or none)
+        (commit or replace_atomically)(tmp, folder)
     barrier()
 
 
