@@ -164,12 +164,15 @@ class APOCallback(TrainerCallback):
                 f"to a new callback"
             )
         with _mismatch_as_callback_error():
-            raw = _raw_copy(live)
+            names, _ = matching_tensors(prev=self._prev, cur=live)  # every check before anything is written
             if self.save_raw is not None and shards.is_sharded(full):
                 shards.save_dcp(full, self.save_raw)  # the raw weights, every rank its shards (a collective)
             elif self.save_raw is not None and getattr(state, "is_world_process_zero", True):
-                _save(model, raw, self.save_raw)
-            extrapolate_state_dict_(prev=self._prev, cur=live, alpha=self.alpha)
+                _save(model, _raw_copy(live), self.save_raw)
+            prev, raw = self._prev, {}
+            for n in names:  # tensor by tensor: a tensor's old prev is freed as its new raw copy is made
+                raw[n] = live[n].to("cpu", copy=True)
+                extrapolate_state_dict_(prev={n: prev.pop(n)}, cur={n: live[n]}, alpha=self.alpha)
         self._prev = raw
         self.rounds += 1
 
