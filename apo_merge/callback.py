@@ -16,8 +16,9 @@ refused or reported.
 Under FSDP2 (``fully_shard``: DTensor parameters) each rank extrapolates its own shards in place and keeps its
 previous raw shards on the CPU (1/world of the model), with no gather; ``save_raw`` then writes a DCP folder (every
 rank its shards) and ``prev`` may be one, saved at any world size. One process and DDP: whole tensors, as before.
-FSDP1 and DeepSpeed ZeRO-3 are refused (use FSDP2, or save checkpoints and run ``apo-merge``). LoRA (PEFT) models are refused: extrapolating their factors in place
-is not the APO step; save the adapters and run ``apo-merge PREV CUR``.
+FSDP1 and DeepSpeed ZeRO-3 are refused (use FSDP2, or save checkpoints and run ``apo-merge``). LoRA (PEFT) models
+are refused: extrapolating their factors in place is not the APO step; save the adapters and run
+``apo-merge PREV CUR``.
 """
 
 from __future__ import annotations

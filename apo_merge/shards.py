@@ -98,7 +98,7 @@ def _load_dcp(folder: Path, state: Mapping[str, torch.Tensor]) -> dict[str, torc
         folder = folder / "pytorch_model_fsdp_0"  # accelerate's SHARDED_STATE_DICT layout
     like = {n: torch.empty_like(t) for n, t in state.items() if t.is_floating_point()}
     dcp.load({"model": like}, checkpoint_id=str(folder), no_dist=not _distributed())
-    return {n: t.to("cpu", copy=True) for n, t in local_state(like).items()}
+    return {n: t.to("cpu") for n, t in local_state(like).items()}  # fresh tensors: no copy needed on the CPU
 
 
 def _load_hf(folder: Path, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
