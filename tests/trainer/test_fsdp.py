@@ -155,3 +155,38 @@ def test_dcp_format_refuses_peft():
     cfg = APOConfig(model="m", prompts="p", output_dir="o", checkpoint_format="dcp", peft={"r": 2})
     with pytest.raises(ConfigError, match="checkpoint_format: dcp does not combine with peft"):
         cfg.validate()
+
+
+def test_dcp_run_interrupted_mid_phases_resumes_to_the_same_tensors(tiny, reference_run, tmp_path, monkeypatch):
+    from apo_trainer import store
+    from apo_trainer.loop import run
+    from tests.trainer.conftest import tiny_config
+    from tests.trainer.helpers import weights
+
+    ref_out, _ = reference_run
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny, out, alpha=0.3, checkpoint_format="dcp", final_eval=False)
+
+    def fail_at(*target):
+        def hook(*at):
+            if at == target:
+                raise RuntimeError("injected fault")
+
+        return hook
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for fault in ((0, "train", "mid"), (0, "extrapolate", "mid"), (1, "extrapolate", "mid")):
+            monkeypatch.setattr(store, "fault_hook", fail_at(*fault))
+            with pytest.raises(RuntimeError, match="injected fault"):
+                run(cfg, quiet=True)
+            assert store.RunStore(out).done(fault[0], fault[1]) is None
+        monkeypatch.setattr(store, "fault_hook", None)
+        run(cfg, quiet=True)  # resumes: the extrapolate phases read theta_hat_{t+1} back from DCP
+    finally:
+        torch.set_num_threads(before)
+    assert not list(out.rglob(".tmp-*"))
+    for t in range(2):
+        _same(_read_dcp(out / f"round-{t}" / "policy"), weights(ref_out / f"round-{t}" / "policy"))
+    _same(weights(out / "final-policy"), weights(ref_out / "round-1" / "policy"))
