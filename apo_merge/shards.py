@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -97,7 +99,8 @@ def _load_dcp(folder: Path, state: Mapping[str, torch.Tensor]) -> dict[str, torc
     if not (folder / ".metadata").is_file() and (folder / "pytorch_model_fsdp_0" / ".metadata").is_file():
         folder = folder / "pytorch_model_fsdp_0"  # accelerate's SHARDED_STATE_DICT layout
     like = {n: torch.empty_like(t) for n, t in state.items() if t.is_floating_point()}
-    dcp.load({"model": like}, checkpoint_id=str(folder), no_dist=not _distributed())
+    with _one_process_quiet():
+        dcp.load({"model": like}, checkpoint_id=str(folder), no_dist=not _distributed())
     return {n: t.to("cpu") for n, t in local_state(like).items()}  # fresh tensors: no copy needed on the CPU
 
 
@@ -124,6 +127,14 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@contextmanager
+def _one_process_quiet():
+    """Without a process group DCP warns that it assumes one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def barrier() -> None:
     if _distributed():
         dist.barrier()
@@ -146,7 +157,8 @@ def save_dcp(state: Mapping[str, torch.Tensor], folder: str | os.PathLike, *, tm
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    dcp.save({"model": dict(state)}, checkpoint_id=str(tmp), no_dist=not _distributed())
+    with _one_process_quiet():
+        dcp.save({"model": dict(state)}, checkpoint_id=str(tmp), no_dist=not _distributed())
     barrier()
     if main:
         if side is not None:
