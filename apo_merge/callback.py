@@ -13,9 +13,12 @@ round); pass ``ref_model=copy.deepcopy(model)`` or ``precompute_ref_log_probs=Tr
 checkpoint needs ``prev`` (the checkpoint is not the round's start), and one that resumes a finished round is
 refused or reported.
 
-Needs each process to hold the full weights (one device or DDP); with FSDP or DeepSpeed ZeRO-3 save checkpoints
-and run ``apo-merge`` between rounds instead. LoRA (PEFT) models are refused: extrapolating their factors in place
-is not the APO step; save the adapters and run ``apo-merge PREV CUR``.
+Under FSDP2 (``fully_shard``: DTensor parameters) each rank extrapolates its own shards in place and keeps its
+previous raw shards on the CPU (1/world of the model), with no gather; ``save_raw`` then writes a DCP folder (every
+rank its shards) and ``prev`` may be one, saved at any world size. One process and DDP: whole tensors, as before.
+FSDP1 and DeepSpeed ZeRO-3 are refused (use FSDP2, or save checkpoints and run ``apo-merge``). LoRA (PEFT) models
+are refused: extrapolating their factors in place is not the APO step; save the adapters and run
+``apo-merge PREV CUR``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from apo_merge import shards
 from apo_merge.errors import shown
 from apo_merge.state import StateMismatchError, extrapolate_state_dict_, matching_tensors, tensors_once
 
@@ -64,11 +68,18 @@ class APOCallback(TrainerCallback):
         self.check_reference = check_reference
         self.rounds = 0  # finished rounds
         self._prev: dict[str, torch.Tensor] | None = None
+        self._prev_source: str | os.PathLike | None = None  # a DCP folder, read at the first train() (collective)
+        self._layout: dict[str, tuple] | None = None  # how the model was cut when prev was taken
         self._built_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainer -> self.rounds when built
         if isinstance(prev, Mapping):
             self._prev = {n: t.detach().to("cpu", copy=True) for n, t in prev.items()}
         elif prev is not None:
-            self._prev = _load_folder(Path(prev))
+            from apo_merge.dcp import is_dcp
+
+            if is_dcp(prev):
+                self._prev_source = prev
+            else:
+                self._prev = _load_folder(Path(prev))
 
     @property
     def prev_raw(self) -> dict[str, torch.Tensor] | None:
@@ -81,8 +92,10 @@ class APOCallback(TrainerCallback):
             self._built_at[trainer] = self.rounds
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        live = _state(model)
+        full = _state(model)
+        live = shards.local_state(full)
         step, steps = getattr(state, "global_step", 0), getattr(state, "max_steps", 0)
+        self._take_prev(full)
         if step > 0 and self._prev is None:
             # Trainer loads the checkpoint before this event: the weights are not the ones the round started from.
             raise ValueError(
@@ -92,7 +105,7 @@ class APOCallback(TrainerCallback):
             )
         with _mismatch_as_callback_error():
             if self._prev is None:
-                self._prev = _raw_copy(live)
+                self._prev, self._layout = _raw_copy(live), shards.layout(full)
             matching_tensors(prev=self._prev, cur=live)
         if step > 0 and step >= steps:
             if _equal(self._prev, live):
@@ -109,13 +122,23 @@ class APOCallback(TrainerCallback):
         elif step == 0 and self.check_reference:
             self._check_reference(_trainer_running(self), live)
 
+    def _take_prev(self, full: dict[str, torch.Tensor]) -> None:
+        """Put prev in the model's layout: read a DCP folder into this rank's shards, slice full tensors."""
+        if self._prev_source is not None:
+            self._prev = shards.load_local(self._prev_source, full)
+            self._prev_source = None
+        elif self._prev is not None and self._layout is None and shards.is_sharded(full):
+            self._prev = shards.load_local(self._prev, full)  # full tensors given as prev: keep this rank's part
+        if self._prev is not None and self._layout is None:
+            self._layout = shards.layout(full)
+
     def _check_reference(self, trainer: Trainer | None, live: dict[str, torch.Tensor]) -> None:
         """Refuse a round whose DPO reference is not the policy it starts from (APO's reference is theta_t)."""
         ref = getattr(trainer, "ref_model", None)
         fix = "pass ref_model=copy.deepcopy(model) or DPOConfig(precompute_ref_log_probs=True)"
         if ref is not None:
             ref = trainer.accelerator.unwrap_model(ref)  # a DeepSpeed engine or a wrapper: the module inside
-            name = _first_difference(ref.state_dict(), live)
+            name = _first_difference(shards.local_state(ref.state_dict()), live)
             if name is not None:
                 path = getattr(getattr(ref, "config", None), "_name_or_path", "")
                 source = f"; ref_model=None makes TRL load it from {shown(path)}" if path else ""
@@ -132,18 +155,32 @@ class APOCallback(TrainerCallback):
             )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        live = _state(model)
+        full = _state(model)
+        live = shards.local_state(full)
+        changed = shards.layout_change(self._layout or {}, shards.layout(full))
+        if changed is not None:
+            raise ValueError(
+                f"APOCallback: the model's shards changed layout since the previous raw weights were taken "
+                f"({changed}); keep one layout for the callback's rounds, or save_raw and pass that folder as prev "
+                f"to a new callback"
+            )
         with _mismatch_as_callback_error():
-            raw = _raw_copy(live)
-            if self.save_raw is not None and getattr(state, "is_world_process_zero", True):
-                _save(model, raw, self.save_raw)
-            extrapolate_state_dict_(prev=self._prev, cur=live, alpha=self.alpha)
+            names, _ = matching_tensors(prev=self._prev, cur=live)  # every check before anything is written
+            if self.save_raw is not None and shards.is_sharded(full):
+                shards.save_dcp(full, self.save_raw)  # the raw weights, every rank its shards (a collective)
+            elif self.save_raw is not None and getattr(state, "is_world_process_zero", True):
+                _save(model, _raw_copy(live), self.save_raw)
+            prev, raw = self._prev, {}
+            for n in names:  # tensor by tensor: a tensor's old prev is freed as its new raw copy is made
+                raw[n] = live[n].to("cpu", copy=True)
+                extrapolate_state_dict_(prev={n: prev.pop(n)}, cur={n: live[n]}, alpha=self.alpha)
         self._prev = raw
         self.rounds += 1
 
 
 def _state(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
-    """The model's state dict, tensors detached (in-place updates reach the model); refuses LoRA and sharded models."""
+    """The model's state dict, tensors detached (in-place updates reach the model; FSDP2: DTensors); refuses LoRA,
+    FSDP1 and ZeRO-3 models."""
     if model is None:
         raise ValueError("APOCallback: the trainer passed no model")
     if hasattr(model, "peft_config"):
@@ -153,10 +190,10 @@ def _state(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
         )
     state = model.state_dict(keep_vars=True)
     for t in state.values():
-        if type(t).__name__ == "DTensor" or hasattr(t, "ds_id") or getattr(t, "_is_flat_param", False):
+        if hasattr(t, "ds_id") or getattr(t, "_is_flat_param", False):
             raise ValueError(
-                "APOCallback: the model is sharded (FSDP / ZeRO-3); save checkpoints and run "
-                "apo-merge between rounds instead"
+                "APOCallback: the model is sharded by DeepSpeed ZeRO-3 or FSDP1, whose fp32 masters live apart from "
+                "the parameters; use FSDP2 (fully_shard, fsdp_version: 2), or save checkpoints and run apo-merge"
             )
     return {n: t.detach() for n, t in state.items()}
 

@@ -228,6 +228,13 @@ class APOConfig:
         "accelerate mixed precision for forward passes: 'no', 'bf16' or 'fp16' (GPU).",
         choices=("no", "bf16", "fp16"),
     )
+    checkpoint_format: str = _f(
+        "hf",
+        "How each round's trained/ and policy/ are written: 'hf' (a Hugging Face folder, the weights gathered on "
+        "the main process) or 'dcp' (torch DCP: under FSDP2 every process writes and extrapolates its own shards, "
+        "nothing is gathered; the last policy is exported once to OUTPUT/final-policy as a Hugging Face folder).",
+        choices=("hf", "dcp"),
+    )
     seed: int = _f(
         0, "Seed; every phase reseeds from (seed, round, phase), so a resumed run matches an uninterrupted one."
     )
@@ -420,6 +427,11 @@ class APOConfig:
             raise ConfigError(
                 "config: restart: score reads each round's mean oracle score, which a pairwise oracle does not give; "
                 "use a scalar oracle or restart: none"
+            )
+        if self.checkpoint_format == "dcp" and (self.peft or self.push_to_hub):
+            raise ConfigError(
+                "config: checkpoint_format: dcp does not combine with peft (rounds save adapters) or push_to_hub "
+                "(pushes Hugging Face folders); set checkpoint_format: hf"
             )
         if self.push_to_hub and not self.hub_repo_id:
             raise ConfigError("config: push_to_hub needs 'hub_repo_id' (e.g. me/apo-model)")

@@ -35,7 +35,7 @@ from apo_trainer.config import APOConfig
 from apo_trainer.errors import ConfigError
 from apo_trainer.oracle import Oracle
 from apo_trainer.prompts import split_prompts
-from apo_trainer.runtime import RunContext, load_tokenizer, phase_seed, seed_everything
+from apo_trainer.runtime import RunContext, export_policy, load_tokenizer, phase_seed, seed_everything
 from apo_trainer.store import RunStore
 
 
@@ -153,6 +153,9 @@ def _rounds(ctx: RunContext, trackers: list[str], train_fn: Any = None) -> list[
             if not quiet:
                 log.print_round(record)
         accelerator.wait_for_everyone()
+    if config.checkpoint_format == "dcp" and config.rounds and accelerator.is_main_process:
+        export_policy(store.policy(config.rounds - 1), store.root / "final-policy")  # the one Hugging Face export
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process and not quiet:
         log.print_table(records, title=f"apo-train: {config.output_dir}")
     return records

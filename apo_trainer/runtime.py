@@ -84,11 +84,42 @@ class RunContext:
     def load_policy(
         self, path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> PreTrainedModel:
-        """Load a causal LM checkpoint (default: configured dtype, this process's device)."""
+        """Load a causal LM checkpoint (default: configured dtype, this process's device); a DCP folder
+        (``checkpoint_format: dcp``) is exported to a temporary Hugging Face folder first."""
+        import tempfile
+
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or self.dtype)
+        from apo_merge.dcp import is_dcp
+
+        if is_dcp(path):
+            with tempfile.TemporaryDirectory(prefix="apo-train-dcp-") as tmp:
+                export_policy(path, Path(tmp) / "hf")
+                model = AutoModelForCausalLM.from_pretrained(str(Path(tmp) / "hf"), dtype=dtype or self.dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or self.dtype)
         return model.to(self.device if device is None else device)
+
+    def save_checkpoint(self, model: Any, final: Path, *, round_index: int, phase: str) -> None:
+        """``checkpoint_format: dcp``: write ``model`` (the accelerate-prepared model or a plain one) as a DCP folder
+        with config and tokenizer beside it; every process writes its own FSDP shards, nothing is gathered."""
+        from apo_merge import shards
+
+        holder = self.accelerator.unwrap_model(model)
+
+        def side(tmp: Path) -> None:
+            holder.config.save_pretrained(tmp)
+            if getattr(holder, "generation_config", None) is not None:
+                holder.generation_config.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+
+        shards.save_dcp(
+            holder.state_dict(),
+            final,
+            tmp=final.with_name(f".tmp-{final.name}-dcp"),  # one name on every process; cleared on resume
+            side=side,
+            commit=lambda tmp, out: self.store.commit(tmp, out, round_index=round_index, phase=phase),
+        )
 
     @contextmanager
     def progress(self, description: str, total: int) -> Iterator[Any]:
@@ -124,6 +155,24 @@ class _Advance:
 
     def advance(self, n: int = 1) -> None:
         self.bar.advance(self.task, n)
+
+
+def export_policy(dcp_dir: str | Path, out: Path) -> Path:
+    """A DCP checkpoint written by apo-train -> a Hugging Face folder ``out`` (tensors streamed, side files copied),
+    put in place only once complete (replacing an older export)."""
+    import shutil
+
+    from apo_merge.dcp import export_hf
+    from apo_merge.io.files import replace_atomically
+
+    tmp = out.with_name(f".tmp-{out.name}-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_hf(dcp_dir, tmp)
+    for entry in Path(dcp_dir).iterdir():
+        if entry.is_file() and not entry.name.startswith(".") and not entry.name.endswith(".distcp"):
+            shutil.copyfile(entry, tmp / entry.name)
+    replace_atomically(tmp, out)
+    return out
 
 
 def load_tokenizer(config: APOConfig) -> PreTrainedTokenizerBase:

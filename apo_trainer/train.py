@@ -306,6 +306,11 @@ def _save_adapter(ctx: RunContext, t: int, peft_model: Any) -> None:
 def _save(ctx: RunContext, t: int, model: Any, history: list[dict[str, Any]]) -> None:
     acc, store = ctx.accelerator, ctx.store
     acc.wait_for_everyone()
+    if ctx.config.checkpoint_format == "dcp":  # every process its own shards, no gather
+        if ctx.is_main:
+            store.write_jsonl(store.round_dir(t) / "train_log.jsonl", history)
+        ctx.save_checkpoint(model, store.trained(t), round_index=t, phase="train")
+        return
     state = acc.get_state_dict(model)
     if ctx.is_main:
         store.write_jsonl(store.round_dir(t) / "train_log.jsonl", history)
