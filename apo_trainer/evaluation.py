@@ -4,7 +4,7 @@ For every policy of a run (theta_0 = the configured model, theta_t = round-<t-1>
 prompt is sampled with the ``eval_*`` keys (training's keys otherwise, :func:`eval_sampling`) and judged against a
 reference response by the run's oracle: the reference is theta_0's response to the same row (round 0's) unless
 ``eval_reference`` names a JSONL of responses keyed by prompt (each prompt once).
-A pairwise oracle is asked both orders (``(f(x, y, ref) + 1 - f(x, ref, y)) / 2``), a scalar one through
+A pairwise oracle is asked both orders (``1/2 + (f(x, y, ref) - f(x, ref, y)) / 2``, exact for ties), a scalar one through
 Bradley-Terry ``sigmoid(s(y) - s(ref))``; equal scores count one half. Per round:
 
 - ``win_rate``: the mean preference, with a 95% percentile bootstrap interval over prompts (seeded);
@@ -37,7 +37,7 @@ import yaml
 from apo_merge.errors import shown
 from apo_trainer.config import APOConfig
 from apo_trainer.errors import ConfigError, TrainError
-from apo_trainer.oracle import Oracle, PairwiseOracle, compare_batched, is_pairwise, user_oracle
+from apo_trainer.oracle import Oracle, PairwiseOracle, both_orders, compare_batched, is_pairwise, user_oracle
 from apo_trainer.runtime import RunContext, phase_seed, seed_everything
 from apo_trainer.store import RunStore, dumps, read_jsonl
 
@@ -186,7 +186,7 @@ def preferences(
         both = [[r, ref] for r, ref in zip(responses, references, strict=True)]
         q = [(i, 0, 1) for i in range(n)] + [(i, 1, 0) for i in range(n)]
         f = compare_batched(oracle, q, prompts, both, batch)
-        return [(f[i] + 1.0 - f[n + i]) / 2 for i in range(n)]
+        return [both_orders(f[i], f[n + i]) for i in range(n)]
     s: list[float] = []
     texts = list(responses) + list(references)
     ps = list(prompts) * 2

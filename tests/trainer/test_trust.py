@@ -331,3 +331,14 @@ def test_lc_win_rate_warns_when_the_length_feature_is_near_constant():
     assert "near-constant" in summary["lc_warning"] and summary["lc_win_rate"] == pytest.approx(0.5, abs=0.02)
     spread = [{"preference": 0.9, "length": 10 * i, "reference_length": 100} for i in range(n)]
     assert "lc_warning" not in evaluation.summarise(spread, 50, seed=0)
+
+
+@pytest.mark.parametrize("f", [0.4, 0.9, 0.15])
+def test_eval_pairwise_ties_against_the_reference_are_exactly_one_half(f):
+    """Eval asks a pairwise judge both orders; a judge that cannot tell the answers apart gives exactly 1/2."""
+    from apo_trainer.evaluation import preferences
+    from apo_trainer.oracle import PairwiseCallableOracle
+
+    oracle = PairwiseCallableOracle(lambda ps, a, b: [f] * len(ps))
+    got = preferences(oracle, ["x", "y", "z"], ["a", "b", "c"], ["r", "s", "t"], batch=4)
+    assert got == [0.5, 0.5, 0.5]
