@@ -167,7 +167,9 @@ def big(tmp_path_factory) -> Big:
     p = _start((prev, cur), out)
     marks = []
     for phase in PHASES[1:]:
-        assert _wait_for(p, out, phase)
+        # The card and side files land just before the rename: on a fast run that phase can open and close between
+        # two polls, and then the run's end marks it.
+        assert _wait_for(p, out, phase) or phase == "written"
         marks.append(time.monotonic() - t0)
     res = _finish(p)
     t_end = time.monotonic() - t0
