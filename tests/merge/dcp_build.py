@@ -8,6 +8,7 @@ really put into the shards.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,6 +50,20 @@ def _sharded(dtype: torch.dtype, seed: int, world: int):
     return model
 
 
+def spawn(fn, args: tuple, nprocs: int) -> None:
+    """``mp.spawn(fn, args, nprocs)`` whose workers leave through ``os._exit`` once ``fn`` has returned: gloo's
+    threads can abort the interpreter's finalization ("terminate called without an active exception", SIGABRT)
+    after all the work is done, which would fail a run that succeeded."""
+    mp.spawn(_exit_after, args=(fn, *args), nprocs=nprocs, join=True)
+
+
+def _exit_after(rank: int, fn, *args) -> None:
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _init(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
 
@@ -68,6 +83,7 @@ def _build_worker(rank: int, world: int, init_file: str, specs: list[tuple]) -> 
                 opt.step()
                 state["optimizer"] = get_optimizer_state_dict(model, opt)
             dcp.save(state, checkpoint_id=folder)
+        dist.barrier()  # no rank tears gloo down while another still uses it (std::terminate in gloo)
     finally:
         dist.destroy_process_group()
 
@@ -76,7 +92,7 @@ def build(world: int, specs: list[tuple[Path, int, torch.dtype, bool]]) -> None:
     """Save one DCP checkpoint per ``(folder, seed, dtype, with_optimizer)`` from ``world`` FSDP2 processes."""
     with tempfile.TemporaryDirectory() as tmp:
         specs = [(str(f), s, d, o) for f, s, d, o in specs]
-        mp.spawn(_build_worker, args=(world, os.path.join(tmp, "init"), specs), nprocs=world, join=True)
+        spawn(_build_worker, (world, os.path.join(tmp, "init"), specs), world)
 
 
 def _load_worker(rank: int, world: int, init_file: str, jobs: list[tuple]) -> None:
@@ -93,6 +109,7 @@ def _load_worker(rank: int, world: int, init_file: str, jobs: list[tuple]) -> No
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 torch.save({k: v.clone() for k, v in full.items()}, out)
+        dist.barrier()  # no rank tears gloo down while another still uses it (std::terminate in gloo)
     finally:
         dist.destroy_process_group()
 
@@ -101,4 +118,4 @@ def load_full(world: int, jobs: list[tuple[Path, torch.dtype, Path]]) -> None:
     """For each ``(dcp folder, dtype, out file)``: dcp.load into an FSDP2 model at ``world``, save its full state."""
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(str(f), d, str(o)) for f, d, o in jobs]
-        mp.spawn(_load_worker, args=(world, os.path.join(tmp, "init"), jobs), nprocs=world, join=True)
+        spawn(_load_worker, (world, os.path.join(tmp, "init"), jobs), world)

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from apo_merge import extrapolate_state_dict
 from tests.merge import dcp_build
@@ -71,12 +70,13 @@ def _worker(rank: int, world: int, init_file: str, tmp: str, mode: str) -> None:
             got = _rounds(model, cb, rank, [12])
         if rank == 0:
             torch.save(got, Path(tmp) / f"{mode}-w{world}.pt" if mode != "fresh" else Path(tmp) / f"w{world}.pt")
+        dist.barrier()  # no rank tears gloo down while another still uses it (std::terminate in gloo)
     finally:
         dist.destroy_process_group()
 
 
 def _spawn(world: int, tmp: Path, mode: str) -> dict:
-    mp.spawn(_worker, args=(world, str(tmp / f"init-{mode}-{world}"), str(tmp), mode), nprocs=world, join=True)
+    dcp_build.spawn(_worker, (world, str(tmp / f"init-{mode}-{world}"), str(tmp), mode), world)
     return torch.load(tmp / (f"w{world}.pt" if mode == "fresh" else f"{mode}-w{world}.pt"))
 
 
@@ -137,12 +137,13 @@ def _layout_worker(rank: int, world: int, init_file: str) -> None:
         with pytest.raises(ValueError, match=r"^APOCallback: the model's shards changed layout"):
             cb.on_train_end(None, st, None, model=model)
         assert all(torch.equal(before[k], v.to_local()) for k, v in model.state_dict().items())  # nothing written
+        dist.barrier()  # no rank tears gloo down while another still uses it (std::terminate in gloo)
     finally:
         dist.destroy_process_group()
 
 
 def test_layout_change_between_rounds_is_refused(tmp_path):
-    mp.spawn(_layout_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    dcp_build.spawn(_layout_worker, (2, str(tmp_path / "init")), 2)
 
 
 def _mixed_worker(rank: int, world: int, init_file: str) -> None:
@@ -160,12 +161,13 @@ def _mixed_worker(rank: int, world: int, init_file: str) -> None:
         # copy used for compute.
         assert {p.to_local().dtype for p in model.parameters()} == {torch.float32}
         assert {t.dtype for t in model.state_dict().values()} == {torch.float32}
+        dist.barrier()  # no rank tears gloo down while another still uses it (std::terminate in gloo)
     finally:
         dist.destroy_process_group()
 
 
 def test_mixed_precision_shards_are_fp32_masters(tmp_path):
-    mp.spawn(_mixed_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    dcp_build.spawn(_mixed_worker, (2, str(tmp_path / "init")), 2)
 
 
 def test_zero3_and_fsdp1_refused_naming_fsdp2():

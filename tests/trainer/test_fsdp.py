@@ -64,13 +64,14 @@ def _phase_worker(rank: int, world: int, init_file: str, tmp: str, job: dict) ->
         full = _full(model)  # a collective
         if rank == 0:
             torch.save(full, tmp / f"{job['out']}.full.pt")
+        dist.barrier()  # no rank tears gloo down while another still uses it (std::terminate in gloo)
     finally:
         dist.destroy_process_group()
 
 
 def _phase(world: int, tmp: Path, **job) -> None:
     init = tmp / f"init-{job['out']}-{job.get('kill', 0)}"
-    mp.spawn(_phase_worker, args=(world, str(init), str(tmp), job), nprocs=world, join=True)
+    dcp_build.spawn(_phase_worker, (world, str(init), str(tmp), job), world)
 
 
 @pytest.fixture(scope="module")
