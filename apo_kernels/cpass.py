@@ -47,18 +47,15 @@ def extrapolate_into(
     """``numpy_twin.extrapolate_into``, compiled: same arguments, same bytes, same counts."""
     if _cpass is None:
         raise RuntimeError("apo_kernels._cpass is not built; reinstall apo-merge with a C compiler present")
-    for name in (out_dtype, prev_dtype, cur_dtype):
-        if name not in _CODES:
-            raise TypeError(f"dtype {name!r} is not one of {', '.join(KERNEL_NAMES)}")
-    wide = np.float64 if "F64" in (out_dtype, prev_dtype, cur_dtype) else np.float32
+    wide = numpy_twin.compute_dtype(out_dtype, prev_dtype, cur_dtype)
     rounded = [numpy_twin.round_alpha(a, wide) for a in alphas]
     outs, found = list(outs), []
+    if len(outs) != len(rounded):
+        raise ValueError("one output per alpha")
     codes = _CODES[out_dtype], _CODES[prev_dtype], _CODES[cur_dtype]
     for i in range(0, len(rounded), _GROUP):  # the C code takes up to 64 alphas per call
         group = slice(i, i + _GROUP)
         found += _cpass.extrapolate_into(outs[group], codes[0], prev, codes[1], cur, codes[2], rounded[group])
-    if len(outs) != len(rounded):
-        raise ValueError("one output per alpha")
     return found
 
 

@@ -42,6 +42,15 @@ def round_alpha(alpha: float, wide: type) -> float:
         return math.copysign(math.inf, alpha)
 
 
+def compute_dtype(*names: str) -> type[np.floating]:
+    """The compute dtype of a (out, prev, cur) triple: float64 if any is F64, else float32; each must be a kernel
+    dtype (``TypeError`` otherwise)."""
+    for name in names:
+        if name not in _ROWS:
+            raise TypeError(f"dtype {name!r} is not one of {', '.join(KERNEL_NAMES)}")
+    return np.float64 if "F64" in names else np.float32
+
+
 @np.errstate(over="ignore", invalid="ignore")  # overflow to inf and NaN are the contract's, not warnings
 def extrapolate_into(
     outs: Sequence[np.ndarray],
@@ -58,14 +67,11 @@ def extrapolate_into(
     ``BF16``, ``F32``, ``F64``); ``prev`` and ``cur`` are read once for all alphas. An output may not share memory
     with an input. Returns, per output, the count of non-finite results whose inputs were both finite.
     """
-    for name in (out_dtype, prev_dtype, cur_dtype):
-        if name not in _ROWS:
-            raise TypeError(f"dtype {name!r} is not one of {', '.join(KERNEL_NAMES)}")
+    wide = compute_dtype(out_dtype, prev_dtype, cur_dtype)
     size = {name: _ROWS[name].itemsize for name in (out_dtype, prev_dtype, cur_dtype)}
     n = cur.nbytes // size[cur_dtype]
     if prev.nbytes != n * size[prev_dtype] or any(o.nbytes != n * size[out_dtype] for o in outs):
         raise ValueError("prev, cur and every out must hold the same number of elements")
-    wide = np.float64 if "F64" in (out_dtype, prev_dtype, cur_dtype) else np.float32
     a = [wide(round_alpha(x, wide)) for x in alphas]
     # |r| from which rounding gives inf (inf for fp32 math into fp32: as np.float32 the fp32 threshold is inf)
     limit = wide(_ROWS[out_dtype].overflow)
