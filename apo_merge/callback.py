@@ -120,7 +120,9 @@ class APOCallback(TrainerCallback):
                 stacklevel=2,
             )
         elif step == 0 and self.check_reference:
-            self._check_reference(_trainer_running(self), live)
+            trainer = _trainer_running(self)
+            stale = trainer is not None and self._built_at.get(trainer, self.rounds) != self.rounds
+            _check_reference(trainer, live, stale)
 
     def _take_prev(self, full: dict[str, torch.Tensor]) -> None:
         """Put prev in the model's layout: read a DCP folder into this rank's shards, slice full tensors."""
@@ -131,28 +133,6 @@ class APOCallback(TrainerCallback):
             self._prev = shards.load_local(self._prev, full)  # full tensors given as prev: keep this rank's part
         if self._prev is not None and self._layout is None:
             self._layout = shards.layout(full)
-
-    def _check_reference(self, trainer: Trainer | None, live: dict[str, torch.Tensor]) -> None:
-        """Refuse a round whose DPO reference is not the policy it starts from (APO's reference is theta_t)."""
-        ref = getattr(trainer, "ref_model", None)
-        fix = "pass ref_model=copy.deepcopy(model) or DPOConfig(precompute_ref_log_probs=True)"
-        if ref is not None:
-            ref = trainer.accelerator.unwrap_model(ref)  # a DeepSpeed engine or a wrapper: the module inside
-            name = _first_difference(shards.local_state(ref.state_dict()), live)
-            if name is not None:
-                path = getattr(getattr(ref, "config", None), "_name_or_path", "")
-                source = f"; ref_model=None makes TRL load it from {shown(path)}" if path else ""
-                raise ValueError(
-                    f"APOCallback: the trainer's reference model is not the policy this round starts from "
-                    f"({name} differs{source}); APO's reference is theta_t: {fix}"
-                )
-        elif (
-            getattr(trainer, "precompute_ref_logps", False) and self._built_at.get(trainer, self.rounds) != self.rounds
-        ):
-            raise ValueError(
-                "APOCallback: the trainer precomputed its reference log-probs before the previous round's APO step; "
-                "build each round's trainer after the previous train() returns"
-            )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         full = _state(model)
@@ -196,6 +176,28 @@ def _state(model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
                 "the parameters; use FSDP2 (fully_shard, fsdp_version: 2), or save checkpoints and run apo-merge"
             )
     return {n: t.detach() for n, t in state.items()}
+
+
+def _check_reference(trainer: Trainer | None, live: dict[str, torch.Tensor], stale: bool) -> None:
+    """Refuse a round whose DPO reference is not the policy it starts from (APO's reference is theta_t); ``stale``:
+    the trainer was built before the previous round's APO step."""
+    ref = getattr(trainer, "ref_model", None)
+    fix = "pass ref_model=copy.deepcopy(model) or DPOConfig(precompute_ref_log_probs=True)"
+    if ref is not None:
+        ref = trainer.accelerator.unwrap_model(ref)  # a DeepSpeed engine or a wrapper: the module inside
+        name = _first_difference(shards.local_state(ref.state_dict()), live)
+        if name is not None:
+            path = getattr(getattr(ref, "config", None), "_name_or_path", "")
+            source = f"; ref_model=None makes TRL load it from {shown(path)}" if path else ""
+            raise ValueError(
+                f"APOCallback: the trainer's reference model is not the policy this round starts from "
+                f"({name} differs{source}); APO's reference is theta_t: {fix}"
+            )
+    elif getattr(trainer, "precompute_ref_logps", False) and stale:
+        raise ValueError(
+            "APOCallback: the trainer precomputed its reference log-probs before the previous round's APO step; "
+            "build each round's trainer after the previous train() returns"
+        )
 
 
 def _trainer_running(callback: APOCallback) -> Trainer | None:
