@@ -30,6 +30,7 @@ from apo_merge.io.output import StagedFolder
 from apo_merge.options import MergeOptions
 from apo_merge.plan import Layout, make_plan
 from apo_merge.quant import layout as quant
+from apo_merge.quant import quantize
 
 if TYPE_CHECKING:
     from apo_merge.engine import Kernel
@@ -145,6 +146,8 @@ def run_merges(
     if not isinstance(options, MergeOptions):
         raise TypeError(f"run_merge takes a MergeOptions (e.g. MergeOptions(alpha=0.3)), not {type(options).__name__}")
     if dcp.is_dcp(prev) or dcp.is_dcp(cur):  # torch DCP folders: apo_merge.dcp
+        if options.quantize != "none":
+            raise usage_error(f"--quantize {options.quantize} does not apply to torch DCP checkpoints; drop it")
         return dcp.run_merges(prev, cur, options, output, progress=(hooks or Hooks()).progress)
     t0 = time.perf_counter()
     hooks = hooks or Hooks()
@@ -155,6 +158,8 @@ def run_merges(
     outs = output_paths(src_cur, options.alphas, output)
     for out in outs:
         check_output(out, [src_prev, src_cur], options.overwrite)
+    if (src_prev.is_adapter or src_cur.is_adapter) and options.quantize != "none":
+        raise MergeError(f"--quantize {options.quantize} applies to full checkpoints, not LoRA adapters; drop it")
     if src_prev.is_adapter or src_cur.is_adapter:
         reports = [lora.AdapterJob(src_prev, src_cur, outs[0], options).run(hooks.progress, hooks.on_plan)]
     elif options.merge_into is not None:
@@ -211,7 +216,12 @@ def _merge_checkpoints(
         reports = []
         for o, plan, st, tmp, out in zip(each, plans, stats, tmps, outs):
             copied, skipped = copy_side_files(ckpt_cur.root, ckpt_cur.weight_file_names, src_cur.trusted_root, tmp)
-            if "CUR" in plan.dequantized:  # the output's weights are not quantized: its config must not say so
+            rows, notes = quant.card_rows(plan.dequantized), ""
+            if plan.quantize is not None:  # FP8 again: the config says so (CUR's as copied, else PREV's)
+                if plan.quantize.side == "PREV":
+                    quantize.write_config(tmp, plan.quantize.config)
+                rows, notes = quantize.card_rows(rows, plan.quantize, st.quant_errors)
+            elif "CUR" in plan.dequantized:  # the output's weights are not quantized: its config must not say so
                 quant.strip_config(tmp)
             info = card.CardInfo(
                 alpha=o.alpha,
@@ -221,7 +231,8 @@ def _merge_checkpoints(
                 files={f.name: (f.size, st.sha256[f.name]) for f in plan.files},
                 base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
                 input_hashes=input_hashes,
-                rows=quant.card_rows(plan.dequantized),
+                rows=rows,
+                notes=notes,
             )
             write_card(tmp, out, plan.index, info)
             reports.append(

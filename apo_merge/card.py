@@ -79,6 +79,7 @@ class CardInfo:
     tags: list[str] = field(default_factory=list)  # beyond apo, merge, extrapolation
     rows: list[tuple[str, str]] = field(default_factory=list)  # extra (what, value) rows of the summary table
     side_files: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (bytes, sha256): config, ...
+    notes: str = ""  # markdown after the summary table (e.g. --quantize's error per tensor)
     summary: str = (
         "This checkpoint is an APO (Accelerated Preference Optimization, arXiv 2410.06293) "
         "extrapolation step,\n`theta = cur + alpha * (cur - prev)`"
@@ -124,6 +125,7 @@ def render(info: CardInfo, title: str) -> str:
             + "\n".join(lines)
             + f"\n\n{HASH_DEFINITION}{note}\n"
         )
+    notes = f"\n{info.notes}" if info.notes else ""
     side = ""
     if info.side_files:
         side = (
@@ -143,7 +145,7 @@ def render(info: CardInfo, title: str) -> str:
 | | |
 | --- | --- |
 {table}
-{inputs}
+{notes}{inputs}
 Weight files (check with `apo-merge verify <folder>`):
 
 | file | bytes | sha256 |

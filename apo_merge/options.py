@@ -108,6 +108,13 @@ class MergeOptions:
         choices=("relative", "absolute"),
     )
 
+    quantize: str = setting(
+        "none",
+        "fp8-block: write the weights that are FP8 block-scaled in the inputs (CUR's, else PREV's) back in that "
+        "layout: e4m3 with a scale_inv = amax/448 per block, the error per tensor in the card; none: CUR's dtype.",
+        choices=("none", "fp8-block"),
+    )
+
     def __post_init__(self) -> None:
         alpha = self.alpha
         if isinstance(alpha, (list, tuple)):
@@ -123,7 +130,7 @@ class MergeOptions:
         device = self.device
         if not isinstance(device, str) or (device not in choices("device") and not re.fullmatch(r"cuda:\d+", device)):
             raise usage_error(f"--device {shown(device)} is not one of {', '.join(choices('device'))}")
-        for name in ("dtype", "on_missing", "card_paths"):
+        for name in ("dtype", "quantize", "on_missing", "card_paths"):
             value = getattr(self, name)
             if value not in choices(name):
                 flag = "--" + name.replace("_", "-")
@@ -190,7 +197,8 @@ def _field(name: str) -> dataclasses.Field:
 
 
 def choices(name: str) -> tuple[str, ...]:
-    """The allowed values of a MergeOptions field (``device``, ``dtype``, ``on_missing``, ``card_paths``)."""
+    """The allowed values of a MergeOptions field (``device``, ``dtype``, ``quantize``, ``on_missing``,
+    ``card_paths``)."""
     return _field(name).metadata["choices"]
 
 

@@ -16,6 +16,7 @@ from apo_merge.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from apo_merge.io.header import FileHeader, TensorInfo
 from apo_merge.options import MergeOptions
 from apo_merge.quant.layout import QuantInfo, fold
+from apo_merge.quant.quantize import QuantTarget, quant_pieces, target
 
 _MAX_LISTED = 10
 
@@ -35,6 +36,13 @@ class Piece:
     cur: tuple[FileHeader, TensorInfo]
     prev: tuple[FileHeader, TensorInfo] | None
     convert: bool = False
+    block: tuple[int, int] | None = None  # written as FP8 in these blocks (computed in fp32 first)
+    scales_of: str | None = None  # holds the block scales computed for this weight (nothing is read)
+
+    @property
+    def compute_dtype(self) -> str:
+        """What the kernel writes: fp32 for a piece quantized afterwards, else the output dtype."""
+        return "F32" if self.block else self.dtype
 
     @property
     def nbytes(self) -> int:
@@ -82,6 +90,7 @@ class MergePlan(Layout):
     copied_cur_only: list[str] = field(default_factory=list)
     ignored_prev_only: list[str] = field(default_factory=list)
     dequantized: dict[str, str] = field(default_factory=dict)  # "PREV" / "CUR" -> what was read as fp32
+    quantize: QuantTarget | None = None  # --quantize fp8-block: which weights are written back in FP8
 
     @property
     def n_extrapolated(self) -> int:
@@ -194,6 +203,7 @@ def make_plan(
         raise MergeError(f"CUR {cur.label}: holds no tensors; give a checkpoint with weights")
     folded = {"PREV": fold(prev, "PREV"), "CUR": fold(cur, "CUR")}  # quantized weights + scales -> fp32 sources
     prev_t, cur_t = folded["PREV"].tensors, folded["CUR"].tensors
+    quant = target(folded, {"PREV": prev, "CUR": cur}, options.quantize)
     cur_only = [n for n in cur_t if n not in prev_t]
     prev_only = [n for n in prev_t if n not in cur_t]
     if on_missing == "error" and (cur_only or prev_only):
@@ -228,7 +238,8 @@ def make_plan(
         # CUR-only float tensor under --dtype, or quantized (its bytes are never the output's)
         convert = not extrapolated and (out_dtype != info.dtype or quantized)
         source = p if extrapolated else (header, info) if convert else None
-        pieces.append(Piece(name, out_dtype, info.shape, 0, (header, info), source, convert))
+        piece = Piece(name, out_dtype, info.shape, 0, (header, info), source, convert)
+        pieces += quant_pieces(piece, quant) if quant and name in quant.names else [piece]
     layout = lay_out(pieces, cur, options.max_shard_size, metadata or {})
     return MergePlan(
         files=layout.files,
@@ -239,4 +250,5 @@ def make_plan(
         copied_cur_only=cur_only if on_missing == "copy" else [],
         ignored_prev_only=prev_only if on_missing == "copy" else [],
         dequantized={side: f.describe() for side, f in folded.items() if f.dequantized},
+        quantize=quant,
     )

@@ -14,6 +14,7 @@ import numpy as np
 from apo_kernels.dtypes import ITEMSIZE, torch_dtype
 from apo_merge.engine.runner import StageRunner
 from apo_merge.plan import MergePlan, Piece
+from apo_merge.quant.quantize import chunk_elems as quant_elems
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +32,7 @@ class Task:
     ready: Any = None  # a CUDA event the writer waits for before writing the slot's outputs
     holds: int = 0  # hash stages still to read the slot's outputs before it is free again
     quant: tuple = ()  # (slot side, QuantInfo, scales): raw fp8 bytes the compute stage dequantizes in place first
+    qout: list = field(default_factory=list)  # a quantized output's (scale rows, TensorError) per output buffer
 
     @property
     def copy(self) -> bool:
@@ -44,30 +46,40 @@ class Task:
     def nbytes(self) -> tuple[int, int, int]:
         """Bytes of the chunk's (out, prev, cur)."""
         piece = self.piece
-        return tuple(self.count * ITEMSIZE[d] for d in (piece.dtype, piece.prev[1].dtype, piece.cur[1].dtype))
+        return tuple(self.count * ITEMSIZE[d] for d in (piece.compute_dtype, piece.prev[1].dtype, piece.cur[1].dtype))
 
     def operands(self, out: torch.Tensor, prev: torch.Tensor, cur: torch.Tensor) -> list[torch.Tensor]:
         """The chunk's (out, prev, cur) in their dtypes, viewed over byte buffers that hold it from offset 0."""
         piece = self.piece
-        dtypes = (piece.dtype, piece.prev[1].dtype, piece.cur[1].dtype)
+        dtypes = (piece.compute_dtype, piece.prev[1].dtype, piece.cur[1].dtype)
         return [buf[:n].view(torch_dtype(d)) for buf, n, d in zip((out, prev, cur), self.nbytes(), dtypes)]
 
 
 def tasks(plan: MergePlan, chunk_elems: int, copy_chunk_bytes: int) -> Iterator[Task]:
-    """The plan's work in write order: computed tensors in chunks of elements, copied ones in chunks of bytes."""
+    """The plan's work in write order: computed tensors in chunks of elements (whole block rows when quantized
+    afterwards), copied ones in chunks of bytes, a quantized weight's scales in one task after it."""
     seq = 0
     for i, f in enumerate(plan.files):
         for j, piece in enumerate(f.pieces):
             total, step = (piece.nbytes, copy_chunk_bytes) if piece.prev is None else (piece.numel, chunk_elems)
+            if piece.block:
+                step = quant_elems(piece, chunk_elems)
+            elif piece.scales_of:
+                step = max(total, 1)
             for begin in range(0, max(total, 1), step):
                 yield Task(seq, i, piece, begin, min(step, total - begin), j)
                 seq += 1
 
 
+def slot_elems(plan: MergePlan, chunk_elems: int) -> int:
+    """Elements a slot must hold: a chunk, or the widest task of whole block rows of a quantized output."""
+    return max([chunk_elems] + [quant_elems(p, chunk_elems) for f in plan.files for p in f.pieces if p.block])
+
+
 def widest(plan: MergePlan) -> int:
-    """The largest item size the plan reads or writes."""
+    """The largest item size the plan reads or writes (or computes, before quantizing)."""
     return max(
-        [ITEMSIZE[p.dtype] for f in plan.files for p in f.pieces]
+        [ITEMSIZE[p.compute_dtype] for f in plan.files for p in f.pieces]
         + [ITEMSIZE[s[1].dtype] for f in plan.files for p in f.pieces for s in (p.cur, p.prev) if s]
         + [1]
     )

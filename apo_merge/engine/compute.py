@@ -19,6 +19,7 @@ from apo_merge.engine.chunks import Lanes, Task
 from apo_merge.engine.device import on
 from apo_merge.engine.runner import StageRunner
 from apo_merge.quant.dequant import dequantize
+from apo_merge.quant.quantize import quantize_task
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +44,8 @@ class Compute:
                     counts = self.chunk(task, alphas)  # empty where the device counts
                     for k in range(len(self.alphas) if counts else 0):  # a converted chunk is every output's
                         self.found[k] += counts[0 if task.piece.convert else k]
+                    if task.piece.block:  # --quantize: the fp32 rows to e4m3 and block scales, in place
+                        quantize_task(task, len(self.alphas))
                 self.lanes.write.put(task)
         finally:
             self.lanes.write.put(None)
@@ -61,7 +64,7 @@ class NumpyCompute(Compute):
         ob, pb, cb = task.nbytes()
         outs = [o[:ob] for o in slot.outs[: len(alphas)]]
         return self.into(
-            outs, piece.dtype, slot.prev[:pb], piece.prev[1].dtype, slot.cur[:cb], piece.cur[1].dtype, alphas
+            outs, piece.compute_dtype, slot.prev[:pb], piece.prev[1].dtype, slot.cur[:cb], piece.cur[1].dtype, alphas
         )
 
 

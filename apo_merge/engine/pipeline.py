@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from apo_kernels import cpass
-from apo_merge.engine.chunks import Lanes, Ring, tasks, widest
+from apo_merge.engine.chunks import Lanes, Ring, slot_elems, tasks, widest
 from apo_merge.engine.compute import Compute, CudaCompute, Kernel, NumpyCompute, TorchCompute
 from apo_merge.engine.device import is_gpu, on
 from apo_merge.engine.read import OnRead, Reader
@@ -25,6 +25,7 @@ class EngineStats:
     bytes_written: int
     sha256: dict[str, str] = field(default_factory=dict)
     new_nonfinite: int = 0  # non-finite outputs whose inputs were both finite
+    quant_errors: dict = field(default_factory=dict)  # --quantize: weight name -> quantize.TensorError
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class _Merge:
         self.plans, self.out_dirs, self.device, self.tuning = plans, out_dirs, device, tuning
         gpu = is_gpu(device)
         self.chunk_elems = tuning.gpu_chunk_elems if gpu else tuning.chunk_elems
-        slot_bytes = max(self.chunk_elems * widest(plans[0]), tuning.copy_chunk_bytes)
+        slot_bytes = max(slot_elems(plans[0], self.chunk_elems) * widest(plans[0]), tuning.copy_chunk_bytes)
         with on(device):  # pinned for this device's context
             ring = Ring(tuning.slots(gpu), slot_bytes, pinned=gpu, n_out=len(plans))
         self.lanes = Lanes(ring, tuning.workers(gpu), len(plans))
@@ -137,7 +138,13 @@ class _Merge:
             reader.close()
         seconds = time.perf_counter() - t0
         return [
-            EngineStats(seconds, writer.bytes_written[k], hashers[k].sha256, sum(c.found[k] for c in computes))
+            EngineStats(
+                seconds,
+                writer.bytes_written[k],
+                hashers[k].sha256,
+                sum(c.found[k] for c in computes),
+                writer.scales.errors[k],
+            )
             for k in range(n)
         ]
 
@@ -146,4 +153,6 @@ def _has_fp16(plan: MergePlan) -> bool:
     """Whether any computed tensor reads or writes fp16: without the compiled pass, numpy converts fp16 an element
     at a time, 8x slower than torch's twin (measured 7.9 against 1.0 ns per element for fp16 -> fp16), which
     outweighs torch's start-up. The compiled pass converts fp16 as fast as torch (docs/performance.md)."""
-    return any("F16" in (p.dtype, p.prev[1].dtype, p.cur[1].dtype) for f in plan.files for p in f.pieces if p.prev)
+    return any(
+        "F16" in (p.compute_dtype, p.prev[1].dtype, p.cur[1].dtype) for f in plan.files for p in f.pieces if p.prev
+    )

@@ -32,7 +32,9 @@ class Reader:
             for task in tasks:
                 slot = task.slot = self.lanes.ring.take(self.runner)
                 piece = task.piece
-                if task.copy:
+                if piece.scales_of:  # computed with its weight: the writer holds them
+                    pass
+                elif task.copy:
                     header, info = piece.cur
                     self._pread(header, slot.out_views[0][: task.count], info.begin + task.begin)
                 else:

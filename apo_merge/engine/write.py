@@ -14,6 +14,7 @@ from apo_merge.engine.chunks import Lanes, Task
 from apo_merge.engine.runner import StageRunner
 from apo_merge.io.writer import SafetensorsWriter
 from apo_merge.plan import MergePlan
+from apo_merge.quant.quantize import Gathered
 
 
 class Writer:
@@ -29,6 +30,7 @@ class Writer:
     ) -> None:
         self.runner, self.lanes, self.plans, self.out_dirs, self.progress = runner, lanes, plans, out_dirs, progress
         self.bytes_written = [0] * len(plans)
+        self.scales = Gathered(len(plans))  # --quantize: block scales and error sums, per output
 
     def run(self) -> None:
         pending: dict[int, Task] = {}
@@ -64,7 +66,12 @@ class Writer:
         task.holds = len(self.plans)
         for k, (plan, writer) in enumerate(zip(self.plans, writers)):
             f = plan.files[task.out_index]
-            data = task.slot.out_views[0 if task.shared else k][: task.count * size]
+            if task.piece.scales_of:
+                data = self.scales.take(k, task.piece.scales_of)
+            else:
+                data = task.slot.out_views[0 if task.shared else k][: task.count * size]
+            if task.piece.block:
+                self.scales.add(k, task)
             writer.write(data, f.pieces[task.index].offset + task.begin * size)
             self.lanes.hash[k].put((f.name, data, task))
             self._advance(k, len(data))
