@@ -2,7 +2,9 @@
 
 Every header goes through the hardened parser, the index must map every tensor to the file that holds it (and
 nothing else), the weight files must be exactly those the card lists, and each file's size and SHA-256 must equal
-the recorded ones: the weight files', then those of the side files (config, tokenizer, ...) the card records. The first mismatch is a MergeError naming the file.
+the recorded ones: the weight files', then those of the side files (config, tokenizer, ...) the card records; an
+output holding FP8 weights (``--quantize fp8-block``) must also pair each with its block scales as config.json
+says. The first mismatch is a MergeError naming the file.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apo_merge.card import SUMMARY_METADATA, recorded_files, recorded_side_files, recorded_summary
-from apo_merge.errors import MergeError, shown
+from apo_merge.errors import MergeError, first_line, shown
 from apo_merge.io.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, open_checkpoint
 from apo_merge.io.hashing import hash_file
 from apo_merge.io.header import read_regular_file
 from apo_merge.io.output import CARD_MARK, MAX_CARD_BYTES
+from apo_merge.quant.layout import fold
 
 CARD_NAME = "README.md"
 
@@ -119,7 +122,22 @@ def verify_output(folder: str | Path) -> VerifyReport:
                 f"{path}: SHA-256 {actual[:16]}... differs from the {sha[:16]}... recorded in the model "
                 "card; the file changed after the merge, re-run it"
             )
+    _check_fp8(root, ckpt)
     return VerifyReport(root, {n: recorded[n] for n in sorted(recorded)}, len(ckpt.tensors))
+
+
+def _check_fp8(root: Path, ckpt) -> None:
+    """An output written with --quantize fp8-block: every F8 weight has its scales, of the shape config.json's
+    weight_block_size gives, and no scale lacks its weight (what a loader relies on; the hashes say the bytes
+    are those written, not that they were written consistently)."""
+    if not any(info.dtype.startswith("F8") for _, info in ckpt.tensors.values()):
+        return
+    try:
+        fold(ckpt, "OUT")
+    except MergeError as e:
+        raise MergeError(
+            f"{root}: its FP8 weights do not agree with their scales or config.json ({first_line(e)}); re-run the merge"
+        ) from None
 
 
 def _check_total_size(index_path: Path, total: int) -> None:

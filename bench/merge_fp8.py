@@ -2,6 +2,7 @@
 
     python bench/merge_fp8.py                 # CUR ~0.7 GB bf16, PREV its FP8 block-scaled twin (~1.05 GB pair)
     python bench/merge_fp8.py --size 2 --runs 5
+    python bench/merge_fp8.py --fp8-out       # also apo-cpu-fp8out: the CLI with --quantize fp8-block
 
 The bf16 pair comes from merge_e2e.build_pair (Llama-shaped, a small vocabulary so that most bytes are linear
 weights); PREV's linear weights are then quantized as DeepSeek's releases are (e4m3, scale = amax / 448 per
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--scratch", type=Path, default=Path("~/.cache/apo-merge-bench").expanduser())
+    ap.add_argument("--fp8-out", action="store_true", help="also time the output written in FP8 (--quantize)")
     args = ap.parse_args()
     args.scratch.mkdir(parents=True, exist_ok=True)
     prev_bf16, cur = merge_e2e.build_pair(args.scratch, "fp8", args.size, int(5e9))
@@ -84,6 +86,8 @@ def main() -> None:
         cmds["floor-tuned" + tag] = me + ["floor-tuned", str(p), str(cur), str(out)]
         cmds["apo-cpu" + tag] = [sys.executable, "-m", "apo_merge", str(p), str(cur), "--alpha", repr(args.alpha)]
         cmds["apo-cpu" + tag] += ["-o", str(out), "-q", "--device", "cpu"]
+        if args.fp8_out and not tag:
+            cmds["apo-cpu-fp8out"] = [*cmds["apo-cpu"], "--quantize", "fp8-block"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     print(
         f"inputs {sum(p.stat().st_size for p in inputs) / 1e9:.2f} GB (PREV FP8, CUR bf16), {moved / 1e9:.2f} GB moved"

@@ -91,16 +91,23 @@ def quant_pieces(piece, quant: QuantTarget) -> list:
 def to_e4m3(x: np.ndarray) -> np.ndarray:
     """float32 -> e4m3fn bytes as torch's ``.to(torch.float8_e4m3fn)`` gives them for finite values: round to
     nearest even, -0 kept, beyond +-448 saturated to +-448 (torch 2.x on CPU and CUDA)."""
-    u = x.view(np.uint32)
-    a = u & np.uint32(0x7FFFFFFF)
-    sign = ((u >> np.uint32(24)) & np.uint32(0x80)).astype(np.uint8)
+    u32 = np.uint32
+    a = x.view(u32) & u32(0x7FFFFFFF)
     # normal results: 3 mantissa bits kept with round-to-nearest-even; the carry may bump the exponent
-    normal = (a + np.uint32(0x7FFFF) + ((a >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20)
-    normal = np.minimum(normal - np.uint32(120 << 3), np.uint32(0x7E))  # bias 127 -> 7; 0x7F is NaN
-    # below 2**-6 (subnormal e4m3, steps of 2**-9): fp32 addition to 2**14 rounds to that step, to nearest even
-    sub = (a.view(np.float32) + np.float32(16384.0)).view(np.uint32) - np.uint32(0x46800000)
-    enc = np.where(a < np.uint32(121 << 23), sub, normal).astype(np.uint8)
-    return enc | sign
+    enc = a >> u32(20)
+    enc &= u32(1)
+    enc += a
+    enc += u32(0x7FFFF)
+    enc >>= u32(20)
+    enc -= u32(120 << 3)  # exponent bias 127 -> 7 (wraps below 2**-6: those are replaced below)
+    np.minimum(enc, u32(0x7E), out=enc)  # 0x7F is NaN: beyond 448, 448
+    out = enc.astype(np.uint8)
+    small = a < u32(121 << 23)
+    if small.any():  # below 2**-6 (subnormal e4m3, steps of 2**-9): fp32 addition to 2**14 rounds to that step
+        tiny = a[small].view(np.float32) + np.float32(16384.0)
+        out[small] = (tiny.view(u32) - u32(0x46800000)).astype(np.uint8)
+    out |= ((x.view(u32) >> u32(24)) & u32(0x80)).astype(np.uint8)
+    return out
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -161,8 +168,8 @@ def quantize_rows(r: np.ndarray, block: tuple[int, int], name: str) -> tuple[np.
             ref = _bf16(x).astype(np.float64).reshape(-1)
             diff = back.reshape(-1) - ref
             error.max_abs = max(error.max_abs, float(np.abs(diff).max(initial=0.0)))
-            error.err2.append(float(diff @ diff))
-            error.ref2.append(float(ref @ ref))
+            error.err2.append(float(np.einsum("i,i->", diff, diff)))  # not BLAS: its threads cost 100x here
+            error.ref2.append(float(np.einsum("i,i->", ref, ref)))
     return q.reshape(-1), scales, error
 
 

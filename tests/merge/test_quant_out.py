@@ -314,3 +314,49 @@ def test_transformers_loads_the_output(tmp_path):
         assert torch.equal(state[n], want), n
         checked += 1
     assert checked == 7
+
+
+def test_verify_checks_the_fp8_layout(tmp_path):
+    """Bytes as recorded but inconsistent (config.json without quantization_config, its card row re-recorded):
+    verify names the FP8 layout, not a hash."""
+    import hashlib
+
+    prev, cur = qb.checkpoint(tmp_path / "prev", 0, True), qb.checkpoint(tmp_path / "cur", 1, False)
+    out = tmp_path / "out"
+    run_merge(prev, cur, MergeOptions(ALPHA, quantize="fp8-block"), out)
+    config = out / "config.json"
+    old = config.read_bytes()
+    data = json.loads(old)
+    del data["quantization_config"]
+    config.write_text(json.dumps(data))
+    new = config.read_bytes()
+    card = out / "README.md"
+    old_row = f"| `config.json` | {len(old)} | `{hashlib.sha256(old).hexdigest()}` |"
+    new_row = f"| `config.json` | {len(new)} | `{hashlib.sha256(new).hexdigest()}` |"
+    assert old_row in card.read_text()
+    card.write_text(card.read_text().replace(old_row, new_row))
+    with pytest.raises(MergeError, match="FP8 weights do not agree .* no quantization_config"):
+        verify_output(out)
+
+
+def test_torch_kernel_writes_the_same_bytes(tmp_path):
+    from apo_kernels import extrapolate_
+    from apo_merge.api import Hooks
+
+    prev, cur = qb.checkpoint(tmp_path / "prev", 0, False), qb.checkpoint(tmp_path / "cur", 1, True)
+    options = MergeOptions(ALPHA, quantize="fp8-block")
+    with use_tuning(Tuning(chunk_elems=1000)):
+        a = run_merge(prev, cur, options, tmp_path / "a")
+        b = run_merge(prev, cur, options, tmp_path / "b", hooks=Hooks(kernel=extrapolate_))
+    assert a.sha256 == b.sha256
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("prev_q", "cur_q"), [(True, False), (False, True), (True, True)])
+def test_cuda_writes_the_cpu_bytes(tmp_path, prev_q, cur_q):
+    prev, cur = qb.checkpoint(tmp_path / "prev", 0, prev_q), qb.checkpoint(tmp_path / "cur", 1, cur_q)
+    options = MergeOptions((ALPHA, -0.5), quantize="fp8-block")
+    with use_tuning(Tuning(chunk_elems=333, gpu_chunk_elems=1000, gpu_slots=2)):
+        cpu = run_merges(prev, cur, options.replace(device="cpu"), tmp_path / "cpu{alpha}")
+        gpu = run_merges(prev, cur, options.replace(device="cuda"), tmp_path / "gpu{alpha}")
+    assert [r.sha256 for r in gpu] == [r.sha256 for r in cpu]
