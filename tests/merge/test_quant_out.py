@@ -360,3 +360,23 @@ def test_cuda_writes_the_cpu_bytes(tmp_path, prev_q, cur_q):
         cpu = run_merges(prev, cur, options.replace(device="cpu"), tmp_path / "cpu{alpha}")
         gpu = run_merges(prev, cur, options.replace(device="cuda"), tmp_path / "gpu{alpha}")
     assert [r.sha256 for r in gpu] == [r.sha256 for r in cpu]
+
+
+def test_resharded(tmp_path):
+    prev, cur = qb.checkpoint(tmp_path / "prev", 0, False), qb.checkpoint(tmp_path / "cur", 1, True)
+    run_merge(prev, cur, MergeOptions(ALPHA, quantize="fp8-block", max_shard_size="60KB"), tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) > 2
+    _check(tmp_path / "out", prev, cur, ALPHA)
+    verify_output(tmp_path / "out")
+
+
+def test_adapters_and_dcp_refused(tmp_path):
+    for kind, marker in (("LoRA adapters", "adapter_config.json"), ("torch DCP", ".metadata")):
+        pair = [tmp_path / kind / s for s in ("prev", "cur")]
+        for p in pair:
+            p.mkdir(parents=True)
+            (p / marker).write_text("{}")
+        before = tree_state(tmp_path)
+        with pytest.raises(MergeError, match=f"--quantize fp8-block .*{kind.split()[-1]}"):
+            run_merge(*pair, MergeOptions(ALPHA, quantize="fp8-block"), tmp_path / "out")
+        assert tree_state(tmp_path) == before
