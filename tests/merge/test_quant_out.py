@@ -380,3 +380,26 @@ def test_adapters_and_dcp_refused(tmp_path):
         with pytest.raises(MergeError, match=f"--quantize fp8-block .*{kind.split()[-1]}"):
             run_merge(*pair, MergeOptions(ALPHA, quantize="fp8-block"), tmp_path / "out")
         assert tree_state(tmp_path) == before
+
+
+def test_chunks_are_whole_block_rows(tmp_path):
+    """The engine's flat chunks of a quantized weight start at a block row and hold whole block rows (one at least),
+    and a slot holds the widest of them in fp32: memory stays bounded by the chunk size, not the tensor."""
+    from apo_merge.engine.chunks import slot_elems, tasks
+    from apo_merge.io.checkpoint import open_checkpoint
+    from apo_merge.plan import make_plan
+
+    prev, cur = qb.checkpoint(tmp_path / "prev", 0, True), qb.checkpoint(tmp_path / "cur", 1, False)
+    plan = make_plan(open_checkpoint(prev), open_checkpoint(cur), MergeOptions(ALPHA, quantize="fp8-block"))
+    for chunk in (1, 333, 40000, 1 << 20):
+        seen = {}
+        for task in tasks(plan, chunk, 4096):
+            piece = task.piece
+            if piece.block:
+                row = piece.block[0] * piece.shape[1]
+                assert task.begin % row == 0 and (task.count % row == 0 or task.begin + task.count == piece.numel)
+                assert task.count <= max(chunk, row) <= slot_elems(plan, chunk)
+                seen[piece.name] = seen.get(piece.name, 0) + task.count
+            elif piece.scales_of:  # one task, after every chunk of its weight
+                assert seen[piece.scales_of] == math.prod(qb.LINEAR[piece.scales_of]) and task.count == piece.nbytes
+        assert sorted(seen) == sorted(qb.LINEAR)
