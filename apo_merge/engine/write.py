@@ -60,11 +60,12 @@ class Writer:
     def _write(self, task: Task, writers: list[SafetensorsWriter]) -> None:
         if task.ready is not None:
             task.ready.synchronize()
+            self.lanes.ring.free_inputs(task)  # the device has copied them in
         size = 1 if task.copy else ITEMSIZE[task.piece.dtype]
         task.holds = len(self.plans)
         for k, (plan, writer) in enumerate(zip(self.plans, writers)):
             f = plan.files[task.out_index]
-            data = task.slot.out_views[0 if task.shared else k][: task.count * size]
+            data = task.out.views[0 if task.shared else k][: task.count * size]
             writer.write(data, f.pieces[task.index].offset + task.begin * size)
             self.lanes.hash[k].put((f.name, data, task))
             self._advance(k, len(data))
