@@ -28,9 +28,10 @@ class Task:
     begin: int  # element (or byte, for copies) offset within the tensor
     count: int
     index: int = 0  # the piece's position in its file (the same in every plan)
-    slot: Slot | None = None
+    slot: Slot | None = None  # the input buffers, from the read until the chunk is computed
+    out: Outputs | None = None  # the output buffers, until every hash stage has read them
     ready: Any = None  # a CUDA event the writer waits for before writing the slot's outputs
-    holds: int = 0  # hash stages still to read the slot's outputs before it is free again
+    holds: int = 0  # hash stages still to read the outputs before they are free again
     quant: tuple = ()  # (slot side, QuantInfo, scales): raw fp8 bytes the compute stage dequantizes in place first
     qout: list = field(default_factory=list)  # a quantized output's (scale rows, TensorError) per output buffer
 
@@ -85,53 +86,83 @@ def widest(plan: MergePlan) -> int:
     )
 
 
+def _host_buffers(count: int, nbytes: int, pinned: bool) -> tuple[list[np.ndarray], list[torch.Tensor] | None]:
+    """``count`` byte buffers as numpy arrays; for a GPU torch's pinned memory seen through numpy (and the tensors)."""
+    if not pinned:
+        return [np.empty(nbytes, np.uint8) for _ in range(count)], None
+    import torch
+
+    tensors = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
+    return [t.numpy() for t in tensors], tensors
+
+
 class Slot:
-    """Reusable host buffers for one chunk: CUR's, PREV's and each output's bytes (numpy uint8 arrays)."""
+    """Reusable host buffers for one chunk's inputs: CUR's and PREV's bytes (numpy uint8 arrays)."""
 
-    def __init__(self, nbytes: int, pinned: bool, n_out: int) -> None:
-        self._tensors: list[torch.Tensor] | None = None
-        if pinned:  # for a GPU: torch's pinned memory, seen through numpy
-            import torch
-
-            self._tensors = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2 + n_out)]
-            arrays = [t.numpy() for t in self._tensors]
-        else:
-            arrays = [np.empty(nbytes, np.uint8) for _ in range(2 + n_out)]
-        self.cur, self.prev, *self.outs = arrays
+    def __init__(self, nbytes: int, pinned: bool) -> None:
+        (self.cur, self.prev), self._tensors = _host_buffers(2, nbytes, pinned)
         self.views = {"cur": memoryview(self.cur), "prev": memoryview(self.prev)}
-        self.out_views = [memoryview(o) for o in self.outs]
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """(cur, prev, outs) as torch tensors over the same memory."""
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cur, prev) as torch tensors over the same memory."""
         if self._tensors is None:
             import torch
 
-            self._tensors = [torch.from_numpy(a) for a in (self.cur, self.prev, *self.outs)]
-        cur, prev, *outs = self._tensors
-        return cur, prev, outs
+            self._tensors = [torch.from_numpy(a) for a in (self.cur, self.prev)]
+        return self._tensors[0], self._tensors[1]
+
+
+class Outputs:
+    """Reusable host buffers for one chunk's outputs, one per alpha (a copied chunk's bytes go to the first)."""
+
+    def __init__(self, nbytes: int, pinned: bool, n_out: int) -> None:
+        self.arrays, self._tensors = _host_buffers(n_out, nbytes, pinned)
+        self.views = [memoryview(a) for a in self.arrays]
+
+    def tensors(self) -> list[torch.Tensor]:
+        if self._tensors is None:
+            import torch
+
+            self._tensors = [torch.from_numpy(a) for a in self.arrays]
+        return self._tensors
 
 
 class Ring:
-    """The slots a merge cycles through: the reader takes a free one per chunk; it is free again once every hash
-    stage has read the outputs written from it. Allocate inside ``device.on(device)`` when pinned."""
+    """The buffers a merge cycles through. The reader takes, in plan order, one ``Outputs`` per chunk and one
+    ``Slot`` per computed chunk (one thread taking both in order cannot deadlock). A Slot is free again once its
+    chunk is computed (on a GPU, once the writer has waited for the copies out); Outputs once every hash stage has
+    read them, so written output may queue behind a slow write or hash while the reader goes on. Allocate inside
+    ``device.on(device)`` when pinned."""
 
-    def __init__(self, count: int, nbytes: int, pinned: bool, n_out: int) -> None:
+    def __init__(self, slots: int, outputs: int, nbytes: int, pinned: bool, n_out: int) -> None:
         self.slot_bytes = nbytes
-        self._free: queue.Queue[Slot] = queue.Queue()
+        self._slots: queue.Queue[Slot] = queue.Queue()
+        self._outputs: queue.Queue[Outputs] = queue.Queue()
         self._lock = threading.Lock()
-        for _ in range(count):
-            self._free.put(Slot(nbytes, pinned, n_out))
+        for _ in range(slots):
+            self._slots.put(Slot(nbytes, pinned))
+        for _ in range(outputs):
+            self._outputs.put(Outputs(nbytes, pinned, n_out))
 
-    def take(self, runner: StageRunner) -> Slot:
-        return runner.get(self._free)
+    def take(self, runner: StageRunner, task: Task) -> None:
+        """Give ``task`` its output buffers and, unless it is a copy, its input buffers (waiting for free ones)."""
+        task.out = runner.get(self._outputs)
+        if not task.copy:
+            task.slot = runner.get(self._slots)
+
+    def free_inputs(self, task: Task) -> None:
+        """The chunk is computed: its input buffers may be refilled."""
+        if task.slot is not None:
+            self._slots.put(task.slot)
+            task.slot = None
 
     def release(self, task: Task) -> None:
-        """One hash stage is done with ``task``'s slot; the last one frees it."""
+        """One hash stage is done with ``task``'s outputs; the last one frees them."""
         with self._lock:
             task.holds -= 1
             last = task.holds == 0
         if last:
-            self._free.put(task.slot)
+            self._outputs.put(task.out)
 
 
 @dataclass

@@ -46,6 +46,8 @@ class Compute:
                         self.found[k] += counts[0 if task.piece.convert else k]
                     if task.piece.block:  # --quantize: the fp32 rows to e4m3 and block scales, in place
                         quantize_task(task, len(self.alphas))
+                    if task.ready is None:  # computed here, not queued on a device: the inputs are free now
+                        self.lanes.ring.free_inputs(task)
                 self.lanes.write.put(task)
         finally:
             self.lanes.write.put(None)
@@ -62,7 +64,7 @@ class NumpyCompute(Compute):
     def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
         slot, piece = task.slot, task.piece
         ob, pb, cb = task.nbytes()
-        outs = [o[:ob] for o in slot.outs[: len(alphas)]]
+        outs = [o[:ob] for o in task.out.arrays[: len(alphas)]]
         return self.into(
             outs, piece.compute_dtype, slot.prev[:pb], piece.prev[1].dtype, slot.cur[:cb], piece.cur[1].dtype, alphas
         )
@@ -79,7 +81,7 @@ class TorchCompute(Compute):
     def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
         import torch
 
-        cur_t, prev_t, outs_t = task.slot.tensors()
+        (cur_t, prev_t), outs_t = task.slot.tensors(), task.out.tensors()
         counts = []
         for k, alpha in enumerate(alphas):
             out, prev, cur = task.operands(outs_t[k], prev_t, cur_t)
@@ -120,7 +122,8 @@ class CudaCompute(TorchCompute):
     def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
         import torch
 
-        (h_cur, h_prev, h_outs), (d_prev, d_cur, *d_outs), i = task.slot.tensors(), self.dev[self._k % 2], self._k % 2
+        (h_cur, h_prev), h_outs = task.slot.tensors(), task.out.tensors()
+        (d_prev, d_cur, *d_outs), i = self.dev[self._k % 2], self._k % 2
         self._k += 1
         ob, pb, cb = task.nbytes()
         with torch.cuda.stream(self.streams[i]):

@@ -107,7 +107,13 @@ class _Merge:
         self.chunk_elems = tuning.gpu_chunk_elems if gpu else tuning.chunk_elems
         slot_bytes = max(slot_elems(plans[0], self.chunk_elems) * widest(plans[0]), tuning.copy_chunk_bytes)
         with on(device):  # pinned for this device's context
-            ring = Ring(tuning.slots(gpu), slot_bytes, pinned=gpu, n_out=len(plans))
+            ring = Ring(
+                tuning.slots(gpu),
+                tuning.outputs(gpu, slot_bytes * len(plans)),
+                slot_bytes,
+                pinned=gpu,
+                n_out=len(plans),
+            )
         self.lanes = Lanes(ring, tuning.workers(gpu), len(plans))
 
     def _computes(self, runner: StageRunner, kernel: Kernel | None) -> list[Compute]:

@@ -1,4 +1,4 @@
-"""The read stage: each chunk's input bytes, with pread, into a free ring slot (no input page is mapped, and
+"""The read stage: each chunk's input bytes, with pread, into free ring buffers (no input page is mapped, and
 anonymous memory does not grow with the checkpoint)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ OnRead = Callable[[Path, int, memoryview], None]
 
 
 class Reader:
-    """Fills one slot per task in plan order and hands it to the compute stages; ``close`` closes the inputs."""
+    """Fills each task's buffers in plan order and hands it to the compute stages; ``close`` closes the inputs."""
 
     def __init__(self, runner: StageRunner, lanes: Lanes, prefetcher: Prefetcher, on_read: OnRead | None) -> None:
         self.runner, self.lanes, self.prefetcher, self.on_read = runner, lanes, prefetcher, on_read
@@ -30,13 +30,13 @@ class Reader:
     def run(self, tasks: Iterable[Task]) -> None:
         try:
             for task in tasks:
-                slot = task.slot = self.lanes.ring.take(self.runner)
-                piece = task.piece
+                self.lanes.ring.take(self.runner, task)
+                slot, piece = task.slot, task.piece
                 if piece.scales_of:  # computed with its weight: the writer holds them
                     pass
                 elif task.copy:
                     header, info = piece.cur
-                    self._pread(header, slot.out_views[0][: task.count], info.begin + task.begin)
+                    self._pread(header, task.out.views[0][: task.count], info.begin + task.begin)
                 else:
                     for (h, i), name in ((piece.cur, "cur"), (piece.prev, "prev")):
                         if isinstance(i, QuantInfo):  # raw bytes now, dequantized by the compute stage

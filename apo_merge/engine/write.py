@@ -62,6 +62,7 @@ class Writer:
     def _write(self, task: Task, writers: list[SafetensorsWriter]) -> None:
         if task.ready is not None:
             task.ready.synchronize()
+            self.lanes.ring.free_inputs(task)  # the device has copied them in
         size = 1 if task.copy else ITEMSIZE[task.piece.dtype]
         task.holds = len(self.plans)
         for k, (plan, writer) in enumerate(zip(self.plans, writers)):
@@ -69,7 +70,7 @@ class Writer:
             if task.piece.scales_of:
                 data = self.scales.take(k, task.piece.scales_of)
             else:
-                data = task.slot.out_views[0 if task.shared else k][: task.count * size]
+                data = task.out.views[0 if task.shared else k][: task.count * size]
             if task.piece.block:
                 self.scales.add(k, task)
             writer.write(data, f.pieces[task.index].offset + task.begin * size)

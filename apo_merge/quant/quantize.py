@@ -174,14 +174,14 @@ def quantize_rows(r: np.ndarray, block: tuple[int, int], name: str) -> tuple[np.
 
 
 def quantize_task(task, n_out: int) -> None:
-    """After the kernel: each output's fp32 rows in ``task``'s slot become e4m3 bytes at the front of the same
+    """After the kernel: each output's fp32 rows in ``task``'s output buffers become e4m3 bytes at the front of the same
     buffer; ``task.qout`` gets (scale rows, error) per output (one for a chunk every output shares)."""
     if task.ready is not None:  # a GPU chunk: its fp32 rows are copied back asynchronously
         task.ready.synchronize()
     piece = task.piece
     cols = piece.shape[1]
     out = []
-    for buf in task.slot.outs[: 1 if task.shared else n_out]:
+    for buf in task.out.arrays[: 1 if task.shared else n_out]:
         r = np.frombuffer(buf, np.float32, task.count).reshape(-1, cols)
         q, scales, error = quantize_rows(r, piece.block, piece.name)
         buf[: task.count] = q

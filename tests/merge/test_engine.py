@@ -361,3 +361,55 @@ def test_tuning_refuses_sizes_below_one():
     for bad in ({"chunk_elems": 0}, {"gpu_slots": -1}, {"cpu_workers": 0}, {"copy_chunk_bytes": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Tuning(**bad)
+
+
+def test_reader_runs_ahead_of_a_stalled_hash_by_the_output_window(tmp_path, monkeypatch):
+    """Input buffers are free once a chunk is computed; only outputs wait for the writer and the hash. While the
+    hash stage is stalled the reader fills the whole output window (before the split it stopped after the few
+    shared slots), and the bytes are those of an unstalled run."""
+    from apo_merge.engine import write as write_mod
+    from apo_merge.io.checkpoint import open_checkpoint
+    from apo_merge.plan import make_plan
+
+    prev, cur = make_checkpoint(tmp_path / "prev", seed=1), make_checkpoint(tmp_path / "cur", seed=2)
+    options = MergeOptions(alpha=0.3, device="cpu")
+    plan = make_plan(open_checkpoint(prev), open_checkpoint(cur), options)
+    tuning = Tuning(chunk_elems=64, copy_chunk_bytes=256, cpu_workers=2, spare_slots=1, output_window_bytes=256 * 24)
+    assert tuning.slots(gpu=False) == 3 and tuning.outputs(False, 256) == 24
+    gate, reads = threading.Event(), []
+
+    class Stalled:
+        def __init__(self):
+            self.inner = hashlib.sha256()
+
+        def update(self, data):
+            gate.wait(30)
+            self.inner.update(data)
+
+        def hexdigest(self):
+            return self.inner.hexdigest()
+
+    monkeypatch.setattr(write_mod, "hashlib", type("H", (), {"sha256": Stalled}))
+    from apo_merge.engine import Hooks as EngineHooks
+    from apo_merge.engine import execute
+
+    hooks = EngineHooks(on_read=lambda path, offset, data: reads.append(offset))
+
+    (tmp_path / "out").mkdir()
+    done = threading.Thread(target=execute, args=(plan, tmp_path / "out", "cpu", hooks, tuning))
+    done.start()
+    last, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 1.0:  # wait until the reader stops
+        if len(reads) != last:
+            last, stable_since = len(reads), time.monotonic()
+        time.sleep(0.05)
+    stalled_reads = len(reads)
+    gate.set()
+    done.join(60)
+    # 24 output sets: the first waits in the stalled hash, the rest queue behind it; two reads per computed chunk
+    assert stalled_reads >= 2 * 20, stalled_reads
+    monkeypatch.undo()
+    (tmp_path / "again").mkdir()
+    execute(plan, tmp_path / "again", "cpu", tuning=Tuning())
+    for f in plan.files:
+        assert (tmp_path / "out" / f.name).read_bytes() == (tmp_path / "again" / f.name).read_bytes()
