@@ -1,7 +1,9 @@
 """Stream a MergePlan's bytes through the kernel: read -> compute -> write -> hash, overlapped on threads.
 
 - read (``read.Reader``): pread into a small ring of reusable buffers (``chunks.Ring``, pinned when the GPU
-  computes): anonymous memory does not grow with checkpoint size and no input page is mapped. A ``Prefetcher``
+  computes): input slots free again once a chunk is computed, output buffers once written and hashed (so the
+  reader goes on while the writer or a hash lags); anonymous memory does not grow with checkpoint size and no
+  input page is mapped. A ``Prefetcher``
   (apo_merge.io.prefetch) streams the inputs into the page cache ahead of these reads.
 - compute (``compute``): on the CPU, worker threads running apo_kernels' compiled pass (else its numpy twin) on
   the byte buffers (torch is not even imported: its start-up alone would cost a third of a 1 GB merge on two
