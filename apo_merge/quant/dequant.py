@@ -17,6 +17,7 @@ import numpy as np
 from apo_kernels.dtypes import BY_NAME
 from apo_merge.errors import MergeError, shown
 from apo_merge.io.header import FileHeader
+from apo_merge.quant import mxfp4
 from apo_merge.quant.layout import QuantInfo
 
 # pread(header, view, data_offset): fills ``view`` with the file's bytes at ``data_offset`` of its data buffer
@@ -88,6 +89,9 @@ def dequantize(task) -> None:
     left at the front of its slot buffer to fp32 over the same buffer."""
     for side, info, scale in task.quant:
         view, count = task.slot.views[side], task.count
+        if info.kind == "mxfp4":  # ``scale``: the experts' blocks and scales
+            mxfp4.dequant_experts(scale, task.begin, info, np.frombuffer(view, np.float32, count))
+            continue
         raw = getattr(_local, "raw", None)
         if raw is None or raw.size < count:
             raw = _local.raw = np.empty(count, np.uint8)
@@ -104,9 +108,13 @@ class Dequantizer:
     def __init__(self, pread: Pread) -> None:
         self.pread = pread
         self._scales: dict[tuple, np.ndarray] = {}
+        self._experts: dict[tuple, tuple] = {}
 
-    def read(self, header: FileHeader, info: QuantInfo, view: memoryview, task) -> np.ndarray:
-        """Read ``task``'s raw bytes of ``info`` to the front of ``view``; return the tensor's scales."""
+    def read(self, header: FileHeader, info: QuantInfo, view: memoryview, task):
+        """Read ``task``'s raw bytes of ``info`` to the front of ``view``; return the tensor's scales (MXFP4: the
+        blocks and scales of the experts the chunk spans, ``view`` untouched)."""
+        if info.kind == "mxfp4":
+            return mxfp4.read_experts(self.pread, header, info, task, self._experts)
         self.pread(header, view[: task.count], info.begin + task.begin)
         return self._scale(info)
 
@@ -116,11 +124,16 @@ class Dequantizer:
         if key not in self._scales:
             if len(self._scales) >= 2:
                 self._scales.clear()
-            arr = np.empty(si.shape, np.float32)
-            if si.dtype == "BF16":  # widened exactly: a bf16 is the top half of an fp32
-                half = np.empty(si.shape, np.uint16)
+            rows, cols = info.shape
+            grid = (math.ceil(rows / info.block[0]), math.ceil(cols / info.block[1]))  # per tensor [] / [1]: 1x1
+            arr = np.empty(grid, np.float32)
+            if si.dtype in ("BF16", "F16"):  # widened exactly: a bf16 is the top half of an fp32
+                half = np.empty(grid, np.uint16)
                 self.pread(sh, memoryview(half.reshape(-1).view(np.uint8)), si.begin)
-                arr.view(np.uint32)[...] = half.astype(np.uint32) << 16
+                if si.dtype == "BF16":
+                    arr.view(np.uint32)[...] = half.astype(np.uint32) << 16
+                else:
+                    arr[...] = half.view(np.float16)
             else:
                 self.pread(sh, memoryview(arr.reshape(-1).view(np.uint8)), si.begin)
             bad = int(np.count_nonzero(~np.isfinite(arr)))
