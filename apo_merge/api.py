@@ -221,7 +221,7 @@ def _merge_checkpoints(
                 files={f.name: (f.size, st.sha256[f.name]) for f in plan.files},
                 base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
                 input_hashes=input_hashes,
-                rows=quant.card_rows(plan.dequantized),
+                rows=quant.card_rows(plan.dequantized) + ([("prev MoE names", plan.renamed)] if plan.renamed else []),
             )
             write_card(tmp, out, plan.index, info)
             reports.append(

@@ -14,6 +14,7 @@ from apo_kernels.dtypes import CLI_NAMES, ITEMSIZE, KERNEL_NAMES
 from apo_merge.errors import MergeError, shown
 from apo_merge.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from apo_merge.io.header import FileHeader, TensorInfo
+from apo_merge.moe import align
 from apo_merge.options import MergeOptions
 from apo_merge.quant.layout import QuantInfo, fold
 
@@ -82,6 +83,7 @@ class MergePlan(Layout):
     copied_cur_only: list[str] = field(default_factory=list)
     ignored_prev_only: list[str] = field(default_factory=list)
     dequantized: dict[str, str] = field(default_factory=dict)  # "PREV" / "CUR" -> what was read as fp32
+    renamed: str = ""  # PREV's MoE experts read under CUR's other layout (apo_merge.moe), for the card
 
     @property
     def n_extrapolated(self) -> int:
@@ -194,6 +196,7 @@ def make_plan(
         raise MergeError(f"CUR {cur.label}: holds no tensors; give a checkpoint with weights")
     folded = {"PREV": fold(prev, "PREV"), "CUR": fold(cur, "CUR")}  # quantized weights + scales -> fp32 sources
     prev_t, cur_t = folded["PREV"].tensors, folded["CUR"].tensors
+    prev_t, renamed = align(prev_t, cur_t, f"PREV {prev.label}")  # per-expert vs packed MoE names
     cur_only = [n for n in cur_t if n not in prev_t]
     prev_only = [n for n in prev_t if n not in cur_t]
     if on_missing == "error" and (cur_only or prev_only):
@@ -239,4 +242,5 @@ def make_plan(
         copied_cur_only=cur_only if on_missing == "copy" else [],
         ignored_prev_only=prev_only if on_missing == "copy" else [],
         dequantized={side: f.describe() for side, f in folded.items() if f.dequantized},
+        renamed=renamed,
     )
