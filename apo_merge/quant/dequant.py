@@ -14,6 +14,7 @@ from functools import cache
 
 import numpy as np
 
+from apo_kernels import cpass
 from apo_kernels.dtypes import BY_NAME
 from apo_merge.errors import MergeError, shown
 from apo_merge.io.header import FileHeader
@@ -82,6 +83,7 @@ def dequant_block(raw: np.ndarray, begin: int, info: QuantInfo, scale: np.ndarra
 
 
 _local = threading.local()  # each compute thread's copy of the raw bytes
+_COMPILED = cpass.dequant_fp8()  # apo_kernels' compiled pass where built, else the numpy lines below
 
 
 def dequantize(task) -> None:
@@ -91,6 +93,10 @@ def dequantize(task) -> None:
         view, count = task.slot.views[side], task.count
         if info.kind == "mxfp4":  # ``scale``: the experts' blocks and scales
             mxfp4.dequant_experts(scale, task.begin, info, np.frombuffer(view, np.float32, count))
+            continue
+        if _COMPILED is not None:  # one pass, in place, the same products (tests/merge/test_quant.py)
+            cols, (bo, bi) = info.shape[1], info.block
+            _COMPILED(view, count, fp8_values(info.raw_dtype), scale, (task.begin, cols, bo, bi, scale.shape[1]))
             continue
         raw = getattr(_local, "raw", None)
         if raw is None or raw.size < count:

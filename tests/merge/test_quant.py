@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from apo_kernels import extrapolate_
+from apo_kernels import cpass, extrapolate_
 from apo_merge.api import Hooks, run_merge, run_merges
 from apo_merge.engine import Tuning, use_tuning
 from apo_merge.options import MergeOptions
@@ -75,6 +75,35 @@ def test_dequant_chunks_exact(shape, chunk):
 
     ours = _dequantize_fp8_weight(w.view(torch.float8_e4m3fn), scale, [128, 128], torch.float32)
     assert_bits_equal(got, ours)  # transformers' own dequantization (ceil blocks)
+
+
+@pytest.mark.skipif(cpass.dequant_fp8() is None, reason="the compiled pass is not built")
+@pytest.mark.parametrize(
+    ("shape", "block"), [((256, 128), (128, 128)), ((200, 300), (128, 128)), ((130, 129), (1, 129)), ((7, 5), (7, 5))]
+)
+@pytest.mark.parametrize("chunk", [1, 777, 5000, 1 << 20])
+def test_compiled_dequant_is_the_numpy_bits(shape, block, chunk):
+    """The compiled in-place pass writes the numpy lines' bits: every byte pattern (NaN payloads of both signs,
+    subnormals), scales whose products underflow to fp32 subnormals or overflow to inf, chunks mid-row/mid-block."""
+    g = np.random.default_rng(shape[0] * 31 + chunk)
+    flat = g.integers(0, 256, shape[0] * shape[1], dtype=np.uint8)
+    flat[:256] = np.arange(256)[: flat.size]
+    grid = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+    scale = (g.random(grid, dtype=np.float32) * np.float32(3e-3)).astype(np.float32)
+    scale.reshape(-1)[:3] = np.array([1e-38, 3e38, 0.0], np.float32)[: scale.size]
+    info = QuantInfo("w", "F32", shape, 0, flat.size, block=block)
+    table = fp8_values("F8_E4M3")
+    for begin in range(0, flat.size, chunk):
+        n = min(chunk, flat.size - begin)
+        want = np.empty(n, np.float32)
+        with np.errstate(over="ignore"):
+            dequant_block(flat[begin : begin + n], begin, info, scale, want)
+        buf = np.full(4 * n, 0xA5, np.uint8)
+        buf[:n] = flat[begin : begin + n]
+        cpass.dequant_fp8()(buf, n, table, scale, (begin, shape[1], block[0], block[1], grid[1]))
+        assert np.array_equal(buf.view(np.uint32), want.view(np.uint32)), (begin, n)
+    with pytest.raises(ValueError, match="scales too small"):  # a geometry beyond the scales is refused, not read
+        cpass.dequant_fp8()(np.zeros(4 * flat.size, np.uint8), flat.size, table, scale[:-1], (0, shape[1], *block, 9))
 
 
 def _load(folder) -> dict[str, torch.Tensor]:
