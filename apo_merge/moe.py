@@ -14,12 +14,12 @@ e1.gate, ... (a per-expert tensor is a byte range of the packed one); Mixtral's 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from apo_kernels.dtypes import ITEMSIZE
 from apo_merge.errors import MergeError, shown
 from apo_merge.io.header import FileHeader, TensorInfo
+from apo_merge.quant.layout import QuantInfo
 
 Source = tuple[FileHeader, TensorInfo]
 _LEGACY = re.compile(r"^(.*)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -51,7 +51,8 @@ def _groups(tensors: dict[str, Source]) -> dict[str, list[tuple[tuple[int, int],
 
 def _check(where: str, packed: Source, parts: list[tuple[tuple[int, int], str]], tensors: dict[str, Source], read):
     """Whether ``parts`` tile ``packed`` exactly: every expert's halves, of the packed tensor's expert shape; the
-    side read through the mapping (PREV: the parts if ``read``, else the packed tensor) is not quantized."""
+    side read through the mapping (PREV) holds one kind of parts (plain, or FP8 read as fp32) if ``read``, and a
+    plain packed tensor otherwise."""
     info = packed[1]
     halves = 2 if info.name.endswith("gate_up_proj") else 1
     experts = info.shape[0] if len(info.shape) == 3 else -1
@@ -61,7 +62,7 @@ def _check(where: str, packed: Source, parts: list[tuple[tuple[int, int], str]],
     if (
         [k for k, _ in parts] != want
         or any(s[1].shape != shape or s[1].dtype != srcs[0][1].dtype for s in srcs)
-        or (read and any(type(s[1]) is not TensorInfo for s in srcs))
+        or (read and any(type(s[1]) is not type(srcs[0][1]) or getattr(s[1], "kind", "fp8") != "fp8" for s in srcs))
         or (not read and type(info) is not TensorInfo)
     ):
         raise MergeError(
@@ -112,11 +113,20 @@ def align(prev_t: dict[str, Source], cur_t: dict[str, Source], where: str) -> tu
     return out, note
 
 
-def read_parts(pread: Callable, info: Parts, view: memoryview, begin: int, count: int) -> None:
-    """Fill ``view`` with elements ``begin..begin+count`` of ``info`` from the parts they lie in."""
-    size, start = ITEMSIZE[info.dtype], 0
+def read_parts(readers: tuple, info: Parts, view: memoryview, task, side: str) -> tuple:
+    """Fill ``view`` with the task's elements of ``info`` from the parts they lie in; quantized parts leave their
+    raw bytes where their fp32 values go, and come back as the compute stage's dequantization entries."""
+    pread, dequant = readers
+    begin, count = task.begin, task.count
+    size, start, quant = ITEMSIZE[info.dtype], 0, ()
     for header, part in info.parts:
         lo, hi = max(begin, start), min(begin + count, start + part.numel)
         if lo < hi:
-            pread(header, view[(lo - begin) * size : (hi - begin) * size], part.begin + (lo - start) * size)
+            at = view[(lo - begin) * size : (hi - begin) * size]
+            if isinstance(part, QuantInfo):
+                scale = dequant.read(header, part, at, lo - start, hi - lo)
+                quant += ((side, part, scale, (lo - begin, lo - start, hi - lo)),)
+            else:
+                pread(header, at, part.begin + (lo - start) * size)
         start += part.numel
+    return quant

@@ -88,15 +88,15 @@ _COMPILED = cpass.dequant_fp8()  # apo_kernels' compiled pass where built, else 
 
 def dequantize(task) -> None:
     """The compute stage's part: each quantized side of ``task`` (an engine Task) from the raw bytes the reader
-    left at the front of its slot buffer to fp32 over the same buffer."""
-    for side, info, scale in task.quant:
-        view, count = task.slot.views[side], task.count
+    left at the front of its slot buffer (of a part of it: ``offset``) to fp32 over the same buffer."""
+    for side, info, scale, (offset, begin, count) in task.quant:
+        view = task.slot.views[side][offset * 4 :]  # a part of a packed tensor starts past the chunk's front
         if info.kind == "mxfp4":  # ``scale``: the experts' blocks and scales
-            mxfp4.dequant_experts(scale, task.begin, info, np.frombuffer(view, np.float32, count))
+            mxfp4.dequant_experts(scale, begin, info, np.frombuffer(view, np.float32, count))
             continue
         if _COMPILED is not None:  # one pass, in place, the same products (tests/merge/test_quant.py)
             cols, (bo, bi) = info.shape[1], info.block
-            _COMPILED(view, count, fp8_values(info.raw_dtype), scale, (task.begin, cols, bo, bi, scale.shape[1]))
+            _COMPILED(view, count, fp8_values(info.raw_dtype), scale, (begin, cols, bo, bi, scale.shape[1]))
             continue
         raw = getattr(_local, "raw", None)
         if raw is None or raw.size < count:
@@ -104,7 +104,7 @@ def dequantize(task) -> None:
         raw = raw[:count]
         raw[:] = np.frombuffer(view, np.uint8, count)
         out = np.frombuffer(view, np.float32, count)  # the slot's bytes: little-endian hosts only, as elsewhere
-        dequant_block(raw, task.begin, info, scale, out)
+        dequant_block(raw, begin, info, scale, out)
 
 
 class Dequantizer:
@@ -116,12 +116,12 @@ class Dequantizer:
         self._scales: dict[tuple, np.ndarray] = {}
         self._experts: dict[tuple, tuple] = {}
 
-    def read(self, header: FileHeader, info: QuantInfo, view: memoryview, task):
-        """Read ``task``'s raw bytes of ``info`` to the front of ``view``; return the tensor's scales (MXFP4: the
-        blocks and scales of the experts the chunk spans, ``view`` untouched)."""
+    def read(self, header: FileHeader, info: QuantInfo, view: memoryview, begin: int, count: int):
+        """Read the raw bytes of elements ``begin..begin+count`` of ``info`` to the front of ``view``; return the
+        tensor's scales (MXFP4: the blocks and scales of the experts the chunk spans, ``view`` untouched)."""
         if info.kind == "mxfp4":
-            return mxfp4.read_experts(self.pread, header, info, task, self._experts)
-        self.pread(header, view[: task.count], info.begin + task.begin)
+            return mxfp4.read_experts(self.pread, (header, info), begin, count, self._experts)
+        self.pread(header, view[:count], info.begin + begin)
         return self._scale(info)
 
     def _scale(self, info: QuantInfo) -> np.ndarray:

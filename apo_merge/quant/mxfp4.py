@@ -97,16 +97,17 @@ def _info(ckpt: Checkpoint, where: str, blocks: tuple[FileHeader, TensorInfo], t
     )
 
 
-def read_experts(pread: Pread, header: FileHeader, info: QuantInfo, task, cache: dict) -> list:
-    """The (expert, blocks [R, G, 16], scales [R, G]) that ``task``'s elements come from, read whole (one expert's
-    bytes: a chunk of the swapped tensor reads across every row of it) and kept for the tensor's next chunks."""
+def read_experts(pread: Pread, source: tuple[FileHeader, QuantInfo], begin: int, count: int, cache: dict) -> list:
+    """The (expert, blocks [R, G, 16], scales [R, G]) that elements ``begin..begin+count`` come from, read whole
+    (one expert's bytes: a chunk of the swapped tensor reads across every row of it) and kept for the next chunks."""
+    header, info = source
     experts, width, rows = info.shape
     per = width * rows
-    if task.count == 0:
+    if count == 0:
         return []
     out = []
     groups = width // GROUP
-    for e in range(task.begin // per, (task.begin + task.count - 1) // per + 1):
+    for e in range(begin // per, (begin + count - 1) // per + 1):
         key = (header.path, info.name, e)
         if key not in cache:
             if len(cache) >= 4:  # two sides, a chunk across two experts; tasks in flight keep theirs alive

@@ -120,3 +120,44 @@ def test_missing_expert_is_one_line(tmp_path, keep_sigterm):
     assert_one_line_error(res, (1, 2), "model.layers.1.mlp.experts.gate_up_proj", "per-expert")
     assert not (tmp_path / "out").exists() and tree_state(tmp_path) == before
     assert json.loads((prev / "config.json").read_text())["model_type"] == "qwen3_moe"
+
+
+def test_fp8_per_expert_base_under_packed_names(tmp_path):
+    """A Qwen3-MoE FP8 release (per-expert F8_E4M3 weights + weight_scale_inv) as PREV, a packed bf16 trainer
+    output as CUR: each expert dequantized exactly, read in transformers' packed order."""
+    from tests.merge import quant_build as qb
+    from tests.merge.test_quant import reference_dequant
+
+    prev = per_expert(tmp_path / "prev", "qwen3_moe", 0)
+    t = files(prev)
+    for name in [n for n in t if ".experts." in n or "self_attn.q_proj" in n]:
+        t[name], t[name + "_scale_inv"] = qb.quantize(t[name])
+    for f in prev.glob("*.safetensors*"):
+        f.unlink()
+    config = json.loads((prev / "config.json").read_text())
+    (prev / "config.json").write_text(json.dumps({**config, "quantization_config": dict(qb.QCONFIG)}))
+    qb.write(prev / "shards", t, {})  # two shards, scales in the second, then moved up beside config.json
+    for f in (prev / "shards").iterdir():
+        if f.name != "config.json":
+            f.rename(prev / f.name)
+    cur = packed(tmp_path / "cur", "qwen3_moe", 1)
+    with use_tuning(Tuning(chunk_elems=29)):  # chunks across experts, halves and quantized parts
+        run_merge(prev, cur, MergeOptions(ALPHA), tmp_path / "out")
+    deq = {n: reference_dequant(v, t[n + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v for n, v in t.items()}
+    p = {}
+    for name in files(cur):
+        if name.endswith("experts.gate_up_proj"):
+            pre = name.removesuffix("gate_up_proj")
+            p[name] = torch.stack(
+                [torch.cat([deq[f"{pre}{e}.gate_proj.weight"], deq[f"{pre}{e}.up_proj.weight"]]) for e in range(3)]
+            )
+        elif name.endswith("experts.down_proj"):
+            p[name] = torch.stack([deq[f"{name.removesuffix('down_proj')}{e}.down_proj.weight"] for e in range(3)])
+        else:
+            p[name] = deq[name]
+    out, c = files(tmp_path / "out"), files(cur)
+    assert sorted(out) == sorted(c)
+    for name, got in out.items():
+        assert_bits_equal(got, contract(p[name], c[name], ALPHA, torch.bfloat16))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| prev dequantized | " in card and "| prev MoE names | " in card

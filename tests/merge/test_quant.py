@@ -175,6 +175,18 @@ def test_torch_kernel_and_fp32_output(tmp_path):
         assert_bits_equal(got, contract(p[name], c[name], ALPHA, torch.float32))
 
 
+def test_numpy_fallback_writes_the_compiled_bytes(tmp_path, monkeypatch):
+    """Where the compiled pass is not built, the numpy lines dequantize: the same output bytes."""
+    from apo_merge.quant import dequant
+
+    prev, cur = qb.checkpoint(tmp_path / "prev", 0, True), qb.checkpoint(tmp_path / "cur", 1, True)
+    with use_tuning(Tuning(chunk_elems=777)):
+        a = run_merge(prev, cur, MergeOptions(ALPHA), tmp_path / "a")
+        monkeypatch.setattr(dequant, "_COMPILED", None)
+        b = run_merge(prev, cur, MergeOptions(ALPHA), tmp_path / "b")
+    assert a.sha256 == b.sha256
+
+
 def test_cur_only_quantized_weight_is_dequantized(tmp_path):
     prev = qb.checkpoint(tmp_path / "prev", 0, False)
     cur = qb.checkpoint(tmp_path / "cur", 1, True)
