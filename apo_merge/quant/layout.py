@@ -161,6 +161,12 @@ def fold(ckpt: Checkpoint, side: str) -> Folded:
             )
         return Folded(tensors)
     block = _block(qc, ckpt, side)
+    odd = [n for n in tensors if ct and n.endswith(("weight_zero_point", "weight_g_idx"))]
+    if odd:  # an asymmetric or reordered weight: fp32(w) * scale alone would be silently wrong
+        raise MergeError(
+            f"{side} {ckpt.label}: holds {_short(odd[0])}, a zero point or group index that compressed-tensors FP8 "
+            "as apo-merge reads it (symmetric) does not have; dequantize it to bf16 first"
+        )
     for s in scales:
         w = tensors.get(s[: -len(suffix)])
         if w is None or not w[1].dtype.startswith("F8"):

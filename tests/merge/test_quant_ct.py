@@ -171,6 +171,10 @@ BAD = {
     "packed format": (_config(format="pack-quantized"), "pack-quantized"),
     "group strategy": (_config(weights={"strategy": "group"}), "strategy 'group'"),
     "no groups": (_config(config_groups=None), "has no config_groups"),
+    "zero point": (
+        lambda f: _rewrite(f, lambda t: t.update({W + "_zero_point": torch.zeros(200, 1, dtype=torch.bfloat16)})),
+        "a zero point or group index",
+    ),
 }
 
 
@@ -185,3 +189,13 @@ def test_bad_input_one_line_nothing_left(tmp_path, case, which, keep_sigterm):
     assert_one_line_error(res, (1, 2), needle)
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path / "out")
     assert tree_state(tmp_path) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("prev_s", "cur_s"), [("channel", None), (None, "tensor"), ("block", "channel")])
+def test_cuda_writes_the_cpu_bytes(tmp_path, prev_s, cur_s):
+    prev, cur = checkpoint(tmp_path / "prev", 0, prev_s), checkpoint(tmp_path / "cur", 1, cur_s)
+    with use_tuning(Tuning(chunk_elems=333, gpu_chunk_elems=1000, gpu_slots=2)):
+        cpu = run_merge(prev, cur, MergeOptions(ALPHA, device="cpu"), tmp_path / "cpu")
+        gpu = run_merge(prev, cur, MergeOptions(ALPHA, device="cuda"), tmp_path / "gpu")
+    assert gpu.sha256 == cpu.sha256

@@ -274,3 +274,13 @@ def test_bf16_base_with_blocks_names_is_not_mxfp4(tmp_path, keep_sigterm):
     res = run_cli_in_process(prev, cur, "--alpha", ALPHA, "-o", tmp_path / "out")
     assert_one_line_error(res, (1, 2), "mixes two layouts")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("prev_q", "cur_q"), [(True, False), (False, True), (True, True)])
+def test_cuda_writes_the_cpu_bytes(tmp_path, prev_q, cur_q):
+    prev, cur = checkpoint(tmp_path / "prev", 0, prev_q), checkpoint(tmp_path / "cur", 1, cur_q)
+    with use_tuning(Tuning(chunk_elems=333, gpu_chunk_elems=1000, gpu_slots=2)):
+        cpu = run_merge(prev, cur, MergeOptions(ALPHA, device="cpu"), tmp_path / "cpu")
+        gpu = run_merge(prev, cur, MergeOptions(ALPHA, device="cuda"), tmp_path / "gpu")
+    assert gpu.sha256 == cpu.sha256
