@@ -360,8 +360,12 @@ done:
     return result;
 }
 
+static PyObject *dequant_fp8(PyObject *self, PyObject *args); /* the quantized-inputs section, at the end */
+
 static PyMethodDef methods[] = {
     {"extrapolate_into", extrapolate_into, METH_VARARGS, "The fused pass over byte buffers (apo_kernels.cpass)."},
+    /* quantized inputs (section at the end of this file) */
+    {"dequant_fp8", dequant_fp8, METH_VARARGS, "fp8 bytes -> fp32(w) * block scale, in place (apo_merge.quant)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -375,3 +379,83 @@ PyMODINIT_FUNC PyInit__cpass(void)
         Py_CLEAR(m);
     return m;
 }
+
+/* ==== quantized inputs (issue 28): FP8 block-scaled dequantization ============================================ *
+ * dequant_fp8(buf, n, table, scales, geometry) -> None. buf holds n fp8 bytes at its front (elements begin..begin+n
+ * of a [rows, cols] weight, flattened) and receives their n fp32 values over the same memory:
+ *     out[i] = table[raw[i]] * scales[(row / bo) * scols + col / bi]
+ * table: the 256 fp32 values of the fp8 dtype (every one exact), so the product is the one fp32 rounding of the
+ * contract, the same IEEE multiply in the same operand order as the numpy twin (apo_merge.quant.dequant), NaN
+ * payloads included. geometry = (begin, cols, bo, bi, scols). In place: blocks go from the last to the first, each
+ * block's bytes copied out first; block k writes bytes [4*lo, 4*hi), never below its own start lo, so the raw
+ * bytes of the blocks still to come (below lo) are intact. */
+
+CLONES static void dequant_block(const uint8_t *raw, float *out, size_t m, const float *table, const float *scales,
+                                 const size_t *g /* begin+lo, cols, bo, bi, scols */)
+{
+    size_t idx = g[0], cols = g[1], bo = g[2], bi = g[3], scols = g[4];
+    size_t r = idx / cols, c = idx % cols, i = 0;
+    while (i < m) {
+        const float *srow = scales + (r / bo) * scols;
+        size_t end = c + (m - i) < cols ? c + (m - i) : cols; /* this row's part of the block */
+        while (c < end) {
+            size_t cb = c / bi, stop = (cb + 1) * bi < end ? (cb + 1) * bi : end, k = stop - c;
+            float s = srow[cb];
+            for (size_t j = 0; j < k; j++) out[i + j] = table[raw[i + j]] * s;
+            c += k;
+            i += k;
+        }
+        if (c == cols) {
+            c = 0;
+            r++;
+        }
+    }
+}
+
+static PyObject *dequant_fp8(PyObject *self, PyObject *args)
+{
+    Py_buffer buf = {0}, table = {0}, scales = {0};
+    Py_ssize_t n, gs[5];
+    size_t g[5];
+    PyObject *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*ny*y*(nnnnn)", &buf, &n, &table, &scales, &gs[0], &gs[1], &gs[2], &gs[3], &gs[4]))
+        return NULL;
+    size_t rows_needed = 0;
+    int negative = n < 0;
+    for (int k = 0; k < 5; k++) {
+        negative |= gs[k] < 0;
+        g[k] = (size_t)gs[k];
+    }
+    if (negative || (size_t)buf.len < (size_t)n * 4 || table.len != 256 * 4 || !g[1] || !g[2] || !g[3] || !g[4] ||
+        ((uintptr_t)buf.buf | (uintptr_t)table.buf | (uintptr_t)scales.buf) & 3u) {
+        PyErr_SetString(PyExc_ValueError, "dequant_fp8: bad sizes");
+        goto done;
+    }
+    if (n) { /* the last scale the chunk reads must lie inside scales */
+        size_t last = g[0] + (size_t)n - 1;
+        rows_needed = ((last / g[1]) / g[2] + 1) * g[4];
+        if ((size_t)scales.len < rows_needed * 4 || (g[1] - 1) / g[3] >= g[4]) {
+            PyErr_SetString(PyExc_ValueError, "dequant_fp8: scales too small for the geometry");
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    uint8_t raw[BLOCK];
+    for (size_t hi = (size_t)n; hi > 0;) {
+        size_t lo = hi > BLOCK ? hi - BLOCK : 0;
+        size_t gb[5] = {g[0] + lo, g[1], g[2], g[3], g[4]};
+        memcpy(raw, (const uint8_t *)buf.buf + lo, hi - lo);
+        dequant_block(raw, (float *)buf.buf + lo, hi - lo, table.buf, scales.buf, gb);
+        hi = lo;
+    }
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&scales);
+    return result;
+}
+/* ==== end of the quantized-inputs section ====================================================================== */

@@ -59,6 +59,12 @@ def extrapolate_into(
     return found
 
 
+def dequant_fp8() -> Callable[..., None] | None:
+    """The compiled in-place FP8 dequantization (``apo_merge.quant.dequant`` documents it), None where not built:
+    ``(buf, n, table, scales, (begin, cols, bo, bi, scols))``."""
+    return getattr(_cpass, "dequant_fp8", None)
+
+
 def best() -> Into:
     """The fastest ``extrapolate_into`` here: the compiled pass if built, else the numpy twin."""
     return extrapolate_into if _cpass is not None else numpy_twin.extrapolate_into

@@ -217,6 +217,7 @@ def _merge_checkpoints(
         for o, plan, st, tmp, out in zip(each, plans, stats, tmps, outs):
             copied, skipped = copy_side_files(ckpt_cur.root, ckpt_cur.weight_file_names, src_cur.trusted_root, tmp)
             rows, notes = quant.card_rows(plan.dequantized), ""
+            rows += [("prev MoE names", plan.renamed)] if plan.renamed else []
             if plan.quantize is not None:  # FP8 again: the config says so (CUR's as copied, else PREV's)
                 if plan.quantize.side == "PREV":
                     quantize.write_config(tmp, plan.quantize.config)

@@ -14,6 +14,7 @@ from apo_kernels.dtypes import CLI_NAMES, ITEMSIZE, KERNEL_NAMES
 from apo_merge.errors import MergeError, shown
 from apo_merge.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from apo_merge.io.header import FileHeader, TensorInfo
+from apo_merge.moe import align
 from apo_merge.options import MergeOptions
 from apo_merge.quant.layout import QuantInfo, fold
 from apo_merge.quant.quantize import QuantTarget, quant_pieces, target
@@ -91,6 +92,7 @@ class MergePlan(Layout):
     ignored_prev_only: list[str] = field(default_factory=list)
     dequantized: dict[str, str] = field(default_factory=dict)  # "PREV" / "CUR" -> what was read as fp32
     quantize: QuantTarget | None = None  # --quantize fp8-block: which weights are written back in FP8
+    renamed: str = ""  # PREV's MoE experts read under CUR's other layout (apo_merge.moe), for the card
 
     @property
     def n_extrapolated(self) -> int:
@@ -204,6 +206,12 @@ def make_plan(
     folded = {"PREV": fold(prev, "PREV"), "CUR": fold(cur, "CUR")}  # quantized weights + scales -> fp32 sources
     prev_t, cur_t = folded["PREV"].tensors, folded["CUR"].tensors
     quant = target(folded, {"PREV": prev, "CUR": cur}, options.quantize)
+    prev_t, renamed = align(prev_t, cur_t, f"PREV {prev.label}")  # per-expert vs packed MoE names
+    if quant is not None and quant.side == "PREV" and renamed:
+        raise MergeError(
+            f"--quantize fp8-block would write PREV's FP8 layout back, but PREV {prev.label}'s MoE experts are named "
+            "as CUR does not name them; drop --quantize, or give a CUR saved in PREV's layout"
+        )
     cur_only = [n for n in cur_t if n not in prev_t]
     prev_only = [n for n in prev_t if n not in cur_t]
     if on_missing == "error" and (cur_only or prev_only):
@@ -251,4 +259,5 @@ def make_plan(
         ignored_prev_only=prev_only if on_missing == "copy" else [],
         dequantized={side: f.describe() for side, f in folded.items() if f.dequantized},
         quantize=quant,
+        renamed=renamed,
     )

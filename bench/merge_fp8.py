@@ -9,7 +9,9 @@ weights); PREV's linear weights are then quantized as DeepSeek's releases are (e
 128x128 block, ``weight_scale_inv`` in the same shard, ``quantization_config`` in config.json). Methods alternate
 and read cold: ``floor-tuned`` (merge_e2e's: read both inputs, write CUR's byte count, fsync) and ``apo-cpu``
 (the CLI), and both again with PREV in bf16 (``-bf16``: the same CUR, the bf16 PREV it was quantized from).
-Columns as merge_e2e's: wall seconds (median, min-max), ratio to the floor, peak anonymous memory.
+Columns as merge_e2e's: wall seconds (median, min-max), ratio to the floor, peak anonymous memory; then CPU seconds
+(user + system, median) per GB moved, which a shared machine's load disturbs less than wall time, and the load
+average. ``--code DIR`` runs apo-merge from another checkout (before/after comparisons on the same bytes).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--scratch", type=Path, default=Path("~/.cache/apo-merge-bench").expanduser())
     ap.add_argument("--fp8-out", action="store_true", help="also time the output written in FP8 (--quantize)")
+    ap.add_argument("--code", type=Path, default=REPO, help="the checkout whose apo-merge runs [this one]")
     args = ap.parse_args()
     args.scratch.mkdir(parents=True, exist_ok=True)
     prev_bf16, cur = merge_e2e.build_pair(args.scratch, "fp8", args.size, int(5e9))
@@ -88,29 +91,33 @@ def main() -> None:
         cmds["apo-cpu" + tag] += ["-o", str(out), "-q", "--device", "cpu"]
         if args.fp8_out and not tag:
             cmds["apo-cpu-fp8out"] = [*cmds["apo-cpu"], "--quantize", "fp8-block"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    code = str(args.code.resolve())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")])))
     print(
         f"inputs {sum(p.stat().st_size for p in inputs) / 1e9:.2f} GB (PREV FP8, CUR bf16), {moved / 1e9:.2f} GB moved"
     )
     times: dict[str, list[float]] = {k: [] for k in cmds}
     anon: dict[str, int] = dict.fromkeys(cmds, 0)
+    cpu: dict[str, list[float]] = {k: [] for k in cmds}
     for _ in range(args.runs):
         for name, cmd in cmds.items():
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
             evict(inputs + merge_e2e.weight_files(prev_bf16))
-            m = run_measured(cmd, cwd=REPO, env=env, after=lambda: fsync_tree(out))
+            m = run_measured(cmd, cwd=code, env=env, after=lambda: fsync_tree(out))
             if m.returncode != 0:
                 raise SystemExit(f"{name} failed: {m.output_tail}")
             times[name].append(m.seconds)
+            cpu[name].append(m.cpu_seconds)
             anon[name] = max(anon[name], m.peak_anon)
     for name, ts in times.items():
         med = statistics.median(ts)
         floor = statistics.median(times["floor-tuned" + ("-bf16" if name.endswith("-bf16") else "")])
         print(
             f"{name:17s} {med:6.2f} s ({min(ts):.2f}-{max(ts):.2f})  x{med / floor:.2f} its floor-tuned  "
-            f"anon {anon[name] / 2**20:.0f} MiB"
+            f"anon {anon[name] / 2**20:.0f} MiB  cpu {statistics.median(cpu[name]) / (moved / 1e9):.2f} s/GB"
         )
+    print(f"code {code}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

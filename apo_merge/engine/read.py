@@ -13,6 +13,7 @@ from apo_merge.engine.runner import StageRunner
 from apo_merge.io.header import FileHeader
 from apo_merge.io.prefetch import Prefetcher
 from apo_merge.io.writer import advise, pread_exact
+from apo_merge.moe import Parts, read_parts
 from apo_merge.quant.dequant import Dequantizer
 from apo_merge.quant.layout import QuantInfo
 
@@ -40,7 +41,11 @@ class Reader:
                 else:
                     for (h, i), name in ((piece.cur, "cur"), (piece.prev, "prev")):
                         if isinstance(i, QuantInfo):  # raw bytes now, dequantized by the compute stage
-                            task.quant += ((name, i, self._dequant.read(h, i, slot.views[name], task)),)
+                            scale = self._dequant.read(h, i, slot.views[name], task.begin, task.count)
+                            task.quant += ((name, i, scale, (0, task.begin, task.count)),)
+                            continue
+                        if isinstance(i, Parts):  # packed MoE experts from per-expert tensors (maybe quantized)
+                            task.quant += read_parts((self._pread, self._dequant), i, slot.views[name], task, name)
                             continue
                         size = ITEMSIZE[i.dtype]
                         self._pread(h, slot.views[name][: task.count * size], i.begin + task.begin * size)

@@ -14,9 +14,11 @@ from functools import cache
 
 import numpy as np
 
+from apo_kernels import cpass
 from apo_kernels.dtypes import BY_NAME
 from apo_merge.errors import MergeError, shown
 from apo_merge.io.header import FileHeader
+from apo_merge.quant import mxfp4
 from apo_merge.quant.layout import QuantInfo
 
 # pread(header, view, data_offset): fills ``view`` with the file's bytes at ``data_offset`` of its data buffer
@@ -81,20 +83,28 @@ def dequant_block(raw: np.ndarray, begin: int, info: QuantInfo, scale: np.ndarra
 
 
 _local = threading.local()  # each compute thread's copy of the raw bytes
+_COMPILED = cpass.dequant_fp8()  # apo_kernels' compiled pass where built, else the numpy lines below
 
 
 def dequantize(task) -> None:
     """The compute stage's part: each quantized side of ``task`` (an engine Task) from the raw bytes the reader
-    left at the front of its slot buffer to fp32 over the same buffer."""
-    for side, info, scale in task.quant:
-        view, count = task.slot.views[side], task.count
+    left at the front of its slot buffer (of a part of it: ``offset``) to fp32 over the same buffer."""
+    for side, info, scale, (offset, begin, count) in task.quant:
+        view = task.slot.views[side][offset * 4 :]  # a part of a packed tensor starts past the chunk's front
+        if info.kind == "mxfp4":  # ``scale``: the experts' blocks and scales
+            mxfp4.dequant_experts(scale, begin, info, np.frombuffer(view, np.float32, count))
+            continue
+        if _COMPILED is not None:  # one pass, in place, the same products (tests/merge/test_quant.py)
+            cols, (bo, bi) = info.shape[1], info.block
+            _COMPILED(view, count, fp8_values(info.raw_dtype), scale, (begin, cols, bo, bi, scale.shape[1]))
+            continue
         raw = getattr(_local, "raw", None)
         if raw is None or raw.size < count:
             raw = _local.raw = np.empty(count, np.uint8)
         raw = raw[:count]
         raw[:] = np.frombuffer(view, np.uint8, count)
         out = np.frombuffer(view, np.float32, count)  # the slot's bytes: little-endian hosts only, as elsewhere
-        dequant_block(raw, task.begin, info, scale, out)
+        dequant_block(raw, begin, info, scale, out)
 
 
 class Dequantizer:
@@ -104,10 +114,14 @@ class Dequantizer:
     def __init__(self, pread: Pread) -> None:
         self.pread = pread
         self._scales: dict[tuple, np.ndarray] = {}
+        self._experts: dict[tuple, tuple] = {}
 
-    def read(self, header: FileHeader, info: QuantInfo, view: memoryview, task) -> np.ndarray:
-        """Read ``task``'s raw bytes of ``info`` to the front of ``view``; return the tensor's scales."""
-        self.pread(header, view[: task.count], info.begin + task.begin)
+    def read(self, header: FileHeader, info: QuantInfo, view: memoryview, begin: int, count: int):
+        """Read the raw bytes of elements ``begin..begin+count`` of ``info`` to the front of ``view``; return the
+        tensor's scales (MXFP4: the blocks and scales of the experts the chunk spans, ``view`` untouched)."""
+        if info.kind == "mxfp4":
+            return mxfp4.read_experts(self.pread, (header, info), begin, count, self._experts)
+        self.pread(header, view[:count], info.begin + begin)
         return self._scale(info)
 
     def _scale(self, info: QuantInfo) -> np.ndarray:
@@ -116,11 +130,16 @@ class Dequantizer:
         if key not in self._scales:
             if len(self._scales) >= 2:
                 self._scales.clear()
-            arr = np.empty(si.shape, np.float32)
-            if si.dtype == "BF16":  # widened exactly: a bf16 is the top half of an fp32
-                half = np.empty(si.shape, np.uint16)
+            rows, cols = info.shape
+            grid = (math.ceil(rows / info.block[0]), math.ceil(cols / info.block[1]))  # per tensor [] / [1]: 1x1
+            arr = np.empty(grid, np.float32)
+            if si.dtype in ("BF16", "F16"):  # widened exactly: a bf16 is the top half of an fp32
+                half = np.empty(grid, np.uint16)
                 self.pread(sh, memoryview(half.reshape(-1).view(np.uint8)), si.begin)
-                arr.view(np.uint32)[...] = half.astype(np.uint32) << 16
+                if si.dtype == "BF16":
+                    arr.view(np.uint32)[...] = half.astype(np.uint32) << 16
+                else:
+                    arr[...] = half.view(np.float16)
             else:
                 self.pread(sh, memoryview(arr.reshape(-1).view(np.uint8)), si.begin)
             bad = int(np.count_nonzero(~np.isfinite(arr)))

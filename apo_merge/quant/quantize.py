@@ -55,8 +55,14 @@ def target(folded: dict[str, Folded], ckpts: dict, quantize: str) -> QuantTarget
             "FP8 block-scaled weights (which weights to quantize and in which blocks would be a guess); drop "
             "--quantize"
         )
-    f = folded[side]
-    return QuantTarget(side, f.block, frozenset(f.dequantized), quantization_config(ckpts[side]))
+    config = quantization_config(ckpts[side]) or {}
+    if config.get("quant_method") != "fp8" or not config.get("weight_block_size"):
+        raise MergeError(
+            f"--quantize fp8-block writes the FP8 block-scaled layout back, but {side} {ckpts[side].label} is "
+            f"{shown(config.get('quant_method'), 30)}-quantized, not fp8 with weight_block_size; drop --quantize"
+        )
+    block = tuple(config["weight_block_size"])  # checked when the weights were folded
+    return QuantTarget(side, block, frozenset(folded[side].dequantized), config)
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:

@@ -403,3 +403,16 @@ def test_chunks_are_whole_block_rows(tmp_path):
             elif piece.scales_of:  # one task, after every chunk of its weight
                 assert seen[piece.scales_of] == math.prod(qb.LINEAR[piece.scales_of]) and task.count == piece.nbytes
         assert sorted(seen) == sorted(qb.LINEAR)
+
+
+def test_layouts_not_written_back_refused(tmp_path, keep_sigterm):
+    """--quantize writes DeepSeek's block layout only: a compressed-tensors CUR (whose layout it would replace) is
+    refused with one line, nothing written."""
+    from tests.merge import test_quant_ct as ct
+
+    prev, cur = qb.checkpoint(tmp_path / "prev", 0, True), ct.checkpoint(tmp_path / "cur", 1, "channel")
+    before = tree_state(tmp_path)
+    res = run_cli_in_process(prev, cur, "--alpha", ALPHA, "--quantize", "fp8-block", "-o", tmp_path / "out")
+    assert_one_line_error(res, (1, 2), "compressed-tensors", "not fp8 with weight_block_size", "drop --quantize")
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path / "out")
+    assert tree_state(tmp_path) == before
