@@ -161,3 +161,8 @@ def test_fp8_per_expert_base_under_packed_names(tmp_path):
         assert_bits_equal(got, contract(p[name], c[name], ALPHA, torch.bfloat16))
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| prev dequantized | " in card and "| prev MoE names | " in card
+    # --quantize would write PREV's per-expert FP8 layout back under CUR's packed names: refused, nothing written
+    before = tree_state(tmp_path)
+    res = run_cli_in_process(prev, cur, "--alpha", str(ALPHA), "--quantize", "fp8-block", "-o", tmp_path / "fp8")
+    assert_one_line_error(res, (1, 2), "MoE experts", "drop --quantize")
+    assert not (tmp_path / "fp8").exists() and tree_state(tmp_path) == before
