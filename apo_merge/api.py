@@ -175,6 +175,20 @@ def run_merges(
     return reports
 
 
+def _quant_output(tmp: Path, plan, stats) -> tuple[list[tuple[str, str]], str]:
+    """An output's config.json made to say what its weights are, and the card's rows (and notes) on what was read
+    dequantized, renamed or written back in FP8."""
+    rows, notes = quant.card_rows(plan.dequantized), ""
+    rows += [("prev MoE names", plan.renamed)] if plan.renamed else []
+    if plan.quantize is not None:  # FP8 again: the config says so (CUR's as copied, else PREV's)
+        if plan.quantize.side == "PREV":
+            quantize.write_config(tmp, plan.quantize.config)
+        rows, notes = quantize.card_rows(rows, plan.quantize, stats.quant_errors)
+    elif "CUR" in plan.dequantized:  # the output's weights are not quantized: its config must not say so
+        quant.strip_config(tmp)
+    return rows, notes
+
+
 def _merge_checkpoints(
     src_prev: sources.Source, src_cur: sources.Source, outs: list[Path], options: MergeOptions, hooks: Hooks
 ) -> list[MergeReport]:
@@ -216,14 +230,7 @@ def _merge_checkpoints(
         reports = []
         for o, plan, st, tmp, out in zip(each, plans, stats, tmps, outs):
             copied, skipped = copy_side_files(ckpt_cur.root, ckpt_cur.weight_file_names, src_cur.trusted_root, tmp)
-            rows, notes = quant.card_rows(plan.dequantized), ""
-            rows += [("prev MoE names", plan.renamed)] if plan.renamed else []
-            if plan.quantize is not None:  # FP8 again: the config says so (CUR's as copied, else PREV's)
-                if plan.quantize.side == "PREV":
-                    quantize.write_config(tmp, plan.quantize.config)
-                rows, notes = quantize.card_rows(rows, plan.quantize, st.quant_errors)
-            elif "CUR" in plan.dequantized:  # the output's weights are not quantized: its config must not say so
-                quant.strip_config(tmp)
+            rows, notes = _quant_output(tmp, plan, st)
             info = card.CardInfo(
                 alpha=o.alpha,
                 prev=prev_name,
