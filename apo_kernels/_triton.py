@@ -264,3 +264,50 @@ def extrapolate_many_(jobs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Ten
 def _can_group(device: torch.device) -> bool:
     # The interpreter reads table addresses as host memory: only CPU tensors, or the compiled kernel on CUDA.
     return device.type == "cpu" or (device.type == "cuda" and _is_compiled())
+
+
+# -- FP8 dequantization on the device: out = table[byte] * scale[row // bo, col // bi] --------------------------
+@triton.jit
+def _dequant_fp8_kernel(
+    raw_ptr, table_ptr, scale_ptr, out_ptr, n, begin, cols, bo, bi, scale_cols, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    byte = tl.load(raw_ptr + offs, mask=mask, other=0).to(tl.int32)
+    value = tl.load(table_ptr + byte, mask=mask, other=0.0)  # the fp8 value, exact in fp32
+    idx = begin + offs  # the element's place in the flattened 2-D weight
+    row = idx // cols
+    col = idx - row * cols
+    scale = tl.load(scale_ptr + (row // bo) * scale_cols + col // bi, mask=mask, other=1.0)
+    tl.store(out_ptr + offs, value * scale, mask=mask)  # one fp32 product: the only rounding
+
+
+_interpreted_dequant = None
+
+
+def dequant_fp8_(
+    raw: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, where: tuple[int, int, int, int]
+) -> None:
+    """``out[i] = table[raw[i]] * scale[r // bo, c // bi]`` where (r, c) is element ``begin + i`` of a weight with
+    ``cols`` columns, ``where = (begin, cols, bo, bi)``: DeepSeek's ``weight_dequant`` (one fp32 product), the
+    value the CPU paths give (apo_merge.quant.dequant). ``raw`` uint8, ``table`` the 256 fp32 values of the fp8
+    dtype, ``scale`` the fp32 block grid, ``out`` fp32; all contiguous on one device (CPU: the interpreter)."""
+    global _interpreted_dequant
+    n = raw.numel()
+    if n == 0:
+        return
+    begin, cols, bo, bi = where
+    args = (raw, table, scale, out, n, begin, cols, bo, bi, scale.shape[-1])
+    grid = (-(-n // _BLOCK),)
+    if out.device.type == "cuda" and _is_compiled():
+        with torch.cuda.device(out.device):
+            _dequant_fp8_kernel[grid](*args, BLOCK=_BLOCK, **_launch_options())
+        return
+    import numpy as np
+
+    with _interpreter_lock, np.errstate(all="ignore"):
+        if _interpreted_dequant is None:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            _interpreted_dequant = InterpretedFunction(_dequant_fp8_kernel.fn)
+        _interpreted_dequant[grid](*args, BLOCK=_BLOCK)

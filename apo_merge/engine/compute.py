@@ -39,7 +39,7 @@ class Compute:
         try:
             while (task := self.runner.get(self.lanes.compute)) is not None:
                 if not task.copy:
-                    dequantize(task)  # quantized inputs: raw bytes -> fp32, here to spread it over the workers
+                    self.dequantize(task)  # quantized inputs: raw bytes -> fp32, here to spread it over the workers
                     alphas = [0.0] if task.piece.convert else self.alphas  # alpha 0: CUR, rounded once
                     counts = self.chunk(task, alphas)  # empty where the device counts
                     for k in range(len(self.alphas) if counts else 0):  # a converted chunk is every output's
@@ -54,6 +54,9 @@ class Compute:
 
     def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
         raise NotImplementedError
+
+    def dequantize(self, task: Task) -> None:
+        dequantize(task)
 
 
 class NumpyCompute(Compute):
@@ -109,6 +112,8 @@ class CudaCompute(TorchCompute):
             [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2 + n)] for _ in self.streams
         ]
         self.dev_found = [[torch.zeros((), dtype=torch.int64, device=self.device) for _ in range(n)] for _ in range(2)]
+        self._raw = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in self.streams]  # fp8 bytes
+        self._scales, self._tables = {}, {}  # block scales per tensor, fp8 value tables, on the device
         for s in self.streams:
             s.wait_stream(torch.cuda.current_stream(self.device))
         try:
@@ -119,16 +124,48 @@ class CudaCompute(TorchCompute):
                 s.synchronize()
             self.found = [sum(int(f[j]) for f in self.dev_found) for j in range(n)]
 
+    def dequantize(self, task: Task) -> None:
+        """FP8 sides that fill the whole chunk cross to the device as their raw bytes (a quarter of fp32's) and are
+        dequantized there by apo_kernels' Triton kernel (the same products as the CPU paths); the rest (MXFP4,
+        parts of packed experts) on the host as on the CPU."""
+        whole = [q for q in task.quant if q[1].kind == "fp8" and q[3][0] == 0 and q[3][2] == task.count]
+        dequantize(task, [q for q in task.quant if q not in whole])
+        task.quant = tuple(whole)
+
+    def _device_dequant(self, task: Task, side: str, host, dev) -> None:
+        import torch
+
+        from apo_kernels import _triton
+        from apo_merge.quant.dequant import fp8_values
+
+        (_, info, scale, (_, begin, count)) = next(q for q in task.quant if q[0] == side)
+        key = (info.name, id(scale))
+        if key not in self._scales:  # one upload per tensor: its chunks come one after another
+            if len(self._scales) >= 4:
+                self._scales.clear()
+            self._scales[key] = torch.from_numpy(scale).to(self.device, non_blocking=False)
+        if info.raw_dtype not in self._tables:
+            self._tables[info.raw_dtype] = torch.from_numpy(fp8_values(info.raw_dtype)).to(self.device)
+        raw = self._raw[self._k % 2][:count]
+        raw.copy_(host[:count], non_blocking=True)
+        out = dev[: count * 4].view(torch.float32)
+        where = (begin, info.shape[1], *info.block)
+        _triton.dequant_fp8_(raw, self._tables[info.raw_dtype], self._scales[key], out, where)
+
     def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
         import torch
 
         (h_cur, h_prev), h_outs = task.slot.tensors(), task.out.tensors()
         (d_prev, d_cur, *d_outs), i = self.dev[self._k % 2], self._k % 2
-        self._k += 1
         ob, pb, cb = task.nbytes()
+        on_device = {q[0] for q in task.quant}
         with torch.cuda.stream(self.streams[i]):
-            d_cur[:cb].copy_(h_cur[:cb], non_blocking=True)
-            d_prev[:pb].copy_(h_prev[:pb], non_blocking=True)
+            for side, host, dev, nbytes in (("cur", h_cur, d_cur, cb), ("prev", h_prev, d_prev, pb)):
+                if side in on_device:
+                    self._device_dequant(task, side, host, dev)
+                else:
+                    dev[:nbytes].copy_(host[:nbytes], non_blocking=True)
+            self._k += 1
             for j, alpha in enumerate(alphas):
                 out, prev, cur = task.operands(d_outs[j], d_prev, d_cur)
                 self.kernel(out, prev, cur, alpha)

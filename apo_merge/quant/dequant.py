@@ -86,10 +86,11 @@ _local = threading.local()  # each compute thread's copy of the raw bytes
 _COMPILED = cpass.dequant_fp8()  # apo_kernels' compiled pass where built, else the numpy lines below
 
 
-def dequantize(task) -> None:
-    """The compute stage's part: each quantized side of ``task`` (an engine Task) from the raw bytes the reader
-    left at the front of its slot buffer (of a part of it: ``offset``) to fp32 over the same buffer."""
-    for side, info, scale, (offset, begin, count) in task.quant:
+def dequantize(task, parts=None) -> None:
+    """The compute stage's part: each quantized side of ``task`` (an engine Task; or only ``parts``, some of its
+    ``quant`` entries) from the raw bytes the reader left at the front of its slot buffer (of a part of it:
+    ``offset``) to fp32 over the same buffer."""
+    for side, info, scale, (offset, begin, count) in task.quant if parts is None else parts:
         view = task.slot.views[side][offset * 4 :]  # a part of a packed tensor starts past the chunk's front
         if info.kind == "mxfp4":  # ``scale``: the experts' blocks and scales
             mxfp4.dequant_experts(scale, begin, info, np.frombuffer(view, np.float32, count))
