@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
+import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,20 +87,32 @@ class RunContext:
         self, path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> PreTrainedModel:
         """Load a causal LM checkpoint (default: configured dtype, this process's device); a DCP folder
-        (``checkpoint_format: dcp``) is exported to a temporary Hugging Face folder first."""
-        import tempfile
-
+        (``checkpoint_format: dcp``) through its Hugging Face view (``hf_view``)."""
         from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(self.hf_view(path)), dtype=dtype or self.dtype)
+        return model.to(self.device if device is None else device)
+
+    def hf_view(self, path: str | Path) -> str | Path:
+        """``path`` as a Hugging Face folder (what transformers and vLLM load): itself, or for a DCP folder one
+        export of it in the run folder (``.policy-hf``), made by the main process while the others wait, reused
+        by every process and phase that loads the same DCP folder, and made again for another (or a rewritten)
+        one. One export per round, not one per process and phase: a 70B policy is 140 GB in bf16. The first process
+        to ask exports it while holding a lock on the run folder; the others wait for the lock and find it made."""
+        import fcntl
 
         from apo_merge.dcp import is_dcp
 
-        if is_dcp(path):
-            with tempfile.TemporaryDirectory(prefix="apo-train-dcp-") as tmp:
-                export_policy(path, Path(tmp) / "hf")
-                model = AutoModelForCausalLM.from_pretrained(str(Path(tmp) / "hf"), dtype=dtype or self.dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or self.dtype)
-        return model.to(self.device if device is None else device)
+        if not is_dcp(path):
+            return path
+        view = self.store.root / POLICY_VIEW
+        stamp = _dcp_stamp(Path(path))
+        with open(self.store.root / f"{POLICY_VIEW}.lock", "a+b") as lock:
+            with contextlib.suppress(OSError):  # a file system without flock: each process checks for itself
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if _view_stamp(view) != stamp:
+                export_policy(path, view, stamp=stamp)
+        return view
 
     def save_checkpoint(self, model: Any, final: Path, *, round_index: int, phase: str) -> None:
         """``checkpoint_format: dcp``: write ``model`` (the accelerate-prepared model or a plain one) as a DCP folder
@@ -157,20 +171,40 @@ class _Advance:
         self.bar.advance(self.task, n)
 
 
-def export_policy(dcp_dir: str | Path, out: Path) -> Path:
+POLICY_VIEW = ".policy-hf"  # in the run folder: the Hugging Face view of the DCP policy being loaded
+_VIEW_STAMP = ".apo-source"  # in a view: which DCP folder (and .metadata version) it was exported from
+
+
+def _dcp_stamp(dcp_dir: Path) -> str:
+    """The DCP folder's identity: its resolved path and its .metadata's size and modification time (a phase that
+    writes the folder again writes a new .metadata)."""
+    st = (dcp_dir / ".metadata").stat()
+    return f"{dcp_dir.resolve()}\n{st.st_size} {st.st_mtime_ns}\n"
+
+
+def _view_stamp(view: Path) -> str | None:
+    try:
+        return (view / _VIEW_STAMP).read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def export_policy(dcp_dir: str | Path, out: Path, *, stamp: str | None = None) -> Path:
     """A DCP checkpoint written by apo-train -> a Hugging Face folder ``out`` (tensors streamed, side files copied),
-    put in place only once complete (replacing an older export)."""
+    put in place only once complete (replacing an older export); ``stamp`` is recorded in it (``hf_view``)."""
     import shutil
 
     from apo_merge.dcp import export_hf
     from apo_merge.io.files import replace_atomically
 
-    tmp = out.with_name(f".tmp-{out.name}-export")
+    tmp = out.with_name(f".tmp-{out.name.lstrip('.')}-export-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     export_hf(dcp_dir, tmp)
     for entry in Path(dcp_dir).iterdir():
         if entry.is_file() and not entry.name.startswith(".") and not entry.name.endswith(".distcp"):
             shutil.copyfile(entry, tmp / entry.name)
+    if stamp is not None:
+        (tmp / _VIEW_STAMP).write_text(stamp, encoding="utf-8")
     replace_atomically(tmp, out)
     return out
 

@@ -337,6 +337,7 @@ def sample_rows(
         vllm_available=vllm_available(),
         server_url=cfg.server_url,
     )
+    policy_path = ctx.hf_view(policy_path)  # a DCP policy: its one Hugging Face export (vLLM reads no DCP)
     eos = eos_ids(policy_path, ctx.tokenizer)
     start = time.perf_counter()
     if backend == "vllm":

@@ -123,13 +123,21 @@ def test_kill9_of_a_rank_mid_phase_then_rerun_gives_the_same_bytes(world2):
     _same(_read_dcp(tmp / "killed"), want)
 
 
-def test_dcp_run_equals_hf_run_on_one_process(tiny, reference_run, tmp_path):
+def test_dcp_run_equals_hf_run_on_one_process(tiny, reference_run, tmp_path, monkeypatch):
+    import apo_merge.dcp
     from apo_trainer.loop import run
     from tests.trainer.conftest import tiny_config
     from tests.trainer.helpers import weights
 
     ref_out, ref_records = reference_run
     out = tmp_path / "out"
+    exports, real_export = [], apo_merge.dcp.export_hf
+
+    def counted(src, dst, *args, **kwargs):
+        exports.append((Path(src).relative_to(out).as_posix(), Path(dst).name.startswith(".tmp-policy-hf")))
+        return real_export(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(apo_merge.dcp, "export_hf", counted)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -147,6 +155,12 @@ def test_dcp_run_equals_hf_run_on_one_process(tiny, reference_run, tmp_path):
         ).read_bytes()
     _same(weights(out / "final-policy"), weights(ref_out / "round-1" / "policy"))
     assert (out / "final-policy" / "config.json").is_file() and (out / "final-policy" / "tokenizer.json").is_file()
+    # round 1's sample, reference and train phases share one Hugging Face view of round 0's DCP policy (before,
+    # each phase exported it again on every process), the final eval one of round 1's; final-policy is its own
+    assert exports.count(("round-0/policy", True)) == 1 and exports.count(("round-1/policy", False)) == 1, exports
+    assert len(exports) == len(set(exports)), exports
+    assert exports == [("round-0/policy", True), ("round-1/policy", True), ("round-1/policy", False)], exports
+    assert str((out / "round-1" / "policy").resolve()) in (out / ".policy-hf" / ".apo-source").read_text()
 
 
 def test_dcp_format_refuses_peft():
