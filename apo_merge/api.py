@@ -145,7 +145,8 @@ def run_merges(
     if not isinstance(options, MergeOptions):
         raise TypeError(f"run_merge takes a MergeOptions (e.g. MergeOptions(alpha=0.3)), not {type(options).__name__}")
     if dcp.is_dcp(prev) or dcp.is_dcp(cur):  # torch DCP folders: apo_merge.dcp
-        return dcp.run_merges(prev, cur, options, output, progress=(hooks or Hooks()).progress)
+        hooks = hooks or Hooks()
+        return dcp.run_merges(prev, cur, options, output, progress=hooks.progress, prefetcher=hooks.prefetcher)
     t0 = time.perf_counter()
     hooks = hooks or Hooks()
     several = len(options.alphas) > 1

@@ -1,41 +1,46 @@
 """A DCP folder -> a Hugging Face safetensors folder, tensor by tensor.
 
-Chunks split along the first dimension only (FSDP2's ``Shard(0)``) are written straight to their place in the
-file, one chunk in memory at a time; other layouts assemble one tensor at a time. The tensors equal what
+Chunks split along the first dimension only (FSDP2's ``Shard(0)``) are copied straight to their place in the
+file: their raw bytes read from the ``torch.save`` blob (apo_merge.dcp.blob, no torch), a piece at a time, the
+output hashed as it is written. Other layouts (and blobs only ``torch.load`` reads) assemble one tensor at a time
+through torch. The tensors equal what
 ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` gives (names without the ``model.`` of a
 ``{"model": state_dict}`` save); config, tokenizer and other side files come from a named Hugging Face folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
-import torch
-
+from apo_kernels.dtypes import ITEMSIZE
 from apo_merge import card
+from apo_merge.dcp.blob import NotCanonical
 from apo_merge.dcp.reader import DcpCheckpoint, Entry, open_dcp
 from apo_merge.errors import MergeError
 from apo_merge.io.checkpoint import INDEX_NAME, WEIGHT_SUFFIXES
 from apo_merge.io.hashing import hash_file
 from apo_merge.io.output import MAX_CARD_BYTES, StagedFolder, check_replaceable
-from apo_merge.io.writer import SafetensorsWriter
+from apo_merge.io.prefetch import Prefetcher
+from apo_merge.io.writer import SafetensorsWriter, advise, pread_exact
 
-ST_NAMES = {
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.int16: "I16",
-    torch.int32: "I32",
-    torch.int64: "I64",
-    torch.bool: "BOOL",
+ST_NAMES = {  # torch's dtype name -> safetensors'
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "int8": "I8",
+    "uint8": "U8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "bool": "BOOL",
 }
 DEFAULT_SHARD = 5 * 10**9
+COPY_BYTES = 16 << 20  # bytes per read of a chunk's data
 
 
 def _layout(ckpt: DcpCheckpoint, max_shard_size: int) -> list[list[tuple[str, Entry]]]:
@@ -43,7 +48,7 @@ def _layout(ckpt: DcpCheckpoint, max_shard_size: int) -> list[list[tuple[str, En
     size = 0
     for fqn, e in ckpt.entries.items():
         if e.dtype not in ST_NAMES:
-            raise MergeError(f"{ckpt.label}: {fqn} has dtype {e.dtype}, which safetensors does not store here")
+            raise MergeError(f"{ckpt.label}: {fqn} has dtype torch.{e.dtype}, which safetensors does not store here")
         nbytes = _nbytes(e)
         if groups[-1] and size + nbytes > max_shard_size:
             groups.append([])
@@ -54,7 +59,7 @@ def _layout(ckpt: DcpCheckpoint, max_shard_size: int) -> list[list[tuple[str, En
 
 
 def _nbytes(e: Entry) -> int:
-    n = torch.empty((), dtype=e.dtype).element_size()
+    n = ITEMSIZE[ST_NAMES[e.dtype]]
     for s in e.size:
         n *= s
     return n
@@ -73,21 +78,79 @@ def _header(group: list[tuple[str, Entry]], metadata: dict[str, str]) -> tuple[b
 
 
 def _rows_only(e: Entry) -> bool:
-    """Every chunk is whole rows (split along dim 0 only): its bytes are one run of the tensor's."""
+    """Every chunk is whole rows (split along dim 0 only), or one chunk is the whole tensor (a 0-d one too): each
+    chunk's bytes are one run of the tensor's."""
+    if len(e.chunks) == 1 and e.chunks[0].sizes == e.size:
+        return True
     return all(all(o == 0 for o in c.offsets[1:]) and c.sizes[1:] == e.size[1:] for c in e.chunks) and bool(e.size)
 
 
-def _write_tensor(ckpt: DcpCheckpoint, e: Entry, writer: SafetensorsWriter, at: int) -> None:
+class _Out:
+    """A SafetensorsWriter hashed as it goes, while the writes come in file order (else hashed at the end)."""
+
+    def __init__(self, path: Path, header: bytes, size: int) -> None:
+        self.path, self.writer, self.sha = path, SafetensorsWriter(path, header, size), hashlib.sha256(header)
+        self.at = len(header)
+
+    def write(self, data, offset: int) -> None:
+        self.writer.write(data, offset)
+        if self.sha is not None and offset == self.at:
+            self.sha.update(data)
+            self.at += len(data)
+        else:
+            self.sha = None
+
+    def finish(self) -> tuple[int, str]:
+        self.writer.finish()
+        if self.sha is None or self.at != os.path.getsize(self.path):
+            return hash_file(self.path)
+        return self.at, self.sha.hexdigest()
+
+
+class _Copier:
+    """Chunks' raw data from their storage files, through one reusable buffer."""
+
+    def __init__(self, ckpt: DcpCheckpoint, prefetcher: Prefetcher) -> None:
+        self.ckpt, self.prefetcher = ckpt, prefetcher
+        self.fds: dict[str, int] = {}
+        self.buf = memoryview(bytearray(COPY_BYTES))
+
+    def fd(self, name: str) -> int:
+        if name not in self.fds:
+            self.fds[name] = os.open(self.ckpt.root / name, os.O_RDONLY)
+            advise(self.fds[name], 0, 0, "SEQUENTIAL")
+        return self.fds[name]
+
+    def copy(self, e: Entry, c, out: _Out, at: int) -> None:
+        """Write chunk ``c``'s data at ``at`` (NotCanonical where only torch.load reads the chunk)."""
+        blob = self.ckpt.blob(e.fqn, c, self.fd(c.file))
+        begin, n = c.offset + blob.data.data, blob.data.size
+        for b in range(0, n, COPY_BYTES):
+            view = self.buf[: min(COPY_BYTES, n - b)]
+            pread_exact(self.fd(c.file), view, begin + b, self.ckpt.root / c.file)
+            self.prefetcher.consumed(len(view))
+            out.write(view, at + b)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _write_tensor(ckpt: DcpCheckpoint, e: Entry, out: _Out, at: int, copier: _Copier) -> None:
     if _rows_only(e):
-        row = _nbytes(e) // e.size[0] if e.size[0] else 0
-        for c in e.chunks:
-            t = ckpt.read_chunk(e.fqn, c).contiguous()
-            writer.write(t.reshape(-1).view(torch.uint8).numpy().data, at + c.offsets[0] * row)
-        return
-    full = torch.empty(e.size, dtype=e.dtype)
+        row = _nbytes(e) // e.size[0] if e.size and e.size[0] else 0
+        try:
+            for c in sorted(e.chunks, key=lambda c: c.offsets[:1]):
+                copier.copy(e, c, out, at + (c.offsets[0] * row if c.offsets else 0))
+            return
+        except NotCanonical:
+            pass
+    import torch
+
+    full = torch.empty(e.size, dtype=getattr(torch, e.dtype))
     for c in e.chunks:
         full[tuple(slice(o, o + n) for o, n in zip(c.offsets, c.sizes))] = ckpt.read_chunk(e.fqn, c)
-    writer.write(full.reshape(-1).view(torch.uint8).numpy().data, at)
+    out.write(full.reshape(-1).view(torch.uint8).numpy().data, at)
 
 
 def _copy_side_files(src: Path, dest: Path) -> list[str]:
@@ -127,19 +190,22 @@ def export_hf(
     summary = _source_summary(ckpt.root)
     metadata = {"format": "pt", **{k: v for k, v in summary.items() if k.startswith("apo_")}}
     staged = StagedFolder(out, overwrite)
+    prefetcher = Prefetcher()
+    prefetcher.prefetch([ckpt.root / n for n in _read_order(ckpt, groups)])
+    copier = _Copier(ckpt, prefetcher)
     with staged as tmp:
         files = {}
         for fname, group in zip(names, groups):
             header, begins = _header(group, metadata)
             size = len(header) + sum(_nbytes(e) for _, e in group)
-            writer = SafetensorsWriter(tmp / fname, header, size)
+            writer = _Out(tmp / fname, header, size)
             try:
                 for (_, e), begin in zip(group, begins):
-                    _write_tensor(ckpt, e, writer, len(header) + begin)
-                writer.finish()
+                    _write_tensor(ckpt, e, writer, len(header) + begin, copier)
+                files[fname] = writer.finish()
             finally:
-                writer.close()
-            files[fname] = hash_file(tmp / fname)
+                writer.writer.close()
+        copier.close()
         if n > 1:
             index = {
                 "metadata": {"total_size": sum(_nbytes(e) for g in groups for _, e in g)},
@@ -161,6 +227,16 @@ def export_hf(
             (tmp / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
         staged.commit()
     return out
+
+
+def _read_order(ckpt: DcpCheckpoint, groups: list) -> list[str]:
+    """The storage files in the order the export first reads them."""
+    seen: dict[str, None] = {}
+    for group in groups:
+        for _, e in group:
+            for c in sorted(e.chunks, key=lambda c: c.offsets):
+                seen.setdefault(c.file)
+    return list(seen)
 
 
 def _source_summary(root: Path) -> dict[str, str]:
