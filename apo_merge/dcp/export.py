@@ -13,13 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 from pathlib import Path
 
 from apo_kernels.dtypes import ITEMSIZE
 from apo_merge import card
 from apo_merge.dcp.blob import NotCanonical
+from apo_merge.dcp.fast import put
 from apo_merge.dcp.reader import DcpCheckpoint, Entry, open_dcp
+from apo_merge.engine.runner import StageRunner
 from apo_merge.errors import MergeError
 from apo_merge.io.checkpoint import INDEX_NAME, WEIGHT_SUFFIXES
 from apo_merge.io.hashing import hash_file
@@ -41,6 +44,7 @@ ST_NAMES = {  # torch's dtype name -> safetensors'
 }
 DEFAULT_SHARD = 5 * 10**9
 COPY_BYTES = 16 << 20  # bytes per read of a chunk's data
+SLOTS = 4  # read buffers in flight
 
 
 def _layout(ckpt: DcpCheckpoint, max_shard_size: int) -> list[list[tuple[str, Entry]]]:
@@ -85,35 +89,19 @@ def _rows_only(e: Entry) -> bool:
     return all(all(o == 0 for o in c.offsets[1:]) and c.sizes[1:] == e.size[1:] for c in e.chunks) and bool(e.size)
 
 
-class _Out:
-    """A SafetensorsWriter hashed as it goes, while the writes come in file order (else hashed at the end)."""
+class _File:
+    """One safetensors file written on three threads: read (raw chunk data with pread into a pool of buffers, or
+    a tensor assembled through torch), write (at its offset, writeback kept moving), hash (SHA-256 from the
+    buffers just written, while the writes come in file order; else the file is hashed at the end)."""
 
-    def __init__(self, path: Path, header: bytes, size: int) -> None:
-        self.path, self.writer, self.sha = path, SafetensorsWriter(path, header, size), hashlib.sha256(header)
-        self.at = len(header)
-
-    def write(self, data, offset: int) -> None:
-        self.writer.write(data, offset)
-        if self.sha is not None and offset == self.at:
-            self.sha.update(data)
-            self.at += len(data)
-        else:
-            self.sha = None
-
-    def finish(self) -> tuple[int, str]:
-        self.writer.finish()
-        if self.sha is None or self.at != os.path.getsize(self.path):
-            return hash_file(self.path)
-        return self.at, self.sha.hexdigest()
-
-
-class _Copier:
-    """Chunks' raw data from their storage files, through one reusable buffer."""
-
-    def __init__(self, ckpt: DcpCheckpoint, prefetcher: Prefetcher) -> None:
-        self.ckpt, self.prefetcher = ckpt, prefetcher
-        self.fds: dict[str, int] = {}
-        self.buf = memoryview(bytearray(COPY_BYTES))
+    def __init__(self, ckpt: DcpCheckpoint, prefetcher: Prefetcher, fds: dict[str, int]) -> None:
+        self.ckpt, self.prefetcher, self.fds = ckpt, prefetcher, fds
+        self.pool: queue.Queue = queue.Queue()
+        for _ in range(SLOTS):
+            self.pool.put(memoryview(bytearray(COPY_BYTES)))
+        self.to_write: queue.Queue = queue.Queue(SLOTS)
+        self.to_hash: queue.Queue = queue.Queue()
+        self.result: tuple[int, str] | None = None
 
     def fd(self, name: str) -> int:
         if name not in self.fds:
@@ -121,36 +109,88 @@ class _Copier:
             advise(self.fds[name], 0, 0, "SEQUENTIAL")
         return self.fds[name]
 
-    def copy(self, e: Entry, c, out: _Out, at: int) -> None:
-        """Write chunk ``c``'s data at ``at`` (NotCanonical where only torch.load reads the chunk)."""
-        blob = self.ckpt.blob(e.fqn, c, self.fd(c.file))
-        begin, n = c.offset + blob.data.data, blob.data.size
-        for b in range(0, n, COPY_BYTES):
-            view = self.buf[: min(COPY_BYTES, n - b)]
-            pread_exact(self.fd(c.file), view, begin + b, self.ckpt.root / c.file)
-            self.prefetcher.consumed(len(view))
-            out.write(view, at + b)
+    def jobs(self, group: list, header: bytes, begins: list[int]):
+        """(chunk file, byte offset, count, output offset) pieces, or (None, Entry, 0, output offset) for a tensor
+        torch assembles."""
+        for (_, e), begin in zip(group, begins):
+            at = len(header) + begin
+            pieces = []
+            if _rows_only(e):
+                row = _nbytes(e) // e.size[0] if e.size and e.size[0] else 0
+                try:
+                    for c in sorted(e.chunks, key=lambda c: c.offsets[:1]):
+                        blob = self.ckpt.blob(e.fqn, c, self.fd(c.file))
+                        start, n, dest = (
+                            c.offset + blob.data.data,
+                            blob.data.size,
+                            at + (c.offsets[0] * row if c.offsets else 0),
+                        )
+                        pieces += [
+                            (c.file, start + b, min(COPY_BYTES, n - b), dest + b) for b in range(0, n, COPY_BYTES)
+                        ]
+                except NotCanonical:
+                    pieces = None
+            else:
+                pieces = None
+            yield from pieces if pieces is not None else [(None, e, 0, at)]
 
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+    def write(self, path: Path, header: bytes, size: int, jobs) -> tuple[int, str]:
+        runner = StageRunner()
+        self.runner, self.path, self.header, self.size = runner, path, header, size
+        runner.add("apo-export-read", lambda: self._read(jobs))
+        runner.add("apo-export-write", self._write)
+        runner.add("apo-export-hash", self._hash)
+        runner.run()
+        return self.result if self.result is not None else hash_file(path)
 
-
-def _write_tensor(ckpt: DcpCheckpoint, e: Entry, out: _Out, at: int, copier: _Copier) -> None:
-    if _rows_only(e):
-        row = _nbytes(e) // e.size[0] if e.size and e.size[0] else 0
+    def _read(self, jobs) -> None:
         try:
-            for c in sorted(e.chunks, key=lambda c: c.offsets[:1]):
-                copier.copy(e, c, out, at + (c.offsets[0] * row if c.offsets else 0))
-            return
-        except NotCanonical:
-            pass
+            for name, what, n, dest in jobs:
+                if name is None:
+                    put(self.runner, self.to_write, (_assemble(self.ckpt, what), dest, None))
+                    continue
+                full = self.runner.get(self.pool)
+                pread_exact(self.fd(name), full[:n], what, self.ckpt.root / name)
+                self.prefetcher.consumed(n)
+                put(self.runner, self.to_write, (full[:n], dest, full))
+        finally:
+            if not self.runner.stop.is_set():
+                put(self.runner, self.to_write, None)
+
+    def _write(self) -> None:
+        writer = SafetensorsWriter(self.path, self.header, self.size)
+        try:
+            self.to_hash.put((self.header, 0, None))
+            while (job := self.runner.get(self.to_write)) is not None:
+                writer.write(job[0], job[1])
+                self.to_hash.put(job)
+            writer.finish()
+        finally:
+            writer.close()
+            self.to_hash.put(None)
+
+    def _hash(self) -> None:
+        sha, at = hashlib.sha256(), 0
+        while (job := self.runner.get(self.to_hash)) is not None:
+            data, dest, full = job
+            if sha is not None and dest == at:
+                sha.update(data)
+                at += len(data)
+            else:
+                sha = None
+            if full is not None:
+                self.pool.put(full)
+        self.result = (at, sha.hexdigest()) if sha is not None and at == self.size else None
+
+
+def _assemble(ckpt: DcpCheckpoint, e: Entry) -> memoryview:
+    """A tensor of any layout (or whose chunks only torch.load reads), assembled through torch: its bytes."""
     import torch
 
     full = torch.empty(e.size, dtype=getattr(torch, e.dtype))
     for c in e.chunks:
         full[tuple(slice(o, o + n) for o, n in zip(c.offsets, c.sizes))] = ckpt.read_chunk(e.fqn, c)
-    out.write(full.reshape(-1).view(torch.uint8).numpy().data, at)
+    return memoryview(full.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def _copy_side_files(src: Path, dest: Path) -> list[str]:
@@ -192,20 +232,18 @@ def export_hf(
     staged = StagedFolder(out, overwrite)
     prefetcher = Prefetcher()
     prefetcher.prefetch([ckpt.root / n for n in _read_order(ckpt, groups)])
-    copier = _Copier(ckpt, prefetcher)
+    fds: dict[str, int] = {}
     with staged as tmp:
         files = {}
-        for fname, group in zip(names, groups):
-            header, begins = _header(group, metadata)
-            size = len(header) + sum(_nbytes(e) for _, e in group)
-            writer = _Out(tmp / fname, header, size)
-            try:
-                for (_, e), begin in zip(group, begins):
-                    _write_tensor(ckpt, e, writer, len(header) + begin, copier)
-                files[fname] = writer.finish()
-            finally:
-                writer.writer.close()
-        copier.close()
+        try:
+            for fname, group in zip(names, groups):
+                header, begins = _header(group, metadata)
+                size = len(header) + sum(_nbytes(e) for _, e in group)
+                out_file = _File(ckpt, prefetcher, fds)
+                files[fname] = out_file.write(tmp / fname, header, size, out_file.jobs(group, header, begins))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         if n > 1:
             index = {
                 "metadata": {"total_size": sum(_nbytes(e) for g in groups for _, e in g)},

@@ -143,18 +143,13 @@ def merge_dcp(
                 )
         outs = list(zip(tmps, options.alphas))
         mine = share(cur_ck, rank, world)
-        if plan is not None:
-            nonfinite = fast.FastMerge(cur_ck, prev_src.ckpt, plan, outs).run(mine, progress, prefetcher)
-        else:
-            from apo_merge.dcp import torchpath
-
-            nonfinite = sum(torchpath.write_file(n, cur_ck, prev_src, kinds, outs, (options, progress)) for n in mine)
+        nonfinite = _write_files(mine, (cur_ck, prev_src, kinds, plan), outs, options, (progress, prefetcher))
         nonfinite = nonfinite if options.strict else 0  # as the safetensors merge: counted under --strict
         if world > 1:
             dist.barrier(group=group)  # every file is written and fsynced
         reports = []
         for (tmp, alpha), out in zip(outs, outputs):
-            how = (alpha, src_prev, src_cur, out, plan is not None)
+            how = (alpha, src_prev, src_cur, out, plan is not None)  # with CUR's dtypes and entries
             files = _finish(tmp, cur_ck, kinds, options, how) if rank == 0 else {}
             reports.append(
                 MergeReport(
@@ -185,6 +180,24 @@ def merge_dcp(
     return reports
 
 
+def _write_files(mine: list[str], inputs: tuple, outs: list, options: MergeOptions, hooks: tuple) -> int:
+    """This rank's storage files, torch-free where ``plan`` allows (else, or for a chunk only torch.load reads,
+    through torch); the count of new non-finite values."""
+    cur, prev, kinds, plan = inputs
+    progress, prefetcher = hooks
+    if plan is not None:
+        try:
+            return fast.FastMerge(cur, prev.ckpt, plan, outs).run(mine, progress, prefetcher)
+        except fast.NotCanonical:  # start these files again through torch, which reads (or names) that chunk
+            for tmp, _ in outs:
+                for name in mine:
+                    (tmp / name).unlink(missing_ok=True)
+                    (tmp / f"{PART}{name}.json").unlink(missing_ok=True)
+    from apo_merge.dcp import torchpath
+
+    return sum(torchpath.write_file(n, cur, prev, kinds, outs, (options, progress)) for n in mine)
+
+
 def _kind(cur: DcpCheckpoint, rank: int, world: int) -> str:
     text = "torch DCP checkpoint" + (f", rank {rank} of {world}" if world > 1 else "")
     if cur.left_out:
@@ -192,9 +205,16 @@ def _kind(cur: DcpCheckpoint, rank: int, world: int) -> str:
     return text
 
 
+def _where_cur_has_them(cur: DcpCheckpoint, parts: dict[str, dict]) -> bool:
+    """Every chunk the ranks wrote sits at CUR's file, offset and length (whichever path each rank took)."""
+    where = {(fqn, tuple(off)): (p["file"], at, n) for p in parts.values() for fqn, off, at, n in p["chunks"]}
+    want = {(f, c.offsets): (c.file, c.offset, c.length) for f, e in cur.entries.items() for c in e.chunks}
+    return where == want
+
+
 def _finish(tmp: Path, cur: DcpCheckpoint, kinds: dict, options: MergeOptions, how: tuple) -> dict:
     """Rank 0: gather the parts, write ``.metadata`` and the model card; the files' (bytes, sha256)."""
-    alpha, src_prev, src_cur, out, same_offsets = how
+    alpha, src_prev, src_cur, out, same_entries = how
     parts = {}
     for name in cur.files():
         part = tmp / f"{PART}{name}.json"
@@ -202,7 +222,7 @@ def _finish(tmp: Path, cur: DcpCheckpoint, kinds: dict, options: MergeOptions, h
             raise MergeError(f"{tmp}: the rank that writes {name} did not finish; rerun the merge")
         parts[name] = json.loads(part.read_text())
         part.unlink()
-    if same_offsets:  # every chunk where CUR has it, same dtypes, no entry left out: CUR's metadata holds
+    if same_entries and _where_cur_has_them(cur, parts):  # CUR's metadata describes the output as it is
         raw = (cur.root / METADATA).read_bytes()
     else:
         from apo_merge.dcp.torchpath import build_metadata

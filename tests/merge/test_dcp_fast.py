@@ -181,3 +181,26 @@ def test_a_damaged_chunk_header_is_one_line(pair, tmp_path, keep_sigterm):
     assert_one_line_error(res, 1, chunk.file, "'model.w32'", "torch.load")
     assert not out.exists() and leftovers(out) == []
     assert tree_state(tmp_path, skip=out) == before
+
+
+def test_a_chunk_only_torch_load_reads_sends_the_merge_through_torch(pair, tmp_path):
+    """A chunk saved as a transposed view (valid for torch.load, not a fresh contiguous tensor): the torch-free
+    path gives way mid-run, what it wrote is removed, and the torch path writes the right values."""
+    prev, cur = pair
+    chunk = open_dcp(cur).entries["model.w32"].chunks[0]
+    g = torch.Generator().manual_seed(7)
+    view = torch.randn(3, 7, generator=g).t()
+    raw = saved(view)
+    assert len(raw) == chunk.length
+    with open(cur / chunk.file, "r+b") as f:
+        f.seek(chunk.offset)
+        f.write(raw)
+    with pytest.raises(NotCanonical), open(cur / chunk.file, "rb") as f:
+        open_dcp(cur).blob("model.w32", chunk, f.fileno())
+    _merge(prev, cur, str(tmp_path / "out"), "0.3")
+    got = {k: torch.empty_like(v) for k, v in tensors(0).items()}
+    dcp.load({"model": got}, checkpoint_id=tmp_path / "out")
+    want = extrapolate_state_dict(prev=tensors(1), cur={**tensors(2), "w32": view}, alpha=0.3)
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype and raw_bytes(got[k]) == raw_bytes(w), k
+    assert leftovers(tmp_path / "out") == []
