@@ -130,6 +130,13 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def _status_kb(pid: int) -> dict[str, int]:
     out = {}
     try:
@@ -153,6 +160,7 @@ class Measured:
     peak_file: int  # sampled RssFile: mapped file pages (reclaimable page cache)
     output_tail: str
     cpu_seconds: float = 0.0  # user + system CPU of the process and the children it waited for
+    paused_s: float = 0.0  # wall time the process tree was seen stopped (SIGSTOP), or the sampler itself was
 
 
 def run_measured(
@@ -169,16 +177,27 @@ def run_measured(
     t0 = time.perf_counter()
     proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
+    paused = [0.0]
+
     def sample() -> None:
+        last = time.perf_counter()
         while not done.is_set():
             total = {k: 0 for k in peaks}
+            stopped = False
             for pid in _tree(proc.pid):
                 for k, v in _status_kb(pid).items():
                     if k in total:
                         total[k] += v
+                stopped = stopped or _state(pid) in ("T", "t")
             for k in peaks:
                 peaks[k] = max(peaks[k], total[k])
             time.sleep(sample_s)
+            now = time.perf_counter()
+            if stopped:  # a shared machine: something else stopped the run
+                paused[0] += now - last
+            elif now - last > 0.25:  # the harness itself was stopped (or starved) that long
+                paused[0] += now - last - sample_s
+            last = now
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -198,6 +217,7 @@ def run_measured(
         peaks["RssFile"] * 1024,
         output.decode(errors="replace")[-2000:],
         usage.ru_utime + usage.ru_stime,
+        paused[0],
     )
 
 
