@@ -94,8 +94,8 @@ class _File:
     a tensor assembled through torch), write (at its offset, writeback kept moving), hash (SHA-256 from the
     buffers just written, while the writes come in file order; else the file is hashed at the end)."""
 
-    def __init__(self, ckpt: DcpCheckpoint, prefetcher: Prefetcher, fds: dict[str, int]) -> None:
-        self.ckpt, self.prefetcher, self.fds = ckpt, prefetcher, fds
+    def __init__(self, ckpt: DcpCheckpoint, prefetcher: Prefetcher, fds: dict[str, int], hashed: bool) -> None:
+        self.ckpt, self.prefetcher, self.fds, self.hashed = ckpt, prefetcher, fds, hashed
         self.pool: queue.Queue = queue.Queue()
         for _ in range(SLOTS):
             self.pool.put(memoryview(bytearray(COPY_BYTES)))
@@ -134,13 +134,16 @@ class _File:
                 pieces = None
             yield from pieces if pieces is not None else [(None, e, 0, at)]
 
-    def write(self, path: Path, header: bytes, size: int, jobs) -> tuple[int, str]:
+    def write(self, path: Path, header: bytes, size: int, jobs) -> tuple[int, str] | None:
+        """Write the file; its (size, SHA-256) where ``hashed`` (only a model card records them)."""
         runner = StageRunner()
         self.runner, self.path, self.header, self.size = runner, path, header, size
         runner.add("apo-export-read", lambda: self._read(jobs))
         runner.add("apo-export-write", self._write)
         runner.add("apo-export-hash", self._hash)
         runner.run()
+        if not self.hashed:
+            return None
         return self.result if self.result is not None else hash_file(path)
 
     def _read(self, jobs) -> None:
@@ -170,7 +173,7 @@ class _File:
             self.to_hash.put(None)
 
     def _hash(self) -> None:
-        sha, at = hashlib.sha256(), 0
+        sha, at = (hashlib.sha256() if self.hashed else None), 0
         while (job := self.runner.get(self.to_hash)) is not None:
             data, dest, full = job
             if sha is not None and dest == at:
@@ -239,7 +242,7 @@ def export_hf(
             for fname, group in zip(names, groups):
                 header, begins = _header(group, metadata)
                 size = len(header) + sum(_nbytes(e) for _, e in group)
-                out_file = _File(ckpt, prefetcher, fds)
+                out_file = _File(ckpt, prefetcher, fds, hashed="apo_alpha" in metadata)
                 files[fname] = out_file.write(tmp / fname, header, size, out_file.jobs(group, header, begins))
         finally:
             for fd in fds.values():
