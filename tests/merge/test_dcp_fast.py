@@ -204,3 +204,25 @@ def test_a_chunk_only_torch_load_reads_sends_the_merge_through_torch(pair, tmp_p
     for k, w in want.items():
         assert got[k].dtype == w.dtype and raw_bytes(got[k]) == raw_bytes(w), k
     assert leftovers(tmp_path / "out") == []
+
+
+def test_strict_counts_the_same_new_infs_on_both_paths(pair, tmp_path):
+    from apo_merge.errors import MergeError
+
+    prev, cur = pair
+    counts = []
+    for torch_path in (False, True):
+        out = tmp_path / f"out-{torch_path}"
+        if torch_path:
+            saved_plan, fast.plan = fast.plan, lambda *a: None
+        try:
+            with pytest.raises(MergeError, match="inf or NaN although both inputs were finite") as e:
+                from apo_merge.api import run_merges
+
+                run_merges(prev, cur, MergeOptions(alpha=1e30, strict=True), out)
+        finally:
+            if torch_path:
+                fast.plan = saved_plan
+        assert not out.exists() and leftovers(out) == []
+        counts.append(int(str(e.value).split()[0]))
+    assert counts[0] == counts[1] > 0
