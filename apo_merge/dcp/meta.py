@@ -10,10 +10,58 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-from apo_kernels.dtypes import DTYPES
-
 _MD = "torch.distributed.checkpoint.metadata"
-TORCH_DTYPE_NAMES = frozenset(d.torch for d in DTYPES if d.torch) | {"float8_e4m3fn", "complex128", "complex32"}
+# torch 2.13's dtypes, as a pickle names them (torch.<name>): any may appear, e.g. in an optimizer entry left out
+TORCH_DTYPE_NAMES = frozenset(
+    [
+        "bfloat16",
+        "bits16",
+        "bits1x8",
+        "bits2x4",
+        "bits4x2",
+        "bits8",
+        "bool",
+        "complex128",
+        "complex32",
+        "complex64",
+        "float16",
+        "float32",
+        "float4_e2m1fn_x2",
+        "float64",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "int1",
+        "int16",
+        "int2",
+        "int3",
+        "int32",
+        "int4",
+        "int5",
+        "int6",
+        "int64",
+        "int7",
+        "int8",
+        "qint32",
+        "qint8",
+        "quint2x4",
+        "quint4x2",
+        "quint8",
+        "uint1",
+        "uint16",
+        "uint2",
+        "uint3",
+        "uint32",
+        "uint4",
+        "uint5",
+        "uint6",
+        "uint64",
+        "uint7",
+        "uint8",
+    ]
+)
 
 
 class _StandIn:

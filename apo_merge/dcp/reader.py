@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from apo_kernels.dtypes import DTYPES
 from apo_merge.dcp import meta as dcp_md
-from apo_merge.dcp.blob import MAX_FRAMING, Blob
+from apo_merge.dcp.blob import MAX_FRAMING, Blob, NotCanonical
 from apo_merge.errors import MergeError, first_line, shown
 
 if TYPE_CHECKING:
@@ -130,6 +130,8 @@ class DcpCheckpoint:
             raise MergeError(f"{where}: the file ends inside it; {_REWRITE}")
         found = Blob(head, tail, chunk.length, where)
         e = self.entries[fqn]
+        if e.dtype not in ITEMSIZE:
+            raise NotCanonical(f"dtype {e.dtype}")
         found.check(e.dtype, chunk.sizes, ITEMSIZE[e.dtype])
         return found
 

@@ -226,3 +226,25 @@ def test_strict_counts_the_same_new_infs_on_both_paths(pair, tmp_path):
         assert not out.exists() and leftovers(out) == []
         counts.append(int(str(e.value).split()[0]))
     assert counts[0] == counts[1] > 0
+
+
+def test_every_torch_dtype_is_known_to_the_metadata_reader():
+    from apo_merge.dcp.meta import TORCH_DTYPE_NAMES
+
+    names = {str(getattr(torch, n)).removeprefix("torch.") for n in dir(torch)}
+    assert {n for n in names if isinstance(getattr(torch, n, None), torch.dtype)} <= TORCH_DTYPE_NAMES
+
+
+def test_a_dtype_outside_the_table_is_copied_through_torch(tmp_path):
+    """complex128 has no row in apo_kernels' dtype table: the merge still copies it, through the torch path."""
+    sides = {}
+    for name, seed in (("prev", 1), ("cur", 2)):
+        sides[name] = {**tensors(seed), "z": torch.randn(3, 2, dtype=torch.complex128) + seed}
+        dcp.save({"model": sides[name]}, checkpoint_id=tmp_path / name)
+    _merge(tmp_path / "prev", tmp_path / "cur", str(tmp_path / "out"), "0.3")
+    got = {k: torch.empty_like(v) for k, v in sides["cur"].items()}
+    dcp.load({"model": got}, checkpoint_id=tmp_path / "out")
+    assert torch.equal(got["z"], sides["cur"]["z"])
+    want = extrapolate_state_dict(prev=tensors(1), cur=tensors(2), alpha=0.3)
+    for k, w in want.items():
+        assert raw_bytes(got[k]) == raw_bytes(w), k
