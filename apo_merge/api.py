@@ -148,7 +148,8 @@ def run_merges(
     if dcp.is_dcp(prev) or dcp.is_dcp(cur):  # torch DCP folders: apo_merge.dcp
         if options.quantize != "none":
             raise usage_error(f"--quantize {options.quantize} does not apply to torch DCP checkpoints; drop it")
-        return dcp.run_merges(prev, cur, options, output, progress=(hooks or Hooks()).progress)
+        hooks = hooks or Hooks()
+        return dcp.run_merges(prev, cur, options, output, progress=hooks.progress, prefetcher=hooks.prefetcher)
     t0 = time.perf_counter()
     hooks = hooks or Hooks()
     several = len(options.alphas) > 1

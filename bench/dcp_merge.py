@@ -1,23 +1,37 @@
-"""apo-merge on a DCP pair vs the whole-model route (dcp_to_torch_save of both, torch.load, merge, dcp.save).
+"""apo-merge on a DCP pair: against the tuned I/O floor of the same bytes (cold), and against the whole-model route
+(dcp_to_torch_save of both, torch.load, merge, dcp.save).
 
-    PYTHONPATH=. python bench/dcp_merge.py --gb 1 [--ranks 2] [--dir /tmp/dcp-bench]
+    PYTHONPATH=. python bench/dcp_merge.py --gb 3 --runs 3 [--ranks 2] [--dir /tmp/dcp-bench] [--no-side-by-side]
 
-Builds PREV and CUR (fp32 tensors of 4096 columns, saved by dcp.save with 2 writer threads: two storage files),
-then times each route in a fresh process, sampling its peak RSS and anonymous memory, with the output fsynced
-inside the timed window. The page cache is warm (each route's inputs were read just before). Prints a table and
-the ratios.
+Builds PREV and CUR (fp32 tensors of 4096 columns, saved by dcp.save with 2 writer threads: two storage files).
+
+Floor part (cold, as bench/merge_e2e.py): before every timed run the inputs are evicted from the page cache (fsync
++ POSIX_FADV_DONTNEED, checked with mincore) and the last output removed; methods alternate, --runs rounds, each
+in its own process (start-up is part of its time), every output fsynced inside its time:
+
+  floor-tuned         read both inputs' storage files, write + fsync CUR's storage bytes (bench/common.floor_io,
+                      apo-merge's I/O hints; a process that does not import torch)
+  apo-merge           python -m apo_merge PREV CUR --alpha A -o OUT --quiet
+  floor-tuned-export  read CUR's storage files, write + fsync the export's safetensors bytes
+  apo-merge export    python -m apo_merge export OUT EXPORT (OUT: apo-merge's output, cold as well)
+
+Side-by-side part (warm page cache, each route right after reading its inputs): apo-merge in one process (and under
+torchrun with --ranks), and dcp_to_torch_save x2 + merge + dcp.save; wall time, CPU seconds, peak RSS and peak
+anonymous memory (sampled over the process tree). Prints tables, ratios and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Measured, fsync_tree, run_measured, table  # noqa: E402
+from common import Measured, evict, floor_io, fsync_tree, resident_bytes, run_measured, table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +63,10 @@ def build(folder: Path, gb: float, seed: int) -> None:
     dcp.save({"model": sd}, storage_writer=dcp.FileSystemWriter(folder, thread_count=2))
 
 
+def storage(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.distcp"))
+
+
 def warm(folder: Path) -> None:
     for p in folder.iterdir():
         with open(p, "rb") as f:
@@ -56,33 +74,123 @@ def warm(folder: Path) -> None:
                 pass
 
 
-def measure(cmd: list[str], out: Path) -> Measured:
+def measure(cmd: list[str], out: Path | None = None) -> Measured:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    m = run_measured(cmd, cwd=REPO, env=env, after=lambda: fsync_tree(out))
+    m = run_measured(cmd, cwd=REPO, env=env, after=(lambda: fsync_tree(out)) if out is not None else None)
     if m.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed:\n{m.output_tail}")
     return m
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gb", type=float, default=1.0)
-    ap.add_argument("--ranks", type=int, default=1, help="also time apo-merge under torchrun with this many ranks")
-    ap.add_argument("--dir", type=Path, default=Path("/tmp/dcp-bench"))
-    ap.add_argument("--alpha", type=float, default=0.3)
-    args = ap.parse_args()
-    root = args.dir
-    root.mkdir(parents=True, exist_ok=True)
-    prev, cur = root / "prev", root / "cur"
-    build(prev, args.gb, 1)
-    build(cur, args.gb, 2)
+def measure_unpaused(cmd: list[str], prepare, out: Path | None = None, tries: int = 4) -> Measured:
+    """``measure`` again (after ``prepare()``) while something else on the machine stopped the run (SIGSTOP):
+    such a run's wall time says nothing about the method."""
+    for _ in range(tries):
+        prepare()
+        m = measure(cmd, out)
+        if m.paused_s < 0.05:
+            return m
+        print(f"  (stopped from outside for {m.paused_s:.1f} s: measured again)", flush=True)
+    return m
+
+
+def clean(*paths: Path) -> None:
+    for p in paths:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def cold(inputs: list[Path]) -> float:
+    """Evict ``inputs``; the largest fraction of one still cached."""
+    os.sync()
+    evict(inputs)
+    return max(resident_bytes(p) / max(1, p.stat().st_size) for p in inputs)
+
+
+def floor_part(args, prev: Path, cur: Path) -> None:
+    root, py = args.dir, sys.executable
+    out, hf = root / "out", root / "out-hf"
+    clean(out, hf)
+    me = [py, str(Path(__file__).resolve()), "--floor-worker"]
+    export_bytes = _export_bytes(cur)
+    merge_writes = [(p.name, p.stat().st_size) for p in storage(cur)]
+    methods = {
+        "floor-tuned": (me + [json.dumps([[str(p) for p in storage(prev) + storage(cur)], merge_writes, str(out)])]),
+        "apo-merge": [py, "-m", "apo_merge", str(prev), str(cur), "--alpha", str(args.alpha), "-o", str(out), "-q"],
+        "floor-tuned-export": me + [json.dumps([[str(p) for p in storage(cur)], export_bytes, str(hf)])],
+        "apo-merge export": [py, "-m", "apo_merge", "export", str(out), str(hf)],
+    }
+    runs: dict[str, list[Measured]] = {k: [] for k in methods}
+    loads = []
+    for r in range(args.runs):
+        for name, cmd in methods.items():
+            if name == "apo-merge export" and not (out / ".metadata").exists():
+                measure(methods["apo-merge"])  # the export reads apo-merge's output
+            inputs = storage(prev) + storage(cur) if name in ("floor-tuned", "apo-merge") else storage(cur)
+            if name == "apo-merge export":
+                inputs = storage(out)
+            cached = [0.0]
+
+            def prepare(name=name, inputs=inputs, cached=cached) -> None:
+                if name in ("floor-tuned", "apo-merge"):
+                    clean(out)
+                clean(hf)
+                cached[0] = cold(inputs)
+
+            loads.append(os.getloadavg()[0])
+            m = measure_unpaused(cmd, prepare)
+            cached = cached[0]
+            runs[name].append(m)
+            print(
+                f"run {r + 1}/{args.runs} {name:20s} {m.seconds:6.2f} s  CPU {m.cpu_seconds:5.2f} s  "
+                f"anon {m.peak_anon / 2**20:5.0f} MiB  (load {loads[-1]:.1f}, inputs cached {cached:.1%})",
+                flush=True,
+            )
+    med = {k: statistics.median(x.seconds for x in v) for k, v in runs.items()}
+    rows = []
+    for name, ms in runs.items():
+        base = med["floor-tuned" if name in ("floor-tuned", "apo-merge") else "floor-tuned-export"]
+        rows.append(
+            [
+                name,
+                f"{med[name]:.2f}",
+                f"{min(x.seconds for x in ms):.2f}-{max(x.seconds for x in ms):.2f}",
+                f"{med[name] / base:.2f}",
+                f"{statistics.median(x.cpu_seconds for x in ms):.2f}",
+                f"{max(x.peak_anon for x in ms) / 2**20:.0f}",
+            ]
+        )
+    size = sum(p.stat().st_size for p in storage(cur))
+    print(f"\ncold, {size / 1e9:.2f} GB per side ({len(storage(cur))} storage files), median of {args.runs} runs")
+    print(table(["method", "wall s", "spread", "x its floor", "CPU s", "peak anon MiB"], rows))
+    print(
+        f"apo-merge / floor-tuned x{med['apo-merge'] / med['floor-tuned']:.2f}; export / floor-tuned-export "
+        f"x{med['apo-merge export'] / med['floor-tuned-export']:.2f}; load average {min(loads):.1f}-{max(loads):.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
+    clean(out, hf)
+
+
+def _export_bytes(cur: Path) -> list[tuple[str, int]]:
+    """The safetensors file apo-merge export writes for ``cur`` (one file under 5 GB): header + tensor bytes."""
+    sys.path.insert(0, str(REPO))
+    from apo_merge.dcp.export import _header, _layout, _nbytes
+    from apo_merge.dcp.reader import open_dcp
+
+    groups = _layout(open_dcp(cur), 5 * 10**9)
+    names = (
+        ["model.safetensors"] if len(groups) == 1 else [f"model-{i + 1:05d}.safetensors" for i in range(len(groups))]
+    )
+    return [(n, len(_header(g, {"format": "pt"})[0]) + sum(_nbytes(e) for _, e in g)) for n, g in zip(names, groups)]
+
+
+def side_by_side(args, prev: Path, cur: Path) -> None:
+    root, py = args.dir, sys.executable
     size = sum(p.stat().st_size for p in cur.iterdir())
-    py = sys.executable
     routes = {
         "apo-merge (1 process)": [py, "-m", "apo_merge", prev, cur, "--alpha", args.alpha, "-o", "{out}", "--quiet"],
         "dcp_to_torch_save x2 + merge + dcp.save": [py, "-c", BASELINE, prev, cur, "{out}", args.alpha],
     }
-    routes["(floor: python + torch + apo_merge.dcp imported)"] = [py, "-c", "import torch, apo_merge.dcp.merge"]
+    routes["(import torch, nothing done)"] = [py, "-c", "import torch"]
     if args.ranks > 1:
         routes[f"apo-merge (torchrun, {args.ranks} ranks)"] = [
             py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks), "-m", "apo_merge",
@@ -91,23 +199,61 @@ def main() -> None:
     rows, results = [], {}
     for name, cmd in routes.items():
         out = root / "out"
-        for p in root.glob("out*"):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        warm(prev)
-        warm(cur)
-        if name.startswith("(floor"):
-            out.mkdir()  # nothing to write: the fsync after it has a folder
-        m = measure([str(c).replace("{out}", str(out)) for c in cmd], out)
+
+        def prepare(name=name, out=out) -> None:
+            for p in root.glob("out*"):
+                clean(p)
+            warm(prev)
+            warm(cur)
+            if name.startswith("(import"):
+                out.mkdir()  # nothing to write: the fsync after it has a folder
+
+        m = measure_unpaused([str(c).replace("{out}", str(out)) for c in cmd], prepare, out)
         results[name] = m
-        rows.append([name, f"{m.seconds:.2f}", f"{m.peak_rss / 2**20:.0f}", f"{m.peak_anon / 2**20:.0f}"])
-    print(f"CUR: {size / 1e9:.2f} GB in {len(list(cur.glob('*.distcp')))} storage files")
-    print(table(["route", "wall s", "peak RSS MiB", "peak anon MiB"], rows))
+        rows.append(
+            [
+                name,
+                f"{m.seconds:.2f}",
+                f"{m.cpu_seconds:.2f}",
+                f"{m.peak_rss / 2**20:.0f}",
+                f"{m.peak_anon / 2**20:.0f}",
+            ]
+        )
+    for p in root.glob("out*"):
+        clean(p)
+    print(f"\nwarm, CUR: {size / 1e9:.2f} GB in {len(storage(cur))} storage files")
+    print(table(["route", "wall s", "CPU s", "peak RSS MiB", "peak anon MiB"], rows))
     base = results["dcp_to_torch_save x2 + merge + dcp.save"]
     ours = results["apo-merge (1 process)"]
     print(
         f"apo-merge / whole-model: time x{ours.seconds / base.seconds:.2f}, peak RSS x{ours.peak_rss / base.peak_rss:.3f}"
+        f"; load average {os.getloadavg()[0]:.1f}"
     )
 
 
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=1.0, help="GB per side")
+    ap.add_argument("--runs", type=int, default=3, help="rounds of the cold floor comparison (0: skip it)")
+    ap.add_argument("--ranks", type=int, default=1, help="also time apo-merge under torchrun with this many ranks")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/dcp-bench"))
+    ap.add_argument("--alpha", type=float, default=0.3)
+    ap.add_argument("--no-side-by-side", action="store_true", help="skip the warm side-by-side with the whole model")
+    args = ap.parse_args()
+    root = args.dir
+    root.mkdir(parents=True, exist_ok=True)
+    prev, cur = root / "prev", root / "cur"
+    build(prev, args.gb, 1)
+    build(cur, args.gb, 2)
+    if args.runs:
+        floor_part(args, prev, cur)
+    if not args.no_side_by_side:
+        side_by_side(args, prev, cur)
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--floor-worker":
+        reads, writes, out = json.loads(sys.argv[2])
+        print(json.dumps(floor_io([Path(p) for p in reads], [tuple(w) for w in writes], Path(out), tuned=True)))
+    else:
+        main()

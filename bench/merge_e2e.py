@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     as_dict,
     evict,
+    floor_io,
     fsync_tree,
     machine,
     resident_bytes,
@@ -214,43 +215,8 @@ def weight_files(folder: Path) -> list[Path]:
 def _worker_floor(prev: Path, cur: Path, out: Path, tuned: bool, copies: int = 1) -> None:
     """Read both inputs, then write the output's byte count ``copies`` times and fsync; ``tuned``: with
     apo-merge's I/O hints."""
-    t0 = time.perf_counter()
-    buf = memoryview(bytearray(16 << 20))
-    step = 4 << 20  # one WILLNEED reads at most the readahead size
-    for path in weight_files(prev) + weight_files(cur):
-        fd = os.open(path, os.O_RDONLY)
-        if tuned:
-            for off in range(0, os.fstat(fd).st_size, step):
-                os.posix_fadvise(fd, off, step, os.POSIX_FADV_WILLNEED)
-        while os.readv(fd, [buf]):
-            pass
-        os.close(fd)
-    t1 = time.perf_counter()
-    out.mkdir()
-    window = 64 << 20
-    for copy, path in ((c, p) for c in range(copies) for p in weight_files(cur)):
-        size = path.stat().st_size
-        fd = os.open(out / f"{copy}-{path.name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        done = 0
-        while done < size:
-            done += os.write(fd, buf[: min(size - done, len(buf))])
-            if tuned and done % window < len(buf):  # start writeback; wait for and drop the window before
-                _sync_file_range(fd, done - window, window, 2)
-                if done >= 2 * window:
-                    _sync_file_range(fd, done - 2 * window, window, 7)
-                    os.posix_fadvise(fd, done - 2 * window, window, os.POSIX_FADV_DONTNEED)
-        os.fsync(fd)
-        os.close(fd)
-    fsync_tree(out)
-    print(json.dumps({"read_s": t1 - t0, "write_s": time.perf_counter() - t1}))
-
-
-def _sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
-    import ctypes
-
-    fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn(fd, max(0, offset), nbytes, flags)
+    writes = [(f"{c}-{p.name}", p.stat().st_size) for c in range(copies) for p in weight_files(cur)]
+    print(json.dumps(floor_io(weight_files(prev) + weight_files(cur), writes, out, tuned)))
 
 
 def _worker_runs(prev: Path, cur: Path, out: Path, alphas: list[float]) -> None:

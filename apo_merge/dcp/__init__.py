@@ -30,7 +30,7 @@ def is_dcp(path: str | os.PathLike) -> bool:
         return False
 
 
-def run_merges(prev, cur, options, output=None, *, progress=None) -> list:
+def run_merges(prev, cur, options, output=None, *, progress=None, prefetcher=None) -> list:
     """``apo_merge.api.run_merges`` for DCP inputs: PREV a DCP or Hugging Face folder, CUR a DCP folder."""
     from apo_merge import api, sources
     from apo_merge.dcp.merge import merge_dcp
@@ -46,7 +46,7 @@ def run_merges(prev, cur, options, output=None, *, progress=None) -> list:
     outs = api.output_paths(src_cur, options.alphas, output)
     for out in outs:
         check_output(out, [src_prev, src_cur], options.overwrite)
-    return merge_dcp(prev, cur, options, outs, progress=progress)
+    return merge_dcp(prev, cur, options, outs, progress=progress, prefetcher=prefetcher)
 
 
 __getattr__, __dir__ = lazy_exports(

@@ -1,41 +1,50 @@
 """A DCP folder -> a Hugging Face safetensors folder, tensor by tensor.
 
-Chunks split along the first dimension only (FSDP2's ``Shard(0)``) are written straight to their place in the
-file, one chunk in memory at a time; other layouts assemble one tensor at a time. The tensors equal what
+Chunks split along the first dimension only (FSDP2's ``Shard(0)``) are copied straight to their place in the
+file: their raw bytes read from the ``torch.save`` blob (apo_merge.dcp.blob, no torch), a piece at a time, the
+output hashed as it is written. Other layouts (and blobs only ``torch.load`` reads) assemble one tensor at a time
+through torch. The tensors equal what
 ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` gives (names without the ``model.`` of a
 ``{"model": state_dict}`` save); config, tokenizer and other side files come from a named Hugging Face folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import queue
 import shutil
 from pathlib import Path
 
-import torch
-
+from apo_kernels.dtypes import ITEMSIZE
 from apo_merge import card
+from apo_merge.dcp.blob import NotCanonical
+from apo_merge.dcp.fast import put
 from apo_merge.dcp.reader import DcpCheckpoint, Entry, open_dcp
+from apo_merge.engine.runner import StageRunner
 from apo_merge.errors import MergeError
 from apo_merge.io.checkpoint import INDEX_NAME, WEIGHT_SUFFIXES
 from apo_merge.io.hashing import hash_file
 from apo_merge.io.output import MAX_CARD_BYTES, StagedFolder, check_replaceable
-from apo_merge.io.writer import SafetensorsWriter
+from apo_merge.io.prefetch import Prefetcher
+from apo_merge.io.writer import SafetensorsWriter, advise, pread_exact
 
-ST_NAMES = {
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.int16: "I16",
-    torch.int32: "I32",
-    torch.int64: "I64",
-    torch.bool: "BOOL",
+ST_NAMES = {  # torch's dtype name -> safetensors'
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "int8": "I8",
+    "uint8": "U8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "bool": "BOOL",
 }
 DEFAULT_SHARD = 5 * 10**9
+COPY_BYTES = 16 << 20  # bytes per read of a chunk's data
+SLOTS = 4  # read buffers in flight
 
 
 def _layout(ckpt: DcpCheckpoint, max_shard_size: int) -> list[list[tuple[str, Entry]]]:
@@ -43,7 +52,7 @@ def _layout(ckpt: DcpCheckpoint, max_shard_size: int) -> list[list[tuple[str, En
     size = 0
     for fqn, e in ckpt.entries.items():
         if e.dtype not in ST_NAMES:
-            raise MergeError(f"{ckpt.label}: {fqn} has dtype {e.dtype}, which safetensors does not store here")
+            raise MergeError(f"{ckpt.label}: {fqn} has dtype torch.{e.dtype}, which safetensors does not store here")
         nbytes = _nbytes(e)
         if groups[-1] and size + nbytes > max_shard_size:
             groups.append([])
@@ -54,7 +63,7 @@ def _layout(ckpt: DcpCheckpoint, max_shard_size: int) -> list[list[tuple[str, En
 
 
 def _nbytes(e: Entry) -> int:
-    n = torch.empty((), dtype=e.dtype).element_size()
+    n = ITEMSIZE[ST_NAMES[e.dtype]]
     for s in e.size:
         n *= s
     return n
@@ -73,21 +82,118 @@ def _header(group: list[tuple[str, Entry]], metadata: dict[str, str]) -> tuple[b
 
 
 def _rows_only(e: Entry) -> bool:
-    """Every chunk is whole rows (split along dim 0 only): its bytes are one run of the tensor's."""
+    """Every chunk is whole rows (split along dim 0 only), or one chunk is the whole tensor (a 0-d one too): each
+    chunk's bytes are one run of the tensor's."""
+    if len(e.chunks) == 1 and e.chunks[0].sizes == e.size:
+        return True
     return all(all(o == 0 for o in c.offsets[1:]) and c.sizes[1:] == e.size[1:] for c in e.chunks) and bool(e.size)
 
 
-def _write_tensor(ckpt: DcpCheckpoint, e: Entry, writer: SafetensorsWriter, at: int) -> None:
-    if _rows_only(e):
-        row = _nbytes(e) // e.size[0] if e.size[0] else 0
-        for c in e.chunks:
-            t = ckpt.read_chunk(e.fqn, c).contiguous()
-            writer.write(t.reshape(-1).view(torch.uint8).numpy().data, at + c.offsets[0] * row)
-        return
-    full = torch.empty(e.size, dtype=e.dtype)
+class _File:
+    """One safetensors file written on three threads: read (raw chunk data with pread into a pool of buffers, or
+    a tensor assembled through torch), write (at its offset, writeback kept moving), hash (SHA-256 from the
+    buffers just written, while the writes come in file order; else the file is hashed at the end)."""
+
+    def __init__(self, ckpt: DcpCheckpoint, prefetcher: Prefetcher, fds: dict[str, int], hashed: bool) -> None:
+        self.ckpt, self.prefetcher, self.fds, self.hashed = ckpt, prefetcher, fds, hashed
+        self.pool: queue.Queue = queue.Queue()
+        for _ in range(SLOTS):
+            self.pool.put(memoryview(bytearray(COPY_BYTES)))
+        self.to_write: queue.Queue = queue.Queue(SLOTS)
+        self.to_hash: queue.Queue = queue.Queue()
+        self.result: tuple[int, str] | None = None
+
+    def fd(self, name: str) -> int:
+        if name not in self.fds:
+            self.fds[name] = os.open(self.ckpt.root / name, os.O_RDONLY)
+            advise(self.fds[name], 0, 0, "SEQUENTIAL")
+        return self.fds[name]
+
+    def jobs(self, group: list, header: bytes, begins: list[int]):
+        """(chunk file, byte offset, count, output offset) pieces, or (None, Entry, 0, output offset) for a tensor
+        torch assembles."""
+        for (_, e), begin in zip(group, begins):
+            at = len(header) + begin
+            pieces = []
+            if _rows_only(e):
+                row = _nbytes(e) // e.size[0] if e.size and e.size[0] else 0
+                try:
+                    for c in sorted(e.chunks, key=lambda c: c.offsets[:1]):
+                        blob = self.ckpt.blob(e.fqn, c, self.fd(c.file))
+                        start, n, dest = (
+                            c.offset + blob.data.data,
+                            blob.data.size,
+                            at + (c.offsets[0] * row if c.offsets else 0),
+                        )
+                        pieces += [
+                            (c.file, start + b, min(COPY_BYTES, n - b), dest + b) for b in range(0, n, COPY_BYTES)
+                        ]
+                except NotCanonical:
+                    pieces = None
+            else:
+                pieces = None
+            yield from pieces if pieces is not None else [(None, e, 0, at)]
+
+    def write(self, path: Path, header: bytes, size: int, jobs) -> tuple[int, str] | None:
+        """Write the file; its (size, SHA-256) where ``hashed`` (only a model card records them)."""
+        runner = StageRunner()
+        self.runner, self.path, self.header, self.size = runner, path, header, size
+        runner.add("apo-export-read", lambda: self._read(jobs))
+        runner.add("apo-export-write", self._write)
+        runner.add("apo-export-hash", self._hash)
+        runner.run()
+        if not self.hashed:
+            return None
+        return self.result if self.result is not None else hash_file(path)
+
+    def _read(self, jobs) -> None:
+        try:
+            for name, what, n, dest in jobs:
+                if name is None:
+                    put(self.runner, self.to_write, (_assemble(self.ckpt, what), dest, None))
+                    continue
+                full = self.runner.get(self.pool)
+                pread_exact(self.fd(name), full[:n], what, self.ckpt.root / name)
+                self.prefetcher.consumed(n)
+                put(self.runner, self.to_write, (full[:n], dest, full))
+        finally:
+            if not self.runner.stop.is_set():
+                put(self.runner, self.to_write, None)
+
+    def _write(self) -> None:
+        writer = SafetensorsWriter(self.path, self.header, self.size)
+        try:
+            self.to_hash.put((self.header, 0, None))
+            while (job := self.runner.get(self.to_write)) is not None:
+                writer.write(job[0], job[1])
+                self.to_hash.put(job)
+            writer.finish()
+        finally:
+            writer.close()
+            self.to_hash.put(None)
+
+    def _hash(self) -> None:
+        sha, at = (hashlib.sha256() if self.hashed else None), 0
+        while (job := self.runner.get(self.to_hash)) is not None:
+            data, dest, full = job
+            if sha is not None and dest == at:
+                sha.update(data)
+                at += len(data)
+            else:
+                sha = None
+            if full is not None:
+                self.pool.put(full)
+        self.result = (at, sha.hexdigest()) if sha is not None and at == self.size else None
+
+
+def _assemble(ckpt: DcpCheckpoint, e: Entry) -> memoryview:
+    """A tensor of any layout (or whose chunks only torch.load reads), assembled through torch: its bytes."""
+    import torch
+
+    full = torch.empty(e.size, dtype=getattr(torch, e.dtype))
     for c in e.chunks:
         full[tuple(slice(o, o + n) for o, n in zip(c.offsets, c.sizes))] = ckpt.read_chunk(e.fqn, c)
-    writer.write(full.reshape(-1).view(torch.uint8).numpy().data, at)
+    return memoryview(full.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def _copy_side_files(src: Path, dest: Path) -> list[str]:
@@ -127,19 +233,20 @@ def export_hf(
     summary = _source_summary(ckpt.root)
     metadata = {"format": "pt", **{k: v for k, v in summary.items() if k.startswith("apo_")}}
     staged = StagedFolder(out, overwrite)
+    prefetcher = Prefetcher()
+    prefetcher.prefetch([ckpt.root / n for n in _read_order(ckpt, groups)])
+    fds: dict[str, int] = {}
     with staged as tmp:
         files = {}
-        for fname, group in zip(names, groups):
-            header, begins = _header(group, metadata)
-            size = len(header) + sum(_nbytes(e) for _, e in group)
-            writer = SafetensorsWriter(tmp / fname, header, size)
-            try:
-                for (_, e), begin in zip(group, begins):
-                    _write_tensor(ckpt, e, writer, len(header) + begin)
-                writer.finish()
-            finally:
-                writer.close()
-            files[fname] = hash_file(tmp / fname)
+        try:
+            for fname, group in zip(names, groups):
+                header, begins = _header(group, metadata)
+                size = len(header) + sum(_nbytes(e) for _, e in group)
+                out_file = _File(ckpt, prefetcher, fds, hashed="apo_alpha" in metadata)
+                files[fname] = out_file.write(tmp / fname, header, size, out_file.jobs(group, header, begins))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         if n > 1:
             index = {
                 "metadata": {"total_size": sum(_nbytes(e) for g in groups for _, e in g)},
@@ -161,6 +268,16 @@ def export_hf(
             (tmp / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
         staged.commit()
     return out
+
+
+def _read_order(ckpt: DcpCheckpoint, groups: list) -> list[str]:
+    """The storage files in the order the export first reads them."""
+    seen: dict[str, None] = {}
+    for group in groups:
+        for _, e in group:
+            for c in sorted(e.chunks, key=lambda c: c.offsets):
+                seen.setdefault(c.file)
+    return list(seen)
 
 
 def _source_summary(root: Path) -> dict[str, str]:

@@ -1,11 +1,12 @@
 """APO extrapolation of torch DCP checkpoints, storage file by storage file, with no gather.
 
 The output has CUR's layout: for each of CUR's storage files, a file of the same name holding each model chunk
-``cur + alpha (cur - prev)`` (one chunk in memory at a time), and a new ``.metadata``, so the next round
-``dcp.load``s it straight into FSDP at any world size. PREV may have another layout (a world-size change between
-rounds) or be a Hugging Face folder: each CUR chunk reads PREV's values over the same box. The arithmetic is
-``apo_kernels.extrapolate_`` (fp32 math, one rounding), elementwise, so the bytes equal a merge of the
-consolidated weights.
+``cur + alpha (cur - prev)``, and a ``.metadata``, so the next round ``dcp.load``s it straight into FSDP at any
+world size. Same layouts without entries left out take apo_merge.dcp.fast (no torch, pieces of a chunk in memory,
+CUR's ``.metadata`` as it is); otherwise apo_merge.dcp.torchpath (one chunk in memory at a time, a new
+``.metadata``): PREV may have another layout (a world-size change between rounds) or be a Hugging Face folder, and
+each CUR chunk reads PREV's values over the same box. The arithmetic is apo_kernels' (fp32 math, one rounding),
+elementwise, so the bytes equal a merge of the consolidated weights; both paths write the same bytes.
 
 Under ``torchrun`` each rank writes a share of the files into one staging folder beside OUT (rank 0 creates it
 and sends its name); after a barrier rank 0 writes ``.metadata`` and the model card and renames the folder into
@@ -19,35 +20,27 @@ import contextlib
 import hashlib
 import json
 import os
-import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch.distributed.checkpoint import metadata as dcp_md
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-
-from apo_kernels import extrapolate_
-from apo_kernels.dtypes import torch_dtype
 from apo_merge import card
+from apo_merge.dcp import fast
 from apo_merge.dcp.reader import METADATA, DcpCheckpoint, open_dcp
 from apo_merge.dcp.sources import open_prev
 from apo_merge.errors import MergeError, shown, usage_error
 from apo_merge.io.output import StagedFolder
-from apo_merge.io.writer import SFR_WAIT_AFTER, SFR_WAIT_BEFORE, SFR_WRITE, SYNC_FILE_RANGE, WRITEBACK_BYTES, advise
 from apo_merge.options import MergeOptions
 
-PART = ".apo-part-"  # a rank's record of one file it wrote, read and removed by rank 0
-SFR_WAIT_ALL = SFR_WAIT_BEFORE | SFR_WRITE | SFR_WAIT_AFTER
-FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PART = fast.PART  # a rank's record of one file it wrote, read and removed by rank 0
+FLOATING = ("float16", "bfloat16", "float32", "float64")  # torch's names
 
 
 def _some(names: list[str]) -> str:
     return ", ".join(shown(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def pair(prev, cur: DcpCheckpoint) -> dict[str, torch.dtype | None]:
+def pair(prev, cur: DcpCheckpoint) -> dict[str, str | None]:
     """Check PREV and CUR are two states of one model; each CUR key -> its output compute dtype (None: copied)."""
     names = {cur.hf_name(f): f for f in cur.entries}
     only_cur = sorted(n for n in names if prev.info(n) is None)
@@ -69,84 +62,11 @@ def pair(prev, cur: DcpCheckpoint) -> dict[str, torch.dtype | None]:
             )
         p_float, c_float = p_dtype in FLOATING, c.dtype in FLOATING
         if p_float != c_float:
-            raise MergeError(f"{shown(name)}: dtype {p_dtype} in PREV, {c.dtype} in CUR; both must be floating or not")
+            raise MergeError(
+                f"{shown(name)}: dtype torch.{p_dtype} in PREV, torch.{c.dtype} in CUR; both must be floating or not"
+            )
         kinds[fqn] = c.dtype if c_float else None
     return kinds
-
-
-def _out_dtype(options: MergeOptions, cur_dtype: torch.dtype, floating: bool) -> torch.dtype:
-    if not floating or options.dtype == "keep":
-        return cur_dtype
-    return torch_dtype(options.dtype)
-
-
-class _Sink:
-    """What torch.save writes, straight to an output file (no copy in between), hashed on the way."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd, self.pos, self.sha = fd, 0, hashlib.sha256()
-        self.started = self.dropped = 0  # as SafetensorsWriter: writeback kept moving, written pages dropped
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        n = view.nbytes
-        self.sha.update(view)
-        while view:
-            view = view[os.write(self.fd, view) :]
-        self.pos += n
-        if SYNC_FILE_RANGE is not None and self.pos - self.started >= WRITEBACK_BYTES:
-            SYNC_FILE_RANGE(self.fd, self.started, self.pos - self.started, SFR_WRITE)
-            if self.started > self.dropped:
-                SYNC_FILE_RANGE(self.fd, self.dropped, self.started - self.dropped, SFR_WAIT_ALL)
-                advise(self.fd, self.dropped, self.started - self.dropped, "DONTNEED")
-                self.dropped = self.started
-            self.started = self.pos
-        return n
-
-    def flush(self) -> None:
-        pass
-
-
-def _save(t: torch.Tensor, sink: _Sink) -> int:
-    """Append ``torch.save(t)`` (the bytes are the same for equal tensors: a rerun writes the same files)."""
-    start = sink.pos
-    torch.save(t, sink)
-    return sink.pos - start
-
-
-def _write_file(name: str, cur: DcpCheckpoint, prev, kinds: dict, outs: list[tuple[Path, float]], opts) -> int:
-    """Write CUR's storage file ``name`` into each staging folder (one per alpha), and a record of its chunks."""
-    options, progress = opts
-    items = sorted(((c.offset, f, c) for f, e in cur.entries.items() for c in e.chunks if c.file == name))
-    files = [os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) for tmp, _ in outs]
-    sinks = [_Sink(fd) for fd in files]
-    records: list[list] = [[] for _ in outs]
-    nonfinite = 0
-    try:
-        for _, fqn, chunk in items:
-            c = cur.read_chunk(fqn, chunk)
-            floating = kinds[fqn] is not None
-            p = prev.region(cur.hf_name(fqn), chunk.offsets, chunk.sizes) if floating else None
-            for k, (_, alpha) in enumerate(outs):
-                if floating:
-                    out = extrapolate_(torch.empty(c.shape, dtype=_out_dtype(options, c.dtype, True)), p, c, alpha)
-                    if options.strict:
-                        nonfinite += int((~out.isfinite() & p.isfinite() & c.isfinite()).sum())
-                else:
-                    out = c
-                start = sinks[k].pos
-                n = _save(out, sinks[k])
-                records[k].append([fqn, list(chunk.offsets), start, n])
-                if progress:
-                    progress(n)
-        for k, (tmp, _) in enumerate(outs):
-            os.fsync(files[k])
-            part = {"file": name, "size": sinks[k].pos, "sha256": sinks[k].sha.hexdigest(), "chunks": records[k]}
-            (tmp / f"{PART}{name}.json").write_text(json.dumps(part))
-    finally:
-        for fd in files:
-            os.close(fd)
-    return nonfinite
 
 
 def share(cur: DcpCheckpoint, rank: int, world: int) -> list[str]:
@@ -159,23 +79,6 @@ def share(cur: DcpCheckpoint, rank: int, world: int) -> list[str]:
         if r == rank:
             mine.append(name)
     return sorted(mine)
-
-
-def build_metadata(cur: DcpCheckpoint, kinds: dict, options: MergeOptions, parts: dict[str, dict]) -> bytes:
-    """The new ``.metadata``: CUR's model entries (dtype as written), the new byte ranges, no save ids."""
-    where = {(fqn, tuple(off)): (p["file"], at, n) for p in parts.values() for fqn, off, at, n in p["chunks"]}
-    sd_md, storage = {}, {}
-    for fqn, e in cur.entries.items():
-        dtype = _out_dtype(options, e.dtype, kinds[fqn] is not None)
-        chunks = [dcp_md.ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in e.chunks]
-        sd_md[fqn] = dcp_md.TensorStorageMetadata(dcp_md.TensorProperties(dtype=dtype), torch.Size(e.size), chunks)
-        for i, c in enumerate(e.chunks):
-            file, at, n = where[(fqn, c.offsets)]
-            storage[dcp_md.MetadataIndex(fqn, c.offsets, i)] = _StorageInfo(file, at, n)
-    planner = cur.meta.planner_data
-    planner = {f: planner[f] for f in cur.entries if f in planner} if isinstance(planner, dict) else planner
-    meta = dcp_md.Metadata(sd_md, planner, storage, dcp_md.StorageMeta(), cur.meta.version)
-    return pickle.dumps(meta)
 
 
 def _group():
@@ -199,8 +102,10 @@ def merge_dcp(
     outputs: list[Path],
     *,
     progress: Callable[[int], None] | None = None,
+    prefetcher=None,
 ) -> list:
-    """Write ``cur + alpha (cur - prev)`` for each alpha of ``options`` into ``outputs`` (DCP folders); reports."""
+    """Write ``cur + alpha (cur - prev)`` for each alpha of ``options`` into ``outputs`` (DCP folders); reports.
+    ``prefetcher``: an ``apo_merge.io.prefetch.Prefetcher`` already reading the inputs (the CLI starts one)."""
     from apo_merge.api import MergeReport
     from apo_merge.sources import Source
 
@@ -220,6 +125,7 @@ def merge_dcp(
     cur_ck = open_dcp(cur, str(cur))
     prev_src = open_prev(Path(prev), str(prev))
     kinds = pair(prev_src, cur_ck)
+    plan = fast.plan(cur_ck, prev_src, kinds, options)  # None: the torch path writes the output
     rank, world, group = _group()
     staged = [StagedFolder(out, options.overwrite) for out in outputs]
     with contextlib.ExitStack() as stack:
@@ -237,12 +143,14 @@ def merge_dcp(
                 )
         outs = list(zip(tmps, options.alphas))
         mine = share(cur_ck, rank, world)
-        nonfinite = sum(_write_file(n, cur_ck, prev_src, kinds, outs, (options, progress)) for n in mine)
+        nonfinite = _write_files(mine, (cur_ck, prev_src, kinds, plan), outs, options, (progress, prefetcher))
+        nonfinite = nonfinite if options.strict else 0  # as the safetensors merge: counted under --strict
         if world > 1:
             dist.barrier(group=group)  # every file is written and fsynced
         reports = []
         for (tmp, alpha), out in zip(outs, outputs):
-            files = _finish(tmp, cur_ck, kinds, options, (alpha, src_prev, src_cur, out)) if rank == 0 else {}
+            how = (alpha, src_prev, src_cur, out, plan is not None)  # with CUR's dtypes and entries
+            files = _finish(tmp, cur_ck, kinds, options, how) if rank == 0 else {}
             reports.append(
                 MergeReport(
                     output=out,
@@ -272,6 +180,24 @@ def merge_dcp(
     return reports
 
 
+def _write_files(mine: list[str], inputs: tuple, outs: list, options: MergeOptions, hooks: tuple) -> int:
+    """This rank's storage files, torch-free where ``plan`` allows (else, or for a chunk only torch.load reads,
+    through torch); the count of new non-finite values."""
+    cur, prev, kinds, plan = inputs
+    progress, prefetcher = hooks
+    if plan is not None:
+        try:
+            return fast.FastMerge(cur, prev.ckpt, plan, outs).run(mine, progress, prefetcher)
+        except fast.NotCanonical:  # start these files again through torch, which reads (or names) that chunk
+            for tmp, _ in outs:
+                for name in mine:
+                    (tmp / name).unlink(missing_ok=True)
+                    (tmp / f"{PART}{name}.json").unlink(missing_ok=True)
+    from apo_merge.dcp import torchpath
+
+    return sum(torchpath.write_file(n, cur, prev, kinds, outs, (options, progress)) for n in mine)
+
+
 def _kind(cur: DcpCheckpoint, rank: int, world: int) -> str:
     text = "torch DCP checkpoint" + (f", rank {rank} of {world}" if world > 1 else "")
     if cur.left_out:
@@ -279,9 +205,16 @@ def _kind(cur: DcpCheckpoint, rank: int, world: int) -> str:
     return text
 
 
+def _where_cur_has_them(cur: DcpCheckpoint, parts: dict[str, dict]) -> bool:
+    """Every chunk the ranks wrote sits at CUR's file, offset and length (whichever path each rank took)."""
+    where = {(fqn, tuple(off)): (p["file"], at, n) for p in parts.values() for fqn, off, at, n in p["chunks"]}
+    want = {(f, c.offsets): (c.file, c.offset, c.length) for f, e in cur.entries.items() for c in e.chunks}
+    return where == want
+
+
 def _finish(tmp: Path, cur: DcpCheckpoint, kinds: dict, options: MergeOptions, how: tuple) -> dict:
     """Rank 0: gather the parts, write ``.metadata`` and the model card; the files' (bytes, sha256)."""
-    alpha, src_prev, src_cur, out = how
+    alpha, src_prev, src_cur, out, same_entries = how
     parts = {}
     for name in cur.files():
         part = tmp / f"{PART}{name}.json"
@@ -289,7 +222,12 @@ def _finish(tmp: Path, cur: DcpCheckpoint, kinds: dict, options: MergeOptions, h
             raise MergeError(f"{tmp}: the rank that writes {name} did not finish; rerun the merge")
         parts[name] = json.loads(part.read_text())
         part.unlink()
-    raw = build_metadata(cur, kinds, options, parts)
+    if same_entries and _where_cur_has_them(cur, parts):  # CUR's metadata describes the output as it is
+        raw = (cur.root / METADATA).read_bytes()
+    else:
+        from apo_merge.dcp.torchpath import build_metadata
+
+        raw = build_metadata(cur, kinds, options, parts)
     (tmp / METADATA).write_bytes(raw)
     files = {p["file"]: (p["size"], p["sha256"]) for p in parts.values()}
     files[METADATA] = (len(raw), hashlib.sha256(raw).hexdigest())

@@ -5,58 +5,30 @@ entry its dtype, size and chunks; per chunk its file, byte offset and length) an
 With the default serialization each tensor chunk is a ``torch.save`` of that chunk.
 
 Nothing here runs code from the files: ``.metadata`` is unpickled with an allowlist of DCP's own metadata classes
-(what ``FileSystemReader.read_metadata`` would build, without its unrestricted ``pickle.load``), chunks go through
-``torch.load(weights_only=True)``, and entries that DCP stored as pickled objects (``BytesStorageMetadata``) are
-never read.
+into torch-free stand-ins (apo_merge.dcp.meta), chunks go through ``torch.load(weights_only=True)`` or are read raw
+(apo_merge.dcp.blob), and entries that DCP stored as pickled objects (``BytesStorageMetadata``) are never read.
+torch is imported only by ``read_chunk``.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch.distributed.checkpoint import metadata as dcp_md
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-
+from apo_kernels.dtypes import DTYPES
+from apo_merge.dcp import meta as dcp_md
+from apo_merge.dcp.blob import MAX_FRAMING, Blob, NotCanonical
 from apo_merge.errors import MergeError, first_line, shown
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA = ".metadata"
 ACCELERATE_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's SHARDED_STATE_DICT: <checkpoint>/pytorch_model_fsdp_0
 MAX_METADATA_BYTES = 1 << 30
-
-_ALLOWED = {
-    ("torch.distributed.checkpoint.metadata", n)
-    for n in (
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "StorageMeta",
-        "MetadataIndex",
-        "_MEM_FORMAT_ENCODING",
-    )
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-}
-_DTYPES = {n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED or (module == "torch" and name in _DTYPES):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
 
 
 def dcp_root(path: str | os.PathLike) -> Path | None:
@@ -95,7 +67,7 @@ class Entry:
 
     fqn: str
     size: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str  # torch's attribute name: "bfloat16"
     chunks: list[Chunk]
 
 
@@ -118,6 +90,8 @@ class DcpCheckpoint:
 
     def read_chunk(self, fqn: str, chunk: Chunk) -> torch.Tensor:
         """One chunk's tensor, through ``torch.load(weights_only=True)``; checked against the metadata."""
+        import torch
+
         path = self.root / chunk.file
         with open(path, "rb") as f:
             f.seek(chunk.offset)
@@ -136,7 +110,7 @@ class DcpCheckpoint:
                 f"{path}: the chunk of {shown(fqn)} at byte {chunk.offset} is not a tensor torch.load reads with "
                 f"weights_only ({shown(first_line(e), 80, quote=False)}); {_REWRITE}"
             ) from None
-        want = self.entries[fqn].dtype
+        want = getattr(torch, self.entries[fqn].dtype)
         if not isinstance(t, torch.Tensor) or t.dtype != want or tuple(t.shape) != chunk.sizes:
             got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise MergeError(
@@ -144,6 +118,25 @@ class DcpCheckpoint:
                 f"{want} {chunk.sizes}; the metadata does not match the files, {_REWRITE}"
             )
         return t
+
+    def blob(self, fqn: str, chunk: Chunk, fd: int) -> Blob:
+        """The framing of a chunk's ``torch.save`` blob (``fd``: its storage file), checked against the metadata;
+        ``blob.NotCanonical`` where only ``read_chunk`` reads it."""
+        where = f"{self.root / chunk.file}: the chunk of {shown(fqn)} at byte {chunk.offset}"
+        n = min(chunk.length, MAX_FRAMING)
+        head = os.pread(fd, n, chunk.offset)
+        tail = head if n == chunk.length else os.pread(fd, n, chunk.offset + chunk.length - n)
+        if len(head) != n or len(tail) != n:
+            raise MergeError(f"{where}: the file ends inside it; {_REWRITE}")
+        found = Blob(head, tail, chunk.length, where)
+        e = self.entries[fqn]
+        if e.dtype not in ITEMSIZE:
+            raise NotCanonical(f"dtype {e.dtype}")
+        found.check(e.dtype, chunk.sizes, ITEMSIZE[e.dtype])
+        return found
+
+
+ITEMSIZE = {d.torch: d.itemsize for d in DTYPES if d.torch}
 
 
 def _safetensors_file(path: Path) -> bool:
@@ -166,7 +159,7 @@ def _read_metadata(root: Path, label: str) -> dcp_md.Metadata:
                     f"{label}: .metadata is JSON, as torch's HuggingFaceStorageWriter writes it (safetensors files); "
                     "merge its safetensors as a Hugging Face folder, or save with dcp.save's default writer"
                 )
-            meta = _MetadataUnpickler(f).load()
+            meta = dcp_md.MetadataUnpickler(f).load()
     except MergeError:
         raise
     except OSError as e:
@@ -215,7 +208,10 @@ def open_dcp(path: str | os.PathLike, label: str | None = None) -> DcpCheckpoint
             )
         if not isinstance(md, dcp_md.TensorStorageMetadata):
             raise MergeError(f"{root / METADATA}: entry {shown(fqn)} is of unknown kind; {_REWRITE}")
-        entries[fqn] = Entry(fqn, tuple(md.size), md.properties.dtype, [])
+        dtype = getattr(md.properties, "dtype", None) if isinstance(md.properties, dcp_md.TensorProperties) else None
+        if not isinstance(dtype, dcp_md.DType) or not isinstance(md.size, tuple):
+            raise MergeError(f"{root / METADATA}: entry {shown(fqn)} has no dtype or size; {_REWRITE}")
+        entries[fqn] = Entry(fqn, tuple(md.size), str(dtype), [])
     _attach_chunks(root, meta, entries)
     ckpt = DcpCheckpoint(root, label, meta, entries, nested, left)
     if not entries:
@@ -240,14 +236,20 @@ def open_dcp(path: str | os.PathLike, label: str | None = None) -> DcpCheckpoint
 
 
 def _attach_chunks(root: Path, meta: dcp_md.Metadata, entries: dict[str, Entry]) -> None:
-    storage = {(k.fqn, tuple(k.offset or ())): v for k, v in meta.storage_data.items()}
+    storage = {
+        (getattr(k, "fqn", None), tuple(getattr(k, "offset", None) or ())): v for k, v in meta.storage_data.items()
+    }
     for fqn, entry in entries.items():
         md = meta.state_dict_metadata[fqn]
         total = 0
         for ch in md.chunks:
             offsets, sizes = tuple(ch.offsets), tuple(ch.sizes)
             info = storage.get((fqn, offsets))
-            if not isinstance(info, _StorageInfo) or len(offsets) != len(entry.size) or len(sizes) != len(offsets):
+            if (
+                not isinstance(info, dcp_md.StorageInfo)
+                or len(offsets) != len(entry.size)
+                or len(sizes) != len(offsets)
+            ):
                 raise MergeError(f"{root / METADATA}: chunk {offsets} of {shown(fqn)} has no storage entry; {_REWRITE}")
             if any(o < 0 or n < 0 or o + n > s for o, n, s in zip(offsets, sizes, entry.size)):
                 raise MergeError(

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from apo_merge.dcp.reader import DcpCheckpoint, Entry, _numel
 from apo_merge.errors import MergeError, shown
+
+if TYPE_CHECKING:
+    import torch
 
 CACHED_CHUNKS = 2  # PREV chunks kept between CUR chunks (a world-size change reads each from one or two boxes)
 
@@ -20,7 +22,8 @@ class DcpPrev:
         self.by_name = {ckpt.hf_name(f): e for f, e in ckpt.entries.items()}
         self.cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
-    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype] | None:
+    def info(self, name: str) -> tuple[tuple[int, ...], str] | None:
+        """(shape, torch's dtype name) of tensor ``name``; None where PREV has none."""
         e = self.by_name.get(name)
         return None if e is None else (e.size, e.dtype)
 
@@ -37,11 +40,13 @@ class DcpPrev:
 
     def region(self, name: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """PREV's values of tensor ``name`` over the box ``offsets``/``sizes`` (exact: copies, no arithmetic)."""
+        import torch
+
         e = self.by_name[name]
         for c in e.chunks:
             if c.offsets == offsets and c.sizes == sizes:  # same layout: the chunk itself, not kept
                 return self.ckpt.read_chunk(e.fqn, c)
-        out = torch.empty(sizes, dtype=e.dtype)
+        out = torch.empty(sizes, dtype=getattr(torch, e.dtype))
         covered = 0
         for i, c in enumerate(e.chunks):
             box = c.overlap(offsets, sizes)
@@ -62,19 +67,19 @@ class HfPrev:
     """PREV as a Hugging Face safetensors folder (e.g. round 0's model before any DCP round)."""
 
     def __init__(self, root: Path, label: str) -> None:
-        from apo_kernels.dtypes import torch_dtype
         from apo_merge.io.checkpoint import open_checkpoint
 
         self.ckpt = open_checkpoint(root, label)
-        self._dtype = torch_dtype
         self.handles: dict[Path, object] = {}
 
-    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype] | None:
+    def info(self, name: str) -> tuple[tuple[int, ...], str] | None:
+        from apo_kernels.dtypes import BY_NAME
+
         found = self.ckpt.tensors.get(name)
         if found is None:
             return None
-        dtype = self._dtype(found[1].dtype)
-        return found[1].shape, dtype if dtype is not None else found[1].dtype
+        row = BY_NAME.get(found[1].dtype)
+        return found[1].shape, row.torch if row is not None and row.torch else found[1].dtype
 
     def region(self, name: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         from safetensors import safe_open

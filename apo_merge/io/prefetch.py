@@ -78,7 +78,7 @@ class Prefetcher:
             for folder in folders:
                 # Not a local checkpoint, or a broken one: the merge itself reports it.
                 with contextlib.suppress(Exception):
-                    streams.append([h.path for h in open_checkpoint(folder).files])
+                    streams.append(_dcp_files(folder) or [h.path for h in open_checkpoint(folder).files])
             self.prefetch(*streams)
 
         threading.Thread(target=run, name="apo-prefetch-open", daemon=True).start()
@@ -120,3 +120,14 @@ class Prefetcher:
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+def _dcp_files(folder: str | os.PathLike) -> list[Path]:
+    """A DCP folder's storage files, in the order one process merges them; none under torchrun with several ranks
+    (each rank prefetches its own share once it knows it)."""
+    from apo_merge.dcp.reader import dcp_root
+
+    root = dcp_root(folder)
+    if root is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return []
+    return sorted(root.glob("*.distcp"))

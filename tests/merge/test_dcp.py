@@ -109,12 +109,17 @@ def test_several_alphas_each_as_alone(ckpts, tmp_path, keep_sigterm):
         assert_same_bits(consolidated(tmp_path / f"o{a:g}"), expected(ckpts["p2"], ckpts["c2"], a))
 
 
+# With the optimizer left out, the torch path writes the output; model-only and the same layout, the torch-free one.
+PAIRS = pytest.mark.parametrize(("prev", "cur", "dtype"), [("p2", "c2", torch.float32), ("pb", "cb", torch.bfloat16)])
+
+
 @pytest.mark.parametrize("world", [1, 2])
-def test_output_dcp_loads_into_fsdp2(ckpts, tmp_path, keep_sigterm, world):
+@PAIRS
+def test_output_dcp_loads_into_fsdp2(ckpts, tmp_path, keep_sigterm, world, prev, cur, dtype):
     """The next round dcp.loads the output straight into FSDP2 shards, at the saving world size or another."""
-    out = merge(ckpts["p2"], ckpts["c2"], tmp_path / "out")
-    load_full(world, [(out, torch.float32, tmp_path / "full.pt")])
-    assert_same_bits(torch.load(tmp_path / "full.pt", weights_only=True), expected(ckpts["p2"], ckpts["c2"]))
+    out = merge(ckpts[prev], ckpts[cur], tmp_path / "out")
+    load_full(world, [(out, dtype, tmp_path / "full.pt")])
+    assert_same_bits(torch.load(tmp_path / "full.pt", weights_only=True), expected(ckpts[prev], ckpts[cur]))
 
 
 def test_export_equals_dcp_to_torch_save_and_loads(ckpts, tmp_path, keep_sigterm):
@@ -144,10 +149,11 @@ def _torchrun(*args: object, script: str | None = None) -> subprocess.Popen:
     )
 
 
-def test_torchrun_two_ranks_write_the_bytes_of_one(ckpts, tmp_path, keep_sigterm):
-    one = merge(ckpts["p2"], ckpts["c2"], tmp_path / "a" / "out")
+@PAIRS
+def test_torchrun_two_ranks_write_the_bytes_of_one(ckpts, tmp_path, keep_sigterm, prev, cur, dtype):
+    one = merge(ckpts[prev], ckpts[cur], tmp_path / "a" / "out")
     (tmp_path / "b").mkdir()
-    p = _torchrun(ckpts["p2"], ckpts["c2"], "--alpha", ALPHA, "-o", tmp_path / "b" / "out", "--quiet")
+    p = _torchrun(ckpts[prev], ckpts[cur], "--alpha", ALPHA, "-o", tmp_path / "b" / "out", "--quiet")
     log = p.communicate(timeout=120)[0].decode()
     assert p.returncode == 0, log
     assert "rank 1 of 2" in log and "rank 0 of 2" in log
@@ -168,11 +174,14 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-def test_kill_9_of_a_rank_commits_nothing_and_the_rerun_gives_the_same_bytes(ckpts, tmp_path, keep_sigterm):
+@PAIRS
+def test_kill_9_of_a_rank_commits_nothing_and_the_rerun_gives_the_same_bytes(
+    ckpts, tmp_path, keep_sigterm, prev, cur, dtype
+):
     out = tmp_path / "b" / "out"
     out.parent.mkdir()
     p = _torchrun(
-        ckpts["p2"], ckpts["c2"], "--alpha", ALPHA, "-o", out, "--quiet", script="tests/merge/dcp_slow_merge.py"
+        ckpts[prev], ckpts[cur], "--alpha", ALPHA, "-o", out, "--quiet", script="tests/merge/dcp_slow_merge.py"
     )
     try:
         deadline = time.monotonic() + 60
@@ -190,7 +199,7 @@ def test_kill_9_of_a_rank_commits_nothing_and_the_rerun_gives_the_same_bytes(ckp
         p.kill()
     assert p.returncode != 0, log
     assert not out.exists()
-    one = merge(ckpts["p2"], ckpts["c2"], tmp_path / "a" / "out")
-    merge(ckpts["p2"], ckpts["c2"], out)  # the rerun removes what the killed run left
+    one = merge(ckpts[prev], ckpts[cur], tmp_path / "a" / "out")
+    merge(ckpts[prev], ckpts[cur], out)  # the rerun removes what the killed run left
     assert leftovers(out) == []
     assert files(out) == files(one)
