@@ -109,7 +109,7 @@ class _Merge:
         with on(device):  # pinned for this device's context
             ring = Ring(
                 tuning.slots(gpu),
-                tuning.outputs(gpu, slot_bytes * len(plans)),
+                tuning.outputs(gpu, slot_bytes, len(plans)),
                 slot_bytes,
                 pinned=gpu,
                 n_out=len(plans),

@@ -20,8 +20,9 @@ class Tuning:
     cpu_workers: int | None = None  # exactly this many CPU compute threads instead (None: as above)
     spare_slots: int = 4  # CPU ring slots beyond one per worker: each stage holds one while the reader fills the next
     gpu_slots: int = 5  # pinned ring slots when a GPU computes
-    # Computed output (all alphas together) that may wait for the writer and the hash stages: the writer blocks
-    # while a writeback window reaches the disk and hashing shares the cores; meanwhile the reader goes on.
+    # Computed output per alpha (for up to three alphas: more share three windows) that may wait for the writer and
+    # the hash stages: the writer blocks while a writeback window reaches the disk and hashing shares the cores;
+    # meanwhile the reader goes on.
     output_window_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
@@ -43,10 +44,10 @@ class Tuning:
         """Input slots: enough for every stage to hold one while the reader fills the next."""
         return self.gpu_slots if gpu else self.workers(gpu) + self.spare_slots
 
-    def outputs(self, gpu: bool, nbytes: int) -> int:
-        """Output buffer sets of ``nbytes`` bytes (all alphas): the output window's worth, at least one per input
-        slot."""
-        return max(self.slots(gpu), self.output_window_bytes // nbytes)
+    def outputs(self, gpu: bool, nbytes: int, n_out: int = 1) -> int:
+        """Output buffer sets of ``nbytes`` bytes per alpha for ``n_out`` alphas: the output window's worth, at
+        least one per input slot."""
+        return max(self.slots(gpu), self.output_window_bytes * min(n_out, 3) // (nbytes * n_out))
 
 
 _CURRENT: ContextVar[Tuning | None] = ContextVar("apo_merge_tuning", default=None)
