@@ -95,23 +95,25 @@ class RunContext:
 
     def hf_view(self, path: str | Path) -> str | Path:
         """``path`` as a Hugging Face folder (what transformers and vLLM load): itself, or for a DCP folder one
-        export of it in the run folder (``.policy-hf``), made by the main process while the others wait, reused
-        by every process and phase that loads the same DCP folder, and made again for another (or a rewritten)
-        one. One export per round, not one per process and phase: a 70B policy is 140 GB in bf16. The first process
-        to ask exports it while holding a lock on the run folder; the others wait for the lock and find it made."""
+        export of it in the run folder (``.policy-hf-<id>``, the id naming the DCP folder and its .metadata
+        version), reused by every process and phase that loads the same DCP folder. One export per round, not one
+        per process and phase: a 70B policy is 140 GB in bf16. The first process to ask exports it while holding a
+        lock on the run folder; the others wait for the lock and find it made. A view is never replaced in place
+        (a process may still be reading it): a new source gets a new folder, and only the newest two are kept."""
         import fcntl
 
         from apo_merge.dcp import is_dcp
 
         if not is_dcp(path):
             return path
-        view = self.store.root / POLICY_VIEW
         stamp = _dcp_stamp(Path(path))
+        view = self.store.root / f"{POLICY_VIEW}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
         with open(self.store.root / f"{POLICY_VIEW}.lock", "a+b") as lock:
             with contextlib.suppress(OSError):  # a file system without flock: each process checks for itself
                 fcntl.flock(lock, fcntl.LOCK_EX)
             if _view_stamp(view) != stamp:
                 export_policy(path, view, stamp=stamp)
+                _drop_old_views(self.store.root, keep=view)
         return view
 
     def save_checkpoint(self, model: Any, final: Path, *, round_index: int, phase: str) -> None:
@@ -180,6 +182,19 @@ def _dcp_stamp(dcp_dir: Path) -> str:
     writes the folder again writes a new .metadata)."""
     st = (dcp_dir / ".metadata").stat()
     return f"{dcp_dir.resolve()}\n{st.st_size} {st.st_mtime_ns}\n"
+
+
+def _drop_old_views(root: Path, keep: Path) -> None:
+    """Remove the policy views but ``keep`` and the newest other one (the previous round's, which a slower process
+    may still be loading)."""
+    import shutil
+
+    others = sorted(
+        (p for p in root.glob(f"{POLICY_VIEW}-*") if p.is_dir() and p != keep),
+        key=lambda p: p.stat().st_mtime_ns,
+    )
+    for old in others[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _view_stamp(view: Path) -> str | None:

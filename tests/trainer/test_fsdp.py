@@ -134,7 +134,7 @@ def test_dcp_run_equals_hf_run_on_one_process(tiny, reference_run, tmp_path, mon
     exports, real_export = [], apo_merge.dcp.export_hf
 
     def counted(src, dst, *args, **kwargs):
-        exports.append((Path(src).relative_to(out).as_posix(), Path(dst).name.startswith(".tmp-policy-hf")))
+        exports.append((Path(src).relative_to(out).as_posix(), Path(dst).name.startswith(".tmp-policy-hf-")))
         return real_export(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(apo_merge.dcp, "export_hf", counted)
@@ -160,7 +160,10 @@ def test_dcp_run_equals_hf_run_on_one_process(tiny, reference_run, tmp_path, mon
     assert exports.count(("round-0/policy", True)) == 1 and exports.count(("round-1/policy", False)) == 1, exports
     assert len(exports) == len(set(exports)), exports
     assert exports == [("round-0/policy", True), ("round-1/policy", True), ("round-1/policy", False)], exports
-    assert str((out / "round-1" / "policy").resolve()) in (out / ".policy-hf" / ".apo-source").read_text()
+    views = sorted(out.glob(".policy-hf-*"), key=lambda p: p.stat().st_mtime_ns)  # the newest two are kept
+    assert [
+        str((out / f"round-{t}" / "policy").resolve()) in (v / ".apo-source").read_text() for t, v in enumerate(views)
+    ] == [True, True]
 
 
 def test_dcp_format_refuses_peft():
@@ -205,3 +208,19 @@ def test_dcp_run_interrupted_mid_phases_resumes_to_the_same_tensors(tiny, refere
     for t in range(2):
         _same(_read_dcp(out / f"round-{t}" / "policy"), weights(ref_out / f"round-{t}" / "policy"))
     _same(weights(out / "final-policy"), weights(ref_out / "round-1" / "policy"))
+
+
+def test_policy_views_keep_the_newest_two(tmp_path):
+    """A view is never replaced in place; exporting a new one removes all but it and the newest other one."""
+    import os
+
+    from apo_trainer.runtime import POLICY_VIEW, _drop_old_views
+
+    views = [tmp_path / f"{POLICY_VIEW}-{i}" for i in range(4)]
+    for i, v in enumerate(views):
+        v.mkdir()
+        (v / "model.safetensors").write_bytes(b"x")
+        os.utime(v, ns=(i * 10**9, i * 10**9))
+    (tmp_path / "round-0").mkdir()
+    _drop_old_views(tmp_path, keep=views[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([views[1].name, views[3].name, "round-0"])
