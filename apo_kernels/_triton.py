@@ -5,7 +5,7 @@ contiguous and compute the grid, and ``extrapolate_`` / ``extrapolate_many_`` ca
 Every function here takes its tensors in the kernel's order: prev, cur, out.
 
 CUDA tensors run the compiled kernel. CPU tensors run the very same kernel body under Triton's interpreter:
-``_interpreted()`` wraps ``_kernel.fn`` (the undecorated Python function) in ``InterpretedFunction`` explicitly,
+``_interpreted(kernel)`` wraps ``kernel.fn`` (the undecorated Python function) in ``InterpretedFunction`` explicitly,
 so no TRITON_INTERPRET environment variable is needed and one process can run both (e.g. a pytest session on a
 GPU machine comparing the interpreter, the compiled kernel and the CPU twin). The interpreter patches
 ``triton.language`` globally while it runs, hence the lock around it.
@@ -118,16 +118,15 @@ def _kernel(
 
 
 _interpreter_lock = threading.Lock()
-_interpreted_kernel = None
+_interpreted_kernels: dict = {}  # a kernel's Python function -> its InterpretedFunction
 
 
-def _interpreted():
-    global _interpreted_kernel
-    if _interpreted_kernel is None:
+def _interpreted(kernel):
+    if kernel.fn not in _interpreted_kernels:
         from triton.runtime.interpreter import InterpretedFunction
 
-        _interpreted_kernel = InterpretedFunction(_kernel.fn)
-    return _interpreted_kernel
+        _interpreted_kernels[kernel.fn] = InterpretedFunction(kernel.fn)
+    return _interpreted_kernels[kernel.fn]
 
 
 def _is_compiled() -> bool:
@@ -178,14 +177,19 @@ def _run(
     wide: torch.dtype,
 ) -> None:
     args, const = _kernel_args(prev, cur, out, table, n, alpha, wide)
-    if out.device.type == "cuda" and _is_compiled():
-        with torch.cuda.device(out.device):
-            _kernel[grid](*args, **const, **_launch_options())
+    _launch(_kernel, grid, out.device, args, const)
+
+
+def _launch(kernel, grid: tuple[int], device: torch.device, args: tuple, const: dict) -> None:
+    """Run one of this module's kernels: compiled on CUDA, else under the interpreter."""
+    if device.type == "cuda" and _is_compiled():
+        with torch.cuda.device(device):
+            kernel[grid](*args, **const, **_launch_options())
     else:  # CPU tensors; or any device under TRITON_INTERPRET=1 (the interpreter copies through host memory)
         import numpy as np  # the interpreter computes with numpy; overflow to inf and NaN are expected here
 
         with _interpreter_lock, np.errstate(all="ignore"):
-            _interpreted()[grid](*args, **const)
+            _interpreted(kernel)[grid](*args, **const)
 
 
 def _launch_one(prev: torch.Tensor, cur: torch.Tensor, out: torch.Tensor, alpha: float, wide: torch.dtype) -> None:
@@ -282,9 +286,6 @@ def _dequant_fp8_kernel(
     tl.store(out_ptr + offs, value * scale, mask=mask)  # one fp32 product: the only rounding
 
 
-_interpreted_dequant = None
-
-
 def dequant_fp8_(
     raw: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, where: tuple[int, int, int, int]
 ) -> None:
@@ -292,22 +293,9 @@ def dequant_fp8_(
     ``cols`` columns, ``where = (begin, cols, bo, bi)``: DeepSeek's ``weight_dequant`` (one fp32 product), the
     value the CPU paths give (apo_merge.quant.dequant). ``raw`` uint8, ``table`` the 256 fp32 values of the fp8
     dtype, ``scale`` the fp32 block grid, ``out`` fp32; all contiguous on one device (CPU: the interpreter)."""
-    global _interpreted_dequant
     n = raw.numel()
     if n == 0:
         return
     begin, cols, bo, bi = where
     args = (raw, table, scale, out, n, begin, cols, bo, bi, scale.shape[-1])
-    grid = (-(-n // _BLOCK),)
-    if out.device.type == "cuda" and _is_compiled():
-        with torch.cuda.device(out.device):
-            _dequant_fp8_kernel[grid](*args, BLOCK=_BLOCK, **_launch_options())
-        return
-    import numpy as np
-
-    with _interpreter_lock, np.errstate(all="ignore"):
-        if _interpreted_dequant is None:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            _interpreted_dequant = InterpretedFunction(_dequant_fp8_kernel.fn)
-        _interpreted_dequant[grid](*args, BLOCK=_BLOCK)
+    _launch(_dequant_fp8_kernel, (-(-n // _BLOCK),), out.device, args, {"BLOCK": _BLOCK})
