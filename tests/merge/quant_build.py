@@ -70,6 +70,20 @@ def write(folder: Path, tensors: dict[str, torch.Tensor], config: dict, split=la
     return folder
 
 
+def rewrite(folder: Path, edit, scale_suffix: str) -> None:
+    """Write ``folder`` again (two shards, scales ending in ``scale_suffix`` in the second) with ``edit(tensors)``
+    applied to its tensors; the index and config.json follow."""
+    from safetensors.torch import load_file
+
+    tensors = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    edit(tensors)
+    config = json.loads((folder / "config.json").read_text())
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+    write(folder, tensors, config, split=lambda n: int(n.endswith(scale_suffix)))
+
+
 def checkpoint(folder: Path, seed: int, quantized: bool) -> Path:
     """A release-shaped checkpoint of ``source(seed)``: FP8 block-scaled (scales in the second shard) or bf16."""
     config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "bfloat16"}

@@ -216,14 +216,7 @@ def test_one_command(tmp_path, keep_sigterm):
 
 
 def _tamper(folder, edit) -> None:
-    """Rewrite both shards with ``edit(tensors)`` applied (the index follows)."""
-    tensors = _load(folder)
-    edit(tensors)
-    config = json.loads((folder / "config.json").read_text())
-    for p in folder.iterdir():
-        p.unlink()
-    folder.rmdir()
-    qb.write(folder, tensors, config, split=lambda n: int(n.endswith("_scale_inv")))
+    qb.rewrite(folder, edit, "_scale_inv")
 
 
 SCALE = "model.layers.0.mlp.down_proj.weight_scale_inv"

@@ -126,13 +126,7 @@ def test_scalar_scale_and_deepseek_layout_on_the_other_side(tmp_path):
 
 
 def _rewrite(folder, edit) -> None:
-    tensors = _load(folder)
-    edit(tensors)
-    config = json.loads((folder / "config.json").read_text())
-    for p in folder.iterdir():
-        p.unlink()
-    folder.rmdir()
-    qb.write(folder, tensors, config, split=lambda n: int(n.endswith("_scale")))
+    qb.rewrite(folder, edit, "_scale")
 
 
 W = "model.layers.0.mlp.down_proj.weight"

@@ -211,13 +211,7 @@ def _files(folder) -> dict[str, torch.Tensor]:
 
 
 def _rewrite(folder, edit) -> None:
-    tensors = _load(folder)
-    edit(tensors)
-    config = json.loads((folder / "config.json").read_text())
-    for p in folder.iterdir():
-        p.unlink()
-    folder.rmdir()
-    qb.write(folder, tensors, config, split=lambda n: int(n.endswith("_scales")))
+    qb.rewrite(folder, edit, "_scales")
 
 
 GU = "model.layers.0.mlp.experts.gate_up_proj"
