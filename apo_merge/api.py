@@ -211,7 +211,7 @@ def _merge_checkpoints(
         tmps = [stack.enter_context(s) for s in staged]
         hasher = stack.enter_context(hashing.StreamHasher(*((ckpt_prev.files, ckpt_cur.files) if hash_inputs else ())))
         on_read = hasher.update if hash_inputs else None
-        engine_hooks = Hooks(kernel=hooks.kernel, prefetcher=hooks.prefetcher, progress=hooks.progress, on_read=on_read)
+        engine_hooks = Hooks(hooks.kernel, hooks.prefetcher, hooks.progress, on_read, options.output_hash)
         stats = execute_many(plans, tmps, options.device, engine_hooks)
         for o, st in zip(each, stats):
             if options.strict and st.new_nonfinite:
@@ -237,7 +237,8 @@ def _merge_checkpoints(
                 prev=prev_name,
                 cur=cur_name,
                 dtype=options.dtype,
-                files={f.name: (f.size, st.sha256[f.name]) for f in plan.files},
+                files={f.name: (f.size, st.digests[f.name]) for f in plan.files},
+                output_hash=options.output_hash,
                 base_models=[s.hub_id for s in (src_prev, src_cur) if s.hub_id],
                 input_hashes=input_hashes,
                 rows=rows,
@@ -252,7 +253,8 @@ def _merge_checkpoints(
                     n_extrapolated=plan.n_extrapolated,
                     bytes_written=st.bytes_written,
                     seconds=0.0,
-                    sha256=st.sha256,
+                    digests=st.digests,
+                    output_hash=options.output_hash,
                     new_nonfinite=st.new_nonfinite,
                     copied_cur_only=plan.copied_cur_only,
                     ignored_prev_only=plan.ignored_prev_only,

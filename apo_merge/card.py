@@ -9,7 +9,7 @@ from pathlib import Path
 
 from apo_merge._version import __version__
 from apo_merge.io.checkpoint import INDEX_NAME
-from apo_merge.io.hashing import InputDigest, hash_file
+from apo_merge.io.hashing import OUTPUT_HASHES, InputDigest, hash_file
 from apo_merge.io.output import CARD_MARK
 
 HASH_DEFINITION = (
@@ -72,13 +72,14 @@ class CardInfo:
     prev: str  # how the input is named (Hub inputs with their commit)
     cur: str
     dtype: str
-    files: dict[str, tuple[int, str]]  # name -> (bytes, sha256)
+    files: dict[str, tuple[int, str]]  # name -> (bytes, hex digest by output_hash)
     base_models: list[str]  # Hub ids of the inputs
     input_hashes: dict[str, InputDigest] | None = None  # "prev" / "cur" -> content hashes, when known
     library_name: str = "transformers"
     tags: list[str] = field(default_factory=list)  # beyond apo, merge, extrapolation
     rows: list[tuple[str, str]] = field(default_factory=list)  # extra (what, value) rows of the summary table
-    side_files: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (bytes, sha256): config, ...
+    side_files: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (bytes, digest): config, ...
+    output_hash: str = OUTPUT_HASHES[0]  # the hash of ``files`` and ``side_files``
     notes: str = ""  # markdown after the summary table (e.g. --quantize's error per tensor)
     summary: str = (
         "This checkpoint is an APO (Accelerated Preference Optimization, arXiv 2410.06293) "
@@ -130,7 +131,7 @@ def render(info: CardInfo, title: str) -> str:
     if info.side_files:
         side = (
             f"\n{SIDE_HEADING} (`apo-merge verify` checks them too):\n\n"
-            "| file | bytes | sha256 |\n| --- | --- | --- |\n"
+            f"| file | bytes | {info.output_hash} |\n| --- | --- | --- |\n"
             + "\n".join(_file_row(name, size, sha) for name, (size, sha) in sorted(info.side_files.items()))
             + "\n"
         )
@@ -146,17 +147,17 @@ def render(info: CardInfo, title: str) -> str:
 | --- | --- |
 {table}
 {notes}{inputs}
-Weight files (check with `apo-merge verify <folder>`):
+Weight files (check with `apo-merge verify <folder>`{_CHECK_TOOL.get(info.output_hash, "")}):
 
-| file | bytes | sha256 |
+| file | bytes | {info.output_hash} |
 | --- | --- | --- |
 {chr(10).join(rows)}
 {side}"""
     )
 
 
-def side_files(folder: Path, recorded: Iterable[str]) -> dict[str, tuple[int, str]]:
-    """(bytes, sha256) of each file an output holds besides the ``recorded`` weight files, its card, its index and
+def side_files(folder: Path, recorded: Iterable[str], output_hash: str) -> dict[str, tuple[int, str]]:
+    """(bytes, digest by ``output_hash``) of each file an output holds besides the ``recorded`` weight files, its card, its index and
     hidden files: the files copied from the input (config.json, generation_config.json, the tokenizer's files, a
     chat template, ...), which decide how the weights load and run."""
     skip = {*recorded, "README.md", INDEX_NAME}
@@ -166,7 +167,7 @@ def side_files(folder: Path, recorded: Iterable[str]) -> dict[str, tuple[int, st
         if name in skip or name.startswith(".") or name.endswith(".safetensors") or path.is_symlink():
             continue
         if path.is_file():
-            out[name] = hash_file(path)
+            out[name] = hash_file(path, name=output_hash)
     return out
 
 
@@ -177,14 +178,24 @@ def _file_row(name: str, size: int, sha: str) -> str:
 _ROW = re.compile(rf"^\| `((?:[^`\\]|{_ESCAPE})+)` \| (\d+) \| `([0-9a-f]{{64}})` \|$", re.MULTILINE)
 
 
+_CHECK_TOOL = {"blake3": " or `b3sum`"}  # SHA-256 cards read as they did before the choice
+_HASH_COLUMN = re.compile(rf"^\| file \| bytes \| ({'|'.join(OUTPUT_HASHES)}) \|$", re.MULTILINE)
+
+
+def recorded_hash(card_text: str) -> str:
+    """The hash the card's weight files table records (cards written before the choice existed: sha256)."""
+    m = _HASH_COLUMN.search(card_text.replace("\r\n", "\n"))
+    return m.group(1) if m else "sha256"
+
+
 def recorded_files(card_text: str) -> dict[str, tuple[int, str]]:
-    """The (bytes, sha256) per weight file that ``render`` recorded. CRLF line ends (git autocrlf, an editor) read
+    """The (bytes, digest) per weight file that ``render`` recorded. CRLF line ends (git autocrlf, an editor) read
     as LF."""
     return _rows(card_text.replace("\r\n", "\n").partition(f"\n{SIDE_HEADING}")[0])
 
 
 def recorded_side_files(card_text: str) -> dict[str, tuple[int, str]]:
-    """The (bytes, sha256) per other file (config, tokenizer, ...: the side files) that ``render`` recorded; empty
+    """The (bytes, digest) per other file (config, tokenizer, ...: the side files) that ``render`` recorded; empty
     for cards written before side files were recorded."""
     return _rows(card_text.replace("\r\n", "\n").partition(f"\n{SIDE_HEADING}")[2])
 

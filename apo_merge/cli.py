@@ -201,7 +201,8 @@ def _run(prev, cur, options, output, quiet, prefetcher):
 
 
 @tools.command(
-    "verify", help="Re-check an apo-merge output: headers, index, and each file's SHA-256 against the model card."
+    "verify",
+    help="Re-check an apo-merge output: headers, index, and each file's hash (BLAKE3 or SHA-256) against the model card.",
 )
 def verify(
     folder: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder of an apo-merge run.")],
@@ -213,7 +214,7 @@ def verify(
     completed(f"{folder} passed verification")
     say(
         f"apo-merge: {folder}: OK, {len(report.files)} file(s), {report.n_tensors} tensors, "
-        f"{_human(report.total_bytes)}; every SHA-256 matches the model card"
+        f"{_human(report.total_bytes)}; every {report.output_hash} matches the model card"
     )
 
 

@@ -26,7 +26,7 @@ class MergeReport:
     n_extrapolated: int
     bytes_written: int
     seconds: float
-    sha256: dict[str, str]
+    digests: dict[str, str]  # weight file -> its output_hash
     new_nonfinite: int = 0
     copied_cur_only: list[str] = field(default_factory=list)
     ignored_prev_only: list[str] = field(default_factory=list)
@@ -35,6 +35,7 @@ class MergeReport:
     input_hashes: dict[str, hashing.InputDigest] = field(default_factory=dict)  # "prev" / "cur" (/ "base")
     kind: str = "checkpoint"  # or "lora adapter", "merged lora" (--merge-into)
     pushed: str | None = None  # the Hub commit or pull request URL after --push-to-hub
+    output_hash: str = "blake3"  # the hash in ``digests`` and the card (MergeOptions.output_hash)
 
     @property
     def gb_per_s(self) -> float:
@@ -87,7 +88,9 @@ def write_card(folder: Path, out: Path, index: dict | None, info: card.CardInfo)
     """Write the index (when sharded) and the model card of output ``out`` into ``folder``."""
     if index is not None:
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    info.side_files = card.side_files(folder, info.files)  # the copied config, tokenizer, ...: verify checks them
+    info.side_files = card.side_files(
+        folder, info.files, info.output_hash
+    )  # the copied config, tokenizer, ...: verify checks them
     (folder / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
 
 

@@ -25,6 +25,7 @@ from apo_kernels.dtypes import CLI_NAMES
 from apo_merge.cliopts import setting
 from apo_merge.errors import shown, usage_error
 from apo_merge.hub import PushOptions
+from apo_merge.io.hashing import OUTPUT_HASHES
 
 _SIZE_UNITS = {
     "B": 1,
@@ -101,6 +102,12 @@ class MergeOptions:
         "Record each input's content SHA-256 in the model card (reads every input byte through SHA-256, about "
         "1 GB/s per core) [default: names, sizes, and the Hub's SHA-256 of files from the Hub cache].",
     )
+    output_hash: str = setting(
+        "blake3",
+        "The hash of each output file the card records and verify checks: blake3 (as `b3sum` prints it; about "
+        "7 GB/s per core) or sha256 (as `sha256sum`, the Hub's LFS id; about 2 GB/s).",
+        choices=OUTPUT_HASHES,
+    )
     card_paths: str = setting(
         "relative",
         "How the card and file metadata name local inputs: relative (a relative path as given, else the folder "
@@ -130,7 +137,7 @@ class MergeOptions:
         device = self.device
         if not isinstance(device, str) or (device not in choices("device") and not re.fullmatch(r"cuda:\d+", device)):
             raise usage_error(f"--device {shown(device)} is not one of {', '.join(choices('device'))}")
-        for name in ("dtype", "quantize", "on_missing", "card_paths"):
+        for name in ("dtype", "quantize", "on_missing", "output_hash", "card_paths"):
             value = getattr(self, name)
             if value not in choices(name):
                 flag = "--" + name.replace("_", "-")

@@ -1,7 +1,8 @@
 """`apo-merge verify OUT`: re-check a finished output against what the merge recorded in its model card.
 
 Every header goes through the hardened parser, the index must map every tensor to the file that holds it (and
-nothing else), the weight files must be exactly those the card lists, and each file's size and SHA-256 must equal
+nothing else), the weight files must be exactly those the card lists, and each file's size and hash (the card's
+BLAKE3 or SHA-256) must equal
 the recorded ones: the weight files', then those of the side files (config, tokenizer, ...) the card records; an
 output holding FP8 weights (``--quantize fp8-block``) must also pair each with its block scales as config.json
 says. The first mismatch is a MergeError naming the file.
@@ -13,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from apo_merge.card import SUMMARY_METADATA, recorded_files, recorded_side_files, recorded_summary
+from apo_merge.card import SUMMARY_METADATA, recorded_files, recorded_hash, recorded_side_files, recorded_summary
 from apo_merge.errors import MergeError, first_line, shown
 from apo_merge.io.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, open_checkpoint
 from apo_merge.io.hashing import hash_file
@@ -26,11 +27,12 @@ CARD_NAME = "README.md"
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What ``verify_output`` checked: every weight file (name -> bytes, sha256), tensors and total bytes."""
+    """What ``verify_output`` checked: every weight file (name -> bytes, digest), tensors and total bytes."""
 
     folder: Path
     files: dict[str, tuple[int, str]]
     n_tensors: int
+    output_hash: str = "sha256"  # the card's hash of ``files``
 
     @property
     def total_bytes(self) -> int:
@@ -103,6 +105,7 @@ def verify_output(folder: str | Path) -> VerifyReport:
         _check_total_size(root / INDEX_NAME, ckpt.total_bytes)
     _check_summary(root / CARD_NAME, card_text, ckpt.files)
 
+    algo = recorded_hash(card_text)
     side = recorded_side_files(card_text)  # config.json, tokenizer files, ...: checked as the weight files are
     for name in sorted(side):
         path = root / name
@@ -116,14 +119,14 @@ def verify_output(folder: str | Path) -> VerifyReport:
                 f"{path}: {actual_size} bytes but the model card records {size}; "
                 "the file changed after the merge, re-run it"
             )
-        _, actual = hash_file(path)
+        _, actual = hash_file(path, name=algo)
         if actual != sha:
             raise MergeError(
-                f"{path}: SHA-256 {actual[:16]}... differs from the {sha[:16]}... recorded in the model "
+                f"{path}: {algo} {actual[:16]}... differs from the {sha[:16]}... recorded in the model "
                 "card; the file changed after the merge, re-run it"
             )
     _check_fp8(root, ckpt)
-    return VerifyReport(root, {n: recorded[n] for n in sorted(recorded)}, len(ckpt.tensors))
+    return VerifyReport(root, {n: recorded[n] for n in sorted(recorded)}, len(ckpt.tensors), algo)
 
 
 def _check_fp8(root: Path, ckpt) -> None:

@@ -10,7 +10,6 @@ through torch. The tensors equal what
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -25,7 +24,7 @@ from apo_merge.dcp.reader import DcpCheckpoint, Entry, open_dcp
 from apo_merge.engine.runner import StageRunner
 from apo_merge.errors import MergeError
 from apo_merge.io.checkpoint import INDEX_NAME, WEIGHT_SUFFIXES
-from apo_merge.io.hashing import hash_file
+from apo_merge.io.hashing import hash_file, new_hasher
 from apo_merge.io.output import MAX_CARD_BYTES, StagedFolder, check_replaceable
 from apo_merge.io.prefetch import Prefetcher
 from apo_merge.io.writer import SafetensorsWriter, advise, pread_exact
@@ -92,10 +91,11 @@ def _rows_only(e: Entry) -> bool:
 class _File:
     """One safetensors file written on three threads: read (raw chunk data with pread into a pool of buffers, or
     a tensor assembled through torch), write (at its offset, writeback kept moving), hash (SHA-256 from the
-    buffers just written, while the writes come in file order; else the file is hashed at the end)."""
+    buffers just written, while the writes come in file order; else the file is hashed at the end) by ``algo``
+    (io.hashing.OUTPUT_HASHES; None: not hashed)."""
 
-    def __init__(self, ckpt: DcpCheckpoint, prefetcher: Prefetcher, fds: dict[str, int], hashed: bool) -> None:
-        self.ckpt, self.prefetcher, self.fds, self.hashed = ckpt, prefetcher, fds, hashed
+    def __init__(self, ckpt: DcpCheckpoint, prefetcher: Prefetcher, fds: dict[str, int], algo: str | None) -> None:
+        self.ckpt, self.prefetcher, self.fds, self.algo = ckpt, prefetcher, fds, algo
         self.pool: queue.Queue = queue.Queue()
         for _ in range(SLOTS):
             self.pool.put(memoryview(bytearray(COPY_BYTES)))
@@ -135,16 +135,16 @@ class _File:
             yield from pieces if pieces is not None else [(None, e, 0, at)]
 
     def write(self, path: Path, header: bytes, size: int, jobs) -> tuple[int, str] | None:
-        """Write the file; its (size, SHA-256) where ``hashed`` (only a model card records them)."""
+        """Write the file; its (size, digest) where ``algo`` is set (only a model card records them)."""
         runner = StageRunner()
         self.runner, self.path, self.header, self.size = runner, path, header, size
         runner.add("apo-export-read", lambda: self._read(jobs))
         runner.add("apo-export-write", self._write)
         runner.add("apo-export-hash", self._hash)
         runner.run()
-        if not self.hashed:
+        if self.algo is None:
             return None
-        return self.result if self.result is not None else hash_file(path)
+        return self.result if self.result is not None else hash_file(path, name=self.algo)
 
     def _read(self, jobs) -> None:
         try:
@@ -173,7 +173,7 @@ class _File:
             self.to_hash.put(None)
 
     def _hash(self) -> None:
-        sha, at = (hashlib.sha256() if self.hashed else None), 0
+        sha, at = (new_hasher(self.algo) if self.algo else None), 0
         while (job := self.runner.get(self.to_hash)) is not None:
             data, dest, full = job
             if sha is not None and dest == at:
@@ -230,7 +230,7 @@ def export_hf(
     groups = _layout(ckpt, max_shard_size or DEFAULT_SHARD)
     n = len(groups)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    summary = _source_summary(ckpt.root)
+    summary, algo = _source_summary(ckpt.root)  # an apo-merge output's card carries over, by the same hash
     metadata = {"format": "pt", **{k: v for k, v in summary.items() if k.startswith("apo_")}}
     staged = StagedFolder(out, overwrite)
     prefetcher = Prefetcher()
@@ -242,7 +242,7 @@ def export_hf(
             for fname, group in zip(names, groups):
                 header, begins = _header(group, metadata)
                 size = len(header) + sum(_nbytes(e) for _, e in group)
-                out_file = _File(ckpt, prefetcher, fds, hashed="apo_alpha" in metadata)
+                out_file = _File(ckpt, prefetcher, fds, algo if "apo_alpha" in metadata else None)
                 files[fname] = out_file.write(tmp / fname, header, size, out_file.jobs(group, header, begins))
         finally:
             for fd in fds.values():
@@ -264,6 +264,7 @@ def export_hf(
                 files=files,
                 base_models=[],
                 rows=[("exported from", "torch DCP (apo-merge export)")],
+                output_hash=algo,
             )
             (tmp / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
         staged.commit()
@@ -280,14 +281,17 @@ def _read_order(ckpt: DcpCheckpoint, groups: list) -> list[str]:
     return list(seen)
 
 
-def _source_summary(root: Path) -> dict[str, str]:
-    """An apo-merge DCP output's alpha, prev and cur, as its card recorded them (metadata names)."""
+def _source_summary(root: Path) -> tuple[dict[str, str], str | None]:
+    """An apo-merge DCP output's alpha, prev and cur, as its card recorded them (metadata names), and the hash its
+    card records files by; ({}, None) for other folders."""
     try:
         with open(root / "README.md", "rb") as f:
             text = f.read(MAX_CARD_BYTES).decode("utf-8", errors="replace")
     except OSError:
-        return {}
+        return {}, None
     if card.CARD_MARK not in text:
-        return {}
+        return {}, None
     found = card.recorded_summary(text)
-    return {card.SUMMARY_METADATA[k]: v for k, v in found.items() if k in card.SUMMARY_METADATA}
+    return {card.SUMMARY_METADATA[k]: v for k, v in found.items() if k in card.SUMMARY_METADATA}, card.recorded_hash(
+        text
+    )

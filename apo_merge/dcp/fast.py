@@ -11,7 +11,6 @@ x alphas output buffers of 2M elements), whatever the chunk sizes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -26,6 +25,7 @@ from apo_kernels.dtypes import BY_NAME, DTYPES
 from apo_merge.dcp.blob import Blob, NotCanonical  # noqa: F401 - merge catches fast.NotCanonical
 from apo_merge.dcp.reader import Chunk, DcpCheckpoint, _numel
 from apo_merge.engine.runner import StageRunner, Stopped
+from apo_merge.io.hashing import new_hasher
 from apo_merge.io.prefetch import Prefetcher
 from apo_merge.io.writer import SafetensorsWriter, advise, pread_exact
 
@@ -107,10 +107,13 @@ class _Task:
 
 
 class FastMerge:
-    """Write ``files`` (from ``plan``) into each staging folder of ``outs`` ((folder, alpha) pairs)."""
+    """Write ``files`` (from ``plan``) into each staging folder of ``outs`` ((folder, alpha) pairs), each file
+    hashed by ``algo`` (io.hashing.OUTPUT_HASHES)."""
 
-    def __init__(self, cur: DcpCheckpoint, prev: DcpCheckpoint, files: dict[str, list[Item]], outs: list) -> None:
-        self.cur, self.prev, self.files, self.outs = cur, prev, files, outs
+    def __init__(
+        self, cur: DcpCheckpoint, prev: DcpCheckpoint, files: dict[str, list[Item]], outs: list, algo: str
+    ) -> None:
+        self.cur, self.prev, self.files, self.outs, self.algo = cur, prev, files, outs, algo
         widest = max((BY_NAME[i.dtype].itemsize for its in files.values() for i in its if i.prev), default=1)
         widest = max(widest, *(BY_NAME[i.prev[2]].itemsize for its in files.values() for i in its if i.prev), 1)
         self.piece_bytes = PIECE_ELEMS * widest
@@ -258,17 +261,17 @@ class FastMerge:
             self.to_hash.put(None)
 
     def _hash(self) -> None:
-        """SHA-256 of each output file beside the writes (from the buffers just written), and its part record."""
-        shas = [hashlib.sha256() for _ in self.outs]
+        """The hash of each output file beside the writes (from the buffers just written), and its part record."""
+        shas = [new_hasher(self.algo) for _ in self.outs]
         records: list[list] = [[] for _ in self.outs]
         at = 0
         while (got := self.runner.get(self.to_hash)) is not None:
             task, views = got
             if task.kind == "end":
                 for k, (tmp, _) in enumerate(self.outs):
-                    part = {"file": task.name, "size": at, "sha256": shas[k].hexdigest(), "chunks": records[k]}
+                    part = {"file": task.name, "size": at, "digest": shas[k].hexdigest(), "chunks": records[k]}
                     (tmp / f"{PART}{task.name}.json").write_text(json.dumps(part))
-                shas, records, at = [hashlib.sha256() for _ in self.outs], [[] for _ in self.outs], 0
+                shas, records, at = [new_hasher(self.algo) for _ in self.outs], [[] for _ in self.outs], 0
                 continue
             it = task.item
             if task.kind in ("raw", "head") and task.begin == 0:

@@ -17,7 +17,6 @@ nothing in place (rank 0 removes the staging folder, or the next run does when r
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -29,6 +28,7 @@ from apo_merge.dcp import fast
 from apo_merge.dcp.reader import METADATA, DcpCheckpoint, open_dcp
 from apo_merge.dcp.sources import open_prev
 from apo_merge.errors import MergeError, shown, usage_error
+from apo_merge.io.hashing import new_hasher
 from apo_merge.io.output import StagedFolder
 from apo_merge.options import MergeOptions
 
@@ -160,7 +160,8 @@ def merge_dcp(
                     bytes_written=sum(size for size, _ in files.values())
                     or sum(os.path.getsize(tmp / n) for n in mine),
                     seconds=0.0,
-                    sha256={n: sha for n, (_, sha) in files.items()},
+                    digests={n: sha for n, (_, sha) in files.items()},
+                    output_hash=options.output_hash,
                     new_nonfinite=nonfinite,
                     kind=_kind(cur_ck, rank, world),
                 )
@@ -187,7 +188,7 @@ def _write_files(mine: list[str], inputs: tuple, outs: list, options: MergeOptio
     progress, prefetcher = hooks
     if plan is not None:
         try:
-            return fast.FastMerge(cur, prev.ckpt, plan, outs).run(mine, progress, prefetcher)
+            return fast.FastMerge(cur, prev.ckpt, plan, outs, options.output_hash).run(mine, progress, prefetcher)
         except fast.NotCanonical:  # start these files again through torch, which reads (or names) that chunk
             for tmp, _ in outs:
                 for name in mine:
@@ -213,7 +214,7 @@ def _where_cur_has_them(cur: DcpCheckpoint, parts: dict[str, dict]) -> bool:
 
 
 def _finish(tmp: Path, cur: DcpCheckpoint, kinds: dict, options: MergeOptions, how: tuple) -> dict:
-    """Rank 0: gather the parts, write ``.metadata`` and the model card; the files' (bytes, sha256)."""
+    """Rank 0: gather the parts, write ``.metadata`` and the model card; the files' (bytes, digest)."""
     alpha, src_prev, src_cur, out, same_entries = how
     parts = {}
     for name in cur.files():
@@ -229,8 +230,10 @@ def _finish(tmp: Path, cur: DcpCheckpoint, kinds: dict, options: MergeOptions, h
 
         raw = build_metadata(cur, kinds, options, parts)
     (tmp / METADATA).write_bytes(raw)
-    files = {p["file"]: (p["size"], p["sha256"]) for p in parts.values()}
-    files[METADATA] = (len(raw), hashlib.sha256(raw).hexdigest())
+    files = {p["file"]: (p["size"], p["digest"]) for p in parts.values()}
+    metadata_hash = new_hasher(options.output_hash)
+    metadata_hash.update(raw)
+    files[METADATA] = (len(raw), metadata_hash.hexdigest())
     info = card.CardInfo(
         alpha=alpha,
         prev=src_prev.card_name(options.card_paths),
@@ -241,6 +244,7 @@ def _finish(tmp: Path, cur: DcpCheckpoint, kinds: dict, options: MergeOptions, h
         library_name="pytorch",
         tags=["dcp"],
         rows=[("format", "torch.distributed.checkpoint (dcp.load it; apo-merge export makes safetensors)")],
+        output_hash=options.output_hash,
     )
     (tmp / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
     return files

@@ -7,7 +7,6 @@ plain ``torch.save`` of one contiguous tensor. Both paths write the same bytes w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -20,6 +19,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from apo_kernels import extrapolate_
 from apo_kernels.dtypes import torch_dtype
 from apo_merge.dcp.reader import DcpCheckpoint
+from apo_merge.io.hashing import new_hasher
 from apo_merge.io.writer import SFR_WAIT_AFTER, SFR_WAIT_BEFORE, SFR_WRITE, SYNC_FILE_RANGE, WRITEBACK_BYTES, advise
 from apo_merge.options import MergeOptions
 
@@ -36,8 +36,8 @@ def _out_dtype(options: MergeOptions, cur_dtype: str, floating: bool) -> torch.d
 class _Sink:
     """What torch.save writes, straight to an output file (no copy in between), hashed on the way."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd, self.pos, self.sha = fd, 0, hashlib.sha256()
+    def __init__(self, fd: int, algo: str) -> None:
+        self.fd, self.pos, self.sha = fd, 0, new_hasher(algo)
         self.started = self.dropped = 0  # as SafetensorsWriter: writeback kept moving, written pages dropped
 
     def write(self, data) -> int:
@@ -72,7 +72,7 @@ def write_file(name: str, cur: DcpCheckpoint, prev, kinds: dict, outs: list[tupl
     options, progress = opts
     items = sorted(((c.offset, f, c) for f, e in cur.entries.items() for c in e.chunks if c.file == name))
     files = [os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) for tmp, _ in outs]
-    sinks = [_Sink(fd) for fd in files]
+    sinks = [_Sink(fd, options.output_hash) for fd in files]
     records: list[list] = [[] for _ in outs]
     nonfinite = 0
     try:
@@ -94,7 +94,7 @@ def write_file(name: str, cur: DcpCheckpoint, prev, kinds: dict, outs: list[tupl
                     progress(n)
         for k, (tmp, _) in enumerate(outs):
             os.fsync(files[k])
-            part = {"file": name, "size": sinks[k].pos, "sha256": sinks[k].sha.hexdigest(), "chunks": records[k]}
+            part = {"file": name, "size": sinks[k].pos, "digest": sinks[k].sha.hexdigest(), "chunks": records[k]}
             (tmp / f"{PART}{name}.json").write_text(json.dumps(part))
     finally:
         for fd in files:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from apo_merge.card import recorded_hash
 from apo_merge.dcp.reader import open_dcp
 from apo_merge.errors import MergeError, shown
 from apo_merge.io.hashing import hash_file
@@ -12,20 +13,21 @@ from apo_merge.verify import VerifyReport, _recorded
 
 def verify_dcp(folder: str | Path) -> VerifyReport:
     """Every chunk of ``.metadata`` lies inside its file, and the folder's files are exactly the card's, each of the
-    recorded size and SHA-256."""
+    recorded size and hash."""
     root = Path(folder)
     ckpt = open_dcp(root, str(folder))
-    recorded, _ = _recorded(root)
+    recorded, text = _recorded(root)
+    algo = recorded_hash(text)
     present = {p.name for p in root.iterdir() if p.name != "README.md"}
     if present != set(recorded):
         extra, missing = sorted(present - set(recorded)), sorted(set(recorded) - present)
         what = f"not in the card: {shown(extra)}" if extra else f"missing: {shown(missing)}"
         raise MergeError(f"{root}: the files differ from those the model card records ({what}); re-run the merge")
     for name, (size, sha) in sorted(recorded.items()):
-        got = hash_file(root / name)
+        got = hash_file(root / name, name=algo)
         if got != (size, sha):
             raise MergeError(
-                f"{root / name}: {got[0]} bytes, SHA-256 {got[1][:12]}…, but the model card records {size} bytes, "
+                f"{root / name}: {got[0]} bytes, {algo} {got[1][:12]}…, but the model card records {size} bytes, "
                 f"{sha[:12]}…; the file changed after the merge, re-run it"
             )
-    return VerifyReport(root, recorded, len(ckpt.entries))
+    return VerifyReport(root, recorded, len(ckpt.entries), algo)

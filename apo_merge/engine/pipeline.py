@@ -15,6 +15,7 @@ from apo_merge.engine.read import OnRead, Reader
 from apo_merge.engine.runner import StageRunner
 from apo_merge.engine.tuning import Tuning, current_tuning
 from apo_merge.engine.write import Hasher, Writer
+from apo_merge.io.hashing import OUTPUT_HASHES
 from apo_merge.io.prefetch import Prefetcher
 from apo_merge.plan import MergePlan
 
@@ -23,7 +24,7 @@ from apo_merge.plan import MergePlan
 class EngineStats:
     seconds: float
     bytes_written: int
-    sha256: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)  # output file -> its Hooks.output_hash
     new_nonfinite: int = 0  # non-finite outputs whose inputs were both finite
     quant_errors: dict = field(default_factory=dict)  # --quantize: weight name -> quantize.TensorError
 
@@ -36,6 +37,7 @@ class Hooks:
     prefetcher: Prefetcher | None = None  # the one the caller may have started already (the CLI does, first thing)
     progress: Callable[[int], None] | None = None  # called with each count of bytes written
     on_read: OnRead | None = None  # called on the reader thread after each read of an input file
+    output_hash: str = OUTPUT_HASHES[0]  # what EngineStats.digests holds
 
 
 def execute(
@@ -129,7 +131,7 @@ class _Merge:
         runner, lanes, n = StageRunner(), self.lanes, len(self.plans)
         reader = Reader(runner, lanes, hooks.prefetcher, hooks.on_read)
         writer = Writer(runner, lanes, self.plans, self.out_dirs, hooks.progress)
-        hashers = [Hasher(runner, lanes, k) for k in range(n)]
+        hashers = [Hasher(runner, lanes, k, hooks.output_hash) for k in range(n)]
         computes = self._computes(runner, hooks.kernel)
         work = tasks(self.plans[0], self.chunk_elems, self.tuning.copy_chunk_bytes)
         runner.add("apo-read", lambda: reader.run(work))
@@ -147,7 +149,7 @@ class _Merge:
             EngineStats(
                 seconds,
                 writer.bytes_written[k],
-                hashers[k].sha256,
+                hashers[k].digests,
                 sum(c.found[k] for c in computes),
                 writer.scales.errors[k],
             )

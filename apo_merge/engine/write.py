@@ -1,10 +1,9 @@
 """The write and hash stages: chunks written in plan order into every output (workers finish out of order)
-through apo_merge.io.writer's SafetensorsWriter, and SHA-256 of each output file (for the model card) taken
+through apo_merge.io.writer's SafetensorsWriter, and the hash of each output file (for the model card) taken
 beside the writes from the buffers just written (no copy, no read back)."""
 
 from __future__ import annotations
 
-import hashlib
 import queue
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from apo_kernels.dtypes import ITEMSIZE
 from apo_merge.engine.chunks import Lanes, Task
 from apo_merge.engine.runner import StageRunner
+from apo_merge.io.hashing import new_hasher
 from apo_merge.io.writer import SafetensorsWriter
 from apo_merge.plan import MergePlan
 from apo_merge.quant.quantize import Gathered
@@ -104,22 +104,22 @@ class Writer:
 
 
 class Hasher:
-    """SHA-256 of each file of one output (``sha256``: name -> hex digest). Its own stage: SHA-256 runs at about
-    the disk's write speed, so in the writer's thread it would halve it."""
+    """The hash ``name`` (io.hashing.OUTPUT_HASHES) of each file of one output (``digests``: file name -> hex
+    digest). Its own stage, so that it never holds up the writer."""
 
-    def __init__(self, runner: StageRunner, lanes: Lanes, k: int) -> None:
-        self.runner, self.lanes = runner, lanes
+    def __init__(self, runner: StageRunner, lanes: Lanes, k: int, name: str) -> None:
+        self.runner, self.lanes, self.name = runner, lanes, name
         self.inbox: queue.Queue = lanes.hash[k]
-        self.sha256: dict[str, str] = {}
+        self.digests: dict[str, str] = {}
 
     def run(self) -> None:
         name, hasher = None, None
         while (item := self.runner.get(self.inbox)) is not None:
             file_name, data, task = item
             if file_name != name:
-                name, hasher = file_name, hashlib.sha256()
+                name, hasher = file_name, new_hasher(self.name)
             if data is None:
-                self.sha256[name] = hasher.hexdigest()
+                self.digests[name] = hasher.hexdigest()
             else:
                 hasher.update(data)
             if task is not None:

@@ -160,6 +160,7 @@ class AdapterJob:
             files=written.files,
             base_models=inputs.base_models,
             input_hashes=hashes,
+            output_hash=o.output_hash,
             **written.card,
         )
         write_card(staged.tmp, staged.out, written.index, info)
@@ -171,7 +172,8 @@ class AdapterJob:
             n_extrapolated=written.n_changed,
             bytes_written=written.bytes_written,
             seconds=0.0,
-            sha256={name: sha for name, (_, sha) in written.files.items()},
+            digests={name: sha for name, (_, sha) in written.files.items()},
+            output_hash=o.output_hash,
             copied_files=sorted(copied),
             skipped_files=sorted(skipped),
             input_hashes=hashes,

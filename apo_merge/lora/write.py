@@ -3,7 +3,6 @@ as full weights (``--merge-into``), streamed one tensor at a time in BASE's layo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -14,7 +13,7 @@ import torch
 
 from apo_merge.errors import MergeError
 from apo_merge.io.checkpoint import Checkpoint
-from apo_merge.io.hashing import StreamHasher, hash_file
+from apo_merge.io.hashing import StreamHasher, hash_file, new_hasher
 from apo_merge.io.writer import SafetensorsWriter, pread_exact
 from apo_merge.lora.read import ADAPTER_WEIGHTS, Adapter
 from apo_merge.lora.step import Merger, base_step_adapter, extrapolate_adapters
@@ -39,7 +38,7 @@ class Output:
 class Written:
     """What a writer put into the output folder, and how the model card describes it."""
 
-    files: dict[str, tuple[int, str]]  # weight file -> (bytes, sha256)
+    files: dict[str, tuple[int, str]]  # weight file -> (bytes, digest by options.output_hash)
     n_tensors: int
     n_changed: int
     bytes_written: int
@@ -76,14 +75,18 @@ def _save_adapter(
         raise MergeError(f"{bad} adapter values are inf or NaN (--strict); lower --alpha")
     (dest / ADAPTER_WEIGHTS).write_bytes(_safetensors_bytes(tensors, {"format": "pt", **out.metadata}))
     (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    size, sha = hash_file(dest / ADAPTER_WEIGHTS)
+    algo = out.options.output_hash
+    size, sha = hash_file(dest / ADAPTER_WEIGHTS, name=algo)
     card = dict(
         library_name="peft",
         tags=["lora", "peft"],
         rows=[("base model", f"`{cur.config.get('base_model_name_or_path')}`"), ("method", method)],
         summary=summary,
     )
-    files = {ADAPTER_WEIGHTS: (size, sha), ADAPTER_CONFIG: hash_file(dest / ADAPTER_CONFIG)}  # verify checks both
+    files = {
+        ADAPTER_WEIGHTS: (size, sha),
+        ADAPTER_CONFIG: hash_file(dest / ADAPTER_CONFIG, name=algo),
+    }  # verify checks both
     return Written(files, len(tensors), len(tensors), size, card=card)
 
 
@@ -163,11 +166,12 @@ def _base_layout(base: Checkpoint, options: MergeOptions, metadata: dict[str, st
 
 
 def _write_file(f: OutFile, out: Output, merger: Merger, hasher: StreamHasher, fds: dict[Path, int]) -> tuple[str, int]:
-    """Write one output file tensor by tensor through the shared writer; return its sha256 and size (``fds``: BASE's
+    """Write one output file tensor by tensor through the shared writer; return its digest and size (``fds``: BASE's
     files, opened once)."""
     progress = out.progress
     writer = SafetensorsWriter(out.dest / f.name, f.header, f.size)
-    h = hashlib.sha256(f.header)
+    h = new_hasher(out.options.output_hash)
+    h.update(f.header)
     written = len(f.header)
     try:
         for piece in f.pieces:

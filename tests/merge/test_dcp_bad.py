@@ -58,7 +58,7 @@ def test_a_good_pair_merges_and_verifies_and_a_changed_file_does_not(pair, tmp_p
     res = run_cli_in_process(*pair, "--alpha", "0.3", "-o", out, "--quiet")
     assert res.code == 0, res.stderr
     res = run_cli_in_process("verify", out)
-    assert res.code == 0 and "every SHA-256 matches" in res.stdout, res.stderr
+    assert res.code == 0 and "every blake3 matches" in res.stdout, res.stderr
     with open(out / "__0_0.distcp", "r+b") as f:
         f.seek(100)
         byte = f.read(1)

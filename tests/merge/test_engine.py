@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from blake3 import blake3
 from safetensors.torch import load_file, save_file
 
 import apo_kernels
@@ -77,7 +78,7 @@ def test_workers_finishing_out_of_order_still_write_in_order(pair, tmp_path):
     assert finished.index(0) > 0, "the chunks should have reached the writer out of order"
     assert weights(report.output) == weights(reference)
     for name, data in weights(report.output).items():
-        assert report.sha256[name] == hashlib.sha256(data).hexdigest()
+        assert report.digests[name] == blake3(data).hexdigest()
 
 
 def test_writeback_windows_and_plain_fallback(pair, tmp_path, monkeypatch):
@@ -99,7 +100,7 @@ def test_writeback_windows_and_plain_fallback(pair, tmp_path, monkeypatch):
     monkeypatch.setattr(writer, "SYNC_FILE_RANGE", None)
     plain = run_merge(prev, cur, MergeOptions(0.3), tmp_path / "plain")
     assert weights(windows.output) == weights(plain.output) == weights(reference)
-    assert windows.sha256 == plain.sha256
+    assert windows.digests == plain.digests
 
 
 def _record_fadvise(monkeypatch) -> list[tuple[str, int, int]]:
@@ -235,7 +236,7 @@ def test_cuda_pipeline_chunks_mixed_dtypes_copies_and_overflow(pair, tmp_path):
         cpu = run_merge(prev, cur, MergeOptions(0.3, device="cpu", on_missing="copy"), tmp_path / "cpu")
         gpu = run_merge(prev, cur, MergeOptions(0.3, device="cuda", on_missing="copy"), tmp_path / "gpu")
     assert weights(gpu.output) == weights(cpu.output)
-    assert gpu.sha256 == cpu.sha256
+    assert gpu.digests == cpu.digests
 
     for name, value in (("p16", -60000.0), ("c16", 60000.0)):
         (tmp_path / name).mkdir()
@@ -352,7 +353,7 @@ def test_tiny_and_default_tuning_write_identical_bytes(tmp_path, fields):
     assert writes["tiny"] > 10 * writes["default"]  # the tiny Tuning did reach the engine
     for default, tiny in zip(reports["default"], reports["tiny"]):
         assert tree_state(default.output) == tree_state(tiny.output)  # weights, index, card, side files
-        assert default.sha256 == tiny.sha256 and default.new_nonfinite == tiny.new_nonfinite
+        assert default.digests == tiny.digests and default.new_nonfinite == tiny.new_nonfinite
         assert default.input_hashes == tiny.input_hashes
 
 
@@ -380,7 +381,7 @@ def test_reader_runs_ahead_of_a_stalled_hash_by_the_output_window(tmp_path, monk
 
     class Stalled:
         def __init__(self):
-            self.inner = hashlib.sha256()
+            self.inner = hashlib.sha256()  # stands in for the output hash: only its timing matters here
 
         def update(self, data):
             gate.wait(30)
@@ -389,7 +390,7 @@ def test_reader_runs_ahead_of_a_stalled_hash_by_the_output_window(tmp_path, monk
         def hexdigest(self):
             return self.inner.hexdigest()
 
-    monkeypatch.setattr(write_mod, "hashlib", type("H", (), {"sha256": Stalled}))
+    monkeypatch.setattr(write_mod, "new_hasher", lambda name: Stalled())
     from apo_merge.engine import Hooks as EngineHooks
     from apo_merge.engine import execute
 

@@ -11,7 +11,7 @@ import huggingface_hub
 import pytest
 
 from apo_merge import cli
-from apo_merge.card import recorded_files
+from apo_merge.card import recorded_files, recorded_hash
 from apo_merge.hub import PushOptions, push_folder
 from apo_merge.io.hashing import hash_file
 from tests.checkpoints import make_checkpoint
@@ -68,10 +68,11 @@ def _invoke(args: list[str]):
 
 
 def _assert_complete(out: Path) -> None:
-    recorded = recorded_files((out / "README.md").read_text())
+    text = (out / "README.md").read_text()
+    recorded = recorded_files(text)
     assert recorded
     for name, (size, sha) in recorded.items():
-        assert hash_file(out / name) == (size, sha)
+        assert hash_file(out / name, name=recorded_hash(text)) == (size, sha)
 
 
 def _assert_no_token(result, out: Path, caplog) -> None:

@@ -146,7 +146,7 @@ def test_hash_inputs_card_is_the_card_of_before_hashing_became_opt_in(tmp_path, 
 
     monkeypatch.chdir(tmp_path)
     _golden_inputs(tmp_path)
-    run_merge("prev", "cur", MergeOptions(0.3, device="cpu", hash_inputs=True), "out")
+    run_merge("prev", "cur", MergeOptions(0.3, device="cpu", hash_inputs=True, output_hash="sha256"), "out")
     want = GOLDEN_CARD.read_text().replace("{version}", __version__)
     assert (tmp_path / "out" / "README.md").read_text() == want
 

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from blake3 import blake3
 from safetensors import safe_open
 
 from apo_merge.api import run_merge, run_merges
@@ -271,7 +272,7 @@ def test_verify_catches_a_changed_byte(tmp_path):
         data = bytearray(path.read_bytes())
         data[8 + header_len + begin + 1] ^= 0x01  # one bit of one element
         path.write_bytes(bytes(data))
-        with pytest.raises(MergeError, match="SHA-256"):
+        with pytest.raises(MergeError, match="blake3"):
             verify_output(out)
 
 
@@ -319,7 +320,6 @@ def test_transformers_loads_the_output(tmp_path):
 def test_verify_checks_the_fp8_layout(tmp_path):
     """Bytes as recorded but inconsistent (config.json without quantization_config, its card row re-recorded):
     verify names the FP8 layout, not a hash."""
-    import hashlib
 
     prev, cur = qb.checkpoint(tmp_path / "prev", 0, True), qb.checkpoint(tmp_path / "cur", 1, False)
     out = tmp_path / "out"
@@ -331,8 +331,8 @@ def test_verify_checks_the_fp8_layout(tmp_path):
     config.write_text(json.dumps(data))
     new = config.read_bytes()
     card = out / "README.md"
-    old_row = f"| `config.json` | {len(old)} | `{hashlib.sha256(old).hexdigest()}` |"
-    new_row = f"| `config.json` | {len(new)} | `{hashlib.sha256(new).hexdigest()}` |"
+    old_row = f"| `config.json` | {len(old)} | `{blake3(old).hexdigest()}` |"
+    new_row = f"| `config.json` | {len(new)} | `{blake3(new).hexdigest()}` |"
     assert old_row in card.read_text()
     card.write_text(card.read_text().replace(old_row, new_row))
     with pytest.raises(MergeError, match="FP8 weights do not agree .* no quantization_config"):
@@ -348,7 +348,7 @@ def test_torch_kernel_writes_the_same_bytes(tmp_path):
     with use_tuning(Tuning(chunk_elems=1000)):
         a = run_merge(prev, cur, options, tmp_path / "a")
         b = run_merge(prev, cur, options, tmp_path / "b", hooks=Hooks(kernel=extrapolate_))
-    assert a.sha256 == b.sha256
+    assert a.digests == b.digests
 
 
 @pytest.mark.gpu
@@ -359,7 +359,7 @@ def test_cuda_writes_the_cpu_bytes(tmp_path, prev_q, cur_q):
     with use_tuning(Tuning(chunk_elems=333, gpu_chunk_elems=1000, gpu_slots=2)):
         cpu = run_merges(prev, cur, options.replace(device="cpu"), tmp_path / "cpu{alpha}")
         gpu = run_merges(prev, cur, options.replace(device="cuda"), tmp_path / "gpu{alpha}")
-    assert [r.sha256 for r in gpu] == [r.sha256 for r in cpu]
+    assert [r.digests for r in gpu] == [r.digests for r in cpu]
 
 
 def test_resharded(tmp_path):

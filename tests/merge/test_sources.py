@@ -92,7 +92,7 @@ def test_merge_from_the_hub_equals_the_local_merge_and_cards_the_ids(cache, mode
     )
     _no_input_hashing(monkeypatch)  # the Hub cache names LFS blobs by their SHA-256: nothing is read to hash them
     hub = run_merge("org/a", "org/b@dev", MergeOptions(0.3, device="cpu"), tmp_path / "hub-out")
-    assert set(hub.sha256) == set(local.sha256) and len(hub.sha256) > 1  # b_dev is sharded
+    assert set(hub.digests) == set(local.digests) and len(hub.digests) > 1  # b_dev is sharded
     assert _tensors(tmp_path / "hub-out") == _tensors(tmp_path / "local-out")
     card = (tmp_path / "hub-out" / "README.md").read_text()
     front = card.split("---")[1]
@@ -230,7 +230,7 @@ def test_cli_honours_hf_hub_offline_and_hf_hub_cache_from_the_environment(tmp_pa
     assert run.returncode == 0, run.stderr
     local = run_merge(models["a"], models["b"], MergeOptions(0.5, device="cpu"), tmp_path / "local")
     card = (tmp_path / "out" / "README.md").read_text()
-    assert set(recorded_files(card)) == set(local.sha256)
+    assert set(recorded_files(card)) == set(local.digests)
     assert _tensors(tmp_path / "out") == _tensors(tmp_path / "local")
     assert "base_model:\n- org/a\n- org/b\n" in card
 

@@ -40,7 +40,7 @@ def sharded_out(tiny_checkpoints, tmp_path):
 def test_verify_passes_on_a_fresh_output_through_the_real_cli(sharded_out):
     res = run_cli("verify", sharded_out)
     assert res.code == 0, res.stderr
-    assert "OK, 3 file(s), 21 tensors" in res.stdout and "every SHA-256 matches" in res.stdout
+    assert "OK, 3 file(s), 21 tensors" in res.stdout and "every blake3 matches" in res.stdout
 
 
 def test_verify_single_file_output(tiny_checkpoints, tmp_path):
@@ -50,7 +50,8 @@ def test_verify_single_file_output(tiny_checkpoints, tmp_path):
     assert res.code == 0 and "OK, 1 file(s), 21 tensors" in res.stdout
 
 
-def test_verify_lora_adapter_output(tmp_path):
+@pytest.mark.parametrize("algo", ["blake3", "sha256"])
+def test_verify_lora_adapter_output(tmp_path, algo):
     peft = pytest.importorskip("peft")
     from tests.checkpoints import make_model
 
@@ -65,7 +66,7 @@ def test_verify_lora_adapter_output(tmp_path):
         model.save_pretrained(tmp_path / f"a{seed}")
         adapters.append(tmp_path / f"a{seed}")
     out = tmp_path / "out"
-    run_merge(adapters[0], adapters[1], MergeOptions(0.3), out)
+    run_merge(adapters[0], adapters[1], MergeOptions(0.3, output_hash=algo), out)
     res = _verify(out)
     assert res.code == 0 and "OK, 2 file(s)" in res.stdout, res.stderr  # weights + adapter_config.json
     config = out / "adapter_config.json"  # recorded too: a changed rank or scaling changes the model
@@ -76,7 +77,7 @@ def test_verify_lora_adapter_output(tmp_path):
     assert _verify(out).code == 0
     weights = out / "adapter_model.safetensors"
     _flip(weights, weights.stat().st_size - 1)
-    assert_one_line_error(_verify(out), 1, str(weights), "SHA-256")
+    assert_one_line_error(_verify(out), 1, str(weights), algo)
 
 
 def _flip(path, offset) -> None:
@@ -88,7 +89,7 @@ def _flip(path, offset) -> None:
 def test_verify_flipped_data_byte(sharded_out):
     shard = sharded_out / SHARD2
     _flip(shard, shard.stat().st_size - 3)
-    assert_one_line_error(_verify(sharded_out), 1, str(shard), "SHA-256", "differs from the", "model card")
+    assert_one_line_error(_verify(sharded_out), 1, str(shard), "blake3", "differs from the", "model card")
 
 
 def test_verify_flipped_header_byte(sharded_out):
@@ -147,7 +148,7 @@ def test_verify_card_hash_edited(sharded_out):
     row = next(line for line in text.splitlines() if line.startswith(f"| `{SHARD2}`"))
     sha = row.split("`")[3]
     card.write_text(text.replace(sha, sha[::-1]))
-    assert_one_line_error(_verify(sharded_out), 1, str(sharded_out / SHARD2), "SHA-256")
+    assert_one_line_error(_verify(sharded_out), 1, str(sharded_out / SHARD2), "blake3")
 
 
 def test_verify_not_a_folder(tmp_path):
