@@ -395,9 +395,21 @@ def test_bf16_base_with_blocks_names_is_not_mxfp4(tmp_path, keep_sigterm):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("prev_q", "cur_q"), [(True, False), (False, True), (True, True)])
-def test_cuda_writes_the_cpu_bytes(tmp_path, prev_q, cur_q):
+def test_cuda_writes_the_cpu_bytes(tmp_path, monkeypatch, prev_q, cur_q):
+    """On CUDA the experts' blocks and scales go to the device and the Triton kernel dequantizes them there (the
+    host dequantizes none): the CPU's bytes."""
+    from apo_merge.engine import compute
+
     prev, cur = checkpoint(tmp_path / "prev", 0, prev_q), checkpoint(tmp_path / "cur", 1, cur_q)
     with use_tuning(Tuning(chunk_elems=333, gpu_chunk_elems=1000, gpu_slots=2)):
         cpu = run_merge(prev, cur, MergeOptions(ALPHA, device="cpu"), tmp_path / "cpu")
+        on_host, host = [], compute.dequantize
+
+        def counted(task, parts=None):
+            on_host.extend(task.quant if parts is None else parts)
+            host(task, parts)
+
+        monkeypatch.setattr(compute, "dequantize", counted)
         gpu = run_merge(prev, cur, MergeOptions(ALPHA, device="cuda"), tmp_path / "gpu")
     assert gpu.sha256 == cpu.sha256
+    assert not [q for q in on_host if q[1].kind == "mxfp4"]
