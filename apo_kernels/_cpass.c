@@ -360,12 +360,15 @@ done:
     return result;
 }
 
-static PyObject *dequant_fp8(PyObject *self, PyObject *args); /* the quantized-inputs section, at the end */
+/* the quantized-inputs section, at the end */
+static PyObject *dequant_fp8(PyObject *self, PyObject *args);
+static PyObject *dequant_mxfp4(PyObject *self, PyObject *args);
 
 static PyMethodDef methods[] = {
     {"extrapolate_into", extrapolate_into, METH_VARARGS, "The fused pass over byte buffers (apo_kernels.cpass)."},
     /* quantized inputs (section at the end of this file) */
     {"dequant_fp8", dequant_fp8, METH_VARARGS, "fp8 bytes -> fp32(w) * block scale, in place (apo_merge.quant)."},
+    {"dequant_mxfp4", dequant_mxfp4, METH_VARARGS, "MXFP4 expert -> e2m1 * 2^(s-127), swapped (apo_merge.quant)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -375,12 +378,12 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpass", NULL, -1, m
 PyMODINIT_FUNC PyInit__cpass(void)
 {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "VERSION", 1) < 0)
+    if (m && PyModule_AddIntConstant(m, "VERSION", 2) < 0)
         Py_CLEAR(m);
     return m;
 }
 
-/* ==== quantized inputs (issue 28): FP8 block-scaled dequantization ============================================ *
+/* ==== quantized inputs (issue 28): FP8 block-scaled and MXFP4 dequantization ==================================== *
  * dequant_fp8(buf, n, table, scales, geometry) -> None. buf holds n fp8 bytes at its front (elements begin..begin+n
  * of a [rows, cols] weight, flattened) and receives their n fp32 values over the same memory:
  *     out[i] = table[raw[i]] * scales[(row / bo) * scols + col / bi]
@@ -389,6 +392,12 @@ PyMODINIT_FUNC PyInit__cpass(void)
  * payloads included. geometry = (begin, cols, bo, bi, scols). In place: blocks go from the last to the first, each
  * block's bytes copied out first; block k writes bytes [4*lo, 4*hi), never below its own start lo, so the raw
  * bytes of the blocks still to come (below lo) are intact. */
+
+/* Whether any of three addresses is not a multiple of 4: fp32 tables, scales and outputs are read as float. */
+static int misaligned(const void *a, const void *b, const void *c)
+{
+    return (int)(((uintptr_t)a | (uintptr_t)b | (uintptr_t)c) & 3u);
+}
 
 CLONES static void dequant_block(const uint8_t *raw, float *out, size_t m, const float *table, const float *scales,
                                  const size_t *g /* begin+lo, cols, bo, bi, scols */)
@@ -428,7 +437,7 @@ static PyObject *dequant_fp8(PyObject *self, PyObject *args)
         g[k] = (size_t)gs[k];
     }
     if (negative || (size_t)buf.len < (size_t)n * 4 || table.len != 256 * 4 || !g[1] || !g[2] || !g[3] || !g[4] ||
-        ((uintptr_t)buf.buf | (uintptr_t)table.buf | (uintptr_t)scales.buf) & 3u) {
+        misaligned(buf.buf, table.buf, scales.buf)) {
         PyErr_SetString(PyExc_ValueError, "dequant_fp8: bad sizes");
         goto done;
     }
@@ -456,6 +465,75 @@ done:
     PyBuffer_Release(&buf);
     PyBuffer_Release(&table);
     PyBuffer_Release(&scales);
+    return result;
+}
+
+/* dequant_mxfp4(out, blocks, scales, fp4, pow2, (rows, groups, lo, hi)) -> None. One expert of a gpt-oss MXFP4
+ * weight: blocks [rows, groups, 16] (two e2m1 nibbles a byte, the low one first), scales [rows, groups] (E8M0). Its
+ * fp32 matrix is read swapped, [groups * 32, rows], as transformers' convert_moe_packed_tensors gives it: element
+ * k = h * rows + r is value h of stored row r. out receives elements lo..hi of it:
+ *     out[k - lo] = fp4[nibble h of row r] * pow2[scales[r, h / 32]]
+ * fp4 (the 16 e2m1 values) and pow2 (2^(s-127) for every byte s) are apo_merge.quant.mxfp4's tables, exact fp32, so
+ * the product is the numpy twin's one fp32 multiply. Work goes per group and tile of MX_ROWS stored rows: the tile's
+ * bytes of the group stay in L1 while its (up to) 32 output rows are written, each a contiguous run. */
+#define MX_ROWS 256
+
+CLONES static void mxfp4_expert(const uint8_t *blk, const uint8_t *sc, const float *fp4, const float *pow2, float *out,
+                                const size_t *g /* rows, groups, lo, hi */)
+{
+    size_t rows = g[0], groups = g[1], lo = g[2], hi = g[3], stride = groups * 16;
+    size_t h0 = lo / rows, h1 = (hi - 1) / rows + 1, first = lo - h0 * rows, last = hi - (h1 - 1) * rows;
+    size_t rmin = h1 - h0 == 1 ? first : 0, rmax = h1 - h0 == 1 ? last : rows; /* stored rows the chunk reads */
+    float p[MX_ROWS];
+    uint8_t bytes[MX_ROWS * 16]; /* the tile's 16 bytes of the group, packed: a power-of-two stride would alias in L1 */
+    for (size_t grp = h0 / 32; grp * 32 < h1; grp++) {
+        size_t a = grp * 32 > h0 ? grp * 32 : h0, z = grp * 32 + 32 < h1 ? grp * 32 + 32 : h1;
+        for (size_t t0 = rmin; t0 < rmax; t0 += MX_ROWS) {
+            size_t t1 = t0 + MX_ROWS < rmax ? t0 + MX_ROWS : rmax;
+            for (size_t r = t0; r < t1; r++) {
+                p[r - t0] = pow2[sc[r * groups + grp]];
+                memcpy(bytes + (r - t0) * 16, blk + r * stride + grp * 16, 16);
+            }
+            for (size_t h = a; h < z; h++) {
+                size_t r0 = h == h0 && first > t0 ? first : t0, r1 = h == h1 - 1 && last < t1 ? last : t1;
+                const uint8_t *b = bytes + (h % 32) / 2;
+                unsigned shift = (unsigned)(h & 1) * 4;
+                float *o = out + (h * rows + r0 - lo);
+                for (size_t r = r0; r < r1; r++) o[r - r0] = fp4[(b[(r - t0) * 16] >> shift) & 15] * p[r - t0];
+            }
+        }
+    }
+}
+
+static PyObject *dequant_mxfp4(PyObject *self, PyObject *args)
+{
+    Py_buffer out = {0}, blk = {0}, sc = {0}, fp4 = {0}, pow2 = {0};
+    Py_ssize_t gs[4];
+    PyObject *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*(nnnn)", &out, &blk, &sc, &fp4, &pow2, &gs[0], &gs[1], &gs[2], &gs[3]))
+        return NULL;
+    Py_ssize_t rows = gs[0], groups = gs[1], lo = gs[2], hi = gs[3];
+    if (rows <= 0 || groups <= 0 || rows > PY_SSIZE_T_MAX / 32 / groups || lo < 0 || hi < lo ||
+        hi > rows * groups * 32 || blk.len < rows * groups * 16 || sc.len < rows * groups || out.len / 4 < hi - lo ||
+        fp4.len != 16 * 4 || pow2.len != 256 * 4 || misaligned(out.buf, fp4.buf, pow2.buf)) {
+        PyErr_SetString(PyExc_ValueError, "dequant_mxfp4: bad sizes");
+        goto done;
+    }
+    size_t g[4] = {(size_t)rows, (size_t)groups, (size_t)lo, (size_t)hi};
+    if (hi > lo) {
+        Py_BEGIN_ALLOW_THREADS
+        mxfp4_expert(blk.buf, sc.buf, fp4.buf, pow2.buf, out.buf, g);
+        Py_END_ALLOW_THREADS
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&blk);
+    PyBuffer_Release(&sc);
+    PyBuffer_Release(&fp4);
+    PyBuffer_Release(&pow2);
     return result;
 }
 /* ==== end of the quantized-inputs section ====================================================================== */

@@ -293,9 +293,46 @@ def dequant_fp8_(
     ``cols`` columns, ``where = (begin, cols, bo, bi)``: DeepSeek's ``weight_dequant`` (one fp32 product), the
     value the CPU paths give (apo_merge.quant.dequant). ``raw`` uint8, ``table`` the 256 fp32 values of the fp8
     dtype, ``scale`` the fp32 block grid, ``out`` fp32; all contiguous on one device (CPU: the interpreter)."""
-    n = raw.numel()
-    if n == 0:
-        return
     begin, cols, bo, bi = where
-    args = (raw, table, scale, out, n, begin, cols, bo, bi, scale.shape[-1])
-    _launch(_dequant_fp8_kernel, (-(-n // _BLOCK),), out.device, args, {"BLOCK": _BLOCK})
+    _launch_dequant(_dequant_fp8_kernel, out, (raw, table, scale), (begin, cols, bo, bi, scale.shape[-1]))
+
+
+def _launch_dequant(kernel, out: torch.Tensor, inputs: tuple, geometry: tuple) -> None:
+    """A dequantization kernel over ``out``'s elements, one program per BLOCK: ``kernel(*inputs, out, n,
+    *geometry)``."""
+    n = out.numel()
+    if n:
+        _launch(kernel, (-(-n // _BLOCK),), out.device, (*inputs, out, n, *geometry), {"BLOCK": _BLOCK})
+
+
+# -- MXFP4 dequantization on the device: one expert of gpt-oss's blocks/scales, read swapped --------------------
+@triton.jit
+def _dequant_mxfp4_kernel(blocks_ptr, scales_ptr, fp4_ptr, pow2_ptr, out_ptr, n, lo, rows, groups, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    k = lo + offs  # element k = h * rows + r of the swapped [groups * 32, rows] matrix: value h of stored row r
+    h = k // rows
+    r = k - h * rows
+    at = r * groups + h // 32  # the (row, group) of its byte and scale
+    byte = tl.load(blocks_ptr + at * 16 + (h % 32) // 2, mask=mask, other=0).to(tl.int32)
+    nibble = (byte >> ((h % 2) * 4).to(tl.int32)) & 15  # the low nibble first
+    value = tl.load(fp4_ptr + nibble, mask=mask, other=0.0)  # the e2m1 value, exact in fp32
+    s = tl.load(scales_ptr + at, mask=mask, other=127).to(tl.int32)
+    scale = tl.load(pow2_ptr + s, mask=mask, other=1.0)  # 2^(s-127), exact in fp32 (subnormal from s < 1)
+    tl.store(out_ptr + offs, value * scale, mask=mask)  # one fp32 product: the only rounding
+
+
+def dequant_mxfp4_(
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    out: torch.Tensor,
+    span: tuple[int, int],
+) -> None:
+    """``out`` = elements ``lo..lo+len(out)`` of one MXFP4 expert's fp32 matrix read swapped, ``span = (lo, rows)``:
+    element ``h * rows + r`` is ``fp4[nibble h of row r] * pow2[scales[r, h // 32]]``, transformers'
+    ``convert_moe_packed_tensors`` and the CPU paths' value (apo_merge.quant.mxfp4). ``blocks`` uint8 [rows, groups,
+    16], ``scales`` uint8 [rows, groups], ``tables`` = (fp4, pow2) fp32, ``out`` fp32; all contiguous on one device
+    (CPU: the interpreter)."""
+    lo, rows = span
+    _launch_dequant(_dequant_mxfp4_kernel, out, (blocks, scales, *tables), (lo, rows, scales.numel() // rows))

@@ -14,7 +14,7 @@ import numpy as np
 from apo_kernels import numpy_twin
 from apo_kernels.dtypes import KERNEL_NAMES
 
-_VERSION = 1  # VERSION in _cpass.c: a build left from older C source in a checkout is not used
+_VERSION = 2  # VERSION in _cpass.c: a build left from older C source in a checkout is not used
 
 try:
     from apo_kernels import _cpass
@@ -63,6 +63,12 @@ def dequant_fp8() -> Callable[..., None] | None:
     """The compiled in-place FP8 dequantization (``apo_merge.quant.dequant`` documents it), None where not built:
     ``(buf, n, table, scales, (begin, cols, bo, bi, scols))``."""
     return getattr(_cpass, "dequant_fp8", None)
+
+
+def dequant_mxfp4() -> Callable[..., None] | None:
+    """The compiled MXFP4 dequantization of one expert (``apo_merge.quant.mxfp4`` documents it), None where not
+    built: ``(out, blocks, scales, fp4, pow2, (rows, groups, lo, hi))``."""
+    return getattr(_cpass, "dequant_mxfp4", None)
 
 
 def best() -> Into:

@@ -113,7 +113,7 @@ class CudaCompute(TorchCompute):
         ]
         self.dev_found = [[torch.zeros((), dtype=torch.int64, device=self.device) for _ in range(n)] for _ in range(2)]
         self._raw = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in self.streams]  # fp8 bytes
-        self._scales, self._tables = {}, {}  # block scales per tensor, fp8 value tables, on the device
+        self._uploads = {}  # id(host array) -> (it, its device copy): scales, value tables, MXFP4 experts
         for s in self.streams:
             s.wait_stream(torch.cuda.current_stream(self.device))
         try:
@@ -125,10 +125,12 @@ class CudaCompute(TorchCompute):
             self.found = [sum(int(f[j]) for f in self.dev_found) for j in range(n)]
 
     def dequantize(self, task: Task) -> None:
-        """FP8 sides that fill the whole chunk cross to the device as their raw bytes (a quarter of fp32's) and are
-        dequantized there by apo_kernels' Triton kernel (the same products as the CPU paths); the rest (MXFP4,
-        parts of packed experts) on the host as on the CPU."""
-        whole = [q for q in task.quant if q[1].kind == "fp8" and q[3][0] == 0 and q[3][2] == task.count]
+        """Quantized sides that fill the whole chunk are dequantized on the device by apo_kernels' Triton kernels
+        (the same products as the CPU paths): FP8 crosses as its raw bytes (a quarter of fp32's); MXFP4 as the
+        blocks and scales of the experts the chunk reads (a chunk of the swapped tensor reads across every row of
+        an expert), each uploaded once for all of its chunks (about an eighth of fp32's). Parts of packed experts
+        stay on the host, as on the CPU."""
+        whole = [q for q in task.quant if q[1].kind in ("fp8", "mxfp4") and q[3][0] == 0 and q[3][2] == task.count]
         dequantize(task, [q for q in task.quant if q not in whole])
         task.quant = tuple(whole)
 
@@ -136,21 +138,41 @@ class CudaCompute(TorchCompute):
         import torch
 
         from apo_kernels import _triton
+        from apo_merge.quant import mxfp4
         from apo_merge.quant.dequant import fp8_values
 
         (_, info, scale, (_, begin, count)) = next(q for q in task.quant if q[0] == side)
-        key = (info.name, id(scale))
-        if key not in self._scales:  # one upload per tensor: its chunks come one after another
-            if len(self._scales) >= 4:
-                self._scales.clear()
-            self._scales[key] = torch.from_numpy(scale).to(self.device, non_blocking=False)
-        if info.raw_dtype not in self._tables:
-            self._tables[info.raw_dtype] = torch.from_numpy(fp8_values(info.raw_dtype)).to(self.device)
+        out = dev[: count * 4].view(torch.float32)
+        if info.kind == "mxfp4":  # ``scale``: the experts' blocks and scales, as the host path gets them
+            tables = self._upload(mxfp4.FP4, mxfp4.POW2)
+            for blk, scales, lo, hi, pos in mxfp4.spans(scale, begin, count, info):
+                d_blk, d_scales = self._upload(blk, scales)
+                _triton.dequant_mxfp4_(d_blk, d_scales, tables, out[pos : pos + hi - lo], (lo, scales.shape[0]))
+            return
+        table, d_scale = self._upload(fp8_values(info.raw_dtype), scale)
         raw = self._raw[self._k % 2][:count]
         raw.copy_(host[:count], non_blocking=True)
-        out = dev[: count * 4].view(torch.float32)
-        where = (begin, info.shape[1], *info.block)
-        _triton.dequant_fp8_(raw, self._tables[info.raw_dtype], self._scales[key], out, where)
+        _triton.dequant_fp8_(raw, table, d_scale, out, (begin, info.shape[1], *info.block))
+
+    def _upload(self, *arrays) -> list:
+        """Host arrays (scales, tables, MXFP4 experts) on the device, each copied once while it is in use: held
+        here, so that its id stays its own while cached; the least recently used goes past 12 (a chunk's own
+        arrays are the most recent, and one dropped early costs only another upload)."""
+        import torch
+
+        stream = torch.cuda.current_stream(self.device)
+        got = []
+        for a in arrays:
+            entry = self._uploads.pop(id(a), None)
+            if entry is None:
+                if len(self._uploads) >= 12:
+                    del self._uploads[next(iter(self._uploads))]
+                entry = (a, torch.from_numpy(a).to(self.device))
+            self._uploads[id(a)] = entry  # now the most recent
+            t = entry[1]
+            t.record_stream(stream)  # used on both streams: not reused by the allocator before this one is done
+            got.append(t)
+        return got
 
     def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
         import torch

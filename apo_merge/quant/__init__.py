@@ -3,7 +3,8 @@ FP8 (per tensor, channel or block) and MXFP4 (gpt-oss experts).
 
 - ``layout``: detects the layout from config.json and the tensor names/dtypes and folds each quantized weight and
   its scales into one ``QuantInfo`` source (the scales leave the plan); every inconsistency is one MergeError.
-- ``mxfp4``: gpt-oss's ``*_blocks`` + ``*_scales``, named, shaped and valued as transformers dequantizes them.
+- ``mxfp4``: gpt-oss's ``*_blocks`` + ``*_scales``, named, shaped and valued as transformers dequantizes them
+  (apo_kernels' compiled pass where built, else numpy lines; on CUDA a Triton kernel).
 - ``dequant``: fp32(w) * scale of the element's block, per chunk, as DeepSeek's ``weight_dequant`` computes it
   (one fp32 rounding per element): the engine's reader reads the raw bytes and the scales, its compute workers
   dequantize each chunk in place (apo_kernels' compiled pass where built) before the kernel runs.

@@ -84,6 +84,7 @@ def dequant_block(raw: np.ndarray, begin: int, info: QuantInfo, scale: np.ndarra
 
 _local = threading.local()  # each compute thread's copy of the raw bytes
 _COMPILED = cpass.dequant_fp8()  # apo_kernels' compiled pass where built, else the numpy lines below
+_COMPILED_MXFP4 = cpass.dequant_mxfp4()  # likewise, else quant.mxfp4's numpy lines
 
 
 def dequantize(task, parts=None) -> None:
@@ -93,7 +94,7 @@ def dequantize(task, parts=None) -> None:
     for side, info, scale, (offset, begin, count) in task.quant if parts is None else parts:
         view = task.slot.views[side][offset * 4 :]  # a part of a packed tensor starts past the chunk's front
         if info.kind == "mxfp4":  # ``scale``: the experts' blocks and scales
-            mxfp4.dequant_experts(scale, begin, info, np.frombuffer(view, np.float32, count))
+            mxfp4.dequant_experts(scale, begin, info, np.frombuffer(view, np.float32, count), _COMPILED_MXFP4)
             continue
         if _COMPILED is not None:  # one pass, in place, the same products (tests/merge/test_quant.py)
             cols, (bo, bi) = info.shape[1], info.block

@@ -12,7 +12,7 @@ is exact or, for s >= 253, overflows to inf exactly as transformers' ``ldexp`` d
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -128,23 +128,42 @@ def read_experts(pread: Pread, source: tuple[FileHeader, QuantInfo], begin: int,
     return out
 
 
-def dequant_experts(experts: list, begin: int, info: QuantInfo, out: np.ndarray) -> None:
-    """``out`` (float32) = elements ``begin..begin+len(out)`` of ``info``'s dequantized, swapped tensor."""
+def spans(experts: list, begin: int, count: int, info: QuantInfo) -> Iterator[tuple]:
+    """Per expert the chunk ``begin..begin+count`` reaches: ``(blocks, scales, lo, hi, pos)``, its elements
+    ``lo..hi`` within that expert's swapped [width, rows] matrix going to ``pos..`` of the chunk."""
     _, width, rows = info.shape
-    per, pos, end = width * rows, 0, begin + len(out)
+    per, pos, end = width * rows, 0, begin + count
     for e, blk, scales in experts:
-        lo, hi = max(begin, e * per) - e * per, min(end, (e + 1) * per) - e * per  # elements within expert e
-        if hi <= lo:
-            continue
-        h0, h1 = lo // rows, (hi - 1) // rows + 1  # its rows of the swapped [width, rows] matrix
-        g0, g1 = h0 // GROUP, (h1 - 1) // GROUP + 1
-        b = blk[:, g0:g1]
-        vals = np.empty((rows, g1 - g0, GROUP // 2, 2), np.float32)
-        vals[..., 0] = FP4[b & 0x0F]
-        vals[..., 1] = FP4[b >> 4]
-        with np.errstate(over="ignore"):  # s >= 253: inf, as transformers' ldexp gives
-            vals *= POW2[scales[:, g0:g1]][:, :, None, None]
-        part = vals.reshape(rows, (g1 - g0) * GROUP)[:, h0 - g0 * GROUP : h1 - g0 * GROUP].T.reshape(-1)
-        skip = lo - h0 * rows
-        out[pos : pos + hi - lo] = part[skip : skip + hi - lo]
-        pos += hi - lo
+        lo, hi = max(begin, e * per) - e * per, min(end, (e + 1) * per) - e * per
+        if lo < hi:
+            yield blk, scales, lo, hi, pos
+            pos += hi - lo
+
+
+def dequant_experts(
+    experts: list, begin: int, info: QuantInfo, out: np.ndarray, compiled: Callable | None = None
+) -> None:
+    """``out`` (float32) = elements ``begin..begin+len(out)`` of ``info``'s dequantized, swapped tensor; with
+    ``compiled`` (``apo_kernels.cpass.dequant_mxfp4()``) in one pass per expert, the same products."""
+    for blk, scales, lo, hi, pos in spans(experts, begin, len(out), info):
+        if compiled is not None:
+            compiled(out[pos : pos + hi - lo], blk, scales, FP4, POW2, (*scales.shape, lo, hi))
+        else:
+            _dequant_numpy(blk, scales, lo, hi, out[pos : pos + hi - lo])
+
+
+def _dequant_numpy(blk: np.ndarray, scales: np.ndarray, lo: int, hi: int, out: np.ndarray) -> None:
+    """The numpy lines (the reference of the compiled pass and the Triton kernel): elements ``lo..hi`` of one
+    expert into ``out``, over whole stored rows of the groups they reach."""
+    rows = scales.shape[0]
+    h0, h1 = lo // rows, (hi - 1) // rows + 1  # its rows of the swapped [width, rows] matrix
+    g0, g1 = h0 // GROUP, (h1 - 1) // GROUP + 1
+    b = blk[:, g0:g1]
+    vals = np.empty((rows, g1 - g0, GROUP // 2, 2), np.float32)
+    vals[..., 0] = FP4[b & 0x0F]
+    vals[..., 1] = FP4[b >> 4]
+    with np.errstate(over="ignore"):  # s >= 253: inf, as transformers' ldexp gives
+        vals *= POW2[scales[:, g0:g1]][:, :, None, None]
+    part = vals.reshape(rows, (g1 - g0) * GROUP)[:, h0 - g0 * GROUP : h1 - g0 * GROUP].T.reshape(-1)
+    skip = lo - h0 * rows
+    out[:] = part[skip : skip + hi - lo]

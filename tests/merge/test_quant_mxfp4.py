@@ -4,17 +4,19 @@ line with nothing left."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from apo_kernels import cpass
 from apo_merge.api import run_merge
 from apo_merge.engine import Tuning, use_tuning
 from apo_merge.options import MergeOptions
 from apo_merge.quant.layout import QuantInfo
-from apo_merge.quant.mxfp4 import dequant_experts
+from apo_merge.quant.mxfp4 import FP4, POW2, dequant_experts, spans
 from apo_merge.verify import verify_output
 from tests.kernels.oracle import assert_bits_equal, contract
 from tests.merge import quant_build as qb
@@ -95,15 +97,25 @@ def side(folder) -> dict[str, torch.Tensor]:
     return out
 
 
-def _dequant(blocks, scales, chunk) -> torch.Tensor:
+def _dequant(blocks, scales, chunk, compiled=None) -> torch.Tensor:
     e, r, g, _ = blocks.shape
     info = QuantInfo("w", "F32", (e, g * 32, r), 0, blocks.numel(), raw_dtype="U8", kind="mxfp4")
     experts = [(k, blocks[k].numpy(), scales[k].numpy()) for k in range(e)]
     out = np.empty(e * g * 32 * r, np.float32)
     for begin in range(0, out.size, chunk):
         n = min(chunk, out.size - begin)
-        dequant_experts(experts, begin, info, out[begin : begin + n])
+        with _guarded(n) as part:
+            dequant_experts(experts, begin, info, part.numpy(), compiled)
+        out[begin : begin + n] = part
     return torch.from_numpy(out).reshape(e, g * 32, r)
+
+
+@contextlib.contextmanager
+def _guarded(n: int, device="cpu"):
+    """A fresh chunk buffer with a sentinel on either side, checked afterwards: nothing written outside it."""
+    buf = torch.full((n + 2,), 7.0, device=device)
+    yield buf[1:-1]
+    assert buf[0].item() == 7.0 and buf[-1].item() == 7.0, "written outside the chunk"
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 3), (3, 64, 192), (1, 1, 2)])
@@ -137,6 +149,97 @@ def test_bf16_dequantization_is_the_same_values():
     assert_bits_equal(got, got.bfloat16().float())
 
 
+def _cuts(e: int, w: int, r: int, rng: np.random.Generator) -> list[int]:
+    """Chunk boundaries: at and beside expert and output-row ends (mid-expert, mid-row), and at random."""
+    total, per = e * w * r, w * r
+    marks = [k * per + d for k in range(e) for d in (-1, 0, 1, r - 1, r + 1, per // 2)]
+    marks += list(rng.integers(0, total, 12))
+    return sorted({0, total} | {m for m in marks if 0 < m < total})
+
+
+def _twins(blocks, scales, cuts, device="cpu") -> dict[str, np.ndarray]:
+    """The numpy lines, the compiled pass (where built) and the Triton kernel on ``device`` (the CPU: its
+    interpreter), each over the chunks between ``cuts``."""
+    from apo_kernels import _triton
+
+    e, r, g, _ = blocks.shape
+    info = QuantInfo("w", "F32", (e, g * 32, r), 0, blocks.numel(), raw_dtype="U8", kind="mxfp4")
+    experts = [(k, blocks[k].numpy(), scales[k].numpy()) for k in range(e)]
+    on = {id(a): torch.from_numpy(a).to(device) for _, b, s in experts for a in (b, s)}
+    tables = (torch.from_numpy(FP4).to(device), torch.from_numpy(POW2).to(device))
+    ways = {"numpy": None, "C": cpass.dequant_mxfp4()} if cpass.dequant_mxfp4() else {"numpy": None}
+    got = {name: np.full(cuts[-1], 7, np.float32) for name in [*ways, "triton"]}
+    for begin, end in zip(cuts, cuts[1:]):
+        for name, compiled in ways.items():
+            with _guarded(end - begin) as part:
+                dequant_experts(experts, begin, info, part.numpy(), compiled)
+            got[name][begin:end] = part
+        with _guarded(end - begin, device) as part:
+            for b, s, lo, hi, pos in spans(experts, begin, end - begin, info):
+                _triton.dequant_mxfp4_(on[id(b)], on[id(s)], tables, part[pos : pos + hi - lo], (lo, r))
+        got["triton"][begin:end] = part.cpu().numpy()
+    return got
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 97, 3), (2, 300, 1), (1, 513, 2), (2, 7, 5), (1, 1, 1)],  # rows across the C pass's 256-row tiles too
+)
+def test_twins_are_the_reference_bits(shape):
+    """numpy, the compiled pass and the Triton kernel (interpreted) write the same bits, the independent float64
+    reference's: random bytes (every nibble), every scale 0..254 (inf from the largest, fp32 subnormals from the
+    smallest), chunks that start and end mid-expert and mid-row."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(sum(shape))
+    e, r, groups = shape
+    blocks = torch.randint(0, 256, (e, r, groups, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(0, 255, (e, r, groups), dtype=torch.uint8, generator=g)
+    k = min(255, scales.numel())
+    scales.view(-1)[:k] = torch.arange(255, dtype=torch.uint8)[torch.randperm(255, generator=g)[:k]]
+    scales.view(-1)[: min(2, k)] = torch.tensor([0, 254], dtype=torch.uint8)[: min(2, k)]
+    want = reference(blocks, scales).reshape(-1).numpy()
+    if scales.numel() >= 255:  # the cases the test is for, present
+        assert np.isinf(want).any() and ((want != 0) & (np.abs(want) < np.finfo(np.float32).tiny)).any()
+    cuts = _cuts(e, groups * 32, r, np.random.default_rng(sum(shape)))
+    got = _twins(blocks, scales, cuts)
+    assert sorted(got) == (["C", "numpy", "triton"] if cpass.dequant_mxfp4() else ["numpy", "triton"])
+    for name, values in got.items():
+        assert np.array_equal(values.view(np.uint32), want.view(np.uint32)), name
+
+
+@pytest.mark.skipif(cpass.dequant_mxfp4() is None, reason="the compiled pass is not built")
+@pytest.mark.parametrize("chunk", [1, 31, 257, 5000])
+def test_compiled_dequant_every_chunk_start(chunk):
+    """The compiled pass over every chunk start of small, odd shapes: the numpy lines' bits."""
+    g = torch.Generator().manual_seed(chunk)
+    for shape in ((2, 5, 3), (3, 33, 1), (1, 260, 2)):
+        blocks, scales = quantized((shape[0], shape[2] * 32, shape[1]), g, low=0, high=255)
+        assert_bits_equal(_dequant(blocks, scales, chunk, cpass.dequant_mxfp4()), _dequant(blocks, scales, chunk))
+
+
+@pytest.mark.skipif(cpass.dequant_mxfp4() is None, reason="the compiled pass is not built")
+def test_compiled_dequant_refuses_a_geometry_beyond_its_buffers():
+    blk, sc, out = np.zeros((4, 2, 16), np.uint8), np.zeros((4, 2), np.uint8), np.zeros(256, np.float32)
+    for geometry, arrays in (
+        ((4, 2, 0, 257), (out, blk, sc)),  # past the expert's 256 values
+        ((4, 2, 0, 256), (out[:255], blk, sc)),  # out too short
+        ((4, 2, 0, 256), (out, blk[:3], sc)),  # blocks too short
+        ((4, 2, 0, 256), (out, blk, sc[:3])),  # scales too short
+        ((4, 2, 9, 8), (out, blk, sc)),  # hi < lo
+    ):
+        with pytest.raises(ValueError, match="bad sizes"):
+            cpass.dequant_mxfp4()(*arrays, FP4, POW2, geometry)
+
+
+@pytest.mark.gpu
+def test_triton_on_cuda_is_the_reference_bits():
+    g = torch.Generator().manual_seed(9)
+    blocks, scales = quantized((3, 96, 97), g, low=0, high=255)
+    cuts = _cuts(3, 96, 97, np.random.default_rng(9))
+    got = _twins(blocks, scales, cuts, device="cuda")["triton"]
+    assert_bits_equal(torch.from_numpy(got), reference(blocks, scales).reshape(-1))
+
+
 @pytest.mark.parametrize(("prev_q", "cur_q"), [(True, False), (False, True), (True, True), (False, False)])
 def test_merge_every_combination(tmp_path, prev_q, cur_q):
     prev, cur = checkpoint(tmp_path / "prev", 0, prev_q), checkpoint(tmp_path / "cur", 1, cur_q)
@@ -156,6 +259,26 @@ def test_merge_every_combination(tmp_path, prev_q, cur_q):
     for s, q in (("prev", prev_q), ("cur", cur_q)):
         assert (f"| {s} dequantized | 2 MXFP4 weights" in card) == q
     verify_output(tmp_path / "out")
+
+
+@pytest.mark.skipif(cpass.dequant_mxfp4() is None, reason="the compiled pass is not built")
+def test_numpy_fallback_writes_the_compiled_bytes(tmp_path, monkeypatch):
+    """MXFP4 PREV + bf16 CUR with the compiled pass and with the numpy lines (where it is not built): the same
+    bytes, the reference's."""
+    from apo_merge.quant import dequant
+
+    prev, cur = checkpoint(tmp_path / "prev", 0, True), checkpoint(tmp_path / "cur", 1, False)
+    compiled, calls = cpass.dequant_mxfp4(), []
+    monkeypatch.setattr(dequant, "_COMPILED_MXFP4", lambda *a: (calls.append(a[-1]), compiled(*a)))
+    with use_tuning(Tuning(chunk_elems=333)):  # chunks across rows, groups and experts
+        a = run_merge(prev, cur, MergeOptions(ALPHA), tmp_path / "a")
+        assert len(calls) > 2 * E  # it ran, over every expert of both weights
+        monkeypatch.setattr(dequant, "_COMPILED_MXFP4", None)
+        b = run_merge(prev, cur, MergeOptions(ALPHA), tmp_path / "b")
+    assert a.digests == b.digests
+    out, p, c = _load(tmp_path / "a"), side(prev), side(cur)
+    for name in EXPERTS:
+        assert_bits_equal(out[name], contract(p[name], c[name], ALPHA, torch.bfloat16))
 
 
 def test_mxfp4_prev_fp32_output(tmp_path):
@@ -272,9 +395,21 @@ def test_bf16_base_with_blocks_names_is_not_mxfp4(tmp_path, keep_sigterm):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("prev_q", "cur_q"), [(True, False), (False, True), (True, True)])
-def test_cuda_writes_the_cpu_bytes(tmp_path, prev_q, cur_q):
+def test_cuda_writes_the_cpu_bytes(tmp_path, monkeypatch, prev_q, cur_q):
+    """On CUDA the experts' blocks and scales go to the device and the Triton kernel dequantizes them there (the
+    host dequantizes none): the CPU's bytes."""
+    from apo_merge.engine import compute
+
     prev, cur = checkpoint(tmp_path / "prev", 0, prev_q), checkpoint(tmp_path / "cur", 1, cur_q)
     with use_tuning(Tuning(chunk_elems=333, gpu_chunk_elems=1000, gpu_slots=2)):
         cpu = run_merge(prev, cur, MergeOptions(ALPHA, device="cpu"), tmp_path / "cpu")
+        on_host, host = [], compute.dequantize
+
+        def counted(task, parts=None):
+            on_host.extend(task.quant if parts is None else parts)
+            host(task, parts)
+
+        monkeypatch.setattr(compute, "dequantize", counted)
         gpu = run_merge(prev, cur, MergeOptions(ALPHA, device="cuda"), tmp_path / "gpu")
     assert gpu.digests == cpu.digests
+    assert not [q for q in on_host if q[1].kind == "mxfp4"]
