@@ -234,7 +234,7 @@ def export_hf(
     metadata = {"format": "pt", **{k: v for k, v in summary.items() if k.startswith("apo_")}}
     staged = StagedFolder(out, overwrite)
     prefetcher = Prefetcher()
-    prefetcher.prefetch([ckpt.root / n for n in _read_order(ckpt, groups)])
+    prefetcher.ranges(_read_order(ckpt, groups))
     fds: dict[str, int] = {}
     with staged as tmp:
         files = {}
@@ -271,14 +271,15 @@ def export_hf(
     return out
 
 
-def _read_order(ckpt: DcpCheckpoint, groups: list) -> list[str]:
-    """The storage files in the order the export first reads them."""
-    seen: dict[str, None] = {}
-    for group in groups:
-        for _, e in group:
-            for c in sorted(e.chunks, key=lambda c: c.offsets):
-                seen.setdefault(c.file)
-    return list(seen)
+def _read_order(ckpt: DcpCheckpoint, groups: list) -> list[tuple[Path, int, int]]:
+    """The (storage file, offset, length) ranges in the order the export reads them: each tensor's chunks in
+    turn, which moves between the ranks' files."""
+    return [
+        (ckpt.root / c.file, c.offset, c.length)
+        for group in groups
+        for _, e in group
+        for c in sorted(e.chunks, key=lambda c: c.offsets[:1])
+    ]
 
 
 def _source_summary(root: Path) -> tuple[dict[str, str], str | None]:

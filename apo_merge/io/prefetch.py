@@ -83,6 +83,14 @@ class Prefetcher:
 
         threading.Thread(target=run, name="apo-prefetch-open", daemon=True).start()
 
+    def ranges(self, ranges: Sequence[tuple[Path, int, int]]) -> None:
+        """Start reading ``(file, offset, length)`` ranges into the page cache in this order, in a background
+        thread: for a reader that moves between files (an export takes each tensor's chunks from every rank's
+        file), where whole files one after another would leave all but the first cold."""
+        threading.Thread(
+            target=self._run_ranges, args=(list(ranges), available_memory() // 2), name="apo-prefetch", daemon=True
+        ).start()
+
     def run(self, streams: list[list[Path]], budget: int) -> None:
         """Issue the reads of ``streams`` (on the calling thread), at most ``budget`` bytes ahead of the readers."""
         # Cut every stream into PREFETCH_STEP pieces and issue them in order of their position within their
@@ -101,25 +109,48 @@ class Prefetcher:
                         pieces.append(((at + off) / total, fds[path], off, min(PREFETCH_STEP, size - off)))
                     at += size
             pieces.sort(key=lambda p: p[0])
-            issued, base = 0, self.read_bytes
-            for i, (_, fd, off, n) in enumerate(pieces):
-                last, since = self.read_bytes, time.monotonic()
-                while issued - (self.read_bytes - base) > budget:  # far enough ahead: wait for the readers
-                    if self.read_bytes != last:
-                        last, since = self.read_bytes, time.monotonic()
-                    elif time.monotonic() - since > PATIENCE_S:
-                        return
-                    time.sleep(0.05)
-                advise(fd, off, n, "WILLNEED")
-                issued += n
-                if i >= PREFETCH_DEPTH:  # wait for an older piece to arrive: reading its last byte blocks until then
-                    _, old_fd, old_off, old_n = pieces[i - PREFETCH_DEPTH]
-                    os.pread(old_fd, 1, old_off + old_n - 1)
+            self._issue([p[1:] for p in pieces], budget)
         except OSError:
             pass
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+    def _run_ranges(self, ranges: list[tuple[Path, int, int]], budget: int) -> None:
+        fds: dict[Path, int] = {}
+        try:
+            pieces = []
+            for path, start, length in ranges:
+                if path not in fds:
+                    fds[path] = os.open(path, os.O_RDONLY)
+                pieces += [
+                    (fds[path], o, min(PREFETCH_STEP, start + length - o))
+                    for o in range(start, start + length, PREFETCH_STEP)
+                ]
+            self._issue(pieces, budget)
+        except OSError:
+            pass
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _issue(self, pieces: list[tuple[int, int, int]], budget: int) -> None:
+        """WILLNEED each (fd, offset, length) in order, at most ``budget`` bytes ahead of the readers and
+        PREFETCH_DEPTH pieces ahead of the disk."""
+        issued, base = 0, self.read_bytes
+        for i, (fd, off, n) in enumerate(pieces):
+            last, since = self.read_bytes, time.monotonic()
+            while issued - (self.read_bytes - base) > budget:  # far enough ahead: wait for the readers
+                if self.read_bytes != last:
+                    last, since = self.read_bytes, time.monotonic()
+                elif time.monotonic() - since > PATIENCE_S:
+                    return
+                time.sleep(0.05)
+            advise(fd, off, n, "WILLNEED")
+            issued += n
+            if i >= PREFETCH_DEPTH:  # wait for an older piece to arrive: reading its last byte blocks until then
+                old_fd, old_off, old_n = pieces[i - PREFETCH_DEPTH]
+                os.pread(old_fd, 1, old_off + old_n - 1)
 
 
 def _dcp_files(folder: str | os.PathLike) -> list[Path]:

@@ -138,6 +138,22 @@ def test_prefetch_covers_inputs_side_by_side_and_stays_within_budget(tmp_path, m
     assert len(calls) == 1
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_prefetch_ranges_follow_the_given_order_across_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(prefetch, "PREFETCH_STEP", 1000)
+    monkeypatch.setattr(prefetch, "PREFETCH_DEPTH", 2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"a" * 6000)
+    b.write_bytes(b"b" * 6000)
+    calls = _record_fadvise(monkeypatch)
+    Prefetcher()._run_ranges([(a, 0, 2500), (b, 0, 2500), (a, 2500, 1000), (b, 5000, 10)], budget=1 << 30)
+    assert calls == [
+        ("a", 0, 1000), ("a", 1000, 1000), ("a", 2000, 500),
+        ("b", 0, 1000), ("b", 1000, 1000), ("b", 2000, 500),
+        ("a", 2500, 1000), ("b", 5000, 10),
+    ]  # fmt: skip
+
+
 def _wait_for_prefetchers() -> None:
     deadline = time.monotonic() + 30
     while any(t.name.startswith("apo-prefetch") for t in threading.enumerate()) and time.monotonic() < deadline:
