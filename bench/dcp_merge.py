@@ -12,7 +12,8 @@ in its own process (start-up is part of its time), every output fsynced inside i
   floor-tuned         read both inputs' storage files, write + fsync CUR's storage bytes (bench/common.floor_io,
                       apo-merge's I/O hints; a process that does not import torch)
   apo-merge           python -m apo_merge PREV CUR --alpha A -o OUT --quiet
-  floor-tuned-export  read CUR's storage files, write + fsync the export's safetensors bytes
+  floor-tuned-export  read the storage files the export reads (apo-merge's output: the same files, written as
+                      recently), write + fsync the export's safetensors bytes
   apo-merge export    python -m apo_merge export OUT EXPORT (OUT: apo-merge's output, cold as well)
 
 Side-by-side part (warm page cache, each route right after reading its inputs): apo-merge in one process (and under
@@ -116,18 +117,18 @@ def floor_part(args, prev: Path, cur: Path) -> None:
     methods = {
         "floor-tuned": (me + [json.dumps([[str(p) for p in storage(prev) + storage(cur)], merge_writes, str(out)])]),
         "apo-merge": [py, "-m", "apo_merge", str(prev), str(cur), "--alpha", str(args.alpha), "-o", str(out), "-q"],
-        "floor-tuned-export": me + [json.dumps([[str(p) for p in storage(cur)], export_bytes, str(hf)])],
+        "floor-tuned-export": [],  # made in the loop: it reads apo-merge's output, as the export does
         "apo-merge export": [py, "-m", "apo_merge", "export", str(out), str(hf)],
     }
     runs: dict[str, list[Measured]] = {k: [] for k in methods}
     loads = []
     for r in range(args.runs):
         for name, cmd in methods.items():
-            if name == "apo-merge export" and not (out / ".metadata").exists():
+            if name.endswith("export") and not (out / ".metadata").exists():
                 measure(methods["apo-merge"])  # the export reads apo-merge's output
-            inputs = storage(prev) + storage(cur) if name in ("floor-tuned", "apo-merge") else storage(cur)
-            if name == "apo-merge export":
-                inputs = storage(out)
+            inputs = storage(prev) + storage(cur) if name in ("floor-tuned", "apo-merge") else storage(out)
+            if name == "floor-tuned-export":
+                cmd = me + [json.dumps([[str(p) for p in inputs], export_bytes, str(hf)])]
             cached = [0.0]
 
             def prepare(name=name, inputs=inputs, cached=cached) -> None:
