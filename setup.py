@@ -2,7 +2,8 @@
 
 optional=True: without a C compiler the install still succeeds and the merge computes with the numpy twin.
 -ffp-contract=off and no -ffast-math keep every rounding of the contract (no fused multiply-add); no -march, so
-that a wheel runs on any CPU of its platform (the x86-64 build adds an AVX2 clone chosen at run time).
+that a wheel runs on any CPU of its platform (the x86-64 build adds AVX2 clones, and an AVX-512 one of the fp8
+decode, chosen at run time).
 """
 
 import sys

@@ -14,7 +14,7 @@ import numpy as np
 from apo_kernels import numpy_twin
 from apo_kernels.dtypes import KERNEL_NAMES
 
-_VERSION = 2  # VERSION in _cpass.c: a build left from older C source in a checkout is not used
+_VERSION = 3  # VERSION in _cpass.c: a build left from older C source in a checkout is not used
 
 try:
     from apo_kernels import _cpass
@@ -28,6 +28,10 @@ assert set(_CODES) == set(KERNEL_NAMES), "apo_kernels/_cpass.c knows exactly the
 
 _GROUP = 64  # MAX_ALPHAS in _cpass.c
 Into = Callable[..., list[int]]  # extrapolate_into's signature
+# An FP8 block-scaled side, as dequant_fp8 takes it: (the 256 fp32 values of its fp8 dtype, its block scales as
+# float32 [rows / bo, cols / bi], (begin, cols, bo, bi, scols)): the buffer's first element is element ``begin`` of
+# the flattened [rows, cols] weight, scols the scales' columns
+Fp8 = tuple[np.ndarray, np.ndarray, tuple[int, int, int, int, int]]
 
 
 def available() -> bool:
@@ -43,8 +47,12 @@ def extrapolate_into(
     cur: np.ndarray,
     cur_dtype: str,
     alphas: Sequence[float],
+    prev_fp8: Fp8 | None = None,
+    cur_fp8: Fp8 | None = None,
 ) -> list[int]:
-    """``numpy_twin.extrapolate_into``, compiled: same arguments, same bytes, same counts."""
+    """``numpy_twin.extrapolate_into``, compiled: same arguments, same bytes, same counts. ``prev_fp8`` /
+    ``cur_fp8``: that side's buffer holds its fp8 bytes (one per element, its dtype ``F32``), dequantized tile by
+    tile inside the pass to the bits ``dequant_fp8`` gives in place: the fp32 never goes through memory."""
     if _cpass is None:
         raise RuntimeError("apo_kernels._cpass is not built; reinstall apo-merge with a C compiler present")
     wide = numpy_twin.compute_dtype(out_dtype, prev_dtype, cur_dtype)
@@ -55,7 +63,9 @@ def extrapolate_into(
     codes = _CODES[out_dtype], _CODES[prev_dtype], _CODES[cur_dtype]
     for i in range(0, len(rounded), _GROUP):  # the C code takes up to 64 alphas per call
         group = slice(i, i + _GROUP)
-        found += _cpass.extrapolate_into(outs[group], codes[0], prev, codes[1], cur, codes[2], rounded[group])
+        found += _cpass.extrapolate_into(
+            outs[group], codes[0], prev, codes[1], cur, codes[2], rounded[group], prev_fp8, cur_fp8
+        )
     return found
 
 

@@ -2,7 +2,8 @@
 hands it to the writer, counting the outputs that became inf or NaN from finite inputs (``found``, per output).
 
 - ``NumpyCompute``: on the byte buffers, apo_kernels' compiled pass (``apo_kernels.cpass``, one fused pass per
-  chunk, GIL released) where the install built it, else the numpy twin; same bytes, torch not even imported.
+  chunk, GIL released, FP8 sides dequantized inside it) where the install built it, else the numpy twin; same
+  bytes, torch not even imported.
 - ``TorchCompute``: a kernel on torch tensors over the same buffers (a kernel passed in, or fp16 without the
   compiled pass).
 - ``CudaCompute``: pinned slots, two CUDA streams with their own device buffers, an event per chunk.
@@ -18,7 +19,7 @@ from apo_kernels import cpass
 from apo_merge.engine.chunks import Lanes, Task
 from apo_merge.engine.device import on
 from apo_merge.engine.runner import StageRunner
-from apo_merge.quant.dequant import dequantize
+from apo_merge.quant.dequant import dequantize, fp8_side, split_whole
 from apo_merge.quant.quantize import quantize_task
 
 if TYPE_CHECKING:
@@ -60,17 +61,33 @@ class Compute:
 
 
 class NumpyCompute(Compute):
+    fuse_fp8 = True  # False: every FP8 side dequantized in its slot first (the bytes are the same; tests compare)
+
     def __init__(self, runner: StageRunner, lanes: Lanes, alphas: Sequence[float]) -> None:
         super().__init__(runner, lanes, alphas)
         self.into = cpass.best()  # the compiled pass if built, else the numpy twin: the same bytes and counts
+
+    def dequantize(self, task: Task) -> None:
+        """With the compiled pass, FP8 sides that fill the whole chunk stay fp8 bytes in the slot, dequantized
+        tile by tile inside the pass: the slot (larger than L2) is not expanded to fp32 and read back, 8 bytes an
+        element of memory traffic saved. The rest (parts of packed tensors, MXFP4) in place first, as before;
+        ``task.quant`` keeps the sides left raw."""
+        if not (self.fuse_fp8 and self.into is cpass.extrapolate_into):
+            dequantize(task)
+            task.quant = ()
+            return
+        fused, rest = split_whole(task, ("fp8",))
+        dequantize(task, rest)
+        task.quant = tuple(fused)
 
     def chunk(self, task: Task, alphas: list[float]) -> Sequence[int]:
         slot, piece = task.slot, task.piece
         ob, pb, cb = task.nbytes()
         outs = [o[:ob] for o in task.out.arrays[: len(alphas)]]
-        return self.into(
-            outs, piece.compute_dtype, slot.prev[:pb], piece.prev[1].dtype, slot.cur[:cb], piece.cur[1].dtype, alphas
-        )
+        raw = {f"{side}_fp8": fp8_side(info, scale, begin) for side, info, scale, (_, begin, _) in task.quant}
+        prev = slot.prev[: task.count if "prev_fp8" in raw else pb]  # an FP8 side: one byte an element
+        cur = slot.cur[: task.count if "cur_fp8" in raw else cb]
+        return self.into(outs, piece.compute_dtype, prev, piece.prev[1].dtype, cur, piece.cur[1].dtype, alphas, **raw)
 
 
 class TorchCompute(Compute):
@@ -130,8 +147,8 @@ class CudaCompute(TorchCompute):
         blocks and scales of the experts the chunk reads (a chunk of the swapped tensor reads across every row of
         an expert), each uploaded once for all of its chunks (about an eighth of fp32's). Parts of packed experts
         stay on the host, as on the CPU."""
-        whole = [q for q in task.quant if q[1].kind in ("fp8", "mxfp4") and q[3][0] == 0 and q[3][2] == task.count]
-        dequantize(task, [q for q in task.quant if q not in whole])
+        whole, rest = split_whole(task, ("fp8", "mxfp4"))
+        dequantize(task, rest)
         task.quant = tuple(whole)
 
     def _device_dequant(self, task: Task, side: str, host, dev) -> None:

@@ -82,6 +82,20 @@ def dequant_block(raw: np.ndarray, begin: int, info: QuantInfo, scale: np.ndarra
         pos, idx = pos + k, idx + k
 
 
+def fp8_side(info: QuantInfo, scale: np.ndarray, begin: int) -> cpass.Fp8:
+    """Elements ``begin..`` of FP8 weight ``info`` as the compiled code takes them (``apo_kernels.cpass.Fp8``)."""
+    return fp8_values(info.raw_dtype), scale, (begin, info.shape[1], *info.block, scale.shape[1])
+
+
+def split_whole(task, kinds: tuple[str, ...]) -> tuple[list, list]:
+    """``task``'s quantized sides as (those of these kinds whose raw bytes fill the whole chunk, the rest): the
+    first a compute stage may dequantize inside its kernel; parts of a packed tensor are the rest."""
+    whole, rest = [], []
+    for q in task.quant:
+        (whole if q[1].kind in kinds and q[3][0] == 0 and q[3][2] == task.count else rest).append(q)
+    return whole, rest
+
+
 _local = threading.local()  # each compute thread's copy of the raw bytes
 _COMPILED = cpass.dequant_fp8()  # apo_kernels' compiled pass where built, else the numpy lines below
 _COMPILED_MXFP4 = cpass.dequant_mxfp4()  # likewise, else quant.mxfp4's numpy lines
@@ -97,8 +111,7 @@ def dequantize(task, parts=None) -> None:
             mxfp4.dequant_experts(scale, begin, info, np.frombuffer(view, np.float32, count), _COMPILED_MXFP4)
             continue
         if _COMPILED is not None:  # one pass, in place, the same products (tests/merge/test_quant.py)
-            cols, (bo, bi) = info.shape[1], info.block
-            _COMPILED(view, count, fp8_values(info.raw_dtype), scale, (begin, cols, bo, bi, scale.shape[1]))
+            _COMPILED(view, count, *fp8_side(info, scale, begin))
             continue
         raw = getattr(_local, "raw", None)
         if raw is None or raw.size < count:
