@@ -95,26 +95,19 @@ class Prefetcher:
         """Issue the reads of ``streams`` (on the calling thread), at most ``budget`` bytes ahead of the readers."""
         # Cut every stream into PREFETCH_STEP pieces and issue them in order of their position within their
         # stream, so that the streams advance in proportion to their sizes, as the merge reads them.
-        fds: dict[Path, int] = {}
         try:
             pieces = []
             for stream in streams:
-                sizes = []
-                for path in stream:
-                    fds[path] = os.open(path, os.O_RDONLY)
-                    sizes.append(os.fstat(fds[path]).st_size)
+                sizes = [os.path.getsize(path) for path in stream]
                 total, at = max(1, sum(sizes)), 0
                 for path, size in zip(stream, sizes):
                     for off in range(0, size, PREFETCH_STEP):
-                        pieces.append(((at + off) / total, fds[path], off, min(PREFETCH_STEP, size - off)))
+                        pieces.append(((at + off) / total, path, off, min(PREFETCH_STEP, size - off)))
                     at += size
-            pieces.sort(key=lambda p: p[0])
-            self._issue([p[1:] for p in pieces], budget)
         except OSError:
-            pass
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+            return
+        pieces.sort(key=lambda p: p[0])
+        self._run_ranges([p[1:] for p in pieces], budget)
 
     def _run_ranges(self, ranges: list[tuple[Path, int, int]], budget: int) -> None:
         fds: dict[Path, int] = {}
