@@ -25,7 +25,7 @@ from apo_kernels.dtypes import CLI_NAMES
 from apo_merge.cliopts import setting
 from apo_merge.errors import shown, usage_error
 from apo_merge.hub import PushOptions
-from apo_merge.io.hashing import OUTPUT_HASHES
+from apo_merge.io.hashing import OUTPUT_HASHES, check_available
 
 _SIZE_UNITS = {
     "B": 1,
@@ -144,6 +144,7 @@ class MergeOptions:
                 raise usage_error(f"{flag} {shown(value)} is not one of {', '.join(choices(name))}")
         if self.max_shard_size is not None:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
+        check_available(self.output_hash)
 
     @property
     def alphas(self) -> tuple[float, ...]:

@@ -8,7 +8,7 @@
 # Options: --dry (implies --no-install), --no-install (skip `pip install --no-deps -e .`).
 # Environment: OUT (default ./gpu-check-out), PYTHON (default python, else python3), GPU_CHECK_SCRATCH (where the
 # merge bench builds its 4 GB pair; default ${TMPDIR:-/tmp}/apo-gpu-check), GPU_CHECK_WHEELS (a folder of wheels
-# installed with --no-index when pytest is missing; default ./gpu-wheels).
+# installed with --no-index when pytest or blake3 is missing; default ./gpu-wheels).
 #
 # Each step runs under its own `timeout` (the limits add up to 480 s), is timed, and may fail without stopping the
 # rest. Writes OUT/gpu_check.log (everything), OUT/STEP.log per step, the benches' JSON files and OUT/summary.json
@@ -96,9 +96,11 @@ say "gpu_check: $(date -u +%FT%TZ), repo $REPO, out $OUT, python $PY, dry=$DRY"
 if [ "$INSTALL" = 1 ]; then
     # --no-build-isolation: no network for setuptools; the torch wheel already brought it.
     step install 30 "$PY" -m pip install --no-deps --no-build-isolation --no-input -e .
-    if ! has pytest && [ -d "$WHEELS" ]; then
-        step install-test-tools 10 "$PY" -m pip install --no-index --find-links "$WHEELS" --no-input pytest
-    fi
+    for pkg in pytest blake3; do  # blake3: the output hash, a dependency the GPU machine's image may lack
+        if ! has "$pkg" && [ -d "$WHEELS" ]; then
+            step "install-$pkg" 10 "$PY" -m pip install --no-index --find-links "$WHEELS" --no-input "$pkg"
+        fi
+    done
 else
     skip install "--dry or --no-install: runs from the checkout (PYTHONPATH), the environment is left as it is" \
         "$PY" -m pip install --no-deps --no-build-isolation -e .

@@ -41,12 +41,30 @@ OUTPUT_HASHES = ("blake3", "sha256")
 def new_hasher(name: str = "sha256"):
     """A hashlib-style object (``update``, ``hexdigest``) for one of OUTPUT_HASHES."""
     if name == "blake3":
-        from blake3 import blake3
-
-        return blake3()  # one thread: the merge's other stages use the other cores
+        return _blake3()()  # one thread: the merge's other stages use the other cores
     if name == "sha256":
         return hashlib.sha256()
     raise ValueError(f"unknown hash {name!r}; use one of {', '.join(OUTPUT_HASHES)}")
+
+
+def _blake3():
+    """The blake3 package's hasher class; a MergeError naming the fix where the install lacks it."""
+    try:
+        from blake3 import blake3
+    except ImportError:
+        from apo_merge.errors import MergeError
+
+        raise MergeError(
+            "the blake3 package is not installed (apo-merge depends on it for the output hash); "
+            "pip install blake3, or pass --output-hash sha256"
+        ) from None
+    return blake3
+
+
+def check_available(name: str) -> None:
+    """Raise the MergeError of ``new_hasher`` now, before any input is read, where hash ``name`` is missing."""
+    if name == "blake3":
+        _blake3()
 
 
 @dataclass(frozen=True)

@@ -120,3 +120,15 @@ def test_dcp_output_and_its_export_by_the_chosen_hash(tmp_path, algo):
     victim.write_bytes(raw)
     res = run_cli_in_process("verify", out)
     assert_one_line_error(res, 1, algo)
+
+
+def test_a_missing_blake3_is_one_line_with_its_fix(tiny_checkpoints, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "blake3", None)  # as an install without the package
+    prev, cur = tiny_checkpoints["single_prev"], tiny_checkpoints["single_cur"]
+    res = run_cli_in_process(prev, cur, "--alpha", "0.3", "-o", tmp_path / "out")
+    assert_one_line_error(res, 1, "blake3 package is not installed", "--output-hash sha256")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+    res = run_cli_in_process(prev, cur, "--alpha", "0.3", "-o", tmp_path / "out", "--output-hash", "sha256")
+    assert res.code == 0, res.stderr
