@@ -51,6 +51,17 @@ def tree_state(root: Path, skip: Path | None = None) -> dict[str, str]:
     return state
 
 
+def assert_damage_refused(root: Path, prev: Path, cur: Path, damage, needle: str, alpha: float = 0.3) -> None:
+    """After ``damage()``: the merge of ``prev`` and ``cur`` into ``root/out`` fails with one line naming
+    ``needle``, leaves no output or staging folder, and changes nothing under ``root`` (the inputs)."""
+    damage()
+    before = tree_state(root)
+    res = run_cli_in_process(prev, cur, "--alpha", alpha, "-o", root / "out")
+    assert_one_line_error(res, (1, 2), needle)
+    assert not (root / "out").exists() and not leftovers(root / "out")
+    assert tree_state(root) == before
+
+
 def leftovers(out: Path) -> list[str]:
     """Temporary or swapped-out folders an apo-merge run into ``out`` left beside it."""
     if not out.parent.is_dir():

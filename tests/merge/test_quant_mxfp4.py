@@ -20,7 +20,7 @@ from apo_merge.quant.mxfp4 import FP4, POW2, dequant_experts, spans
 from apo_merge.verify import verify_output
 from tests.kernels.oracle import assert_bits_equal, contract
 from tests.merge import quant_build as qb
-from tests.merge.helpers import assert_one_line_error, leftovers, run_cli_in_process, tree_state
+from tests.merge.helpers import assert_damage_refused, assert_one_line_error, run_cli_in_process, tree_state
 from tests.merge.test_quant import _load
 
 ALPHA = 0.3
@@ -375,12 +375,7 @@ BAD = {
 def test_bad_input_one_line_nothing_left(tmp_path, case, which, keep_sigterm):
     paths = {s: checkpoint(tmp_path / s, i, True) for i, s in enumerate(("prev", "cur"))}
     damage, needle = BAD[case]
-    damage(paths[which])
-    before = tree_state(tmp_path)
-    res = run_cli_in_process(paths["prev"], paths["cur"], "--alpha", ALPHA, "-o", tmp_path / "out")
-    assert_one_line_error(res, (1, 2), needle)
-    assert not (tmp_path / "out").exists() and not leftovers(tmp_path / "out")
-    assert tree_state(tmp_path) == before
+    assert_damage_refused(tmp_path, paths["prev"], paths["cur"], lambda: damage(paths[which]), needle, ALPHA)
 
 
 def test_bf16_base_with_blocks_names_is_not_mxfp4(tmp_path, keep_sigterm):
