@@ -157,9 +157,9 @@ Weight files (check with `apo-merge verify <folder>`{_CHECK_TOOL.get(info.output
 
 
 def side_files(folder: Path, recorded: Iterable[str], output_hash: str) -> dict[str, tuple[int, str]]:
-    """(bytes, digest by ``output_hash``) of each file an output holds besides the ``recorded`` weight files, its card, its index and
-    hidden files: the files copied from the input (config.json, generation_config.json, the tokenizer's files, a
-    chat template, ...), which decide how the weights load and run."""
+    """(bytes, digest by ``output_hash``) of each file an output holds besides the ``recorded`` weight files, its
+    card, its index and hidden files: the files copied from the input (config.json, generation_config.json, the
+    tokenizer's files, a chat template, ...), which decide how the weights load and run."""
     skip = {*recorded, "README.md", INDEX_NAME}
     out = {}
     for path in sorted(folder.iterdir()):

@@ -2,10 +2,9 @@
 
 Every header goes through the hardened parser, the index must map every tensor to the file that holds it (and
 nothing else), the weight files must be exactly those the card lists, and each file's size and hash (the card's
-BLAKE3 or SHA-256) must equal
-the recorded ones: the weight files', then those of the side files (config, tokenizer, ...) the card records; an
-output holding FP8 weights (``--quantize fp8-block``) must also pair each with its block scales as config.json
-says. The first mismatch is a MergeError naming the file.
+BLAKE3 or SHA-256) must equal the recorded ones: the weight files', then those of the side files (config,
+tokenizer, ...) the card records; an output holding FP8 weights (``--quantize fp8-block``) must also pair each with
+its block scales as config.json says. The first mismatch is a MergeError naming the file.
 """
 
 from __future__ import annotations
@@ -112,21 +111,25 @@ def verify_output(folder: str | Path) -> VerifyReport:
         if "/" in name or name.startswith(".") or not path.is_file() or path.is_symlink():
             raise MergeError(f"{path}: recorded in the model card but missing; re-run the merge")
     for name in [*sorted(recorded), *sorted(side)]:
-        path, (size, sha) = root / name, recorded.get(name) or side[name]
-        actual_size = path.stat().st_size
-        if actual_size != size:
-            raise MergeError(
-                f"{path}: {actual_size} bytes but the model card records {size}; "
-                "the file changed after the merge, re-run it"
-            )
-        _, actual = hash_file(path, name=algo)
-        if actual != sha:
-            raise MergeError(
-                f"{path}: {algo} {actual[:16]}... differs from the {sha[:16]}... recorded in the model "
-                "card; the file changed after the merge, re-run it"
-            )
+        check_file(root / name, recorded.get(name) or side[name], algo)
     _check_fp8(root, ckpt)
     return VerifyReport(root, {n: recorded[n] for n in sorted(recorded)}, len(ckpt.tensors), algo)
+
+
+def check_file(path: Path, recorded: tuple[int, str], algo: str) -> None:
+    """``path`` has the (bytes, digest by ``algo``) the model card records, else a MergeError naming it."""
+    size, digest = recorded
+    actual_size = path.stat().st_size
+    if actual_size != size:
+        raise MergeError(
+            f"{path}: {actual_size} bytes but the model card records {size}; the file changed after the merge, re-run it"
+        )
+    _, actual = hash_file(path, name=algo)
+    if actual != digest:
+        raise MergeError(
+            f"{path}: {algo} {actual[:16]}... differs from the {digest[:16]}... recorded in the model "
+            "card; the file changed after the merge, re-run it"
+        )
 
 
 def _check_fp8(root: Path, ckpt) -> None:

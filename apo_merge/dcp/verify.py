@@ -7,8 +7,7 @@ from pathlib import Path
 from apo_merge.card import recorded_hash
 from apo_merge.dcp.reader import open_dcp
 from apo_merge.errors import MergeError, shown
-from apo_merge.io.hashing import hash_file
-from apo_merge.verify import VerifyReport, _recorded
+from apo_merge.verify import VerifyReport, _recorded, check_file
 
 
 def verify_dcp(folder: str | Path) -> VerifyReport:
@@ -23,11 +22,6 @@ def verify_dcp(folder: str | Path) -> VerifyReport:
         extra, missing = sorted(present - set(recorded)), sorted(set(recorded) - present)
         what = f"not in the card: {shown(extra)}" if extra else f"missing: {shown(missing)}"
         raise MergeError(f"{root}: the files differ from those the model card records ({what}); re-run the merge")
-    for name, (size, sha) in sorted(recorded.items()):
-        got = hash_file(root / name, name=algo)
-        if got != (size, sha):
-            raise MergeError(
-                f"{root / name}: {got[0]} bytes, {algo} {got[1][:12]}…, but the model card records {size} bytes, "
-                f"{sha[:12]}…; the file changed after the merge, re-run it"
-            )
+    for name in sorted(recorded):
+        check_file(root / name, recorded[name], algo)
     return VerifyReport(root, recorded, len(ckpt.entries), algo)
