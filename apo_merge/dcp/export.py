@@ -80,6 +80,11 @@ def _header(group: list[tuple[str, Entry]], metadata: dict[str, str]) -> tuple[b
     return len(raw).to_bytes(8, "little") + raw, begins
 
 
+def _in_order(e: Entry) -> list:
+    """A row-split tensor's chunks in the order of their rows: the order the export reads and writes them."""
+    return sorted(e.chunks, key=lambda c: c.offsets[:1])
+
+
 def _rows_only(e: Entry) -> bool:
     """Every chunk is whole rows (split along dim 0 only), or one chunk is the whole tensor (a 0-d one too): each
     chunk's bytes are one run of the tensor's."""
@@ -90,9 +95,9 @@ def _rows_only(e: Entry) -> bool:
 
 class _File:
     """One safetensors file written on three threads: read (raw chunk data with pread into a pool of buffers, or
-    a tensor assembled through torch), write (at its offset, writeback kept moving), hash (SHA-256 from the
-    buffers just written, while the writes come in file order; else the file is hashed at the end) by ``algo``
-    (io.hashing.OUTPUT_HASHES; None: not hashed)."""
+    a tensor assembled through torch), write (at its offset, writeback kept moving), hash (by ``algo``, one of
+    io.hashing.OUTPUT_HASHES, None: not hashed; from the buffers just written while the writes come in file order,
+    else the file is hashed at the end)."""
 
     def __init__(self, ckpt: DcpCheckpoint, prefetcher: Prefetcher, fds: dict[str, int], algo: str | None) -> None:
         self.ckpt, self.prefetcher, self.fds, self.algo = ckpt, prefetcher, fds, algo
@@ -118,7 +123,7 @@ class _File:
             if _rows_only(e):
                 row = _nbytes(e) // e.size[0] if e.size and e.size[0] else 0
                 try:
-                    for c in sorted(e.chunks, key=lambda c: c.offsets[:1]):
+                    for c in _in_order(e):
                         blob = self.ckpt.blob(e.fqn, c, self.fd(c.file))
                         start, n, dest = (
                             c.offset + blob.data.data,
@@ -173,17 +178,17 @@ class _File:
             self.to_hash.put(None)
 
     def _hash(self) -> None:
-        sha, at = (new_hasher(self.algo) if self.algo else None), 0
+        hasher, at = (new_hasher(self.algo) if self.algo else None), 0
         while (job := self.runner.get(self.to_hash)) is not None:
             data, dest, full = job
-            if sha is not None and dest == at:
-                sha.update(data)
+            if hasher is not None and dest == at:
+                hasher.update(data)
                 at += len(data)
             else:
-                sha = None
+                hasher = None
             if full is not None:
                 self.pool.put(full)
-        self.result = (at, sha.hexdigest()) if sha is not None and at == self.size else None
+        self.result = (at, hasher.hexdigest()) if hasher is not None and at == self.size else None
 
 
 def _assemble(ckpt: DcpCheckpoint, e: Entry) -> memoryview:
@@ -274,12 +279,7 @@ def export_hf(
 def _read_order(ckpt: DcpCheckpoint, groups: list) -> list[tuple[Path, int, int]]:
     """The (storage file, offset, length) ranges in the order the export reads them: each tensor's chunks in
     turn, which moves between the ranks' files."""
-    return [
-        (ckpt.root / c.file, c.offset, c.length)
-        for group in groups
-        for _, e in group
-        for c in sorted(e.chunks, key=lambda c: c.offsets[:1])
-    ]
+    return [(ckpt.root / c.file, c.offset, c.length) for group in groups for _, e in group for c in _in_order(e)]
 
 
 def _source_summary(root: Path) -> tuple[dict[str, str], str | None]:
