@@ -35,7 +35,7 @@ class MergeReport:
     input_hashes: dict[str, hashing.InputDigest] = field(default_factory=dict)  # "prev" / "cur" (/ "base")
     kind: str = "checkpoint"  # or "lora adapter", "merged lora" (--merge-into)
     pushed: str | None = None  # the Hub commit or pull request URL after --push-to-hub
-    output_hash: str = "blake3"  # the hash in ``digests`` and the card (MergeOptions.output_hash)
+    output_hash: str = hashing.OUTPUT_HASHES[0]  # the hash in ``digests`` and the card (MergeOptions.output_hash)
 
     @property
     def gb_per_s(self) -> float:

@@ -31,7 +31,7 @@ class VerifyReport:
     folder: Path
     files: dict[str, tuple[int, str]]
     n_tensors: int
-    output_hash: str = "sha256"  # the card's hash of ``files``
+    output_hash: str  # the card's hash of ``files``
 
     @property
     def total_bytes(self) -> int:
