@@ -88,9 +88,8 @@ def write_card(folder: Path, out: Path, index: dict | None, info: card.CardInfo)
     """Write the index (when sharded) and the model card of output ``out`` into ``folder``."""
     if index is not None:
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    info.side_files = card.side_files(
-        folder, info.files, info.output_hash
-    )  # the copied config, tokenizer, ...: verify checks them
+    # the copied config, tokenizer, ...: verify checks them
+    info.side_files = card.side_files(folder, info.files, info.output_hash)
     (folder / "README.md").write_text(card.render(info, out.name), encoding="utf-8")
 
 
