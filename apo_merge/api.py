@@ -211,7 +211,13 @@ def _merge_checkpoints(
         tmps = [stack.enter_context(s) for s in staged]
         hasher = stack.enter_context(hashing.StreamHasher(*((ckpt_prev.files, ckpt_cur.files) if hash_inputs else ())))
         on_read = hasher.update if hash_inputs else None
-        engine_hooks = Hooks(hooks.kernel, hooks.prefetcher, hooks.progress, on_read, options.output_hash)
+        engine_hooks = Hooks(
+            kernel=hooks.kernel,
+            prefetcher=hooks.prefetcher,
+            progress=hooks.progress,
+            on_read=on_read,
+            output_hash=options.output_hash,
+        )
         stats = execute_many(plans, tmps, options.device, engine_hooks)
         for o, st in zip(each, stats):
             if options.strict and st.new_nonfinite:
